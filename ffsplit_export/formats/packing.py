@@ -1,0 +1,287 @@
+"""Pure pack / unpack functions of the on-disk weight layouts.
+
+Every function takes NumPy arrays and returns new ones; inputs are never modified.
+A weight matrix is always ``W[N, K]``: N output channels (rows), K input channels,
+the layout of ``torch.nn.Linear.weight``; an op computes ``Y = X @ W.T``.
+
+Layouts (the ONNX op schemas in :mod:`ffsplit_export.ops` refer to these):
+
+bitmask sparse (``sparse-fp32``, ``sparse-int8``)
+    ``mask``    uint8 [N, ceil(K/8)]: bit ``k % 8`` (LSB first) of byte ``k // 8`` is set
+                where column k of the row is stored; bits past K are zero.
+    ``values``  [nnz] (float32 or int8): the stored entries, row after row, by column.
+    ``row_ptr`` int64 [N+1]: ``values[row_ptr[n]:row_ptr[n+1]]`` belong to row n.
+
+2:4 (``2:4-int8``)
+    K is padded with zeros to a multiple of 4; G = ceil(K/4) groups of 4 columns per row.
+    ``values``  int8 [N, 2*G]: the two kept entries of group g at 2g and 2g+1.
+    ``meta``    uint8 [N, ceil(G/2)]: group g's nibble is bits ``4*(g%2)``.. of byte g//2;
+                nibble = i0 | i1 << 2 with i0 < i1 the in-group column of the two values.
+                Padded columns (>= K) hold value 0.
+
+MatMulNBits (``int8``, ``int4``, heavy ``int8``; com.microsoft::MatMulNBits)
+    ``B``       uint8 [N, n_blocks, block_size * bits / 8], unsigned codes q + 2^(bits-1)
+                (the op's default zero point), low nibble first for 4 bits; K padded
+                with the zero code to n_blocks * block_size.
+    ``scales``  float32 [N * n_blocks].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import FormatError
+
+INT4_GROUP_SIZES = (16, 32, 64, 128, 256)
+
+
+def _as_matrix(w: np.ndarray, name: str) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise FormatError(f"{name} must be a 2-D weight [N, K], got shape {w.shape}")
+    return w
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output channel: ``w ~= q * scale[:, None]``, q in [-127, 127]."""
+    w = _as_matrix(w, "weight").astype(np.float32, copy=False)
+    amax = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_int4_groupwise(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 per group of ``group_size`` input channels.
+
+    Returns ``q`` int8 [N, K] in [-7, 7] and ``scales`` float32 [N, ceil(K/group_size)];
+    the last group is zero-padded when group_size does not divide K.
+    """
+    if group_size not in INT4_GROUP_SIZES:
+        raise FormatError(
+            f"int4 group size {group_size} is not supported; use one of {INT4_GROUP_SIZES}"
+        )
+    w = _as_matrix(w, "weight").astype(np.float32, copy=False)
+    n, k = w.shape
+    n_groups = -(-k // group_size)
+    padded = np.zeros((n, n_groups * group_size), np.float32)
+    padded[:, :k] = w
+    g = padded.reshape(n, n_groups, group_size)
+    amax = np.abs(g).max(axis=2)
+    scales = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(g / scales[:, :, None]), -7, 7).astype(np.int8)
+    return q.reshape(n, -1)[:, :k].copy(), scales
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, group_size: int | None = None) -> np.ndarray:
+    """Inverse of the quantizers: ``scales`` [N] (per channel) or [N, n_groups] with ``group_size``."""
+    q = _as_matrix(q, "q")
+    scales = np.asarray(scales, np.float32)
+    if scales.ndim == 1:
+        return q.astype(np.float32) * scales[:, None]
+    if group_size is None:
+        raise FormatError("group-wise scales need group_size")
+    s = np.repeat(scales, group_size, axis=1)[:, : q.shape[1]]
+    return q.astype(np.float32) * s
+
+
+# --------------------------------------------------------------------------- bitmask sparse
+
+
+@dataclass(frozen=True)
+class BitmaskSparse:
+    mask: np.ndarray  # uint8 [N, ceil(K/8)]
+    values: np.ndarray  # [nnz]
+    row_ptr: np.ndarray  # int64 [N+1]
+    k: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.mask.shape[0], self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.mask.nbytes + self.values.nbytes + self.row_ptr.nbytes
+
+
+def pack_bitmask(w: np.ndarray, keep: np.ndarray | None = None) -> BitmaskSparse:
+    """Pack ``w`` keeping the entries where ``keep`` is true (default: where w != 0)."""
+    w = _as_matrix(w, "weight")
+    keep = (w != 0) if keep is None else np.asarray(keep, bool)
+    if keep.shape != w.shape:
+        raise FormatError(f"mask shape {keep.shape} does not match weight shape {w.shape}")
+    n, k = w.shape
+    mask = np.packbits(keep, axis=1, bitorder="little") if k else np.zeros((n, 0), np.uint8)
+    counts = keep.sum(axis=1, dtype=np.int64)
+    row_ptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    values = w[keep].copy()  # row-major boolean indexing: row after row, by column
+    return BitmaskSparse(mask=mask, values=values, row_ptr=row_ptr, k=k)
+
+
+def check_bitmask(mask: np.ndarray, values: np.ndarray, row_ptr: np.ndarray, k: int) -> None:
+    """Raise FormatError unless the three arrays form a valid bitmask layout for K=k."""
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise FormatError(f"mask must be uint8 [N, ceil(K/8)], got {mask.dtype} {mask.shape}")
+    n = mask.shape[0]
+    if mask.shape[1] != -(-k // 8):
+        raise FormatError(f"mask has {mask.shape[1]} bytes per row; K={k} needs {-(-k // 8)}")
+    if row_ptr.dtype != np.int64 or row_ptr.shape != (n + 1,):
+        raise FormatError(f"row_ptr must be int64 [N+1]={n + 1}, got {row_ptr.dtype} {row_ptr.shape}")
+    if values.ndim != 1:
+        raise FormatError(f"values must be 1-D, got shape {values.shape}")
+    bits = np.unpackbits(mask, axis=1, bitorder="little")
+    if bits[:, k:].any():
+        raise FormatError("mask has bits set past column K; they must be zero")
+    counts = bits[:, :k].sum(axis=1, dtype=np.int64)
+    if row_ptr[0] != 0 or np.any(np.diff(row_ptr) != counts) or row_ptr[-1] != values.shape[0]:
+        raise FormatError(
+            "row_ptr does not match the mask: row_ptr[0] must be 0, row_ptr[n+1]-row_ptr[n] the "
+            f"popcount of row n, row_ptr[N] = len(values) = {values.shape[0]}"
+        )
+
+
+def unpack_bitmask(p: BitmaskSparse) -> np.ndarray:
+    """Dense [N, K] matrix of the packed values (zeros where not stored)."""
+    check_bitmask(p.mask, p.values, p.row_ptr, p.k)
+    n = p.mask.shape[0]
+    keep = np.unpackbits(p.mask, axis=1, bitorder="little", count=p.k).astype(bool)
+    out = np.zeros((n, p.k), p.values.dtype)
+    out[keep] = p.values
+    return out
+
+
+# --------------------------------------------------------------------------- 2:4
+
+
+@dataclass(frozen=True)
+class NM24:
+    values: np.ndarray  # int8 [N, 2*G]
+    meta: np.ndarray  # uint8 [N, ceil(G/2)]
+    k: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.meta.nbytes
+
+
+def pack_nm24(w: np.ndarray) -> NM24:
+    """Pack a matrix with at most 2 non-zeros in every group of 4 consecutive columns."""
+    w = _as_matrix(w, "weight")
+    n, k = w.shape
+    g = -(-k // 4)
+    padded = np.zeros((n, g * 4), w.dtype)
+    padded[:, :k] = w
+    grp = padded.reshape(n, g, 4)
+    nz = grp != 0
+    if (nz.sum(axis=2) > 2).any():
+        raise FormatError("weight is not 2:4 sparse: some group of 4 columns has more than 2 non-zeros")
+    # rank columns: non-zeros first (stable by column), then zeros by column
+    order = np.argsort(~nz, axis=2, kind="stable")[:, :, :2]
+    idx = np.sort(order, axis=2)
+    vals = np.take_along_axis(grp, idx, axis=2).reshape(n, 2 * g)
+    nib = (idx[:, :, 0] | (idx[:, :, 1] << 2)).astype(np.uint8)
+    meta = np.zeros((n, -(-g // 2)), np.uint8)
+    meta[:, : (g + 1) // 2] |= nib[:, 0::2]
+    meta[:, : g // 2] |= (nib[:, 1::2] << 4).astype(np.uint8)
+    return NM24(values=vals.copy(), meta=meta, k=k)
+
+
+def check_nm24(values: np.ndarray, meta: np.ndarray, k: int) -> None:
+    g = -(-k // 4)
+    if values.ndim != 2 or values.shape[1] != 2 * g:
+        raise FormatError(f"2:4 values must be [N, {2 * g}] for K={k}, got {values.shape}")
+    if meta.dtype != np.uint8 or meta.shape != (values.shape[0], -(-g // 2)):
+        raise FormatError(f"2:4 meta must be uint8 [N, {-(-g // 2)}], got {meta.dtype} {meta.shape}")
+    idx = _nm24_indices(meta, g)
+    if (idx[:, :, 0] >= idx[:, :, 1]).any():
+        raise FormatError("2:4 meta: the two indices of a group must be increasing (i0 < i1)")
+    col = np.arange(g)[None, :, None] * 4 + idx
+    if (values.reshape(values.shape[0], g, 2)[col >= k] != 0).any():
+        raise FormatError(f"2:4 values: entries at padded columns >= K={k} must be zero")
+    if g % 2 and meta.shape[1] and (meta[:, -1] >> 4).any():
+        raise FormatError("2:4 meta: the unused high nibble of the last byte must be zero")
+
+
+def _nm24_indices(meta: np.ndarray, g: int) -> np.ndarray:
+    nib = np.stack([meta & 0x0F, meta >> 4], axis=2).reshape(meta.shape[0], -1)[:, :g]
+    return np.stack([nib & 3, (nib >> 2) & 3], axis=2).astype(np.int64)
+
+
+def unpack_nm24(p: NM24) -> np.ndarray:
+    check_nm24(p.values, p.meta, p.k)
+    n = p.values.shape[0]
+    g = -(-p.k // 4)
+    idx = _nm24_indices(p.meta, g)
+    out = np.zeros((n, g, 4), p.values.dtype)
+    np.put_along_axis(out, idx, p.values.reshape(n, g, 2), axis=2)
+    return out.reshape(n, g * 4)[:, : p.k].copy()
+
+
+# --------------------------------------------------------------------------- MatMulNBits
+
+
+@dataclass(frozen=True)
+class NBits:
+    b: np.ndarray  # uint8 [N, n_blocks, blob]
+    scales: np.ndarray  # float32 [N * n_blocks]
+    k: int
+    bits: int
+    block_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.b.nbytes + self.scales.nbytes
+
+
+def pack_matmulnbits(q: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> NBits:
+    """Lay out signed codes ``q`` [N, K] and their scales as MatMulNBits inputs.
+
+    ``scales`` is [N] (per channel, repeated over the blocks) or [N, n_blocks].
+    """
+    if bits not in (4, 8):
+        raise FormatError(f"bits={bits} is not supported; use 4 or 8")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise FormatError(f"block_size={block_size} must be a power of two >= 16")
+    q = _as_matrix(q, "q")
+    n, k = q.shape
+    nb = -(-k // block_size)
+    scales = np.asarray(scales, np.float32)
+    if scales.ndim == 1:
+        scales = np.repeat(scales[:, None], nb, axis=1)
+    if scales.shape != (n, nb):
+        raise FormatError(f"scales shape {scales.shape} does not match [N, n_blocks]={(n, nb)}")
+    zero = 1 << (bits - 1)
+    lo, hi = -zero, zero - 1
+    if q.size and (q.min() < lo or q.max() > hi):
+        raise FormatError(f"codes out of range [{lo}, {hi}] for {bits} bits")
+    u = np.full((n, nb * block_size), zero, np.uint8)
+    u[:, :k] = (q.astype(np.int16) + zero).astype(np.uint8)
+    if bits == 4:
+        u = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+    b = u.reshape(n, nb, block_size * bits // 8)
+    return NBits(b=b, scales=scales.reshape(-1).copy(), k=k, bits=bits, block_size=block_size)
+
+
+def unpack_matmulnbits(p: NBits) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`pack_matmulnbits`: signed codes [N, K] and scales [N, n_blocks]."""
+    n, nb, blob = p.b.shape
+    if blob != p.block_size * p.bits // 8 or nb != -(-p.k // p.block_size):
+        raise FormatError(f"MatMulNBits B shape {p.b.shape} does not match K={p.k}, bits={p.bits}")
+    u = p.b.reshape(n, nb * blob)
+    if p.bits == 4:
+        u = np.stack([u & 0x0F, u >> 4], axis=2).reshape(n, -1)
+    q = (u[:, : p.k].astype(np.int16) - (1 << (p.bits - 1))).astype(np.int8)
+    return q, p.scales.reshape(n, nb).copy()
+
+
+def dequantize_matmulnbits(p: NBits) -> np.ndarray:
+    """The float32 [N, K] weight MatMulNBits computes with."""
+    q, scales = unpack_matmulnbits(p)
+    s = np.repeat(scales, p.block_size, axis=1)[:, : p.k]
+    return q.astype(np.float32) * s

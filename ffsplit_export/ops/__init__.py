@@ -1,0 +1,33 @@
+"""The ``ffsplit`` ONNX op domain: schemas and NumPy reference implementations.
+
+The reference is the specification: the ONNX Runtime C++ kernels and the Triton kernels
+are tested against it. Every op computes ``Y[..., N] = X[..., K] @ W.T`` in float32,
+where ``W[N, K]`` is decoded from packed constant inputs (layouts in
+:mod:`ffsplit_export.formats.packing`).
+"""
+
+from __future__ import annotations
+
+from ._spec import (
+    DOMAIN,
+    OPS,
+    VERSION,
+    OpSpec,
+    check_op_weights,
+    decode_weight,
+    reference_matmul,
+    register_schemas,
+    reference_ops,
+)
+
+__all__ = [
+    "DOMAIN",
+    "OPS",
+    "VERSION",
+    "OpSpec",
+    "check_op_weights",
+    "decode_weight",
+    "reference_matmul",
+    "reference_ops",
+    "register_schemas",
+]

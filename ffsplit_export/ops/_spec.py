@@ -1,0 +1,165 @@
+"""Op specifications, schemas and reference implementations of the ``ffsplit`` domain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import defs
+
+from ..errors import FormatError
+from ..formats import packing
+
+DOMAIN = "ffsplit"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of the domain: its inputs (after X), their element types and its decoder."""
+
+    name: str
+    doc: str
+    weight_inputs: tuple[tuple[str, str], ...]  # (name, onnx type string) after X
+    decode: Callable[..., np.ndarray]  # (k, *weights) -> float32 W [N, K]
+    check: Callable[..., None]  # (k, *weights) -> raises FormatError
+
+
+def _decode_sparse_int8(k, mask, values, row_ptr, scales):
+    _check_sparse_int8(k, mask, values, row_ptr, scales)
+    w = packing.unpack_bitmask(packing.BitmaskSparse(mask, values, row_ptr, k))
+    return w.astype(np.float32) * scales[:, None]
+
+
+def _check_sparse_int8(k, mask, values, row_ptr, scales):
+    packing.check_bitmask(mask, values, row_ptr, k)
+    if values.dtype != np.int8:
+        raise FormatError(f"SparseMatMulInt8 values must be int8, got {values.dtype}")
+    if scales.dtype != np.float32 or scales.shape != (mask.shape[0],):
+        raise FormatError(f"scales must be float32 [N]={mask.shape[0]}, got {scales.dtype} {scales.shape}")
+
+
+def _decode_sparse_fp32(k, mask, values, row_ptr):
+    _check_sparse_fp32(k, mask, values, row_ptr)
+    return packing.unpack_bitmask(packing.BitmaskSparse(mask, values, row_ptr, k)).astype(np.float32)
+
+
+def _check_sparse_fp32(k, mask, values, row_ptr):
+    packing.check_bitmask(mask, values, row_ptr, k)
+    if values.dtype != np.float32:
+        raise FormatError(f"SparseMatMulFP32 values must be float32, got {values.dtype}")
+
+
+def _decode_nm24_int8(k, values, meta, scales):
+    _check_nm24_int8(k, values, meta, scales)
+    w = packing.unpack_nm24(packing.NM24(values, meta, k))
+    return w.astype(np.float32) * scales[:, None]
+
+
+def _check_nm24_int8(k, values, meta, scales):
+    if values.dtype != np.int8:
+        raise FormatError(f"Sparse24MatMulInt8 values must be int8, got {values.dtype}")
+    packing.check_nm24(values, meta, k)
+    if scales.dtype != np.float32 or scales.shape != (values.shape[0],):
+        raise FormatError(f"scales must be float32 [N]={values.shape[0]}, got {scales.dtype} {scales.shape}")
+
+
+OPS: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        OpSpec(
+            "SparseMatMulInt8",
+            "Y = X @ W.T, W unstructured sparse: bitmask + int8 values + row_ptr, per-row scales.",
+            (("mask", "tensor(uint8)"), ("values", "tensor(int8)"), ("row_ptr", "tensor(int64)"), ("scales", "tensor(float)")),
+            _decode_sparse_int8,
+            _check_sparse_int8,
+        ),
+        OpSpec(
+            "SparseMatMulFP32",
+            "Y = X @ W.T, W unstructured sparse: bitmask + float32 values + row_ptr.",
+            (("mask", "tensor(uint8)"), ("values", "tensor(float)"), ("row_ptr", "tensor(int64)")),
+            _decode_sparse_fp32,
+            _check_sparse_fp32,
+        ),
+        OpSpec(
+            "Sparse24MatMulInt8",
+            "Y = X @ W.T, W 2:4 sparse: int8 values [N, 2G] + 4-bit group metadata, per-row scales.",
+            (("values", "tensor(int8)"), ("meta", "tensor(uint8)"), ("scales", "tensor(float)")),
+            _decode_nm24_int8,
+            _check_nm24_int8,
+        ),
+    )
+}
+
+
+def _spec(op_type: str) -> OpSpec:
+    try:
+        return OPS[op_type]
+    except KeyError as e:
+        raise FormatError(f"unknown op {DOMAIN}::{op_type}; the domain has {sorted(OPS)}") from e
+
+
+def check_op_weights(op_type: str, k: int, *weights: np.ndarray) -> None:
+    """Raise FormatError unless ``weights`` are valid packed inputs of ``op_type`` for K=k."""
+    spec = _spec(op_type)
+    if len(weights) != len(spec.weight_inputs):
+        raise FormatError(f"{op_type} takes {len(spec.weight_inputs)} weight inputs, got {len(weights)}")
+    spec.check(k, *weights)
+
+
+def decode_weight(op_type: str, k: int, *weights: np.ndarray) -> np.ndarray:
+    """The float32 W [N, K] that ``op_type`` multiplies by."""
+    return _spec(op_type).decode(k, *weights)
+
+
+def reference_matmul(op_type: str, x: np.ndarray, *weights: np.ndarray) -> np.ndarray:
+    """Reference semantics: ``x[..., K] @ decode(W).T`` in float32 (float64 accumulate)."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise FormatError(f"{op_type}: X must be float32, got {x.dtype}")
+    w = decode_weight(op_type, x.shape[-1], *weights)
+    y = x.astype(np.float64) @ w.T.astype(np.float64)
+    return y.astype(np.float32)
+
+
+def _schema(spec: OpSpec) -> defs.OpSchema:
+    P = defs.OpSchema.FormalParameter
+    inputs = [P("X", "T", "activations [..., K]")]
+    inputs += [P(name, ty, f"packed weight input {name!r}") for name, ty in spec.weight_inputs]
+    schema = defs.OpSchema(
+        spec.name,
+        DOMAIN,
+        VERSION,
+        inputs=inputs,
+        outputs=[P("Y", "T", "[..., N]")],
+        type_constraints=[("T", ["tensor(float)"], "activations are float32")],
+        doc=spec.doc,
+    )
+    return schema
+
+
+def register_schemas() -> None:
+    """Register the domain's schemas with ``onnx.defs`` (idempotent)."""
+    for spec in OPS.values():
+        if not defs.has(spec.name, DOMAIN):
+            defs.register_schema(_schema(spec))
+
+
+def reference_ops() -> list[type]:
+    """The ops as ``onnx.reference.op_run.OpRun`` classes for ``ReferenceEvaluator(new_ops=...)``."""
+    from onnx.reference.op_run import OpRun
+
+    classes = []
+    for spec in OPS.values():
+
+        def _run(self, x, *weights, _name=spec.name):
+            return (reference_matmul(_name, x, *weights),)
+
+        classes.append(type(spec.name, (OpRun,), {"op_domain": DOMAIN, "_run": _run}))
+    return classes
+
+
+# onnx.helper needs the opset import; keep one here for graph builders
+OPSET = onnx.helper.make_opsetid(DOMAIN, VERSION)
