@@ -37,3 +37,7 @@ class ExportError(FFSplitError, RuntimeError):
 
 class ValidationError(FFSplitError, RuntimeError):
     """An exported graph does not reproduce the PyTorch model within tolerance."""
+
+
+class MissingResourceError(FFSplitError, RuntimeError):
+    """Real weights, evaluation data or an optional package are not installed."""
