@@ -1,0 +1,148 @@
+"""Tile configurations and kernel signatures of the Triton kernels (pure Python, no triton).
+
+A kernel's parameters follow TensorRT's AOT plugin calling convention: input pointers in
+the op's input order, then int32 scalars (the plugin's extra args), then the output pointer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One autotune candidate. ``use_dot`` picks tensor-core ``tl.dot`` (M >= 16) over a
+    broadcast-and-reduce product that wastes nothing when M is 1..8 (decoding)."""
+
+    name: str
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    use_dot: bool
+
+    def constexprs(self) -> dict:
+        return {
+            "BLOCK_M": self.block_m,
+            "BLOCK_N": self.block_n,
+            "BLOCK_K": self.block_k,
+            "USE_DOT": self.use_dot,
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIGS: tuple[TileConfig, ...] = (
+    TileConfig("decode_m4", 4, 32, 32, 4, False),
+    TileConfig("decode_m8", 8, 32, 32, 4, False),
+    TileConfig("prefill_m32", 32, 64, 32, 4, True),
+    TileConfig("prefill_m64", 64, 64, 32, 8, True),
+)
+
+#: Column chunks must hold whole mask bytes (8) and whole 2:4 meta bytes (8 columns).
+K_MULTIPLE = 8
+
+
+def config_by_name(name: str) -> TileConfig:
+    for c in CONFIGS:
+        if c.name == name:
+            return c
+    raise ConfigError(f"unknown tile config {name!r}; use one of {[c.name for c in CONFIGS]}")
+
+
+def config_for_tactic(tactic: int) -> TileConfig:
+    """TensorRT tactics are 1-based indices into :data:`CONFIGS` (0 is kept for 'default')."""
+    if tactic <= 0:
+        return CONFIGS[0]
+    if tactic > len(CONFIGS):
+        raise ConfigError(f"tactic {tactic} out of range 1..{len(CONFIGS)}")
+    return CONFIGS[tactic - 1]
+
+
+def heuristic_config(m: int) -> TileConfig:
+    """Config to use without autotuning: smallest tile that covers M, dot tiles past 8 rows."""
+    if m <= 4:
+        return CONFIGS[0]
+    if m <= 8:
+        return CONFIGS[1]
+    if m <= 32:
+        return CONFIGS[2]
+    return CONFIGS[3]
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """How one op is compiled: kernel function name, Triton signature, fixed constexprs."""
+
+    op_type: str
+    kernel: str  # attribute name in ffsplit_export.trt.kernels
+    signature: dict[str, str]
+    fixed_constexprs: dict[str, object]
+    variant: str  # short label of the index dtype variant
+
+    def full_signature(self) -> dict[str, str]:
+        sig = dict(self.signature)
+        for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "USE_DOT", *self.fixed_constexprs):
+            sig[k] = "constexpr"
+        return sig
+
+
+_SCALARS = {"M": "i32", "N": "i32", "K": "i32"}
+
+
+def kernel_spec(op_type: str, row_ptr_dtype: str = "i64") -> KernelSpec:
+    """The spec of ``op_type``; ``row_ptr_dtype`` is ``i64`` (on-disk layout) or ``i32``
+    (the int32 re-layout that :mod:`ffsplit_export.trt.layout` makes for TensorRT)."""
+    if row_ptr_dtype not in ("i64", "i32"):
+        raise ConfigError(f"row_ptr dtype {row_ptr_dtype!r} must be 'i64' or 'i32'")
+    if op_type in ("SparseMatMulInt8", "SparseMatMulFP32"):
+        int8 = op_type == "SparseMatMulInt8"
+        sig = {
+            "x_ptr": "*fp32",
+            "mask_ptr": "*u8",
+            "values_ptr": "*i8" if int8 else "*fp32",
+            "row_ptr_ptr": f"*{row_ptr_dtype}",
+        }
+        fixed: dict[str, object] = {}
+        if int8:
+            sig["scales_ptr"] = "*fp32"
+        else:
+            fixed["scales_ptr"] = None
+        sig.update(_SCALARS)
+        sig["MASK_STRIDE"] = "i32"
+        sig["y_ptr"] = "*fp32"
+        fixed["HAS_SCALES"] = int8
+        return KernelSpec(op_type, "sparse_bitmask_matmul_kernel", sig, fixed, f"row_ptr_{row_ptr_dtype}")
+    if op_type == "Sparse24MatMulInt8":
+        sig = {
+            "x_ptr": "*fp32",
+            "values_ptr": "*i8",
+            "meta_ptr": "*u8",
+            "scales_ptr": "*fp32",
+            **_SCALARS,
+            "VALUES_STRIDE": "i32",
+            "META_STRIDE": "i32",
+            "y_ptr": "*fp32",
+        }
+        return KernelSpec(op_type, "sparse24_matmul_kernel", sig, {}, "nm24")
+    raise ConfigError(
+        f"no Triton kernel for op {op_type!r}; kernels exist for SparseMatMulInt8, SparseMatMulFP32, "
+        "Sparse24MatMulInt8"
+    )
+
+
+OP_TYPES = ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8")
+
+
+def all_specs() -> list[KernelSpec]:
+    """Every compiled variant: both row_ptr dtypes for the bitmask ops, one for 2:4."""
+    return [
+        kernel_spec("SparseMatMulInt8", "i64"),
+        kernel_spec("SparseMatMulInt8", "i32"),
+        kernel_spec("SparseMatMulFP32", "i64"),
+        kernel_spec("SparseMatMulFP32", "i32"),
+        kernel_spec("Sparse24MatMulInt8"),
+    ]
