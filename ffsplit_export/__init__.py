@@ -1,0 +1,49 @@
+"""ffsplit-export: heavy-hitter FFN splitting and compressed ONNX export with fast kernels."""
+
+from .adapters import FFNSpec, find_ffns, get_adapter, register_adapter, supported_model_types
+from .calibrate import calibrate
+from .errors import (
+    BudgetError,
+    CalibrationError,
+    ConfigError,
+    ExportError,
+    FFSplitError,
+    FormatError,
+    PluginNotFoundError,
+    UnsupportedModelError,
+    ValidationError,
+)
+from .formats import HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, Target
+from .plan import plan_budget, plan_fraction
+from .split import SplitConfig, SplitLinear, quantize_other_linears_, split_ffn_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError",
+    "CalibrationError",
+    "ConfigError",
+    "ExportError",
+    "FFNSpec",
+    "FFSplitError",
+    "FormatError",
+    "HeavyFormat",
+    "LightFormat",
+    "OtherLinearFormat",
+    "PluginNotFoundError",
+    "PruneMethod",
+    "SplitConfig",
+    "SplitLinear",
+    "Target",
+    "UnsupportedModelError",
+    "ValidationError",
+    "calibrate",
+    "find_ffns",
+    "get_adapter",
+    "plan_budget",
+    "plan_fraction",
+    "quantize_other_linears_",
+    "register_adapter",
+    "split_ffn_",
+    "supported_model_types",
+]

@@ -1,0 +1,1 @@
+"""Built-in calibration data (written for this project) and calibration readers."""

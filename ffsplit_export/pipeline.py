@@ -1,0 +1,74 @@
+"""The stages as one call each: load, calibrate, plan, split (+ other linears)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import find_ffns
+from .calibrate import calibrate, load_samples, make_batches
+from .errors import ConfigError
+from .plan import plan_budget, plan_fraction
+from .split import SplitConfig, SplitReport, quantize_other_linears_, split_ffn_
+
+
+@dataclass
+class CompressResult:
+    model: torch.nn.Module
+    report: SplitReport
+    other_linear: dict
+    plan: dict
+    stats: dict
+    batches: list
+
+
+def compress(
+    model,
+    preprocessor,
+    *,
+    config: SplitConfig | None = None,
+    heavy_fraction: float | None = 0.1,
+    size_budget: float | None = None,
+    selection: str = "score",
+    other_linear: str = "fp32",
+    calibration: str | None = None,
+    num_samples: int = 64,
+    batch_size: int = 8,
+    max_length: int = 128,
+    seed: int = 0,
+    stats: dict | None = None,
+    batches: list | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> CompressResult:
+    """Calibrate, plan and split ``model`` (a copy unless ``inplace``)."""
+    cfg = config or SplitConfig()
+    if size_budget is not None and heavy_fraction not in (None, 0.1):
+        raise ConfigError("--size-budget and --heavy-fraction are alternatives; pass only one of them")
+    specs = find_ffns(model)
+    if batches is None:
+        samples = load_samples(model, calibration, num_samples)
+        batches = make_batches(model, preprocessor, samples, batch_size=batch_size, max_length=max_length)
+    need_h = str(cfg.prune_method) == "sparsegpt" and cfg.light_format.is_sparse
+    if stats is None or (need_h and next(iter(stats.values())).hessian_x is None):
+        stats = calibrate(model, batches, specs, hessians=need_h, progress=progress)
+    if size_budget is not None:
+        plan = plan_budget(model, specs, stats, cfg, size_budget)
+    else:
+        plan = plan_fraction(stats, 0.1 if heavy_fraction is None else heavy_fraction, selection, seed)
+    target = model if inplace else copy.deepcopy(model)
+    report = split_ffn_(target, plan, cfg, stats, specs, progress=progress)
+    other = quantize_other_linears_(target, other_linear, cfg.group_size, specs)
+    return CompressResult(target, report, other, plan, stats, batches)
+
+
+def model_output(model, batch) -> torch.Tensor:
+    """The main output tensor (logits or last hidden state) of a calibration batch."""
+    with torch.no_grad():
+        out = model(**batch.inputs)
+    for key in ("logits", "last_hidden_state"):
+        if key in out:
+            return out[key]
+    return out[0]

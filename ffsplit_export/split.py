@@ -1,0 +1,312 @@
+"""The split: every FFN becomes a dense heavy part and a compressed light part.
+
+The intermediate neurons of an FFN are reordered heavy-first. Up and gate projections
+become :class:`SplitLinear` in ``"out"`` mode (``cat(heavy(x), light(x))``), the down
+projection in ``"in"`` mode (``heavy(a[..., :h]) + light(a[..., h:]) + bias``); the model's
+own code still applies the activation and the gate product in between, so every
+architecture is split the same way. With the ``dense`` light format the split model
+reproduces the original up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import FFNSpec, find_ffns
+from .errors import ConfigError
+from .formats import HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod
+from .formats import pruning
+from .formats.sparsegpt import sparsegpt_prune
+from .linear import CompressedLinear, DenseLinear, LowRankLinear, NBitsLinear, NM24Linear, SparseLinear
+
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class SplitConfig:
+    """How the light and heavy parts are compressed (the CLI options of DESIGN.md)."""
+
+    light_format: LightFormat | str = LightFormat.SPARSE_INT8
+    light_sparsity: float = 0.5
+    prune_method: PruneMethod | str = PruneMethod.WANDA
+    heavy_format: HeavyFormat | str = HeavyFormat.FP32
+    group_size: int = 128  # int4 group size (light int4 and --other-linear int4)
+
+    def __post_init__(self):
+        self.light_format = LightFormat.parse(self.light_format, "--light-format")
+        self.heavy_format = HeavyFormat.parse(self.heavy_format, "--heavy-format")
+        self.prune_method = PruneMethod.parse(self.prune_method, "--prune-method")
+        self.light_sparsity = pruning.check_fraction(self.light_sparsity, "--light-sparsity")
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(f"--group-size={self.group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if not isinstance(v, (int, float)) else v for k, v in asdict(self).items()}
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W[N, K], bias)`` in float32 of nn.Linear, transformers' Conv1D or a compressed linear."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float(), None if module.bias is None else module.bias.detach().float()
+    if type(module).__name__ == "Conv1D":  # transformers.pytorch_utils.Conv1D: y = x @ W + b
+        return module.weight.detach().float().t(), module.bias.detach().float()
+    if isinstance(module, CompressedLinear):
+        return module.dense_weight(), None if module.bias is None else module.bias.detach()
+    raise ConfigError(f"{type(module).__name__} is not a linear layer this package can split")
+
+
+# ------------------------------------------------------------------------------ modules
+
+
+class SplitLinear(nn.Module):
+    """One projection of a split FFN (see the module docstring for the two modes)."""
+
+    def __init__(self, mode: str, heavy: nn.Module | None, light: nn.Module | None, n_heavy: int, bias=None):
+        super().__init__()
+        if mode not in ("out", "in"):
+            raise ConfigError(f"SplitLinear mode {mode!r}; use 'out' or 'in'")
+        self.mode, self.n_heavy = mode, int(n_heavy)
+        self.heavy, self.light = heavy, light
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """An empty float32 tensor for models that probe ``.weight.dtype`` (T5)."""
+        return torch.empty(0, dtype=torch.float32)
+
+    def parts(self) -> list[nn.Module]:
+        return [p for p in (self.heavy, self.light) if p is not None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "out":
+            outs = [p(x) for p in self.parts()]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if self.heavy is not None and self.light is not None:
+            y = self.heavy(x[..., : self.n_heavy]) + self.light(x[..., self.n_heavy :])
+        else:
+            y = self.parts()[0](x)
+        return y if self.bias is None else y + self.bias
+
+    def nbytes(self) -> int:
+        n = sum(p.packed_nbytes() + (0 if p.bias is None else p.bias.numel() * 4) for p in self.parts())
+        return n + (0 if self.bias is None else self.bias.numel() * 4)
+
+
+@dataclass
+class FFNSplitInfo:
+    """What happened to one FFN (recorded in ffsplit.json)."""
+
+    name: str
+    n_neurons: int
+    n_heavy: int
+    heavy_format: str
+    light_format: str
+    light_sparsity: float
+    dense_bytes: int
+    bytes: int
+    heavy_neurons: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class SplitReport:
+    ffns: list[FFNSplitInfo]
+    config: dict
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(f.dense_bytes for f in self.ffns)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.bytes for f in self.ffns)
+
+    def to_dict(self, with_neurons: bool = False) -> dict:
+        rows = []
+        for f in self.ffns:
+            d = asdict(f)
+            if not with_neurons:
+                d.pop("heavy_neurons")
+            rows.append(d)
+        return {
+            "config": self.config,
+            "ffn_dense_bytes": self.dense_bytes,
+            "ffn_bytes": self.bytes,
+            "ffn_size_ratio": self.bytes / self.dense_bytes if self.dense_bytes else 1.0,
+            "ffns": rows,
+        }
+
+
+def _prune_keep(w, cfg: SplitConfig, x_norm, hessian) -> tuple[torch.Tensor, torch.Tensor]:
+    """(possibly updated weight, keep mask) for the light part's sparse formats."""
+    structured = cfg.light_format.is_structured
+    method = cfg.prune_method
+    if method is PruneMethod.SPARSEGPT:
+        if hessian is None:
+            raise ConfigError("--prune-method sparsegpt needs calibration statistics with Hessians")
+        return sparsegpt_prune(w, hessian, cfg.light_sparsity, nm=(2, 4) if structured else None)
+    if method is PruneMethod.WANDA and x_norm is not None:
+        score = pruning.wanda_score(w, x_norm)
+    else:
+        score = pruning.magnitude_score(w)
+    keep = pruning.nm_mask(score, 2, 4) if structured else pruning.topk_row_mask(score, cfg.light_sparsity)
+    return w, keep
+
+
+def make_light(w: torch.Tensor, bias, cfg: SplitConfig, x_norm=None, hessian=None) -> CompressedLinear:
+    """Compress one light weight ``w[N, K]`` in ``cfg.light_format``."""
+    fmt = cfg.light_format
+    if fmt is LightFormat.DENSE:
+        return DenseLinear(w, bias)
+    if fmt in (LightFormat.SPARSE_FP32, LightFormat.SPARSE_INT8, LightFormat.NM24_INT8):
+        w2, keep = _prune_keep(w, cfg, x_norm, hessian)
+        if fmt is LightFormat.NM24_INT8:
+            return NM24Linear(w2, keep, bias)
+        return SparseLinear(w2, keep, int8=fmt is LightFormat.SPARSE_INT8, bias=bias)
+    if fmt is LightFormat.INT8:
+        return NBitsLinear.from_weight(w, 8, 128, bias)
+    if fmt is LightFormat.INT4:
+        return NBitsLinear.from_weight(w, 4, cfg.group_size, bias)
+    if fmt is LightFormat.LOWRANK:
+        n, k = w.shape
+        rank = lowrank_rank(n, k, cfg.light_sparsity)
+        return LowRankLinear(w, rank, bias)
+    raise ConfigError(f"light format {fmt} is not handled")  # pragma: no cover
+
+
+def lowrank_rank(n: int, k: int, sparsity: float) -> int:
+    """The rank whose two factors hold as many weights as the sparse format keeps."""
+    return int(min(n, k, max(0, round((1.0 - sparsity) * n * k / (n + k))))) if n and k else 0
+
+
+def make_heavy(w: torch.Tensor, bias, fmt: HeavyFormat) -> CompressedLinear:
+    if fmt is HeavyFormat.FP32:
+        return DenseLinear(w, bias)
+    if fmt is HeavyFormat.FP16:
+        return DenseLinear(w, bias, dtype=torch.float16)
+    return NBitsLinear.from_weight(w, 8, 128, bias)
+
+
+def _dense_nbytes(*weights_and_biases) -> int:
+    return sum(t.numel() * 4 for t in weights_and_biases if t is not None)
+
+
+def split_ffn_(
+    model: nn.Module,
+    heavy: dict[str, np.ndarray],
+    config: SplitConfig | None = None,
+    stats: dict | None = None,
+    specs: list[FFNSpec] | None = None,
+    progress: bool = True,
+) -> SplitReport:
+    """Split every FFN of ``model`` in place.
+
+    ``heavy`` maps each FFN name to the indices of its heavy neurons (from :mod:`plan`);
+    ``stats`` (from :func:`ffsplit_export.calibrate.calibrate`) feeds Wanda and SparseGPT.
+    """
+    cfg = config or SplitConfig()
+    specs = specs if specs is not None else find_ffns(model)
+    infos = []
+    for spec in tqdm(specs, desc="split+compress", disable=not progress, unit="ffn"):
+        if spec.name not in heavy:
+            raise ConfigError(f"the plan has no heavy set for FFN {spec.name!r}; re-run the planner on this model")
+        st = (stats or {}).get(spec.name)
+        infos.append(_split_one(model, spec, np.asarray(heavy[spec.name], dtype=np.int64), cfg, st))
+    return SplitReport(infos, cfg.to_dict())
+
+
+def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st) -> FFNSplitInfo:
+    w_down, b_down = linear_weight(get_module(model, spec.down))
+    n_neurons = w_down.shape[1]
+    if heavy_idx.size and (heavy_idx.min() < 0 or heavy_idx.max() >= n_neurons or np.unique(heavy_idx).size != heavy_idx.size):
+        raise ConfigError(f"heavy neuron indices of {spec.name} must be unique and in [0, {n_neurons})")
+    hidx = torch.from_numpy(np.sort(heavy_idx))
+    is_light = torch.ones(n_neurons, dtype=torch.bool)
+    is_light[hidx] = False
+    lidx = torch.nonzero(is_light).flatten()
+    nh, nl = hidx.numel(), lidx.numel()
+    dense = _dense_nbytes(w_down, b_down)
+    x_norm = None if st is None else st.x_norm
+    a_norm = None if st is None else st.act_norm
+
+    for path in (spec.gate, spec.up):
+        if path is None:
+            continue
+        w, b = linear_weight(get_module(model, path))
+        if w.shape[0] != n_neurons:
+            raise ConfigError(f"{path} has {w.shape[0]} outputs but {spec.down} has {n_neurons} inputs")
+        dense += _dense_nbytes(w, b)
+        pick = lambda t, i: None if t is None else t[i]  # noqa: E731
+        hv = make_heavy(w[hidx], pick(b, hidx), cfg.heavy_format) if nh else None
+        lt = make_light(w[lidx], pick(b, lidx), cfg, x_norm, None if st is None else st.hessian_x) if nl else None
+        set_module(model, path, SplitLinear("out", hv, lt, nh))
+
+    hv = make_heavy(w_down[:, hidx], None, cfg.heavy_format) if nh else None
+    lt = None
+    if nl:
+        h_a = None if st is None or st.hessian_act is None else st.hessian_act[lidx][:, lidx]
+        lt = make_light(w_down[:, lidx], None, cfg, None if a_norm is None else a_norm[lidx], h_a)
+    split_down = SplitLinear("in", hv, lt, nh, b_down)
+    set_module(model, spec.down, split_down)
+
+    nbytes = sum(get_module(model, p).nbytes() for p in spec.projections)
+    sparsities = [
+        m.sparsity for p in spec.projections for m in [get_module(model, p).light] if isinstance(m, SparseLinear)
+    ]
+    light_sp = float(np.mean(sparsities)) if sparsities else (0.5 if cfg.light_format.is_structured and nl else 0.0)
+    return FFNSplitInfo(
+        name=spec.name,
+        n_neurons=n_neurons,
+        n_heavy=nh,
+        heavy_format=str(cfg.heavy_format),
+        light_format=str(cfg.light_format),
+        light_sparsity=round(light_sp, 4),
+        dense_bytes=int(dense),
+        bytes=int(nbytes),
+        heavy_neurons=hidx.tolist(),
+    )
+
+
+# ------------------------------------------------------------------------------ other linears
+
+
+def quantize_other_linears_(
+    model: nn.Module, fmt: OtherLinearFormat | str, group_size: int = 128, specs: list[FFNSpec] | None = None
+) -> dict:
+    """Weight-quantize every linear layer outside the FFNs (attention, lm_head) as MatMulNBits."""
+    fmt = OtherLinearFormat.parse(fmt, "--other-linear")
+    if fmt is OtherLinearFormat.FP32:
+        return {"format": "fp32", "layers": 0, "dense_bytes": 0, "bytes": 0}
+    specs = specs if specs is not None else find_ffns(model)
+    skip = {p for s in specs for p in s.projections}
+    targets = [
+        name
+        for name, m in model.named_modules()
+        if name and name not in skip and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+        and not any(name.startswith(p + ".") for p in skip)
+    ]
+    bits = 8 if fmt is OtherLinearFormat.INT8 else 4
+    dense = packed = 0
+    for name in targets:
+        w, b = linear_weight(get_module(model, name))
+        q = NBitsLinear.from_weight(w, bits, 128 if bits == 8 else group_size, b)
+        dense += _dense_nbytes(w, b)
+        packed += q.packed_nbytes() + (0 if b is None else b.numel() * 4)
+        set_module(model, name, q)
+    return {"format": str(fmt), "layers": len(targets), "dense_bytes": dense, "bytes": packed}
