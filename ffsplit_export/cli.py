@@ -91,7 +91,7 @@ def cmd_analyze(args) -> int:
     diff = float((ref - new).abs().max())
     rep = res.report
     print(
-        f"\nSplit: heavy {(args.heavy_fraction or 0.1) if args.size_budget is None else f"budget {args.size_budget}"} / light {split_cfg.light_format} "
+        f"\nSplit: heavy {(args.heavy_fraction or 0.1) if args.size_budget is None else f'budget {args.size_budget}'} / light {split_cfg.light_format} "
         f"at sparsity {split_cfg.light_sparsity} ({split_cfg.prune_method}), heavy {split_cfg.heavy_format}"
     )
     print(f"FFN weights: {rep.dense_bytes / 2**20:.1f} MiB dense fp32 -> {rep.bytes / 2**20:.1f} MiB "

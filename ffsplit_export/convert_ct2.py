@@ -356,8 +356,8 @@ def _build_hf(sd: dict[str, np.ndarray], facts: dict, ids: dict[str, int], ct2_c
         bos_token_id=gen.bos_token_id,
         eos_token_id=gen.eos_token_id,
         pad_token_id=gen.pad_token_id,
-        suppress_tokens=gen.suppress_tokens,
-        begin_suppress_tokens=gen.begin_suppress_tokens,
+        suppress_tokens=None,  # these live in generation_config.json
+        begin_suppress_tokens=None,
         tie_word_embeddings=True,
         torch_dtype="float32",
     )

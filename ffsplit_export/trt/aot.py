@@ -123,7 +123,7 @@ def compile_kernel(spec: KernelSpec, cfg: TileConfig, arch: int | None = None) -
     constexprs = {**cfg.constexprs(), **spec.fixed_constexprs}
     src = triton.compiler.ASTSource(fn=fn, signature=spec.full_signature(), constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32) if arch is not None else None
-    ck = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "ptx_version": PTX_VERSION})
+    ck = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "ptx_version": PTX_VERSION})
     name = ck.metadata.name
     ptx, removed = strip_unused_trailing_params(ck.asm["ptx"], name)
     out = CompiledKernel(

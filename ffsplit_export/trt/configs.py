@@ -22,6 +22,7 @@ class TileConfig:
     block_k: int
     num_warps: int
     use_dot: bool
+    num_stages: int = 2
 
     def constexprs(self) -> dict:
         return {
@@ -38,7 +39,7 @@ class TileConfig:
 CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("decode_m4", 4, 32, 32, 4, False),
     TileConfig("decode_m8", 8, 32, 32, 4, False),
-    TileConfig("prefill_m32", 32, 64, 32, 4, True),
+    TileConfig("prefill_m32", 32, 32, 32, 4, True),
     TileConfig("prefill_m64", 64, 64, 32, 8, True),
 )
 
