@@ -1,0 +1,514 @@
+// ONNX Runtime CPU custom-op library for the ffsplit domain (version 1).
+//
+// Ops (Y[..., N] = X[..., K] @ W.T in float32, weights decoded from packed inputs):
+//   SparseMatMulInt8(X, mask:uint8[N,ceil(K/8)], values:int8[nnz], row_ptr:int64[N+1], scales:float[N])
+//   SparseMatMulFP32(X, mask, values:float[nnz], row_ptr)
+//   Sparse24MatMulInt8(X, values:int8[N,2G], meta:uint8[N,ceil(G/2)], scales:float[N])
+// The layouts and their validity rules are those of ffsplit_export/formats/packing.py and
+// ffsplit_export/ops/_spec.py (check_op_weights). Constant weights are validated and
+// pre-packed once when the kernel is created; a malformed initializer fails session creation.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+#include <onnxruntime_lite_custom_op.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "packed.h"
+
+namespace ffsplit {
+namespace {
+
+using Shape = std::vector<int64_t>;
+
+std::string ShapeStr(const Shape& s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+const char* TypeStr(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    default: return "other";
+  }
+}
+
+struct View {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  Shape shape;
+  const void* data = nullptr;
+  int64_t count = 0;
+  template <typename T>
+  const T* as() const { return static_cast<const T*>(data); }
+};
+
+struct Invalid : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+[[noreturn]] void Fail(const std::string& msg) { throw Invalid(msg); }
+
+void ExpectType(const View& v, ONNXTensorElementDataType t, const char* name) {
+  if (v.type != t)
+    Fail(std::string(name) + " must be " + TypeStr(t) + ", got " + TypeStr(v.type));
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+enum class Kind { kSparseInt8, kSparseFp32, kNm24Int8 };
+
+const char* KindName(Kind k) {
+  switch (k) {
+    case Kind::kSparseInt8: return "SparseMatMulInt8";
+    case Kind::kSparseFp32: return "SparseMatMulFP32";
+    default: return "Sparse24MatMulInt8";
+  }
+}
+
+// The validated, pre-packed weight plus what the run-time K check needs.
+struct Prepared {
+  Packed packed;
+  int64_t disk_cols = 0;  // bitmask: mask bytes per row; 2:4: G groups per row
+  int64_t kneed = 0;      // bitmask: 1 + last set bit; 2:4: 1 + last non-zero column
+};
+
+void CheckScales(const View& scales, int64_t n) {
+  ExpectType(scales, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "scales");
+  if (scales.shape.size() != 1 || scales.shape[0] != n)
+    Fail("scales must be float32 [N]=" + std::to_string(n) + ", got shape " + ShapeStr(scales.shape));
+}
+
+void InitPacked(Packed& p, int64_t n, int64_t cols, bool int8) {
+  p.n = n;
+  p.words = CeilDiv(cols, 64);
+  p.int8 = int8;
+  p.mask.assign(static_cast<size_t>(n * p.words), 0);
+  p.row_ptr.assign(static_cast<size_t>(n + 1), 0);
+  p.scales.assign(static_cast<size_t>(n), 1.0f);
+  if (int8) p.rowsum.assign(static_cast<size_t>(n), 0);
+}
+
+void FinishPacked(Packed& p) {
+  if (p.int8) {
+    p.values_i8.resize(static_cast<size_t>(p.nnz()) + 64, 0);
+  } else {
+    p.values_f32.resize(static_cast<size_t>(p.nnz()) + 16, 0.0f);
+  }
+}
+
+// Bitmask layout (SparseMatMulInt8 / SparseMatMulFP32). k < 0: K not known yet.
+Prepared PrepareBitmask(const View& mask, const View& values, const View& row_ptr, const View* scales,
+                        bool int8, int64_t k) {
+  ExpectType(mask, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "mask");
+  if (mask.shape.size() != 2)
+    Fail("mask must be uint8 [N, ceil(K/8)], got shape " + ShapeStr(mask.shape));
+  const int64_t n = mask.shape[0], kb = mask.shape[1];
+  if (k >= 0 && kb != CeilDiv(k, 8))
+    Fail("mask has " + std::to_string(kb) + " bytes per row; K=" + std::to_string(k) + " needs " +
+         std::to_string(CeilDiv(k, 8)));
+  ExpectType(row_ptr, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, "row_ptr");
+  if (row_ptr.shape.size() != 1 || row_ptr.shape[0] != n + 1)
+    Fail("row_ptr must be int64 [N+1]=" + std::to_string(n + 1) + ", got shape " + ShapeStr(row_ptr.shape));
+  if (values.shape.size() != 1) Fail("values must be 1-D, got shape " + ShapeStr(values.shape));
+  ExpectType(values, int8 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "values");
+  if (scales) CheckScales(*scales, n);
+
+  const uint8_t* mb = mask.as<uint8_t>();
+  const int64_t* rp = row_ptr.as<int64_t>();
+  const int64_t nvals = values.shape[0];
+  // kneed: 1 + the last set bit over all rows (bits past K must be zero)
+  int64_t kneed = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t b = kb - 1; b >= 0; --b) {
+      const uint8_t byte = mb[r * kb + b];
+      if (byte) {
+        kneed = std::max<int64_t>(kneed, b * 8 + (31 - __builtin_clz(byte)) + 1);
+        break;
+      }
+    }
+  }
+  if (k >= 0 && kneed > k) Fail("mask has bits set past column K=" + std::to_string(k) + "; they must be zero");
+  // row_ptr must equal the running popcount (this also bounds every values read below)
+  bool ok = (n + 1 >= 1) && rp[0] == 0;
+  int64_t total = 0;
+  for (int64_t r = 0; ok && r < n; ++r) {
+    int64_t cnt = 0;
+    for (int64_t b = 0; b < kb; ++b) cnt += __builtin_popcount(mb[r * kb + b]);
+    total += cnt;
+    if (rp[r + 1] != total) ok = false;
+  }
+  if (ok && rp[n] != nvals) ok = false;
+  if (!ok)
+    Fail("row_ptr does not match the mask: row_ptr[0] must be 0, row_ptr[n+1]-row_ptr[n] the popcount of "
+         "row n, row_ptr[N] = len(values) = " + std::to_string(nvals));
+
+  Prepared out;
+  out.disk_cols = kb;
+  out.kneed = kneed;
+  Packed& p = out.packed;
+  InitPacked(p, n, kb * 8, int8);
+  if (scales) std::memcpy(p.scales.data(), scales->data, static_cast<size_t>(n) * sizeof(float));
+  std::vector<int8_t> vi8;
+  std::vector<float> vf;
+  int64_t nnz = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    int64_t src = rp[r];
+    uint64_t* mrow = &p.mask[static_cast<size_t>(r * p.words)];
+    int32_t rsum = 0;
+    for (int64_t b = 0; b < kb; ++b) {
+      uint32_t byte = mb[r * kb + b];
+      while (byte) {
+        const int bit = __builtin_ctz(byte);
+        byte &= byte - 1;
+        const int64_t col = b * 8 + bit;
+        bool nz;
+        if (int8) {
+          const int8_t v = values.as<int8_t>()[src];
+          nz = v != 0;
+          if (nz) {
+            vi8.push_back(v);
+            rsum += v;
+          }
+        } else {
+          const float v = values.as<float>()[src];
+          nz = v != 0.0f;
+          if (nz) vf.push_back(v);
+        }
+        ++src;
+        if (nz) {
+          mrow[col >> 6] |= uint64_t{1} << (col & 63);
+          ++nnz;
+        }
+      }
+    }
+    p.row_ptr[static_cast<size_t>(r + 1)] = nnz;
+    if (int8) p.rowsum[static_cast<size_t>(r)] = rsum;
+  }
+  if (int8) p.values_i8 = std::move(vi8); else p.values_f32 = std::move(vf);
+  FinishPacked(p);
+  int64_t kin = 0;
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t w = p.words - 1; w >= 0; --w)
+      if (uint64_t m = p.mask[static_cast<size_t>(r * p.words + w)]) {
+        kin = std::max<int64_t>(kin, w * 64 + 64 - __builtin_clzll(m));
+        break;
+      }
+  p.kneed = kin;
+  return out;
+}
+
+// 2:4 layout (Sparse24MatMulInt8).
+Prepared PrepareNm24(const View& values, const View& meta, const View& scales, int64_t k) {
+  ExpectType(values, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, "values");
+  if (values.shape.size() != 2 || values.shape[1] % 2 != 0)
+    Fail("2:4 values must be int8 [N, 2*ceil(K/4)], got shape " + ShapeStr(values.shape));
+  const int64_t n = values.shape[0], g = values.shape[1] / 2;
+  if (k >= 0 && g != CeilDiv(k, 4))
+    Fail("2:4 values must be [N, " + std::to_string(2 * CeilDiv(k, 4)) + "] for K=" + std::to_string(k) +
+         ", got " + ShapeStr(values.shape));
+  ExpectType(meta, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "meta");
+  const int64_t mcols = CeilDiv(g, 2);
+  if (meta.shape.size() != 2 || meta.shape[0] != n || meta.shape[1] != mcols)
+    Fail("2:4 meta must be uint8 [N, " + std::to_string(mcols) + "], got shape " + ShapeStr(meta.shape));
+  CheckScales(scales, n);
+  const uint8_t* mt = meta.as<uint8_t>();
+  const int8_t* vals = values.as<int8_t>();
+  int64_t kneed = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const uint8_t nib = (mt[r * mcols + gi / 2] >> (4 * (gi % 2))) & 0x0F;
+      const int i0 = nib & 3, i1 = (nib >> 2) & 3;
+      if (i0 >= i1) Fail("2:4 meta: the two indices of a group must be increasing (i0 < i1)");
+      if (vals[r * 2 * g + 2 * gi]) kneed = std::max<int64_t>(kneed, gi * 4 + i0 + 1);
+      if (vals[r * 2 * g + 2 * gi + 1]) kneed = std::max<int64_t>(kneed, gi * 4 + i1 + 1);
+    }
+  }
+  if (k >= 0 && kneed > k)
+    Fail("2:4 values: entries at padded columns >= K=" + std::to_string(k) + " must be zero");
+  if (g % 2 && mcols)
+    for (int64_t r = 0; r < n; ++r)
+      if (mt[r * mcols + mcols - 1] >> 4) Fail("2:4 meta: the unused high nibble of the last byte must be zero");
+
+  Prepared out;
+  out.disk_cols = g;
+  out.kneed = kneed;
+  Packed& p = out.packed;
+  InitPacked(p, n, g * 4, true);
+  std::memcpy(p.scales.data(), scales.data, static_cast<size_t>(n) * sizeof(float));
+  std::vector<int8_t> vi8;
+  vi8.reserve(static_cast<size_t>(n * g * 2));
+  int64_t nnz = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    uint64_t* mrow = &p.mask[static_cast<size_t>(r * p.words)];
+    int32_t rsum = 0;
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const uint8_t nib = (mt[r * mcols + gi / 2] >> (4 * (gi % 2))) & 0x0F;
+      const int idx[2] = {nib & 3, (nib >> 2) & 3};
+      for (int j = 0; j < 2; ++j) {
+        const int8_t v = vals[r * 2 * g + 2 * gi + j];
+        if (!v) continue;
+        const int64_t col = gi * 4 + idx[j];
+        mrow[col >> 6] |= uint64_t{1} << (col & 63);
+        vi8.push_back(v);
+        rsum += v;
+        ++nnz;
+      }
+    }
+    p.row_ptr[static_cast<size_t>(r + 1)] = nnz;
+    p.rowsum[static_cast<size_t>(r)] = rsum;
+  }
+  p.values_i8 = std::move(vi8);
+  FinishPacked(p);
+  p.kneed = kneed;
+  return out;
+}
+
+View ViewOf(const Ort::ConstValue& v) {
+  View out;
+  auto info = v.GetTensorTypeAndShapeInfo();
+  out.type = info.GetElementType();
+  out.shape = info.GetShape();
+  out.count = static_cast<int64_t>(info.GetElementCount());
+  out.data = v.GetTensorRawData();
+  return out;
+}
+
+template <typename T>
+View ViewOf(const Ort::Custom::Tensor<T>& t, ONNXTensorElementDataType type) {
+  View out;
+  out.type = type;
+  out.shape = t.Shape();
+  out.count = t.NumberOfElement();
+  out.data = t.DataRaw();
+  return out;
+}
+
+Prepared PrepareFromViews(Kind kind, const std::vector<View>& w, int64_t k) {
+  switch (kind) {
+    case Kind::kSparseInt8: return PrepareBitmask(w[0], w[1], w[2], &w[3], true, k);
+    case Kind::kSparseFp32: return PrepareBitmask(w[0], w[1], w[2], nullptr, false, k);
+    default: return PrepareNm24(w[0], w[1], w[2], k);
+  }
+}
+
+struct OrtParallel final : Parallel {
+  explicit OrtParallel(OrtKernelContext* ctx) : ctx_(ctx) {}
+  void For(size_t total, void (*fn)(void*, size_t), void* data) const override {
+    if (total == 0) return;
+    if (total == 1) {
+      fn(data, 0);
+      return;
+    }
+    Ort::KernelContext(ctx_).ParallelFor(fn, total, 0, data);
+  }
+  OrtKernelContext* ctx_;
+};
+
+// State shared by the three op kernels.
+class Kernel {
+ public:
+  Kernel(Kind kind, const OrtKernelInfo* info_ptr) : kind_(kind) {
+    Ort::ConstKernelInfo info(info_ptr);
+    try {
+      name_ = std::string("ffsplit::") + KindName(kind) + " (node '" + info.GetNodeName() + "')";
+    } catch (...) {
+      name_ = std::string("ffsplit::") + KindName(kind);
+    }
+    try {
+      isa_ = SelectIsa();
+    } catch (const std::exception& e) {
+      throw Ort::Exception(name_ + ": " + e.what(), ORT_INVALID_ARGUMENT);
+    }
+    int64_t k = -1;
+    try {
+      auto shape = info.GetInputTypeInfo(0).GetTensorTypeAndShapeInfo().GetShape();
+      if (!shape.empty() && shape.back() >= 0) k = shape.back();
+    } catch (...) {
+      k = -1;
+    }
+    const size_t n_in = info.GetInputCount();
+    std::vector<View> views;
+    bool all_const = n_in > 1;
+    std::vector<Ort::ConstValue> keep;
+    for (size_t i = 1; i < n_in; ++i) {
+      int is_const = 0;
+      Ort::ConstValue v = info.GetTensorConstantInput(i, &is_const);
+      if (!is_const) {
+        all_const = false;
+        break;
+      }
+      views.push_back(ViewOf(v));
+    }
+    if (all_const) {
+      try {
+        prepared_ = PrepareFromViews(kind, views, k);
+      } catch (const Invalid& e) {
+        throw Ort::Exception(name_ + ": malformed packed weight: " + e.what(), ORT_INVALID_ARGUMENT);
+      }
+    }
+  }
+
+  // X, the weight inputs as views (used only when not pre-packed), Y.
+  Ort::Status Run(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X,
+                  const std::vector<View>& weights, Ort::Custom::Tensor<float>& Y) const {
+    try {
+      const Shape xs = X.Shape();
+      if (xs.empty()) return Ort::Status((name_ + ": X must have rank >= 1, got a scalar").c_str(), ORT_INVALID_ARGUMENT);
+      const int64_t k = xs.back();
+      int64_t m = 1;
+      for (size_t i = 0; i + 1 < xs.size(); ++i) m *= xs[i];
+      std::optional<Prepared> local;
+      const Prepared* prep = prepared_ ? &*prepared_ : nullptr;
+      if (!prep) {
+        try {
+          local = PrepareFromViews(kind_, weights, k);
+        } catch (const Invalid& e) {
+          return Ort::Status((name_ + ": malformed packed weight: " + e.what()).c_str(), ORT_INVALID_ARGUMENT);
+        }
+        prep = &*local;
+      }
+      const bool nm24 = kind_ == Kind::kNm24Int8;
+      const int64_t want = nm24 ? CeilDiv(k, 4) : CeilDiv(k, 8);
+      if (want != prep->disk_cols || k < prep->kneed) {
+        std::string msg = name_ + ": X has K=" + std::to_string(k) + " columns but the packed weight was made for ";
+        msg += nm24 ? "2*ceil(K/4)=" + std::to_string(2 * prep->disk_cols) + " values per row"
+                    : "ceil(K/8)=" + std::to_string(prep->disk_cols) + " mask bytes per row";
+        if (k < prep->kneed) msg += " with columns up to " + std::to_string(prep->kneed - 1) + " in use";
+        return Ort::Status(msg.c_str(), ORT_INVALID_ARGUMENT);
+      }
+      Shape ys = xs;
+      ys.back() = prep->packed.n;
+      float* y = Y.Allocate(ys);
+      if (m == 0 || prep->packed.n == 0) return Ort::Status(nullptr);
+      MatMul(prep->packed, X.Data(), y, m, k, isa_, OrtParallel(ctx));
+      return Ort::Status(nullptr);
+    } catch (const Ort::Exception& e) {
+      return Ort::Status((name_ + ": " + e.what()).c_str(), e.GetOrtErrorCode());
+    } catch (const std::exception& e) {
+      return Ort::Status((name_ + ": " + e.what()).c_str(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+
+  static Ort::Status InferShape(Ort::ShapeInferContext& ctx) {
+    if (ctx.GetInputCount() < 2) return Ort::Status(nullptr);
+    auto x = ctx.GetInputShape(0);
+    const auto& w = ctx.GetInputShape(1);
+    if (x.empty() || w.size() != 2) return Ort::Status(nullptr);
+    x.back() = w[0];
+    return ctx.SetOutputShape(0, x);
+  }
+
+ private:
+  Kind kind_;
+  std::string name_;
+  Isa isa_ = Isa::kScalar;
+  std::optional<Prepared> prepared_;
+};
+
+using Ort::Custom::Tensor;
+
+struct SparseMatMulInt8 {
+  SparseMatMulInt8(const OrtApi*, const OrtKernelInfo* info) : k_(Kind::kSparseInt8, info) {}
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<uint8_t>& mask,
+                      const Tensor<int8_t>& values, const Tensor<int64_t>& row_ptr, const Tensor<float>& scales,
+                      Tensor<float>& y) {
+    std::vector<View> w = {
+        ViewOf(mask, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8), ViewOf(values, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8),
+        ViewOf(row_ptr, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64), ViewOf(scales, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)};
+    return k_.Run(ctx, x, w, y);
+  }
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) { return Kernel::InferShape(ctx); }
+  Kernel k_;
+};
+
+struct SparseMatMulFP32 {
+  SparseMatMulFP32(const OrtApi*, const OrtKernelInfo* info) : k_(Kind::kSparseFp32, info) {}
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<uint8_t>& mask,
+                      const Tensor<float>& values, const Tensor<int64_t>& row_ptr, Tensor<float>& y) {
+    std::vector<View> w = {ViewOf(mask, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8),
+                           ViewOf(values, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT),
+                           ViewOf(row_ptr, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)};
+    return k_.Run(ctx, x, w, y);
+  }
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) { return Kernel::InferShape(ctx); }
+  Kernel k_;
+};
+
+struct Sparse24MatMulInt8 {
+  Sparse24MatMulInt8(const OrtApi*, const OrtKernelInfo* info) : k_(Kind::kNm24Int8, info) {}
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<int8_t>& values,
+                      const Tensor<uint8_t>& meta, const Tensor<float>& scales, Tensor<float>& y) {
+    std::vector<View> w = {ViewOf(values, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8),
+                           ViewOf(meta, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8),
+                           ViewOf(scales, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)};
+    return k_.Run(ctx, x, w, y);
+  }
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) { return Kernel::InferShape(ctx); }
+  Kernel k_;
+};
+
+// The lite struct op, with kernel creation going through CreateKernelV2 so that a malformed
+// weight becomes an OrtStatus (a clean session-creation error) instead of an exception that
+// crosses the C ABI.
+template <typename Op>
+struct SafeOp : Ort::Custom::OrtLiteCustomStruct<Op> {
+  explicit SafeOp(const char* name) : Ort::Custom::OrtLiteCustomStruct<Op>(name, "CPUExecutionProvider") {
+    OrtCustomOp::CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi* api, const OrtKernelInfo* info,
+                                     void** kernel) -> OrtStatusPtr {
+      try {
+        *kernel = op->CreateKernel(op, api, info);
+        return nullptr;
+      } catch (const Ort::Exception& e) {
+        return api->CreateStatus(e.GetOrtErrorCode(), e.what());
+      } catch (const std::exception& e) {
+        return api->CreateStatus(ORT_FAIL, e.what());
+      }
+    };
+  }
+};
+
+}  // namespace
+}  // namespace ffsplit
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (!api) return nullptr;  // cannot even report: the runtime is older than API version ORT_API_VERSION
+  Ort::InitApi(api);
+  using namespace ffsplit;
+  static std::unique_ptr<Ort::Custom::OrtLiteCustomOp> ops[] = {
+      std::unique_ptr<Ort::Custom::OrtLiteCustomOp>(new SafeOp<SparseMatMulInt8>("SparseMatMulInt8")),
+      std::unique_ptr<Ort::Custom::OrtLiteCustomOp>(new SafeOp<SparseMatMulFP32>("SparseMatMulFP32")),
+      std::unique_ptr<Ort::Custom::OrtLiteCustomOp>(new SafeOp<Sparse24MatMulInt8>("Sparse24MatMulInt8")),
+  };
+  // One domain object for the life of the process: ORT keeps pointers to it in every session.
+  static std::mutex mu;
+  static std::vector<Ort::CustomOpDomain> domains;
+  try {
+    std::lock_guard<std::mutex> lock(mu);
+    Ort::CustomOpDomain domain{"ffsplit"};
+    for (auto& op : ops) domain.Add(op.get());
+    Ort::UnownedSessionOptions so(options);
+    so.Add(domain);
+    domains.push_back(std::move(domain));
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}

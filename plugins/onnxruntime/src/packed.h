@@ -1,0 +1,76 @@
+// Internal pre-packed weight layout shared by all three ffsplit ops, and the kernel entry points.
+//
+// Every op's weight W[N, K] is converted once (at session creation) into the same layout:
+//   mask    uint64 [N, words]  bit (k % 64) of word k / 64 set where W[n, k] != 0 (stored zeros dropped)
+//   values  int8 or float [nnz] + 64 bytes of zero padding, row after row, by column
+//   row_ptr int64 [N + 1]
+//   scales  float [N] (1 for the fp32 op)
+// Bitmask and 2:4 weights both map onto it: a 2:4 group is a nibble of mask bits.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ffsplit {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi2 = 3, kAvx512Vnni = 4 };
+
+const char* IsaName(Isa isa);
+bool IsaSupported(Isa isa);
+// FFSPLIT_ISA (scalar|avx2|avx512|avx512vbmi2|avx512vnni|auto) or the best exact path of this CPU.
+// Throws std::invalid_argument on an unknown or unsupported value.
+Isa SelectIsa();
+
+struct Packed {
+  int64_t n = 0;       // rows (output channels)
+  int64_t words = 0;   // uint64 mask words per row
+  int64_t kneed = 0;   // 1 + the largest column holding a non-zero (K must be >= this)
+  bool int8 = true;    // values are int8 (else float)
+  std::vector<uint64_t> mask;
+  std::vector<int64_t> row_ptr;
+  std::vector<int8_t> values_i8;  // nnz + 64 padding
+  std::vector<float> values_f32;  // nnz + 16 padding
+  std::vector<float> scales;
+  std::vector<int32_t> rowsum;    // int8 only: sum of the row's values (VNNI zero-point correction)
+
+  int64_t nnz() const { return row_ptr.empty() ? 0 : row_ptr.back(); }
+  size_t bytes_read_per_pass() const {  // what a pass over the weights reads
+    return mask.size() * 8 + static_cast<size_t>(nnz()) * (int8 ? 1 : 4) + scales.size() * 4 +
+           row_ptr.size() * 8;
+  }
+};
+
+// Runs fn(i) for i in [0, total) on ORT's intra-op pool (a thin wrapper over KernelContext_ParallelFor).
+struct Parallel {
+  virtual ~Parallel() = default;
+  virtual void For(size_t total, void (*fn)(void*, size_t), void* data) const = 0;
+};
+
+// Y[M, N] = X[M, K] @ W.T for the rows of the packed weight. K >= p.kneed is checked by the caller.
+void MatMul(const Packed& p, const float* x, float* y, int64_t m, int64_t k, Isa isa, const Parallel& par);
+
+namespace scalar {
+void Rows(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1);
+}
+namespace avx2 {
+void RowDot(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1);
+void Outer(const Packed& p, const float* xt, float* y, int64_t m, int64_t m0, int64_t mb, int64_t k,
+           int64_t n0, int64_t n1);
+}  // namespace avx2
+namespace avx512 {
+void RowDot(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1);
+void Outer(const Packed& p, const float* xt, float* y, int64_t m, int64_t m0, int64_t mb, int64_t k,
+           int64_t n0, int64_t n1);
+}  // namespace avx512
+namespace avx512vbmi2 {
+void RowDot(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1);
+}
+namespace avx512vnni {
+// xq: uint8 [M, kpad] activations quantized with zero point 128, xs: their per-row scales.
+void RowDot(const Packed& p, const uint8_t* xq, const float* xs, int64_t kpad, float* y, int64_t m,
+            int64_t n0, int64_t n1);
+}
+
+}  // namespace ffsplit
