@@ -7,9 +7,9 @@ or space is dropped; whitespace is collapsed. WER = (S + D + I) / N over all cli
 together (``jiwer``), N = reference words.
 
 Perplexity: the text is tokenized once (no special tokens added) and scored with a sliding
-window of ``context_length`` tokens moved by ``stride``: each token is predicted once, with
-at least ``context_length - stride`` tokens of left context once the first window is
-full. Perplexity = exp(mean negative log-likelihood over all predicted tokens).
+window of ``context_length`` tokens moved by ``stride`` (at most ``context_length - 1``):
+every token but the first is predicted exactly once, with at least
+``context_length - stride`` tokens of left context once the first window is full. Perplexity = exp(mean negative log-likelihood over all predicted tokens).
 Decoding for WER is greedy (one beam, no sampling).
 """
 
@@ -177,7 +177,8 @@ def _sliding_nll(logits_fn: Callable, ids: np.ndarray, context_length: int, stri
         total += float(-logp[first:].sum())
         count += len(targets) - first
         scored_until = end
-        begin = max(0, min(begin + stride, n - context_length)) if end < n else n
+        # windows overlap by >= 1 token so that each window's first target has context
+        begin = max(0, min(begin + stride, end - 1, n - context_length)) if end < n else n
     return total, count
 
 
