@@ -411,6 +411,9 @@ def convert_ct2(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overw
             json.dumps({"ct2_dir": str(ct2_dir), "spec": ct2.spec, "revision": ct2.revision}, indent=1),
             encoding="utf-8",
         )
+        _umask = os.umask(0)
+        os.umask(_umask)
+        os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes 0700; give the result the usual permissions
         if out_dir.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, trash / "old")
