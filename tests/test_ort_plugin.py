@@ -9,7 +9,6 @@ Skips cleanly when the library is not built.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 

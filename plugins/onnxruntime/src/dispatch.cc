@@ -3,6 +3,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -63,27 +65,120 @@ Isa SelectIsa() {
 
 namespace {
 
+constexpr int64_t kRowDotMaxM = 16;  // below: row-dot (weights decoded once, reused by <= 4 rows of X)
+constexpr int64_t kMaxMBlock = 128;   // outer product: columns of X per block (8 zmm accumulators)
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+std::unique_ptr<T[], AlignedFree> AlignedAlloc(size_t count) {
+  const size_t bytes = std::max<size_t>(64, (count * sizeof(T) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return std::unique_ptr<T[], AlignedFree>(static_cast<T*>(p));
+}
+
 struct Job {
   const Packed* p;
   const float* x;
   float* y;
-  int64_t m, k, rows_per_task;
+  int64_t m, k, rows_per_task, row_tasks;
   Isa isa;
+  // outer product
+  const float* xt;
+  int64_t mblk, mbp;
+  // vnni
+  const uint8_t* xq;
+  const float* xs;
+  int64_t kpad;
 };
 
-void RunScalar(void* data, size_t task) {
+void RunRowDot(void* data, size_t task) {
   const Job& j = *static_cast<const Job*>(data);
   const int64_t n0 = static_cast<int64_t>(task) * j.rows_per_task;
   const int64_t n1 = std::min(j.p->n, n0 + j.rows_per_task);
-  scalar::Rows(*j.p, j.x, j.y, j.m, j.k, n0, n1);
+  switch (j.isa) {
+    case Isa::kAvx512Vnni:
+      if (j.xq) return avx512vnni::RowDot(*j.p, j.xq, j.xs, j.kpad, j.y, j.m, n0, n1);
+      return avx512vbmi2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
+    case Isa::kAvx512Vbmi2: return avx512vbmi2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
+    case Isa::kAvx512: return avx512::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
+    case Isa::kAvx2: return avx2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
+    default: return scalar::Rows(*j.p, j.x, j.y, j.m, j.k, n0, n1);
+  }
+}
+
+void RunOuter(void* data, size_t task) {
+  const Job& j = *static_cast<const Job*>(data);
+  const int64_t b = static_cast<int64_t>(task) / j.row_tasks;
+  const int64_t rt = static_cast<int64_t>(task) % j.row_tasks;
+  const int64_t n0 = rt * j.rows_per_task;
+  const int64_t n1 = std::min(j.p->n, n0 + j.rows_per_task);
+  const int64_t m0 = b * j.mblk;
+  const int64_t mb = std::min(j.mblk, j.m - m0);
+  const float* xt = j.xt + b * j.k * j.mbp;
+  if (j.isa == Isa::kAvx2)
+    avx2::Outer(*j.p, xt, j.y, j.m, m0, mb, j.k, n0, n1);
+  else
+    avx512::Outer(*j.p, xt, j.y, j.m, m0, mb, j.k, n0, n1);
 }
 
 }  // namespace
 
 void MatMul(const Packed& p, const float* x, float* y, int64_t m, int64_t k, Isa isa, const Parallel& par) {
-  Job job{&p, x, y, m, k, 16, isa};
-  const int64_t tasks = (p.n + job.rows_per_task - 1) / job.rows_per_task;
-  par.For(static_cast<size_t>(tasks), RunScalar, &job);
+  Job job{};
+  job.p = &p;
+  job.x = x;
+  job.y = y;
+  job.m = m;
+  job.k = k;
+  job.isa = isa;
+  if (isa == Isa::kScalar || m < kRowDotMaxM) {
+    std::unique_ptr<uint8_t[], AlignedFree> xq;
+    std::vector<float> xs;
+    if (isa == Isa::kAvx512Vnni && p.int8 && k <= 65536) {
+      // per-row symmetric scale, uint8 codes with zero point 128; padded to whole mask words
+      job.kpad = p.words * 64;
+      xq = AlignedAlloc<uint8_t>(static_cast<size_t>(m * job.kpad));
+      xs.resize(static_cast<size_t>(m));
+      for (int64_t r = 0; r < m; ++r) {
+        const float* xr = x + r * k;
+        float amax = 0.0f;
+        for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xr[i]));
+        const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+        const float inv = 1.0f / s;
+        uint8_t* q = xq.get() + r * job.kpad;
+        for (int64_t i = 0; i < k; ++i) q[i] = static_cast<uint8_t>(std::lrintf(xr[i] * inv) + 128);
+        std::memset(q + k, 128, static_cast<size_t>(job.kpad - k));
+        xs[static_cast<size_t>(r)] = s;
+      }
+      job.xq = xq.get();
+      job.xs = xs.data();
+    }
+    job.rows_per_task = 16;
+    const int64_t tasks = (p.n + job.rows_per_task - 1) / job.rows_per_task;
+    par.For(static_cast<size_t>(tasks), RunRowDot, &job);
+    return;
+  }
+  // outer product: X transposed per block of columns, zero padded to 16
+  const int64_t nblk = (m + kMaxMBlock - 1) / kMaxMBlock;
+  job.mblk = (m + nblk - 1) / nblk;
+  job.mbp = (job.mblk + 15) / 16 * 16;
+  auto xt = AlignedAlloc<float>(static_cast<size_t>(nblk * k * job.mbp));
+  for (int64_t b = 0; b < nblk; ++b) {
+    float* xb = xt.get() + b * k * job.mbp;
+    const int64_t m0 = b * job.mblk, mb = std::min(job.mblk, m - m0);
+    for (int64_t kk = 0; kk < k; ++kk) {
+      float* row = xb + kk * job.mbp;
+      for (int64_t i = 0; i < mb; ++i) row[i] = x[(m0 + i) * k + kk];
+      for (int64_t i = mb; i < job.mbp; ++i) row[i] = 0.0f;
+    }
+  }
+  job.xt = xt.get();
+  job.rows_per_task = p.n >= 512 ? 64 : 16;
+  job.row_tasks = (p.n + job.rows_per_task - 1) / job.rows_per_task;
+  par.For(static_cast<size_t>(nblk * job.row_tasks), RunOuter, &job);
 }
 
 namespace scalar {
