@@ -123,7 +123,16 @@ def compile_kernel(spec: KernelSpec, cfg: TileConfig, arch: int | None = None) -
     constexprs = {**cfg.constexprs(), **spec.fixed_constexprs}
     src = triton.compiler.ASTSource(fn=fn, signature=spec.full_signature(), constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32) if arch is not None else None
-    ck = triton.compile(src, target=target, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "ptx_version": PTX_VERSION})
+    ck = triton.compile(
+        src,
+        target=target,
+        options={
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+            "ptx_version": PTX_VERSION,
+            "enable_fp_fusion": True,
+        },
+    )
     name = ck.metadata.name
     ptx, removed = strip_unused_trailing_params(ck.asm["ptx"], name)
     out = CompiledKernel(
@@ -198,7 +207,10 @@ def compile_all(
 
 def format_table(summary: dict) -> str:
     """Markdown table: kernel x variant x config x arch with registers, spills, smem."""
-    rows = ["| kernel | variant | config | arch | regs | spill st/ld B | smem B | target |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| kernel | variant | config | arch | regs | spill st/ld B | smem B | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for e in summary["kernels"]:
         rows.append(
             f"| {e['kernel']} | {e['variant']} | {e['config']['name']} | {e['arch']} | {e['registers']} | "

@@ -40,7 +40,7 @@ CONFIGS: tuple[TileConfig, ...] = (
     TileConfig("decode_m4", 4, 32, 32, 4, False),
     TileConfig("decode_m8", 8, 32, 32, 4, False),
     TileConfig("prefill_m32", 32, 32, 32, 4, True),
-    TileConfig("prefill_m64", 64, 64, 32, 8, True),
+    TileConfig("prefill_m64", 64, 32, 32, 8, True),
 )
 
 #: Column chunks must hold whole mask bytes (8) and whole 2:4 meta bytes (8 columns).
