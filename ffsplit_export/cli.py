@@ -125,19 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands implemented in their own modules."""
-    import importlib
+    """Commands implemented in their own modules (imported lazily when run)."""
+    from .export.command import add_commands as add_export
 
-    for module, name in (
-        ("ffsplit_export.export.command", "add_commands"),
-        ("ffsplit_export.trt.commands", "add_commands"),
-        ("ffsplit_export.commands_eval", "add_commands"),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        getattr(mod, name)(sub)
+    add_export(sub)
+    from .trt import commands as trt
+
+    p = sub.add_parser("trt-plugin", help="compile the Triton kernels of the TensorRT plugin ahead of time (no GPU needed)")
+    trt.add_trt_plugin_arguments(p)
+    p.set_defaults(func=trt.run_trt_plugin)
+    p = sub.add_parser("trt-build", help="build TensorRT engines of a --target tensorrt export (needs TensorRT + GPU)")
+    trt.add_trt_build_arguments(p)
+    p.set_defaults(func=trt.run_trt_build)
 
 
 def main(argv: list[str] | None = None) -> int:

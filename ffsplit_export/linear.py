@@ -27,7 +27,9 @@ _TARGET: contextvars.ContextVar[Target] = contextvars.ContextVar("ffsplit_target
 # a MatMulNBits with accuracy_level 4 quantizes activations to int8: faster, not exact
 _NBITS_ACCURACY_LEVEL: contextvars.ContextVar[int] = contextvars.ContextVar("ffsplit_nbits_acc", default=0)
 
-TRT_PLUGIN_DOMAIN = "trt.plugins"
+# TensorRT's ONNX parser looks plugins up by op_type + these attributes, whatever the domain;
+# the ``ffsplit`` domain lets ONNX Runtime (TensorRT EP + CPU fallback) resolve the same nodes.
+TRT_PLUGIN_DOMAIN = FFSPLIT_DOMAIN
 TRT_PLUGIN_NAMESPACE = "ffsplit"
 TRT_PLUGIN_VERSION = "1"
 
@@ -73,7 +75,24 @@ class _Matmul(torch.autograd.Function):
     def symbolic(g, x, module, *buffers):
         y = module.onnx_nodes(g, x, *buffers)
         y.setType(_with_last_dim(g, x, module.out_features))
+        if y.node().kind().split("::")[0] == FFSPLIT_DOMAIN:
+            y = _pin_shape(g, x, y, module.out_features)
         return y
+
+
+def _pin_shape(g, x, y, n: int):
+    """Reshape ``y`` to ``x.shape[:-1] + [n]`` (free in ONNX Runtime).
+
+    Shape inference knows nothing of custom ops; without this the leading dims of their
+    outputs become unknown, and ONNX Runtime rejects later Reshapes whose target shape is
+    computed from them ("multiple -1 dimensions").
+    """
+    const = lambda v: g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))  # noqa: E731
+    lead = g.op("Slice", g.op("Shape", x), const([0]), const([-1]), const([0]))
+    target = g.op("Concat", lead, const([n]), axis_i=0)
+    out = g.op("Reshape", y, target)
+    out.setType(y.type())
+    return out
 
 
 class CompressedLinear(nn.Module):
@@ -139,7 +158,7 @@ def _dense_matmul(g, x, w: torch.Tensor):
 def _custom(g, op_type: str, x, *inputs, **attrs):
     if _TARGET.get() is Target.TENSORRT:
         return g.op(
-            f"{TRT_PLUGIN_DOMAIN}::{op_type}",
+            f"{FFSPLIT_DOMAIN}::{op_type}",
             x,
             *inputs,
             plugin_namespace_s=TRT_PLUGIN_NAMESPACE,

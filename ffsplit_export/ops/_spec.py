@@ -136,6 +136,10 @@ def _schema(spec: OpSpec) -> defs.OpSchema:
         outputs=[P("Y", "T", "[..., N]")],
         type_constraints=[("T", ["tensor(float)"], "activations are float32")],
         doc=spec.doc,
+        attributes=[
+            defs.OpSchema.Attribute("plugin_namespace", defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False),
+            defs.OpSchema.Attribute("plugin_version", defs.OpSchema.AttrType.STRING, "TensorRT plugin version", required=False),
+        ],
     )
     return schema
 
@@ -147,17 +151,38 @@ def register_schemas() -> None:
             defs.register_schema(_schema(spec))
 
 
-def reference_ops() -> list[type]:
-    """The ops as ``onnx.reference.op_run.OpRun`` classes for ``ReferenceEvaluator(new_ops=...)``."""
+def matmulnbits_reference(x: np.ndarray, b: np.ndarray, scales: np.ndarray, *, K: int, N: int, bits: int,
+                          block_size: int) -> np.ndarray:
+    """``com.microsoft::MatMulNBits`` (symmetric, default zero point) as this package emits it."""
+    w = packing.dequantize_matmulnbits(packing.NBits(b, scales, K, bits, block_size))
+    if w.shape[0] != N:
+        raise FormatError(f"MatMulNBits N={N} does not match B with {w.shape[0]} rows")
+    return (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+
+
+def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[type]:
+    """The ops as ``onnx.reference.op_run.OpRun`` classes for ``ReferenceEvaluator(new_ops=...)``.
+
+    ``include_contrib`` adds ``com.microsoft::MatMulNBits`` (used for int8 / int4 weights);
+    ``domain`` selects the node domain (``trt.plugins`` for TensorRT graphs).
+    """
     from onnx.reference.op_run import OpRun
 
     classes = []
     for spec in OPS.values():
 
-        def _run(self, x, *weights, _name=spec.name):
+        def _run(self, x, *weights, _name=spec.name, **_attrs):
             return (reference_matmul(_name, x, *weights),)
 
-        classes.append(type(spec.name, (OpRun,), {"op_domain": DOMAIN, "_run": _run}))
+        classes.append(type(spec.name, (OpRun,), {"op_domain": domain, "_run": _run}))
+    if include_contrib:
+
+        def _run_nbits(self, x, b, scales, *rest, K=None, N=None, bits=None, block_size=None, accuracy_level=None):
+            if rest and any(r is not None for r in rest):
+                raise FormatError("the MatMulNBits reference supports no zero_points / g_idx / bias inputs")
+            return (matmulnbits_reference(x, b, scales, K=K, N=N, bits=bits, block_size=block_size),)
+
+        classes.append(type("MatMulNBits", (OpRun,), {"op_domain": "com.microsoft", "_run": _run_nbits}))
     return classes
 
 

@@ -1,0 +1,299 @@
+"""Optimum-based ONNX export of a split model.
+
+The split model is exported with optimum-onnx's ``onnx_export_from_model`` (its OnnxConfigs,
+model patchers and decoder merging). Three of optimum's steps need an ONNX Runtime session
+that knows our ops, so they run with our session options: the dynamic-axes fix, and the
+validation (replaced by :mod:`.validate`, which also reports the max differences).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from ..errors import ConfigError, ExportError, FFSplitError, ValidationError
+from ..formats import LightFormat, Target
+from ..linear import NM24Linear, export_target
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "ffsplit.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class ExportOptions:
+    target: Target | str = Target.ORT_CPU
+    validate: bool = True
+    overwrite: bool = False
+    atol: float | None = None
+    opset: int | None = None
+    nbits_accuracy_level: int = 0
+    trt_dense_24: bool = False  # tensorrt + 2:4: dense 2:4 weights for TensorRT's sparse tensor cores
+    reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
+    extra_manifest: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.target = Target.parse(self.target, "--target")
+        if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
+            raise ConfigError(f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)")
+
+
+def check_target_format(target: Target, light_format: LightFormat) -> None:
+    """Formats that a target cannot carry are rejected before any work is done."""
+    if target is Target.TENSORRT and light_format is LightFormat.SPARSE_FP32:
+        raise ConfigError(
+            "--light-format sparse-fp32 has no TensorRT plugin; use --light-format sparse-int8 or 2:4-int8 with "
+            "--target tensorrt, or --target ort-cpu"
+        )
+
+
+@contextlib.contextmanager
+def _optimum_patched(target: Target, session_factory, validator):
+    """Run optimum's dynamic-axes fix with our sessions and its validation through ``validator``."""
+    import onnxruntime
+    from optimum.exporters.onnx import base as onnx_base
+    from optimum.exporters.onnx import convert as onnx_convert
+
+    orig_fix = onnx_base.OnnxConfig.fix_dynamic_axes
+    orig_validate = onnx_convert.validate_models_outputs
+    orig_so = onnxruntime.SessionOptions
+
+    def fix_dynamic_axes(self, model_path, *args, **kwargs):
+        if target is Target.TENSORRT:
+            return None  # plugin nodes cannot run in ONNX Runtime's CPU provider
+        onnxruntime.SessionOptions = session_factory.options_class
+        try:
+            return orig_fix(self, model_path, *args, **kwargs)
+        finally:
+            onnxruntime.SessionOptions = orig_so
+
+    onnx_base.OnnxConfig.fix_dynamic_axes = fix_dynamic_axes
+    onnx_convert.validate_models_outputs = validator
+    try:
+        yield
+    finally:
+        onnx_base.OnnxConfig.fix_dynamic_axes = orig_fix
+        onnx_convert.validate_models_outputs = orig_validate
+
+
+class _Sessions:
+    """ONNX Runtime sessions with the ffsplit library registered when the target needs it."""
+
+    def __init__(self, target: Target):
+        import onnxruntime
+
+        self.target = target
+        if target is Target.ORT_CPU:
+            from ..runtime import session_options
+
+            session_options()  # fail early, with the build hint, if the library is missing
+            lib = str(_plugin_path())
+
+            class _Options(onnxruntime.SessionOptions):
+                def __init__(self):
+                    super().__init__()
+                    self.register_custom_ops_library(lib)
+
+            self.options_class = _Options
+        else:
+            self.options_class = onnxruntime.SessionOptions
+
+    def __call__(self, path: Path):
+        import onnxruntime
+
+        so = self.options_class()
+        so.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        return onnxruntime.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _plugin_path():
+    from ..runtime import plugin_path
+
+    return plugin_path()
+
+
+def default_atol(options: ExportOptions) -> float:
+    if options.atol is not None:
+        return options.atol
+    # fp32 graphs differ from PyTorch by summation order only; int8 activations (accuracy_level 4) do not
+    return 2e-3 if options.nbits_accuracy_level == 0 else 0.5
+
+
+def export_split_model(
+    model,
+    preprocessor,
+    output: str | Path,
+    task: str,
+    options: ExportOptions,
+    manifest: dict,
+) -> dict:
+    """Export an already split (and compressed) model into ``output``, atomically.
+
+    Writes the files ``optimum-cli export onnx`` writes for the task, plus ``ffsplit.json``.
+    Returns the manifest.
+    """
+    output = Path(output)
+    if output.exists() and not options.overwrite:
+        raise ConfigError(f"output {str(output)!r} exists; pass --overwrite to replace it, or choose another directory")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output {str(output)!r} is a file; choose a directory path")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        results = _export_into(model, preprocessor, tmp, task, options)
+        manifest = dict(manifest)
+        manifest.update(_file_summary(tmp), validation=results, target=str(options.target), task=task)
+        manifest.update(options.extra_manifest)
+        manifest["versions"] = _versions()
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _move_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptions) -> dict:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    sessions = _Sessions(options.target)
+    atol = default_atol(options)
+    results: dict = {}
+    ref_ops = None
+    if options.validate and options.target is not Target.TENSORRT and options.reference_check:
+        from ..ops import reference_ops
+
+        ref_ops = reference_ops(include_contrib=True)
+
+    def validator(models_and_onnx_configs, onnx_named_outputs, output_dir, atol=None, onnx_files_subpaths=None,
+                  input_shapes=None, device="cpu", use_subprocess=False, model_kwargs=None):
+        from .validate import validate_file
+
+        names = onnx_files_subpaths or [f"{k}.onnx" for k in models_and_onnx_configs]
+        for (sub_name, (sub_model, cfg)), outs, fname in zip(models_and_onnx_configs.items(), onnx_named_outputs, names):
+            t0 = time.time()
+            path = Path(output_dir) / fname
+            use_ref = ref_ops is not None and path.stat().st_size < 600 * 2**20
+            r = validate_file(cfg, sub_model, path, outs, input_shapes or {}, model_kwargs, sessions,
+                              ref_ops if use_ref else None)
+            r["seconds"] = round(time.time() - t0, 2)
+            key = fname if fname not in results else f"{fname} (use_cache_branch)"
+            results[key] = r
+            worst = max(r["outputs"].values(), default=0.0)
+            print(f"validated {key}: max |ONNX Runtime - PyTorch| over {len(r['outputs'])} outputs = {worst:.3g}"
+                  + (f"; reference evaluator {max(r['reference_evaluator'].values(), default=0.0):.3g}"
+                     if "reference_evaluator" in r else ""))
+
+    for m in model.modules():
+        if isinstance(m, NM24Linear):
+            m.trt_dense_weights = options.trt_dense_24
+    model.config._name_or_path = str(getattr(model.config, "_name_or_path", ""))
+    with export_target(options.target, options.nbits_accuracy_level), _optimum_patched(options.target, sessions, validator):
+        try:
+            onnx_export_from_model(
+                model,
+                out,
+                task=task,
+                opset=options.opset,
+                do_validation=options.validate and options.target is not Target.TENSORRT,
+                atol=atol,
+            )
+        except RuntimeError as e:
+            cause = e.__cause__
+            if isinstance(cause, FFSplitError):
+                raise cause from None
+            raise ExportError(f"the ONNX export failed: {e}") from e
+        except FFSplitError:
+            raise
+        except Exception as e:  # optimum / torch.onnx errors
+            raise ExportError(f"the ONNX export of {type(model).__name__} for task {task!r} failed: {e}") from e
+    if preprocessor is not None:
+        preprocessor.save_pretrained(out)
+    if options.validate and options.target is Target.TENSORRT:
+        results.update(_check_tensorrt_graphs(out))
+    if options.validate and options.target is not Target.TENSORRT:
+        from .validate import check_tolerance
+
+        if not results:
+            raise ValidationError("no ONNX file was validated; this is a bug, re-run with --no-validate to inspect")
+        check_tolerance(results, atol)
+    return results
+
+
+def _check_tensorrt_graphs(out: Path) -> dict:
+    """TensorRT graphs cannot run here: check their structure and plugin attributes."""
+    from ..linear import TRT_PLUGIN_DOMAIN, TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION
+    from ..ops import OPS
+
+    res = {}
+    for path in sorted(out.glob("*.onnx")):
+        m = onnx.load(str(path), load_external_data=False)
+        nodes = list(_all_nodes(m.graph))
+        plugins = [n for n in nodes if n.domain == TRT_PLUGIN_DOMAIN and n.op_type in OPS]
+        for n in plugins:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            if n.op_type not in OPS or attrs.get("plugin_namespace") != TRT_PLUGIN_NAMESPACE.encode() or \
+                    attrs.get("plugin_version") != TRT_PLUGIN_VERSION.encode():
+                raise ValidationError(f"{path.name}: node {n.name} is not a valid ffsplit TensorRT plugin node")
+        others = {n.domain for n in nodes if n.domain not in ("", "ai.onnx", TRT_PLUGIN_DOMAIN)}
+        if others:
+            raise ValidationError(f"{path.name}: nodes of domains {sorted(others)} are not loadable by TensorRT")
+        res[path.name] = {"plugin_nodes": len(plugins), "checked": "structure only (no TensorRT here)"}
+    return res
+
+
+def _all_nodes(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _all_nodes(g)
+
+
+def _file_summary(out: Path) -> dict:
+    files = {}
+    for p in sorted(out.iterdir()):
+        if p.suffix == ".onnx" or p.name.endswith(".onnx_data") or p.name.endswith(".onnx.data"):
+            files[p.name] = p.stat().st_size
+    return {"onnx_files": files}
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version()}
+    for pkg in ("ffsplit-export", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            v[pkg] = None
+    return v
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    """Rename the finished temporary directory to ``output`` (replacing it only at the very end)."""
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+        try:
+            tmp.rename(output)
+        except BaseException:
+            old.rename(output)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(output)

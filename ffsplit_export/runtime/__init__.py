@@ -1,0 +1,70 @@
+"""Run exported models: ONNX Runtime sessions with the ffsplit library, optimum ORTModels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import ConfigError, ExportError
+from ._plugin import plugin_path, session_options
+
+_ORT_CLASSES = {
+    "text2text-generation": "ORTModelForSeq2SeqLM",
+    "automatic-speech-recognition": "ORTModelForSpeechSeq2Seq",
+    "text-generation": "ORTModelForCausalLM",
+    "feature-extraction": "ORTModelForFeatureExtraction",
+    "fill-mask": "ORTModelForMaskedLM",
+    "text-classification": "ORTModelForSequenceClassification",
+}
+
+
+def read_manifest(output: str | Path) -> dict:
+    path = Path(output) / "ffsplit.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ExportError(f"{str(output)!r} has no ffsplit.json; pass a directory written by `ffsplit-export export`") from e
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{str(path)!r} is corrupt ({e}); re-run the export") from e
+
+
+def ort_model_class(task: str):
+    import optimum.onnxruntime as ortm
+
+    base = task.replace("-with-past", "")
+    try:
+        return getattr(ortm, _ORT_CLASSES[base])
+    except KeyError as e:
+        raise ConfigError(f"no optimum ORTModel class for task {task!r}; supported: {sorted(_ORT_CLASSES)}") from e
+
+
+def load(output: str | Path, provider: str = "cpu", session_options_=None, **kwargs):
+    """The optimum ``ORTModelFor...`` of an export, with the ffsplit library registered.
+
+    ``provider``: ``"cpu"`` (custom ops on the CPU EP), ``"cuda"`` (``--target portable``
+    exports), or ``"tensorrt"`` (``--target tensorrt`` exports, ONNX Runtime's TensorRT EP).
+    """
+    manifest = read_manifest(output)
+    cls = ort_model_class(manifest["task"])
+    target = manifest.get("target", "ort-cpu")
+    use_cache = manifest["task"].endswith("-with-past")
+    extra = {"use_cache": use_cache} if "generation" in manifest["task"] or "speech" in manifest["task"] else {}
+    if provider == "cpu":
+        so = session_options_ or (session_options() if target == "ort-cpu" else None)
+        prov = "CPUExecutionProvider"
+        if target == "tensorrt":
+            raise ConfigError("a --target tensorrt export runs on TensorRT; use provider='tensorrt' or re-export for ort-cpu")
+        return cls.from_pretrained(output, session_options=so, provider=prov, **extra, **kwargs)
+    if provider == "cuda":
+        if target == "ort-cpu":
+            raise ConfigError("the ffsplit custom ops run on the CPU provider; export with --target portable for CUDA")
+        return cls.from_pretrained(output, provider="CUDAExecutionProvider", **extra, **kwargs)
+    if provider == "tensorrt":
+        from ..trt import ort_provider
+
+        prov, opts = ort_provider.tensorrt_provider(output)
+        return cls.from_pretrained(output, provider=prov, provider_options=opts, **extra, **kwargs)
+    raise ConfigError(f"provider={provider!r}; use 'cpu', 'cuda' or 'tensorrt'")
+
+
+__all__ = ["load", "ort_model_class", "plugin_path", "read_manifest", "session_options"]
