@@ -25,7 +25,8 @@ def export(
     t0 = time.time()
     cfg = config or SplitConfig()
     opts = options or ExportOptions()
-    check_target_format(Target.parse(opts.target, "--target"), cfg.light_format)
+    check_target_format(Target.parse(opts.target, "--target"), cfg.light_format, cfg.heavy_format,
+                        compress_kwargs.get("other_linear", "fp32"))
     out = Path(output)
     if out.exists() and not opts.overwrite:
         from ..errors import ConfigError

@@ -49,13 +49,19 @@ class ExportOptions:
             raise ConfigError(f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)")
 
 
-def check_target_format(target: Target, light_format: LightFormat) -> None:
+def check_target_format(target: Target, light_format: LightFormat, heavy_format: str = "fp32",
+                        other_linear: str = "fp32") -> None:
     """Formats that a target cannot carry are rejected before any work is done."""
-    if target is Target.TENSORRT and light_format is LightFormat.SPARSE_FP32:
-        raise ConfigError(
-            "--light-format sparse-fp32 has no TensorRT plugin; use --light-format sparse-int8 or 2:4-int8 with "
-            "--target tensorrt, or --target ort-cpu"
-        )
+    if target is Target.TENSORRT:
+        nbits = [f"--light-format {light_format}"] if light_format in (LightFormat.INT8, LightFormat.INT4) else []
+        nbits += [f"--heavy-format {heavy_format}"] if str(heavy_format) == "int8" else []
+        nbits += [f"--other-linear {other_linear}"] if str(other_linear) != "fp32" else []
+        if nbits:
+            raise ConfigError(
+                f"{', '.join(nbits)} needs ONNX Runtime's MatMulNBits, which TensorRT does not have; with "
+                "--target tensorrt use --light-format sparse-int8 / 2:4-int8 / sparse-fp32 / lowrank, fp32 or fp16 "
+                "heavy parts and --other-linear fp32, or export with --target ort-cpu / portable"
+            )
 
 
 @contextlib.contextmanager
