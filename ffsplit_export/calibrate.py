@@ -73,7 +73,11 @@ def load_samples(model: nn.Module, calibration: str | None, num_samples: int) ->
     if num_samples < 1:
         raise CalibrationError(f"--num-samples={num_samples}; use a positive number of calibration samples")
     if modality(model) == "audio":
-        samples = readers.read_audio(calibration, num_samples) if calibration else readers.builtin_audio(min(num_samples, 8))
+        samples = (
+            readers.read_audio(calibration, num_samples)
+            if calibration
+            else readers.builtin_audio(min(num_samples, 8))
+        )
     else:
         if calibration:
             samples = readers.read_text(calibration, num_samples)
@@ -85,7 +89,9 @@ def load_samples(model: nn.Module, calibration: str | None, num_samples: int) ->
     return samples
 
 
-def make_batches(model, preprocessor, samples: list, batch_size: int = 8, max_length: int = 128) -> list[Batch]:
+def make_batches(
+    model, preprocessor, samples: list, batch_size: int = 8, max_length: int = 128
+) -> list[Batch]:
     """Tokenise / featurise the samples into model inputs, padding masked out."""
     batches = []
     cfg = model.config
@@ -104,8 +110,12 @@ def make_batches(model, preprocessor, samples: list, batch_size: int = 8, max_le
             labels = enc["input_ids"]
             dec = torch.cat([torch.full_like(labels[:, :1], start), labels[:, :-1]], dim=1)
             dmask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, :-1]], dim=1)
-            inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "decoder_input_ids": dec,
-                      "decoder_attention_mask": dmask.long()}
+            inputs = {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"],
+                "decoder_input_ids": dec,
+                "decoder_attention_mask": dmask.long(),
+            }
             batches.append(Batch(inputs, {"encoder": mask, "decoder": dmask}))
         else:
             inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -210,7 +220,9 @@ def calibrate(
         model.train(was_training)
     for st in stats.values():
         if st.n_tokens == 0:
-            raise CalibrationError(f"FFN {st.name} saw no calibration token; check that the samples are not empty")
+            raise CalibrationError(
+                f"FFN {st.name} saw no calibration token; check that the samples are not empty"
+            )
     return stats
 
 
@@ -226,7 +238,9 @@ def stats_to_json(stats: dict[str, FFNStats]) -> dict:
                 "score": np.round(st.score.numpy(), 6).tolist(),
                 "act_norm": np.round(st.act_norm.numpy(), 6).tolist(),
                 "top_share": {f"{p}%": round(st.top_share(p / 100), 4) for p in (5, 10, 20)},
-                "top_share_act_norm": {f"{p}%": round(st.top_share(p / 100, by="act"), 4) for p in (5, 10, 20)},
+                "top_share_act_norm": {
+                    f"{p}%": round(st.top_share(p / 100, by="act"), 4) for p in (5, 10, 20)
+                },
             }
         )
     return {

@@ -16,18 +16,43 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by analyze / export / eval / bench (the table of DESIGN.md)."""
     p.add_argument("--task", default="auto", help="optimum task name, or auto (default)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--heavy-fraction", type=float, default=None, help="fraction of FFN neurons kept dense per layer (default 0.1)")
-    g.add_argument("--size-budget", type=float, default=None,
-                   help="target FFN bytes as a fraction of dense fp32; the planner allocates heavy neurons across layers")
-    p.add_argument("--light-format", default="sparse-int8",
-                   help="sparse-int8 (default), sparse-fp32, 2:4-int8, int8, int4, lowrank, dense")
-    p.add_argument("--light-sparsity", type=float, default=0.5, help="unstructured sparsity of the light part (default 0.5)")
+    g.add_argument(
+        "--heavy-fraction",
+        type=float,
+        default=None,
+        help="fraction of FFN neurons kept dense per layer (default 0.1)",
+    )
+    g.add_argument(
+        "--size-budget",
+        type=float,
+        default=None,
+        help="target FFN bytes as a fraction of dense fp32; the planner allocates heavy neurons across layers",
+    )
+    p.add_argument(
+        "--light-format",
+        default="sparse-int8",
+        help="sparse-int8 (default), sparse-fp32, 2:4-int8, int8, int4, lowrank, dense",
+    )
+    p.add_argument(
+        "--light-sparsity",
+        type=float,
+        default=0.5,
+        help="unstructured sparsity of the light part (default 0.5)",
+    )
     p.add_argument("--prune-method", default="wanda", help="magnitude, wanda (default), sparsegpt")
     p.add_argument("--heavy-format", default="fp32", help="fp32 (default), fp16, int8")
-    p.add_argument("--other-linear", default="fp32", help="fp32 (default), int8, int4: attention and lm_head as MatMulNBits")
+    p.add_argument(
+        "--other-linear",
+        default="fp32",
+        help="fp32 (default), int8, int4: attention and lm_head as MatMulNBits",
+    )
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 (default)")
-    p.add_argument("--heavy-selection", default="score", help="score (default), act_norm, random (for ablations)")
-    p.add_argument("--calibration", default=None, help="text file, WAV folder or datasets dir; default: built-in sample")
+    p.add_argument(
+        "--heavy-selection", default="score", help="score (default), act_norm, random (for ablations)"
+    )
+    p.add_argument(
+        "--calibration", default=None, help="text file, WAV folder or datasets dir; default: built-in sample"
+    )
     p.add_argument("--num-samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="calibration tokens per text sample")
@@ -83,8 +108,10 @@ def cmd_analyze(args) -> int:
     (out / "heavy_hitters.json").write_text(json.dumps(data))
     plots = plot_heavy_hitters(res.stats, out)
     rows = summary_rows(res.stats)
-    print(f"\nHeavy hitters of {args.model} ({model.config.model_type}, {len(rows)} FFNs): "
-          "share of summed FFN output norm carried by the top neurons")
+    print(
+        f"\nHeavy hitters of {args.model} ({model.config.model_type}, {len(rows)} FFNs): "
+        "share of summed FFN output norm carried by the top neurons"
+    )
     print(format_table(rows))
     ref = model_output(model, res.batches[0])
     new = model_output(res.model, res.batches[0])
@@ -94,13 +121,21 @@ def cmd_analyze(args) -> int:
         f"\nSplit: heavy {(args.heavy_fraction or 0.1) if args.size_budget is None else f'budget {args.size_budget}'} / light {split_cfg.light_format} "
         f"at sparsity {split_cfg.light_sparsity} ({split_cfg.prune_method}), heavy {split_cfg.heavy_format}"
     )
-    print(f"FFN weights: {rep.dense_bytes / 2**20:.1f} MiB dense fp32 -> {rep.bytes / 2**20:.1f} MiB "
-          f"({rep.bytes / rep.dense_bytes:.3f} of dense, {100 * (1 - rep.bytes / rep.dense_bytes):.1f} % smaller)")
+    print(
+        f"FFN weights: {rep.dense_bytes / 2**20:.1f} MiB dense fp32 -> {rep.bytes / 2**20:.1f} MiB "
+        f"({rep.bytes / rep.dense_bytes:.3f} of dense, {100 * (1 - rep.bytes / rep.dense_bytes):.1f} % smaller)"
+    )
     print(f"max |output difference| vs the original on a calibration batch: {diff:.4g}")
-    summary = {"split": rep.to_dict(), "other_linear": res.other_linear, "max_abs_diff": diff,
-               "seconds": round(time.time() - t0, 1)}
+    summary = {
+        "split": rep.to_dict(),
+        "other_linear": res.other_linear,
+        "max_abs_diff": diff,
+        "seconds": round(time.time() - t0, 1),
+    }
     (out / "split_summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out / 'heavy_hitters.json'}, {', '.join(str(p) for p in plots)}, {out / 'split_summary.json'}")
+    print(
+        f"wrote {out / 'heavy_hitters.json'}, {', '.join(str(p) for p in plots)}, {out / 'split_summary.json'}"
+    )
     return 0
 
 
@@ -131,10 +166,14 @@ def _add_optional_commands(sub) -> None:
     add_export(sub)
     from .trt import commands as trt
 
-    p = sub.add_parser("trt-plugin", help="compile the Triton kernels of the TensorRT plugin ahead of time (no GPU needed)")
+    p = sub.add_parser(
+        "trt-plugin", help="compile the Triton kernels of the TensorRT plugin ahead of time (no GPU needed)"
+    )
     trt.add_trt_plugin_arguments(p)
     p.set_defaults(func=trt.run_trt_plugin)
-    p = sub.add_parser("trt-build", help="build TensorRT engines of a --target tensorrt export (needs TensorRT + GPU)")
+    p = sub.add_parser(
+        "trt-build", help="build TensorRT engines of a --target tensorrt export (needs TensorRT + GPU)"
+    )
     trt.add_trt_build_arguments(p)
     p.set_defaults(func=trt.run_trt_build)
 

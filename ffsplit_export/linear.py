@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -129,7 +129,9 @@ class CompressedLinear(nn.Module):
         return torch.empty(0, dtype=torch.float32, device=self._device())
 
     def packed_nbytes(self) -> int:
-        n = sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.packed_names)
+        n = sum(
+            getattr(self, name).numel() * getattr(self, name).element_size() for name in self.packed_names
+        )
         return int(n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,7 +175,9 @@ class DenseLinear(CompressedLinear):
 
     packed_names = ("w",)
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+    ):
         super().__init__(weight.shape[1], weight.shape[0], bias)
         self.format_name = "fp16" if dtype == torch.float16 else "fp32"
         self.register_buffer("w", weight.detach().to(dtype).contiguous().clone())
@@ -213,7 +217,13 @@ class NBitsLinear(CompressedLinear):
         return cls(q, s, bits, block_size, bias)
 
     def _packed(self) -> packing.NBits:
-        return packing.NBits(self.qweight.cpu().numpy(), self.scales.cpu().numpy(), self.in_features, self.bits, self.block_size)
+        return packing.NBits(
+            self.qweight.cpu().numpy(),
+            self.scales.cpu().numpy(),
+            self.in_features,
+            self.bits,
+            self.block_size,
+        )
 
     def decode(self) -> torch.Tensor:
         return _t(packing.dequantize_matmulnbits(self._packed()))
@@ -337,7 +347,9 @@ class LowRankLinear(CompressedLinear):
         super().__init__(weight.shape[1], weight.shape[0], bias)
         n, k = weight.shape
         if not 0 <= rank <= min(n, k):
-            raise ConfigError(f"low-rank rank={rank} is out of range for a {n}x{k} weight; use 0..{min(n, k)}")
+            raise ConfigError(
+                f"low-rank rank={rank} is out of range for a {n}x{k} weight; use 0..{min(n, k)}"
+            )
         u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
         self.register_buffer("a", (u[:, :rank] * s[:rank]).float().contiguous())
         self.register_buffer("b", vh[:rank].float().contiguous())

@@ -75,8 +75,9 @@ def _load_transformers(name_or_path: str, task: str | None):
         if config.model_type == "whisper":
             task = "automatic-speech-recognition-with-past"
     try:
-        model = TasksManager.get_model_from_task(task.replace("-with-past", ""), name_or_path, framework="pt",
-                                                 torch_dtype=torch.float32)
+        model = TasksManager.get_model_from_task(
+            task.replace("-with-past", ""), name_or_path, framework="pt", torch_dtype=torch.float32
+        )
     except (KeyError, ValueError) as e:
         raise UnsupportedModelError(f"task {task!r} is not available for {name_or_path!r}: {e}") from e
     model.float().eval()

@@ -60,6 +60,16 @@ def light_bytes_per_weight(cfg: SplitConfig) -> float:
     }[cfg.light_format]
 
 
+def light_row_overhead(cfg: SplitConfig) -> float:
+    """Packed bytes per light row that do not scale with K (row pointers, scales)."""
+    return {
+        LightFormat.SPARSE_FP32: 8.0,
+        LightFormat.SPARSE_INT8: 12.0,
+        LightFormat.NM24_INT8: 4.0,
+        LightFormat.INT8: 4.0,
+    }.get(cfg.light_format, 0.0)
+
+
 def plan_budget(
     model,
     specs: list[FFNSpec],
@@ -78,18 +88,24 @@ def plan_budget(
     """
     budget = check_fraction(budget, "--size-budget")
     hb, lb = heavy_bytes_per_weight(config.heavy_format), light_bytes_per_weight(config)
+    ro = light_row_overhead(config)
     dense_total = light_total = 0.0
     cands = []  # (gain per byte, cost, layer name, neuron)
     for spec in specs:
         st = stats[spec.name]
         w_down, _ = linear_weight(get_module(model, spec.down))
-        weights_per_neuron = w_down.shape[0] * len(spec.projections)
-        f = w_down.shape[1]
+        d_model, f = w_down.shape
+        weights_per_neuron = d_model * len(spec.projections)
+        rows_per_neuron = len(spec.projections) - 1  # a light neuron is one row of up (and gate)
+        light_neuron = lb * weights_per_neuron + ro * rows_per_neuron
+        heavy_neuron = hb * weights_per_neuron + (
+            4.0 * rows_per_neuron if str(config.heavy_format) == "int8" else 0.0
+        )
         dense_total += 4.0 * weights_per_neuron * f
-        light_total += lb * weights_per_neuron * f
+        light_total += light_neuron * f + ro * d_model  # the light down projection has d_model rows
         err = _light_relative_error(model, spec, st, config)
         gain = (st.score.double() ** 2 * err).numpy()
-        cost = (hb - lb) * weights_per_neuron
+        cost = heavy_neuron - light_neuron
         for j in range(f):
             cands.append((gain[j] / cost if cost > 0 else np.inf, cost, spec.name, j))
     target = budget * dense_total
@@ -137,7 +153,8 @@ def _light_relative_error(model, spec: FFNSpec, st: FFNStats, cfg: SplitConfig) 
 
 def plan_summary(plan: dict[str, np.ndarray], stats: dict[str, FFNStats]) -> dict[str, dict]:
     return {
-        name: {"n_heavy": int(idx.size), "n_neurons": int(stats[name].act_sq.numel())} for name, idx in plan.items()
+        name: {"n_heavy": int(idx.size), "n_neurons": int(stats[name].act_sq.numel())}
+        for name, idx in plan.items()
     }
 
 

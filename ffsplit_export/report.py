@@ -47,8 +47,13 @@ def plot_heavy_hitters(stats: dict[str, FFNStats], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, name in enumerate(names):
         s = np.sort(stats[name].score.numpy())[::-1]
-        ax.plot(np.arange(1, s.size + 1) / s.size * 100, s / max(s[0], 1e-30), color=cmap(i / max(1, len(names) - 1)),
-                lw=0.9, label=name if len(names) <= 12 else None)
+        ax.plot(
+            np.arange(1, s.size + 1) / s.size * 100,
+            s / max(s[0], 1e-30),
+            color=cmap(i / max(1, len(names) - 1)),
+            lw=0.9,
+            label=name if len(names) <= 12 else None,
+        )
     ax.set_yscale("log")
     ax.set_xlabel("neuron rank (% of the layer's intermediate neurons)")
     ax.set_ylabel("score / max score (log)")
@@ -63,7 +68,9 @@ def plot_heavy_hitters(stats: dict[str, FFNStats], out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 4.5))
     x = np.arange(len(names))
     for k, p in enumerate(SHARES):
-        ax.bar(x + (k - 1) * 0.27, [stats[n].top_share(p / 100) for n in names], width=0.27, label=f"top {p}%")
+        ax.bar(
+            x + (k - 1) * 0.27, [stats[n].top_share(p / 100) for n in names], width=0.27, label=f"top {p}%"
+        )
         ax.axhline(p / 100, color=f"C{k}", ls=":", lw=0.8)
     ax.set_xticks(x, [str(i) for i in x], fontsize=7)
     ax.set_xlabel("FFN (model order; dotted: the share if all neurons were equal)")

@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 
 from .adapters import FFNSpec, find_ffns
 from .errors import ConfigError
-from .formats import HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod
-from .formats import pruning
+from .formats import HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
 from .formats.sparsegpt import sparsegpt_prune
 from .linear import CompressedLinear, DenseLinear, LowRankLinear, NBitsLinear, NM24Linear, SparseLinear
 
@@ -43,7 +42,9 @@ class SplitConfig:
         self.prune_method = PruneMethod.parse(self.prune_method, "--prune-method")
         self.light_sparsity = pruning.check_fraction(self.light_sparsity, "--light-sparsity")
         if self.group_size not in INT4_GROUP_SIZES:
-            raise ConfigError(f"--group-size={self.group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+            raise ConfigError(
+                f"--group-size={self.group_size} is not supported; use one of {INT4_GROUP_SIZES}"
+            )
 
     def to_dict(self) -> dict:
         return {k: str(v) if not isinstance(v, (int, float)) else v for k, v in asdict(self).items()}
@@ -225,7 +226,9 @@ def split_ffn_(
     infos = []
     for spec in tqdm(specs, desc="split+compress", disable=not progress, unit="ffn"):
         if spec.name not in heavy:
-            raise ConfigError(f"the plan has no heavy set for FFN {spec.name!r}; re-run the planner on this model")
+            raise ConfigError(
+                f"the plan has no heavy set for FFN {spec.name!r}; re-run the planner on this model"
+            )
         st = (stats or {}).get(spec.name)
         infos.append(_split_one(model, spec, np.asarray(heavy[spec.name], dtype=np.int64), cfg, st))
     return SplitReport(infos, cfg.to_dict())
@@ -234,7 +237,9 @@ def split_ffn_(
 def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st) -> FFNSplitInfo:
     w_down, b_down = linear_weight(get_module(model, spec.down))
     n_neurons = w_down.shape[1]
-    if heavy_idx.size and (heavy_idx.min() < 0 or heavy_idx.max() >= n_neurons or np.unique(heavy_idx).size != heavy_idx.size):
+    if heavy_idx.size and (
+        heavy_idx.min() < 0 or heavy_idx.max() >= n_neurons or np.unique(heavy_idx).size != heavy_idx.size
+    ):
         raise ConfigError(f"heavy neuron indices of {spec.name} must be unique and in [0, {n_neurons})")
     hidx = torch.from_numpy(np.sort(heavy_idx))
     is_light = torch.ones(n_neurons, dtype=torch.bool)
@@ -254,7 +259,11 @@ def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
         dense += _dense_nbytes(w, b)
         pick = lambda t, i: None if t is None else t[i]  # noqa: E731
         hv = make_heavy(w[hidx], pick(b, hidx), cfg.heavy_format) if nh else None
-        lt = make_light(w[lidx], pick(b, lidx), cfg, x_norm, None if st is None else st.hessian_x) if nl else None
+        lt = (
+            make_light(w[lidx], pick(b, lidx), cfg, x_norm, None if st is None else st.hessian_x)
+            if nl
+            else None
+        )
         set_module(model, path, SplitLinear("out", hv, lt, nh))
 
     hv = make_heavy(w_down[:, hidx], None, cfg.heavy_format) if nh else None
@@ -267,9 +276,14 @@ def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
 
     nbytes = sum(get_module(model, p).nbytes() for p in spec.projections)
     sparsities = [
-        m.sparsity for p in spec.projections for m in [get_module(model, p).light] if isinstance(m, SparseLinear)
+        m.sparsity
+        for p in spec.projections
+        for m in [get_module(model, p).light]
+        if isinstance(m, SparseLinear)
     ]
-    light_sp = float(np.mean(sparsities)) if sparsities else (0.5 if cfg.light_format.is_structured and nl else 0.0)
+    light_sp = (
+        float(np.mean(sparsities)) if sparsities else (0.5 if cfg.light_format.is_structured and nl else 0.0)
+    )
     return FFNSplitInfo(
         name=spec.name,
         n_neurons=n_neurons,
@@ -298,7 +312,9 @@ def quantize_other_linears_(
     targets = [
         name
         for name, m in model.named_modules()
-        if name and name not in skip and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+        if name
+        and name not in skip
+        and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
         and not any(name.startswith(p + ".") for p in skip)
     ]
     bits = 8 if fmt is OtherLinearFormat.INT8 else 4

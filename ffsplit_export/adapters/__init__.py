@@ -7,8 +7,8 @@ with :func:`register_adapter`; :func:`get_adapter` lists the registered types on
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from torch import nn
 
@@ -75,7 +75,9 @@ def supported_model_types() -> list[str]:
 
 
 def get_adapter(model_or_type: nn.Module | str) -> Adapter:
-    model_type = model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", None)
+    model_type = (
+        model_or_type if isinstance(model_or_type, str) else getattr(model_or_type.config, "model_type", None)
+    )
     try:
         return _REGISTRY[model_type]
     except KeyError as e:

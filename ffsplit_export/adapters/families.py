@@ -22,7 +22,9 @@ class T5Adapter(Adapter):
         out = []
         for name, m in self.modules_of_class(model, "T5DenseActDense", "T5DenseGatedActDense"):
             if hasattr(m, "wi_0"):
-                out.append(FFNSpec(name, up=f"{name}.wi_1", gate=f"{name}.wi_0", down=f"{name}.wo", activation=act))
+                out.append(
+                    FFNSpec(name, up=f"{name}.wi_1", gate=f"{name}.wi_0", down=f"{name}.wo", activation=act)
+                )
             else:
                 out.append(FFNSpec(name, up=f"{name}.wi", down=f"{name}.wo", activation=act))
         return out
@@ -56,7 +58,9 @@ class LlamaAdapter(Adapter):
     def find_ffns(self, model):
         act = _act(model.config, "hidden_act", default="silu")
         return [
-            FFNSpec(name, up=f"{name}.up_proj", gate=f"{name}.gate_proj", down=f"{name}.down_proj", activation=act)
+            FFNSpec(
+                name, up=f"{name}.up_proj", gate=f"{name}.gate_proj", down=f"{name}.down_proj", activation=act
+            )
             for name, _ in self.modules_of_class(model, "LlamaMLP")
         ]
 

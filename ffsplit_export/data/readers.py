@@ -56,7 +56,9 @@ def read_text(path: str | Path, num_samples: int) -> list[str]:
         ) from e
     lines = [ln for ln in lines if ln]
     if not lines:
-        raise CalibrationError(f"calibration file {str(path)!r} has no non-empty line; put one sample per line")
+        raise CalibrationError(
+            f"calibration file {str(path)!r} has no non-empty line; put one sample per line"
+        )
     return lines[:num_samples]
 
 
@@ -64,7 +66,9 @@ def read_audio(path: str | Path, num_samples: int) -> list[np.ndarray]:
     path = Path(path)
     if path.is_dir() and (path / "dataset_info.json").exists():
         return _dataset_column(path, "audio", num_samples)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES) if path.is_dir() else [path]
+    )
     if not files:
         raise CalibrationError(f"no .wav file under {str(path)!r}; pass a folder of 16 kHz WAV speech files")
     return [read_wav(f) for f in files[:num_samples]]
@@ -97,7 +101,9 @@ def _dataset_column(path: Path, column: str, num_samples: int):
     try:
         import datasets
     except ImportError as e:
-        raise CalibrationError(f"{str(path)!r} is a `datasets` dataset; install it with `pip install datasets`") from e
+        raise CalibrationError(
+            f"{str(path)!r} is a `datasets` dataset; install it with `pip install datasets`"
+        ) from e
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[next(iter(ds))]

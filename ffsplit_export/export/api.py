@@ -25,21 +25,31 @@ def export(
     t0 = time.time()
     cfg = config or SplitConfig()
     opts = options or ExportOptions()
-    check_target_format(Target.parse(opts.target, "--target"), cfg.light_format, cfg.heavy_format,
-                        compress_kwargs.get("other_linear", "fp32"))
+    check_target_format(
+        Target.parse(opts.target, "--target"),
+        cfg.light_format,
+        cfg.heavy_format,
+        compress_kwargs.get("other_linear", "fp32"),
+    )
     out = Path(output)
     if out.exists() and not opts.overwrite:
         from ..errors import ConfigError
 
-        raise ConfigError(f"output {str(out)!r} exists; pass --overwrite to replace it, or choose another directory")
+        raise ConfigError(
+            f"output {str(out)!r} exists; pass --overwrite to replace it, or choose another directory"
+        )
     model, pre, task = load_model(model_name_or_path, task)
     res = compress(model, pre, config=cfg, **compress_kwargs)
     manifest = {
         "format_version": 1,
         "source_model": model_name_or_path,
         "model_type": model.config.model_type,
-        "options": {**cfg.to_dict(), **{k: v for k, v in compress_kwargs.items() if k != "progress"},
-                    "target": str(opts.target), "nbits_accuracy_level": opts.nbits_accuracy_level},
+        "options": {
+            **cfg.to_dict(),
+            **{k: v for k, v in compress_kwargs.items() if k != "progress"},
+            "target": str(opts.target),
+            "nbits_accuracy_level": opts.nbits_accuracy_level,
+        },
         "light_format": str(cfg.light_format),
         "trt_sparse_weights": bool(opts.trt_dense_24),
         "ffn": res.report.to_dict(),
@@ -47,8 +57,10 @@ def export(
         "weight_bytes": weight_bytes(model, res.model),
     }
     if str(opts.target) == "portable" and cfg.light_format.is_sparse:
-        manifest["note"] = ("--target portable stores sparse light weights densely (int8 via MatMulNBits): "
-                            "compressed on disk, but no sparse speed-up; use --target ort-cpu for that")
+        manifest["note"] = (
+            "--target portable stores sparse light weights densely (int8 via MatMulNBits): "
+            "compressed on disk, but no sparse speed-up; use --target ort-cpu for that"
+        )
     manifest = export_split_model(res.model, pre, output, task, opts, manifest)
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest

@@ -9,18 +9,31 @@ import json
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_compress_arguments
 
-    p.add_argument("model", help="built-in name (tiny-t5, smollm2-135m, whisper-tiny.en, ...), model dir or hub id")
+    p.add_argument(
+        "model", help="built-in name (tiny-t5, smollm2-135m, whisper-tiny.en, ...), model dir or hub id"
+    )
     p.add_argument("output", help="output directory (written atomically)")
     add_compress_arguments(p)
-    p.add_argument("--target", default="ort-cpu", help="ort-cpu (default, ffsplit custom ops), portable, tensorrt")
+    p.add_argument(
+        "--target", default="ort-cpu", help="ort-cpu (default, ffsplit custom ops), portable, tensorrt"
+    )
     p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    p.add_argument("--atol", type=float, default=None, help="validation tolerance (default 2e-3; 0.5 with int8 compute)")
+    p.add_argument(
+        "--atol", type=float, default=None, help="validation tolerance (default 2e-3; 0.5 with int8 compute)"
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: optimum's for the model)")
-    p.add_argument("--nbits-accuracy-level", type=int, default=0,
-                   help="MatMulNBits accuracy_level: 0 = exact fp32 compute (default), 4 = int8 activations (faster)")
-    p.add_argument("--trt-dense-24", action="store_true",
-                   help="with --target tensorrt and 2:4-int8: dense 2:4 weights for TensorRT's sparse tensor cores")
+    p.add_argument(
+        "--nbits-accuracy-level",
+        type=int,
+        default=0,
+        help="MatMulNBits accuracy_level: 0 = exact fp32 compute (default), 4 = int8 activations (faster)",
+    )
+    p.add_argument(
+        "--trt-dense-24",
+        action="store_true",
+        help="with --target tensorrt and 2:4-int8: dense 2:4 weights for TensorRT's sparse tensor cores",
+    )
 
 
 def run_export(args) -> int:
@@ -43,17 +56,25 @@ def run_export(args) -> int:
     wb = manifest["weight_bytes"]
     ffn = manifest["ffn"]
     onnx_total = sum(manifest["onnx_files"].values())
-    print(f"\nexported {args.model} ({manifest['model_type']}, task {manifest['task']}, target {manifest['target']}) "
-          f"to {args.output}")
+    print(
+        f"\nexported {args.model} ({manifest['model_type']}, task {manifest['task']}, target {manifest['target']}) "
+        f"to {args.output}"
+    )
     for name, size in manifest["onnx_files"].items():
         print(f"  {name}: {size / 2**20:.2f} MiB")
-    print(f"FFN weights {ffn['ffn_dense_bytes'] / 2**20:.2f} -> {ffn['ffn_bytes'] / 2**20:.2f} MiB "
-          f"({ffn['ffn_size_ratio']:.3f} of dense); all weights {wb['dense_fp32'] / 2**20:.2f} -> "
-          f"{wb['compressed'] / 2**20:.2f} MiB ({wb['ratio']:.3f}); ONNX files {onnx_total / 2**20:.2f} MiB")
+    print(
+        f"FFN weights {ffn['ffn_dense_bytes'] / 2**20:.2f} -> {ffn['ffn_bytes'] / 2**20:.2f} MiB "
+        f"({ffn['ffn_size_ratio']:.3f} of dense); all weights {wb['dense_fp32'] / 2**20:.2f} -> "
+        f"{wb['compressed'] / 2**20:.2f} MiB ({wb['ratio']:.3f}); ONNX files {onnx_total / 2**20:.2f} MiB"
+    )
     if manifest.get("validation"):
-        worst = max((max(r.get("outputs", {}).values(), default=0.0) for r in manifest["validation"].values()),
-                    default=0.0)
-        print(f"validation: max |ONNX Runtime - PyTorch| = {worst:.3g} over {len(manifest['validation'])} files")
+        worst = max(
+            (max(r.get("outputs", {}).values(), default=0.0) for r in manifest["validation"].values()),
+            default=0.0,
+        )
+        print(
+            f"validation: max |ONNX Runtime - PyTorch| = {worst:.3g} over {len(manifest['validation'])} files"
+        )
     if manifest.get("note"):
         print("note:", manifest["note"])
     if getattr(args, "json", False):
@@ -62,6 +83,8 @@ def run_export(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("export", help="split, compress and export to ONNX (optimum file layout + ffsplit.json)")
+    p = sub.add_parser(
+        "export", help="split, compress and export to ONNX (optimum file layout + ffsplit.json)"
+    )
     add_export_arguments(p)
     p.set_defaults(func=run_export)

@@ -46,14 +46,19 @@ class ExportOptions:
     def __post_init__(self):
         self.target = Target.parse(self.target, "--target")
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
-            raise ConfigError(f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)")
+            raise ConfigError(
+                f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)"
+            )
 
 
-def check_target_format(target: Target, light_format: LightFormat, heavy_format: str = "fp32",
-                        other_linear: str = "fp32") -> None:
+def check_target_format(
+    target: Target, light_format: LightFormat, heavy_format: str = "fp32", other_linear: str = "fp32"
+) -> None:
     """Formats that a target cannot carry are rejected before any work is done."""
     if target is Target.TENSORRT:
-        nbits = [f"--light-format {light_format}"] if light_format in (LightFormat.INT8, LightFormat.INT4) else []
+        nbits = (
+            [f"--light-format {light_format}"] if light_format in (LightFormat.INT8, LightFormat.INT4) else []
+        )
         nbits += [f"--heavy-format {heavy_format}"] if str(heavy_format) == "int8" else []
         nbits += [f"--other-linear {other_linear}"] if str(other_linear) != "fp32" else []
         if nbits:
@@ -151,7 +156,9 @@ def export_split_model(
     """
     output = Path(output)
     if output.exists() and not options.overwrite:
-        raise ConfigError(f"output {str(output)!r} exists; pass --overwrite to replace it, or choose another directory")
+        raise ConfigError(
+            f"output {str(output)!r} exists; pass --overwrite to replace it, or choose another directory"
+        )
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output {str(output)!r} is a file; choose a directory path")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -182,30 +189,57 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
 
         ref_ops = reference_ops(include_contrib=True)
 
-    def validator(models_and_onnx_configs, onnx_named_outputs, output_dir, atol=None, onnx_files_subpaths=None,
-                  input_shapes=None, device="cpu", use_subprocess=False, model_kwargs=None):
+    def validator(
+        models_and_onnx_configs,
+        onnx_named_outputs,
+        output_dir,
+        atol=None,
+        onnx_files_subpaths=None,
+        input_shapes=None,
+        device="cpu",
+        use_subprocess=False,
+        model_kwargs=None,
+    ):
         from .validate import validate_file
 
         names = onnx_files_subpaths or [f"{k}.onnx" for k in models_and_onnx_configs]
-        for (sub_name, (sub_model, cfg)), outs, fname in zip(models_and_onnx_configs.items(), onnx_named_outputs, names):
+        for (sub_name, (sub_model, cfg)), outs, fname in zip(
+            models_and_onnx_configs.items(), onnx_named_outputs, names
+        ):
             t0 = time.time()
             path = Path(output_dir) / fname
             use_ref = ref_ops is not None and path.stat().st_size < 600 * 2**20
-            r = validate_file(cfg, sub_model, path, outs, input_shapes or {}, model_kwargs, sessions,
-                              ref_ops if use_ref else None)
+            r = validate_file(
+                cfg,
+                sub_model,
+                path,
+                outs,
+                input_shapes or {},
+                model_kwargs,
+                sessions,
+                ref_ops if use_ref else None,
+            )
             r["seconds"] = round(time.time() - t0, 2)
             key = fname if fname not in results else f"{fname} (use_cache_branch)"
             results[key] = r
             worst = max(r["outputs"].values(), default=0.0)
-            print(f"validated {key}: max |ONNX Runtime - PyTorch| over {len(r['outputs'])} outputs = {worst:.3g}"
-                  + (f"; reference evaluator {max(r['reference_evaluator'].values(), default=0.0):.3g}"
-                     if "reference_evaluator" in r else ""))
+            print(
+                f"validated {key}: max |ONNX Runtime - PyTorch| over {len(r['outputs'])} outputs = {worst:.3g}"
+                + (
+                    f"; reference evaluator {max(r['reference_evaluator'].values(), default=0.0):.3g}"
+                    if "reference_evaluator" in r
+                    else ""
+                )
+            )
 
     for m in model.modules():
         if isinstance(m, NM24Linear):
             m.trt_dense_weights = options.trt_dense_24
     model.config._name_or_path = str(getattr(model.config, "_name_or_path", ""))
-    with export_target(options.target, options.nbits_accuracy_level), _optimum_patched(options.target, sessions, validator):
+    with (
+        export_target(options.target, options.nbits_accuracy_level),
+        _optimum_patched(options.target, sessions, validator),
+    ):
         try:
             onnx_export_from_model(
                 model,
@@ -223,7 +257,9 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         except FFSplitError:
             raise
         except Exception as e:  # optimum / torch.onnx errors
-            raise ExportError(f"the ONNX export of {type(model).__name__} for task {task!r} failed: {e}") from e
+            raise ExportError(
+                f"the ONNX export of {type(model).__name__} for task {task!r} failed: {e}"
+            ) from e
     if preprocessor is not None:
         preprocessor.save_pretrained(out)
     if options.validate and options.target is Target.TENSORRT:
@@ -232,7 +268,9 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         from .validate import check_tolerance
 
         if not results:
-            raise ValidationError("no ONNX file was validated; this is a bug, re-run with --no-validate to inspect")
+            raise ValidationError(
+                "no ONNX file was validated; this is a bug, re-run with --no-validate to inspect"
+            )
         check_tolerance(results, atol)
     return results
 
@@ -249,12 +287,19 @@ def _check_tensorrt_graphs(out: Path) -> dict:
         plugins = [n for n in nodes if n.domain == TRT_PLUGIN_DOMAIN and n.op_type in OPS]
         for n in plugins:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            if n.op_type not in OPS or attrs.get("plugin_namespace") != TRT_PLUGIN_NAMESPACE.encode() or \
-                    attrs.get("plugin_version") != TRT_PLUGIN_VERSION.encode():
-                raise ValidationError(f"{path.name}: node {n.name} is not a valid ffsplit TensorRT plugin node")
+            if (
+                n.op_type not in OPS
+                or attrs.get("plugin_namespace") != TRT_PLUGIN_NAMESPACE.encode()
+                or attrs.get("plugin_version") != TRT_PLUGIN_VERSION.encode()
+            ):
+                raise ValidationError(
+                    f"{path.name}: node {n.name} is not a valid ffsplit TensorRT plugin node"
+                )
         others = {n.domain for n in nodes if n.domain not in ("", "ai.onnx", TRT_PLUGIN_DOMAIN)}
         if others:
-            raise ValidationError(f"{path.name}: nodes of domains {sorted(others)} are not loadable by TensorRT")
+            raise ValidationError(
+                f"{path.name}: nodes of domains {sorted(others)} are not loadable by TensorRT"
+            )
         res[path.name] = {"plugin_nodes": len(plugins), "checked": "structure only (no TensorRT here)"}
     return res
 

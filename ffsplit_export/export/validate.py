@@ -45,8 +45,16 @@ def _ort_inputs(config, inputs: dict, names: list[str]) -> dict[str, np.ndarray]
     return {k: v for k, v in feeds.items() if k in names}
 
 
-def validate_file(config, model, onnx_path: Path, output_names: list[str], input_shapes: dict, model_kwargs,
-                  session_factory, reference_ops: list | None = None) -> dict:
+def validate_file(
+    config,
+    model,
+    onnx_path: Path,
+    output_names: list[str],
+    input_shapes: dict,
+    model_kwargs,
+    session_factory,
+    reference_ops: list | None = None,
+) -> dict:
     """Max abs difference per output of one ONNX file against the PyTorch (sub)model."""
     inputs = config.generate_dummy_inputs(framework="pt", **input_shapes)
     ref_inputs = config.rename_ambiguous_inputs(copy.deepcopy(inputs))
@@ -61,7 +69,9 @@ def validate_file(config, model, onnx_path: Path, output_names: list[str], input
     for name, got in zip(output_names, outs):
         want = ref[onnx_to_torch.get(name, name)]
         if got.shape != want.shape:
-            raise ValidationError(f"{onnx_path.name}: output {name!r} has shape {got.shape}, PyTorch gives {want.shape}")
+            raise ValidationError(
+                f"{onnx_path.name}: output {name!r} has shape {got.shape}, PyTorch gives {want.shape}"
+            )
         result["outputs"][name] = float(np.max(np.abs(got - want))) if got.size else 0.0
     if reference_ops is not None:
         from onnx.reference import ReferenceEvaluator
@@ -69,7 +79,8 @@ def validate_file(config, model, onnx_path: Path, output_names: list[str], input
         ev = ReferenceEvaluator(str(onnx_path), new_ops=reference_ops)
         ev_outs = ev.run(output_names, feeds)
         result["reference_evaluator"] = {
-            name: float(np.max(np.abs(a - b))) if a.size else 0.0 for name, a, b in zip(output_names, ev_outs, outs)
+            name: float(np.max(np.abs(a - b))) if a.size else 0.0
+            for name, a, b in zip(output_names, ev_outs, outs)
         }
     return result
 
@@ -81,7 +92,9 @@ def check_tolerance(results: dict, atol: float, scale: dict[str, float] | None =
         for key in ("outputs", "reference_evaluator"):
             for out, diff in r.get(key, {}).items():
                 if not diff <= atol:
-                    bad.append(f"{fname}:{out} ({'ORT' if key == 'outputs' else 'reference evaluator'}) max diff {diff:.3g}")
+                    bad.append(
+                        f"{fname}:{out} ({'ORT' if key == 'outputs' else 'reference evaluator'}) max diff {diff:.3g}"
+                    )
     if bad:
         raise ValidationError(
             f"exported graphs differ from the compressed PyTorch model by more than atol={atol:g}: "

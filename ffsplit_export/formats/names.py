@@ -12,7 +12,7 @@ class _NamedEnum(str, Enum):
         return self.value
 
     @classmethod
-    def parse(cls, value: "str | _NamedEnum", option: str):
+    def parse(cls, value: str | _NamedEnum, option: str):
         try:
             return cls(value)
         except ValueError as e:

@@ -63,9 +63,7 @@ def quantize_int4_groupwise(w: np.ndarray, group_size: int) -> tuple[np.ndarray,
     the last group is zero-padded when group_size does not divide K.
     """
     if group_size not in INT4_GROUP_SIZES:
-        raise FormatError(
-            f"int4 group size {group_size} is not supported; use one of {INT4_GROUP_SIZES}"
-        )
+        raise FormatError(f"int4 group size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
     w = _as_matrix(w, "weight").astype(np.float32, copy=False)
     n, k = w.shape
     n_groups = -(-k // group_size)

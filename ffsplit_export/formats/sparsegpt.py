@@ -47,14 +47,13 @@ def sparsegpt_prune(
         err = torch.zeros_like(wb)
         if nm is None:
             sal = wb**2 / torch.diag(hb)[None, :] ** 2
-            n_prune = int(round(sparsity * sal.numel()))
             prune_b = torch.zeros_like(wb, dtype=torch.bool)
-            if n_prune:
-                # row-wise quota within the block keeps every output row at the target sparsity
-                per_row = int(round(sparsity * (c1 - c0)))
-                if per_row:
-                    idx = torch.topk(sal, per_row, dim=1, largest=False).indices
-                    prune_b.scatter_(1, idx, True)
+            # a per-row quota (cumulative, so rounding does not drift across blocks) keeps
+            # every output row at the target sparsity
+            per_row = int(round(sparsity * c1)) - int(round(sparsity * c0))
+            if per_row:
+                idx = torch.topk(sal, per_row, dim=1, largest=False).indices
+                prune_b.scatter_(1, idx, True)
         else:
             prune_b = torch.zeros_like(wb, dtype=torch.bool)
         for j in range(c1 - c0):

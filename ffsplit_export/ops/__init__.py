@@ -17,8 +17,8 @@ from ._spec import (
     decode_weight,
     matmulnbits_reference,
     reference_matmul,
-    register_schemas,
     reference_ops,
+    register_schemas,
 )
 
 __all__ = [

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -72,7 +72,12 @@ OPS: dict[str, OpSpec] = {
         OpSpec(
             "SparseMatMulInt8",
             "Y = X @ W.T, W unstructured sparse: bitmask + int8 values + row_ptr, per-row scales.",
-            (("mask", "tensor(uint8)"), ("values", "tensor(int8)"), ("row_ptr", "tensor(int64)"), ("scales", "tensor(float)")),
+            (
+                ("mask", "tensor(uint8)"),
+                ("values", "tensor(int8)"),
+                ("row_ptr", "tensor(int64)"),
+                ("scales", "tensor(float)"),
+            ),
             _decode_sparse_int8,
             _check_sparse_int8,
         ),
@@ -137,8 +142,12 @@ def _schema(spec: OpSpec) -> defs.OpSchema:
         type_constraints=[("T", ["tensor(float)"], "activations are float32")],
         doc=spec.doc,
         attributes=[
-            defs.OpSchema.Attribute("plugin_namespace", defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False),
-            defs.OpSchema.Attribute("plugin_version", defs.OpSchema.AttrType.STRING, "TensorRT plugin version", required=False),
+            defs.OpSchema.Attribute(
+                "plugin_namespace", defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False
+            ),
+            defs.OpSchema.Attribute(
+                "plugin_version", defs.OpSchema.AttrType.STRING, "TensorRT plugin version", required=False
+            ),
         ],
     )
     return schema
@@ -151,8 +160,9 @@ def register_schemas() -> None:
             defs.register_schema(_schema(spec))
 
 
-def matmulnbits_reference(x: np.ndarray, b: np.ndarray, scales: np.ndarray, *, K: int, N: int, bits: int,
-                          block_size: int) -> np.ndarray:
+def matmulnbits_reference(
+    x: np.ndarray, b: np.ndarray, scales: np.ndarray, *, K: int, N: int, bits: int, block_size: int
+) -> np.ndarray:
     """``com.microsoft::MatMulNBits`` (symmetric, default zero point) as this package emits it."""
     w = packing.dequantize_matmulnbits(packing.NBits(b, scales, K, bits, block_size))
     if w.shape[0] != N:
@@ -177,7 +187,9 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
         classes.append(type(spec.name, (OpRun,), {"op_domain": domain, "_run": _run}))
     if include_contrib:
 
-        def _run_nbits(self, x, b, scales, *rest, K=None, N=None, bits=None, block_size=None, accuracy_level=None):
+        def _run_nbits(
+            self, x, b, scales, *rest, K=None, N=None, bits=None, block_size=None, accuracy_level=None
+        ):
             if rest and any(r is not None for r in rest):
                 raise FormatError("the MatMulNBits reference supports no zero_points / g_idx / bias inputs")
             return (matmulnbits_reference(x, b, scales, K=K, N=N, bits=bits, block_size=block_size),)

@@ -23,7 +23,9 @@ def read_manifest(output: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise ExportError(f"{str(output)!r} has no ffsplit.json; pass a directory written by `ffsplit-export export`") from e
+        raise ExportError(
+            f"{str(output)!r} has no ffsplit.json; pass a directory written by `ffsplit-export export`"
+        ) from e
     except json.JSONDecodeError as e:
         raise ExportError(f"{str(path)!r} is corrupt ({e}); re-run the export") from e
 
@@ -35,7 +37,9 @@ def ort_model_class(task: str):
     try:
         return getattr(ortm, _ORT_CLASSES[base])
     except KeyError as e:
-        raise ConfigError(f"no optimum ORTModel class for task {task!r}; supported: {sorted(_ORT_CLASSES)}") from e
+        raise ConfigError(
+            f"no optimum ORTModel class for task {task!r}; supported: {sorted(_ORT_CLASSES)}"
+        ) from e
 
 
 def load(output: str | Path, provider: str = "cpu", session_options_=None, **kwargs):
@@ -48,16 +52,22 @@ def load(output: str | Path, provider: str = "cpu", session_options_=None, **kwa
     cls = ort_model_class(manifest["task"])
     target = manifest.get("target", "ort-cpu")
     use_cache = manifest["task"].endswith("-with-past")
-    extra = {"use_cache": use_cache} if "generation" in manifest["task"] or "speech" in manifest["task"] else {}
+    extra = (
+        {"use_cache": use_cache} if "generation" in manifest["task"] or "speech" in manifest["task"] else {}
+    )
     if provider == "cpu":
         so = session_options_ or (session_options() if target == "ort-cpu" else None)
         prov = "CPUExecutionProvider"
         if target == "tensorrt":
-            raise ConfigError("a --target tensorrt export runs on TensorRT; use provider='tensorrt' or re-export for ort-cpu")
+            raise ConfigError(
+                "a --target tensorrt export runs on TensorRT; use provider='tensorrt' or re-export for ort-cpu"
+            )
         return cls.from_pretrained(output, session_options=so, provider=prov, **extra, **kwargs)
     if provider == "cuda":
         if target == "ort-cpu":
-            raise ConfigError("the ffsplit custom ops run on the CPU provider; export with --target portable for CUDA")
+            raise ConfigError(
+                "the ffsplit custom ops run on the CPU provider; export with --target portable for CUDA"
+            )
         return cls.from_pretrained(output, provider="CUDAExecutionProvider", **extra, **kwargs)
     if provider == "tensorrt":
         from ..trt import ort_provider

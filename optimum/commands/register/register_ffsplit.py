@@ -5,7 +5,9 @@ from optimum.commands.export.base import ExportCommand
 
 
 class FFSplitExportCommand(BaseOptimumCLICommand):
-    COMMAND = CommandInfo(name="ffsplit", help="Export with FFN heavy-hitter splitting and compressed light parts")
+    COMMAND = CommandInfo(
+        name="ffsplit", help="Export with FFN heavy-hitter splitting and compressed light parts"
+    )
 
     @staticmethod
     def parse_args(parser):

@@ -1,0 +1,31 @@
+"""Shared fixtures: built-in tiny models (built from configs in code) and calibration data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrated():
+    """(model, preprocessor, task, batches, stats) per tiny model name, computed once per session."""
+    from ffsplit_export.calibrate import calibrate, load_samples, make_batches
+    from ffsplit_export.tiny import build_tiny
+
+    cache = {}
+
+    def get(name: str, hessians: bool = False):
+        key = (name, hessians)
+        if key not in cache:
+            model, pre, task = build_tiny(name)
+            samples = load_samples(model, None, 8 if name != "tiny-whisper" else 2)
+            batches = make_batches(model, pre, samples, batch_size=4, max_length=48)
+            stats = calibrate(model, batches, hessians=hessians, progress=False)
+            cache[key] = (model, pre, task, batches, stats)
+        return cache[key]
+
+    return get

@@ -1,0 +1,163 @@
+"""Adapters, calibration, planning and the split itself (PyTorch only)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ffsplit_export import SplitConfig, get_adapter, split_ffn_, supported_model_types
+from ffsplit_export.adapters import find_ffns
+from ffsplit_export.errors import BudgetError, CalibrationError, ConfigError, UnsupportedModelError
+from ffsplit_export.pipeline import compress, model_output
+from ffsplit_export.plan import plan_budget, plan_fraction
+from ffsplit_export.split import SplitLinear, get_module
+from ffsplit_export.tiny import TINY, build_tiny
+
+TINY_BY_TYPE = {
+    "t5": ["tiny-t5", "tiny-t5-gated"],
+    "whisper": ["tiny-whisper"],
+    "mpt": ["tiny-mpt"],
+    "llama": ["tiny-llama"],
+    "bert": ["tiny-bert"],
+    "gpt2": ["tiny-gpt2"],
+    "opt": ["tiny-opt"],
+}
+
+
+def test_every_adapter_has_a_tiny_model():
+    covered = {build_tiny(n)[0].config.model_type for n in TINY}
+    missing = set(supported_model_types()) - covered
+    assert not missing, f"registered adapters without a tiny test model: {missing}"
+    assert set(TINY_BY_TYPE) == set(supported_model_types())
+
+
+def test_unknown_model_type_lists_supported():
+    with pytest.raises(UnsupportedModelError, match="supported model types: bert, gpt2"):
+        get_adapter("mamba")
+
+
+def test_t5_both_ffn_kinds():
+    plain = find_ffns(build_tiny("tiny-t5")[0])
+    gated = find_ffns(build_tiny("tiny-t5-gated")[0])
+    assert all(s.gate is None and s.activation == "relu" for s in plain)
+    assert all(s.gate.endswith("wi_0") and s.up.endswith("wi_1") for s in gated)
+    assert len(plain) == len(gated) == 4  # 2 encoder + 2 decoder blocks
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_dense_split_reproduces_original(name, tiny_calibrated):
+    model, _, _, batches, stats = tiny_calibrated(name)
+    split = copy.deepcopy(model)
+    report = split_ffn_(
+        split, plan_fraction(stats, 0.1), SplitConfig(light_format="dense"), stats, progress=False
+    )
+    assert all(isinstance(get_module(split, s.down), SplitLinear) for s in find_ffns(model))
+    assert all(f.n_heavy == round(0.1 * f.n_neurons) for f in report.ffns)
+    for b in batches:
+        ref, got = model_output(model, b), model_output(split, b)
+        diff = float((ref - got).abs().max())
+        # float32 summation order only; measured <= 2.1e-5 on logits of magnitude ~31 (tiny-t5-gated), else <= 3e-6
+        assert diff <= 1e-5 * max(1.0, float(ref.abs().max())), diff
+
+
+@pytest.mark.parametrize("fmt", ["sparse-int8", "sparse-fp32", "2:4-int8", "int8", "int4", "lowrank"])
+def test_light_formats_compress_and_stay_close(fmt, tiny_calibrated):
+    model, _, _, batches, stats = tiny_calibrated("tiny-llama")
+    split = copy.deepcopy(model)
+    cfg = SplitConfig(light_format=fmt, light_sparsity=0.5, group_size=32)
+    report = split_ffn_(split, plan_fraction(stats, 0.1), cfg, stats, progress=False)
+    assert report.bytes < 0.65 * report.dense_bytes
+    ref, got = model_output(model, batches[0]), model_output(split, batches[0])
+    rel = float((ref - got).norm() / ref.norm())
+    assert 0 < rel < 0.5, rel  # compressed, but not broken
+
+
+def test_heavy_hitters_carry_more_than_their_share(tiny_calibrated):
+    _, _, _, _, stats = tiny_calibrated("tiny-llama")
+    for st in stats.values():
+        assert st.top_share(0.1) > 0.1
+        assert st.n_tokens > 0 and torch.all(st.score >= 0)
+
+
+def test_padding_is_masked(tiny_calibrated):
+    model, pre, _, batches, stats = tiny_calibrated("tiny-mpt")
+    n_real = sum(int(b.masks["default"].sum()) for b in batches)
+    assert all(st.n_tokens == n_real for st in stats.values())
+
+
+def test_plan_fraction_and_selection(tiny_calibrated):
+    _, _, _, _, stats = tiny_calibrated("tiny-opt")
+    top = plan_fraction(stats, 0.25)
+    rnd = plan_fraction(stats, 0.25, selection="random", seed=1)
+    for name, st in stats.items():
+        assert len(top[name]) == len(rnd[name]) == round(0.25 * st.act_sq.numel())
+        assert st.score[top[name]].sum() >= st.score[rnd[name]].sum()
+    with pytest.raises(ConfigError, match="--heavy-fraction"):
+        plan_fraction(stats, 1.2)
+
+
+def test_plan_budget_meets_budget_and_prefers_heavy_layers(tiny_calibrated):
+    model, _, _, _, stats = tiny_calibrated("tiny-llama")
+    cfg = SplitConfig(light_format="sparse-int8", light_sparsity=0.5)
+    specs = find_ffns(model)
+    plan = plan_budget(model, specs, stats, cfg, 0.3)
+    split = copy.deepcopy(model)
+    report = split_ffn_(split, plan, cfg, stats, specs, progress=False)
+    assert report.bytes <= 0.3 * report.dense_bytes * 1.02  # scales / row pointers are not in the estimate
+    assert sum(len(v) for v in plan.values()) > 0
+    with pytest.raises(BudgetError, match="cannot be met"):
+        plan_budget(model, specs, stats, cfg, 0.05)
+
+
+def test_bad_inputs():
+    with pytest.raises(ConfigError, match="--light-sparsity"):
+        SplitConfig(light_sparsity=1.5)
+    with pytest.raises(ConfigError, match="--group-size"):
+        SplitConfig(group_size=48)
+    with pytest.raises(ConfigError, match="--light-format"):
+        SplitConfig(light_format="sparse-int3")
+    model, pre, _ = build_tiny("tiny-llama")
+    with pytest.raises(CalibrationError, match="--num-samples"):
+        compress(model, pre, num_samples=0, progress=False)
+
+
+def test_calibration_file_errors(tmp_path):
+    model, pre, _ = build_tiny("tiny-llama")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(CalibrationError, match="no non-empty line"):
+        compress(model, pre, calibration=str(empty), progress=False)
+    with pytest.raises(CalibrationError, match="cannot read"):
+        compress(model, pre, calibration=str(tmp_path / "missing.txt"), progress=False)
+
+
+def test_model_without_ffn():
+    model, _, _ = build_tiny("tiny-llama")
+    model.model.layers = torch.nn.ModuleList()
+    with pytest.raises(UnsupportedModelError, match="no FFN found"):
+        find_ffns(model)
+
+
+def test_analyze_cli(tmp_path, capsys):
+    from ffsplit_export.cli import main
+
+    rc = main(["analyze", "tiny-t5-gated", "--output", str(tmp_path), "--num-samples", "8", "--quiet"])
+    assert rc == 0
+    data = json.loads((tmp_path / "heavy_hitters.json").read_text())
+    assert len(data["ffns"]) == 4
+    f = data["ffns"][0]
+    assert f["n_neurons"] == len(f["score"]) == len(f["act_norm"]) == 160
+    assert np.isclose(
+        f["top_share"]["10%"],
+        sorted(f["score"])[-16:] and sum(sorted(f["score"])[-16:]) / sum(f["score"]),
+        atol=1e-3,
+    )
+    assert (tmp_path / "score_curves.png").stat().st_size > 1000 and (
+        tmp_path / "top_share.png"
+    ).stat().st_size > 1000
+    assert "% smaller" in capsys.readouterr().out
+    assert main(["analyze", "tiny-nothing", "--output", str(tmp_path)]) == 2
