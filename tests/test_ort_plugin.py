@@ -1,7 +1,7 @@
 """The ONNX Runtime custom-op library (plugins/onnxruntime) against the NumPy reference.
 
 Every op runs on every ISA path this CPU has (FFSPLIT_ISA forces one per session) on odd
-shapes, sparsities 0 / 0.5 / 0.9 / 1, empty rows, M = 0, 1, 7, 64, 130 and rank-3 X.
+shapes, sparsities 0 / 0.5 / 0.75 / 0.9 / 1, empty rows, M = 0 .. 130 and rank-3 X.
 Malformed packed initializers must fail at session creation with a clear message.
 Skips cleanly when the library is not built.
 """
@@ -121,7 +121,7 @@ def check_close(op: str, isa: str, y: np.ndarray, ref: np.ndarray, k: int) -> No
 
 # (K, N, sparsity, rank of X)
 CASES = [(37, 83, 0.5, 2), (545, 830, 0.9, 3), (64, 16, 0.0, 2), (200, 33, 1.0, 2), (130, 70, 0.75, 3)]
-M_ROWS = (0, 1, 7, 64, 130)
+M_ROWS = (0, 1, 7, 17, 64, 65, 130)  # 16+: outer-product path, 65 and 130: uneven M blocks
 
 
 @pytest.mark.parametrize("isa", ISAS)

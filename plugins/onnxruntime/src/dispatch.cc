@@ -66,7 +66,7 @@ Isa SelectIsa() {
 namespace {
 
 constexpr int64_t kRowDotMaxM = 16;  // below: row-dot (weights decoded once, reused by <= 4 rows of X)
-constexpr int64_t kMaxMBlock = 128;   // outer product: columns of X per block (8 zmm accumulators)
+constexpr int64_t kMaxMBlock = 64;    // outer product: columns of X per block (4 zmm accumulators)
 
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
@@ -119,9 +119,9 @@ void RunOuter(void* data, size_t task) {
   const int64_t mb = std::min(j.mblk, j.m - m0);
   const float* xt = j.xt + b * j.k * j.mbp;
   if (j.isa == Isa::kAvx2)
-    avx2::Outer(*j.p, xt, j.y, j.m, m0, mb, j.k, n0, n1);
+    avx2::Outer(*j.p, xt, j.y, j.mbp, m0, mb, j.k, n0, n1);
   else
-    avx512::Outer(*j.p, xt, j.y, j.m, m0, mb, j.k, n0, n1);
+    avx512::Outer(*j.p, xt, j.y, j.mbp, m0, mb, j.k, n0, n1);
 }
 
 }  // namespace

@@ -24,7 +24,7 @@ void Rows(const Packed& p, const uint8_t* xq, const float* xs, int64_t kpad, flo
     for (int64_t wi = 0; wi < p.words; ++wi) {
       const uint64_t bits = mrow[wi];
       if (!bits) continue;
-      const __m512i e = _mm512_maskz_expandloadu_epi8(bits, v);
+      const __m512i e = _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(v));  // 64 bytes of padding
       v += __builtin_popcountll(bits);
       for (int r = 0; r < MR; ++r) {
         const __m512i xv = _mm512_loadu_si512(xq + (mg + r) * kpad + wi * 64);

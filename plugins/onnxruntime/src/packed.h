@@ -56,12 +56,12 @@ void Rows(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64
 }
 namespace avx2 {
 void RowDot(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1);
-void Outer(const Packed& p, const float* xt, float* y, int64_t m, int64_t m0, int64_t mb, int64_t k,
+void Outer(const Packed& p, const float* xt, float* y, int64_t mbp, int64_t m0, int64_t mb, int64_t k,
            int64_t n0, int64_t n1);
 }  // namespace avx2
 namespace avx512 {
 void RowDot(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1);
-void Outer(const Packed& p, const float* xt, float* y, int64_t m, int64_t m0, int64_t mb, int64_t k,
+void Outer(const Packed& p, const float* xt, float* y, int64_t mbp, int64_t m0, int64_t mb, int64_t k,
            int64_t n0, int64_t n1);
 }  // namespace avx512
 namespace avx512vbmi2 {
