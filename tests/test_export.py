@@ -1,0 +1,212 @@
+"""ONNX export of split models: files, validation, runtime, targets, CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from ffsplit_export.errors import ConfigError, PluginNotFoundError
+from ffsplit_export.export import ExportOptions, export
+from ffsplit_export.split import SplitConfig
+
+SEQ2SEQ_FILES = {
+    "encoder_model.onnx",
+    "decoder_model.onnx",
+    "decoder_with_past_model.onnx",
+    "decoder_model_merged.onnx",
+}
+CASES = [
+    ("tiny-t5", SEQ2SEQ_FILES),
+    ("tiny-whisper", SEQ2SEQ_FILES),
+    ("tiny-mpt", {"model.onnx"}),
+    ("tiny-llama", {"model.onnx"}),
+    ("tiny-gpt2", {"model.onnx"}),
+    ("tiny-opt", {"model.onnx"}),
+    ("tiny-bert", {"model.onnx"}),
+]
+
+
+def _plugin_ok() -> bool:
+    try:
+        from ffsplit_export.runtime import plugin_path
+
+        plugin_path()
+        return True
+    except PluginNotFoundError:
+        return False
+
+
+needs_plugin = pytest.mark.skipif(
+    not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)"
+)
+
+
+def _export(name, out, target="ort-cpu", **kw):
+    options = ExportOptions(target=target, overwrite=True)
+    cfg = SplitConfig(**{k: kw.pop(k) for k in list(kw) if k in SplitConfig.__dataclass_fields__})
+    kw.setdefault("num_samples", 8)
+    kw.setdefault("progress", False)
+    return export(name, out, config=cfg, options=options, **kw)
+
+
+@needs_plugin
+@pytest.mark.parametrize("name,files", CASES)
+def test_export_ort_cpu(name, files, tmp_path):
+    out = tmp_path / "out"
+    m = _export(name, out)
+    assert files <= set(m["onnx_files"]), m["onnx_files"]
+    manifest = json.loads((out / "ffsplit.json").read_text())
+    assert manifest["target"] == "ort-cpu" and manifest["ffn"]["ffn_size_ratio"] < 0.35
+    worst = max(max(r["outputs"].values()) for r in manifest["validation"].values())
+    assert worst < 2e-3  # measured <= 3e-6 on every tiny model
+    ref = max(max(r["reference_evaluator"].values()) for r in manifest["validation"].values())
+    assert ref < 2e-3
+    graph = onnx.load(str(out / sorted(files)[0]), load_external_data=False)
+    ops = {(n.domain, n.op_type) for n in graph.graph.node}
+    if name not in ("tiny-t5", "tiny-whisper"):  # decoder files of seq2seq hold the FFNs in subgraphs
+        assert ("ffsplit", "SparseMatMulInt8") in ops
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+    if name == "tiny-whisper":
+        assert (out / "preprocessor_config.json").exists()
+
+
+@needs_plugin
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-mpt", "tiny-whisper", "tiny-llama"])
+def test_generate_matches_pytorch(name, tmp_path):
+    from ffsplit_export.loading import load_model
+    from ffsplit_export.pipeline import compress
+    from ffsplit_export.runtime import load
+
+    out = tmp_path / "out"
+    _export(name, out, other_linear="int8")
+    model, pre, _ = load_model(name)
+    torch_model = compress(model, pre, other_linear="int8", num_samples=8, progress=False).model
+    ort_model = load(out)
+    if name == "tiny-whisper":
+        feats = pre.feature_extractor(
+            [np.sin(np.arange(16000) / 9).astype(np.float32)], sampling_rate=16000, return_tensors="pt"
+        ).input_features
+        inputs = {"input_features": feats}
+    else:
+        inputs = {
+            "input_ids": torch.tensor([[5, 70, 80, 90, 100, 33, 2]]),
+            "attention_mask": torch.ones(1, 7, dtype=torch.long),
+        }
+    gen = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    with torch.no_grad():
+        want = torch_model.generate(**inputs, **gen)
+    got = ort_model.generate(**inputs, **gen)
+    assert torch.equal(torch.as_tensor(got), want), (got, want)
+
+
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-mpt"])
+def test_portable_dense_matches_optimum_export(name, tmp_path):
+    """--light-format dense --target portable gives the outputs of a plain optimum export of the original."""
+    import onnxruntime as ort
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    from ffsplit_export.tiny import build_tiny
+
+    out = tmp_path / "ffsplit"
+    m = _export(name, out, target="portable", light_format="dense")
+    domains = {n.domain for f in m["onnx_files"] for n in onnx.load(str(out / f)).graph.node}
+    assert domains <= {"", "com.microsoft"}
+    model, _, task = build_tiny(name)
+    onnx_export_from_model(model, tmp_path / "plain", task=task, do_validation=False)
+    fname = "encoder_model.onnx" if name == "tiny-t5" else "model.onnx"
+    a = ort.InferenceSession(str(out / fname), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(tmp_path / "plain" / fname), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in a.get_inputs():
+        shape = [d if isinstance(d, int) else (2 if "batch" in str(d) else 5) for d in i.shape]
+        if "past" in i.name:
+            shape[2] = 0 if len(shape) == 4 else shape[2]
+        feeds[i.name] = (
+            np.random.default_rng(0).integers(3, 200, shape)
+            if "int" in i.type
+            else np.zeros(shape, np.float32)
+        )
+        if "mask" in i.name:
+            feeds[i.name] = np.ones(shape, np.int64)
+    ya, yb = a.run(None, feeds), b.run(None, feeds)
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(ya, yb))
+    assert diff < 1e-4, diff  # measured ~1e-6 (summation order of the split)
+
+
+def test_tensorrt_target_nodes(tmp_path):
+    out = tmp_path / "out"
+    _export("tiny-mpt", out, target="tensorrt")
+    g = onnx.load(str(out / "model.onnx"))
+    plug = [n for n in g.graph.node if n.domain == "ffsplit"]
+    assert plug and all(n.op_type == "SparseMatMulInt8" for n in plug)
+    for n in plug:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs == {"plugin_namespace": b"ffsplit", "plugin_version": b"1"}
+    assert {n.domain for n in g.graph.node} <= {"", "ffsplit"}
+    onnx.checker.check_model(g)
+    from onnx.reference import ReferenceEvaluator
+
+    from ffsplit_export.ops import reference_ops
+
+    ev = ReferenceEvaluator(g, new_ops=reference_ops())
+    feeds = {"input_ids": np.array([[3, 4, 5]], np.int64), "attention_mask": np.ones((1, 3), np.int64)}
+    for i in g.graph.input:
+        if i.name.startswith("past"):
+            feeds[i.name] = np.zeros((1, 4, 0, 16), np.float32)
+    logits = ev.run(["logits"], feeds)[0]
+    assert logits.shape == (1, 3, 384) and np.isfinite(logits).all()
+
+
+def test_bad_input_and_atomic_output(tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        export("tiny-mpt", out, progress=False)
+    assert (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(ConfigError, match="MatMulNBits"):
+        export("tiny-mpt", tmp_path / "x", options=ExportOptions(target="tensorrt"), other_linear="int4")
+    with pytest.raises(ConfigError, match="--target"):
+        ExportOptions(target="cuda")
+    # an export that fails half-way leaves nothing behind
+    with pytest.raises(Exception):
+        export("tiny-mpt", tmp_path / "y", config=SplitConfig(prune_method="sparsegpt"), num_samples=0)
+    assert not (tmp_path / "y").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@needs_plugin
+def test_cli_and_optimum_cli_write_the_same_files(tmp_path):
+    bin_dir = Path(sys.executable).parent
+    args = ["tiny-mpt", "--num-samples", "4", "--quiet"]
+    a = subprocess.run(
+        [sys.executable, "-m", "ffsplit_export.cli", "export", args[0], str(tmp_path / "a"), *args[1:]],
+        capture_output=True,
+        text=True,
+    )
+    assert a.returncode == 0, a.stderr[-2000:]
+    cli = bin_dir / "optimum-cli"
+    if not cli.exists():
+        pytest.skip("optimum-cli not installed")
+    b = subprocess.run(
+        [str(cli), "export", "ffsplit", args[0], str(tmp_path / "b"), *args[1:]],
+        capture_output=True,
+        text=True,
+    )
+    if "invalid choice: 'ffsplit'" in b.stderr:
+        pytest.skip(
+            "ffsplit not registered with optimum-cli (package not installed, e.g. running from source)"
+        )
+    assert b.returncode == 0, b.stderr[-2000:]
+    fa = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert fa == sorted(p.name for p in (tmp_path / "b").iterdir())
+    ma = onnx.load(str(tmp_path / "a" / "model.onnx"))
+    mb = onnx.load(str(tmp_path / "b" / "model.onnx"))
+    assert [n.op_type for n in ma.graph.node] == [n.op_type for n in mb.graph.node]
