@@ -176,6 +176,12 @@ def _add_optional_commands(sub) -> None:
     )
     trt.add_trt_build_arguments(p)
     p.set_defaults(func=trt.run_trt_build)
+    import importlib
+    import importlib.util
+
+    for module in ("ffsplit_export.commands_eval", "ffsplit_export.bench"):  # eval / recover, bench
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
