@@ -73,6 +73,7 @@ def validate_file(
                 f"{onnx_path.name}: output {name!r} has shape {got.shape}, PyTorch gives {want.shape}"
             )
         result["outputs"][name] = float(np.max(np.abs(got - want))) if got.size else 0.0
+        result.setdefault("ref_max_abs", {})[name] = float(np.max(np.abs(want))) if want.size else 0.0
     if reference_ops is not None:
         from onnx.reference import ReferenceEvaluator
 
@@ -85,19 +86,25 @@ def validate_file(
     return result
 
 
-def check_tolerance(results: dict, atol: float, scale: dict[str, float] | None = None) -> None:
-    """Raise ValidationError when an output differs by more than ``atol``."""
+def check_tolerance(results: dict, atol: float, rtol: float = 1e-4) -> None:
+    """Raise ValidationError when an output differs by more than ``atol + rtol * max|reference|``.
+
+    float32 graphs differ from PyTorch by summation order only, which grows with the size of
+    the values (logits of a 30-layer model reach ~30: measured diffs up to 1.8e-3 there).
+    """
     bad = []
     for fname, r in results.items():
+        ref_max = r.get("ref_max_abs", {})
         for key in ("outputs", "reference_evaluator"):
             for out, diff in r.get(key, {}).items():
-                if not diff <= atol:
+                tol = atol + rtol * ref_max.get(out, 0.0)
+                if not diff <= tol:
                     bad.append(
-                        f"{fname}:{out} ({'ORT' if key == 'outputs' else 'reference evaluator'}) max diff {diff:.3g}"
+                        f"{fname}:{out} ({'ORT' if key == 'outputs' else 'reference evaluator'}) max diff {diff:.3g} > {tol:.3g}"
                     )
     if bad:
         raise ValidationError(
-            f"exported graphs differ from the compressed PyTorch model by more than atol={atol:g}: "
+            f"exported graphs differ from the compressed PyTorch model by more than atol={atol:g} + rtol={rtol:g}*max|ref|: "
             + "; ".join(bad[:8])
             + ". This is a bug in the export or the kernels; re-run with --no-validate to keep the files and inspect them"
         )
