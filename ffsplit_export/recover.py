@@ -1,0 +1,692 @@
+"""SquareHead sparse fine-tuning of a split model (Kurtic et al., arXiv 2310.06927).
+
+The teacher is the original model (frozen); the student is the split + compressed one.
+Every compressed linear of the student (the heavy and light parts of each ``SplitLinear``,
+and the ``--other-linear`` MatMulNBits layers) is swapped for a :class:`TrainableLinear`:
+a float32 weight initialised from ``dense_weight()``, its sparsity mask fixed (re-applied
+after every optimizer step) and its quantization simulated with a straight-through
+estimator that rounds exactly as :mod:`ffsplit_export.formats.packing` does. At the end each
+one is packed back into its original module type and format, so the recovered student
+exports exactly like a one-shot model.
+
+Loss = ``task_loss_weight`` * next-token cross-entropy
+     + ``squarehead_weight`` * sum over blocks of mean((h_s - h_t)^2) / mean(h_t^2)
+     + ``kd_logits_weight`` * KL(teacher || student) on the logits,
+all over non-padding tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import Batch, make_batches
+from .errors import ConfigError, FormatError
+from .linear import CompressedLinear, DenseLinear, LowRankLinear, NBitsLinear, NM24Linear, SparseLinear
+from .split import SplitLinear, get_module, linear_weight, set_module
+
+__all__ = [
+    "RecoverConfig",
+    "RecoverReport",
+    "TrainableLinear",
+    "make_trainable_",
+    "pack_trainable_",
+    "recover",
+    "squarehead_loss",
+]
+
+CHECKPOINT_FILE = "recover_state.safetensors"
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclass
+class RecoverConfig:
+    """Hyper-parameters of :func:`recover`; unknown or out-of-range values raise ConfigError."""
+
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    seq_len: int = 128
+    task_loss_weight: float = 1.0
+    squarehead_weight: float = 1.0
+    kd_logits_weight: float = 0.0
+    warmup_steps: int | None = None  # default: 5 % of steps
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    gradual_start_sparsity: float | None = None  # gradual pruning: start here ...
+    gradual_end_step: int | None = None  # ... and reach each module's target sparsity at this step
+    gradual_every: int = 10  # mask update interval (steps) during the gradual phase
+    checkpoint_every: int = 50
+    train_other_linear: bool = True  # also fine-tune --other-linear MatMulNBits layers
+    seed: int = 0
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(isinstance(self.steps, int) and self.steps >= 1, f"steps={self.steps!r}; use a positive integer")
+        need(
+            self.lr > 0 and math.isfinite(self.lr),
+            f"lr={self.lr!r}; use a positive learning rate such as 1e-4",
+        )
+        need(self.batch_size >= 1, f"batch_size={self.batch_size}; use 1 or more")
+        need(self.seq_len >= 2, f"seq_len={self.seq_len}; use at least 2 tokens")
+        for name in ("task_loss_weight", "squarehead_weight", "kd_logits_weight", "weight_decay"):
+            v = getattr(self, name)
+            need(v >= 0 and math.isfinite(v), f"{name}={v!r}; use a finite value >= 0")
+        need(
+            self.task_loss_weight + self.squarehead_weight + self.kd_logits_weight > 0,
+            "all loss weights are 0; set task_loss_weight, squarehead_weight or kd_logits_weight > 0",
+        )
+        need(
+            self.warmup_steps is None or 0 <= self.warmup_steps < self.steps,
+            f"warmup_steps={self.warmup_steps}; use 0 <= warmup_steps < steps={self.steps}",
+        )
+        need(
+            self.grad_clip is None or self.grad_clip > 0,
+            f"grad_clip={self.grad_clip}; use a positive value or None",
+        )
+        need(self.checkpoint_every >= 1, f"checkpoint_every={self.checkpoint_every}; use 1 or more")
+        need(self.gradual_every >= 1, f"gradual_every={self.gradual_every}; use 1 or more")
+        g0, g1 = self.gradual_start_sparsity, self.gradual_end_step
+        need(
+            (g0 is None) == (g1 is None),
+            "gradual sparsity needs both gradual_start_sparsity and gradual_end_step (or neither)",
+        )
+        if g0 is not None:
+            need(
+                0.0 <= g0 < 1.0,
+                f"gradual_start_sparsity={g0}; use a value in [0, 1) below the target sparsity",
+            )
+            need(1 <= g1 <= self.steps, f"gradual_end_step={g1}; use 1..steps={self.steps}")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(0, self.steps // 20)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> RecoverConfig:
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(kwargs) - known)
+        if bad:
+            raise ConfigError(f"unknown recover option(s) {bad}; known: {sorted(known)}")
+        return cls(**kwargs)
+
+    def sparsity_at(self, step: int, target: float) -> float:
+        """Cubic schedule (Zhu & Gupta): ``gradual_start_sparsity`` at step 0, ``target`` from ``gradual_end_step``."""
+        if self.gradual_start_sparsity is None or step >= self.gradual_end_step:
+            return target
+        s0 = min(self.gradual_start_sparsity, target)
+        return target + (s0 - target) * (1.0 - step / self.gradual_end_step) ** 3
+
+
+@dataclass
+class RecoverReport:
+    """What :func:`recover` did; ``history`` has one dict of losses per step run."""
+
+    steps: int
+    start_step: int
+    seconds: float
+    trained_modules: int
+    trained_parameters: int
+    history: list[dict] = field(default_factory=list, repr=False)
+    checkpoint: str | None = None
+
+    def mean_loss(self, first: int | None = None, last: int | None = None, key: str = "loss") -> float:
+        h = self.history
+        part = h[:first] if first is not None else h[-last:] if last is not None else h
+        return float(np.mean([r[key] for r in part])) if part else float("nan")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------ fake quantization
+
+
+def fake_int8_rows(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row int8 round trip, as :func:`packing.quantize_int8_per_channel`."""
+    amax = w.abs().amax(dim=1) if w.shape[1] else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.clamp(torch.round(w / scale[:, None]), -127, 127) * scale[:, None]
+
+
+def fake_int4_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Symmetric int4 per group of input channels, as :func:`packing.quantize_int4_groupwise`."""
+    n, k = w.shape
+    g = -(-k // group_size)
+    padded = F.pad(w, (0, g * group_size - k)).reshape(n, g, group_size)
+    amax = padded.abs().amax(dim=2)
+    scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(padded / scale[:, :, None]), -7, 7) * scale[:, :, None]
+    return q.reshape(n, -1)[:, :k]
+
+
+def _ste(w: torch.Tensor, fq) -> torch.Tensor:
+    return w + (fq(w) - w).detach()
+
+
+# ------------------------------------------------------------------------------ trainable module
+
+
+class TrainableLinear(nn.Module):
+    """A float32 stand-in for one compressed linear: fixed mask, quantization by STE."""
+
+    def __init__(self, src: CompressedLinear):
+        super().__init__()
+        self.src_type = type(src).__name__
+        self.in_features, self.out_features = src.in_features, src.out_features
+        self.bias = src.bias  # frozen float32 (exported as is)
+        self.register_buffer("mask", None)  # bool [N, K]: stored positions (sparse formats)
+        self.register_buffer("target_mask", None)  # the final mask (gradual sparsity)
+        self.target_sparsity = 0.0
+        self.group_size = 128
+        if isinstance(src, LowRankLinear):
+            self.quant = "lowrank"
+            self.a = nn.Parameter(src.a.detach().clone().float())
+            self.b = nn.Parameter(src.b.detach().clone().float())
+            return
+        w = src.dense_weight().detach().clone().float()
+        if isinstance(src, SparseLinear):
+            keep = torch.from_numpy(
+                np.unpackbits(
+                    src.mask.cpu().numpy(), axis=1, bitorder="little", count=src.in_features
+                ).astype(bool)
+            ).to(w.device)
+            self.mask, self.target_mask = keep, keep.clone()
+            self.target_sparsity = float(src.sparsity)
+            self.quant = "int8" if src.op_type == "SparseMatMulInt8" else "none"
+        elif isinstance(src, NM24Linear):
+            from .ops import decode_weight
+
+            vals = np.ones_like(src.values.cpu().numpy())  # stored positions, whatever their value
+            keep = (
+                decode_weight(
+                    "Sparse24MatMulInt8",
+                    src.in_features,
+                    vals,
+                    src.meta.cpu().numpy(),
+                    np.ones(src.out_features, np.float32),
+                )
+                != 0
+            )
+            self.mask = torch.from_numpy(keep).to(w.device)
+            self.quant = "int8"
+        elif isinstance(src, NBitsLinear):
+            self.quant = "int8" if src.bits == 8 else "int4"
+            self.group_size = src.block_size
+        elif isinstance(src, DenseLinear):
+            self.quant = "fp16" if src.w.dtype == torch.float16 else "none"
+        else:
+            raise FormatError(
+                f"cannot fine-tune a {type(src).__name__}; supported: Dense, Sparse, NM24, NBits, LowRank"
+            )
+        self.weight = nn.Parameter(w if self.mask is None else w * self.mask)
+
+    # the weight the packed format will hold (mask, then rounding)
+    def effective_weight(self) -> torch.Tensor:
+        if self.quant == "lowrank":
+            return self.a @ self.b
+        w = self.weight if self.mask is None else self.weight * self.mask
+        if self.quant == "int8":
+            return _ste(w, fake_int8_rows)
+        if self.quant == "int4":
+            return _ste(w, lambda t: fake_int4_groups(t, self.group_size))
+        if self.quant == "fp16":
+            return _ste(w, lambda t: t.half().float())
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant == "lowrank":  # same product order as LowRankLinear
+            y = F.linear(F.linear(x, self.b), self.a)
+        else:
+            y = F.linear(x, self.effective_weight().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        if self.mask is not None:
+            self.weight.mul_(self.mask)
+
+    @torch.no_grad()
+    def set_sparsity_(self, sparsity: float) -> None:
+        """Gradual pruning: keep the target mask plus the largest other weights up to ``1 - sparsity``."""
+        if self.target_mask is None:
+            return
+        tm = self.target_mask
+        n_keep = int(round((1.0 - sparsity) * tm.numel()))
+        extra = max(0, n_keep - int(tm.sum()))
+        mask = tm.clone()
+        if extra:
+            score = (self.weight * self.mask).abs().masked_fill(tm, -1.0).flatten()
+            idx = torch.topk(score, extra).indices
+            idx = idx[score[idx] > 0]
+            mask.view(-1)[idx] = True
+        self.mask.copy_(mask)
+        self.apply_mask_()
+
+    @torch.no_grad()
+    def pack(self) -> CompressedLinear:
+        """The compressed module of the original type, holding the trained weight."""
+        bias = self.bias
+        if self.quant == "lowrank":
+            m = LowRankLinear(torch.zeros(self.out_features, self.in_features), 0, bias)
+            m.a, m.b = (
+                self.a.detach().float().cpu().contiguous().clone(),
+                self.b.detach().float().cpu().contiguous().clone(),
+            )
+            return m
+        w = (self.weight * self.mask if self.mask is not None else self.weight).detach().float().cpu()
+        mask = None if self.mask is None else self.mask.cpu()
+        if self.src_type == "SparseLinear":
+            return SparseLinear(w, mask, int8=self.quant == "int8", bias=bias)
+        if self.src_type == "NM24Linear":
+            return NM24Linear(w, mask, bias)
+        if self.src_type == "NBitsLinear":
+            return NBitsLinear.from_weight(w, 8 if self.quant == "int8" else 4, self.group_size, bias)
+        return DenseLinear(w, bias, dtype=torch.float16 if self.quant == "fp16" else torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, from={self.src_type}, quant={self.quant}"
+
+
+def _targets(model: nn.Module, other_linear: bool) -> list[str]:
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, SplitLinear):
+            names += [f"{name}.{p}" for p in ("heavy", "light") if getattr(m, p) is not None]
+        elif (
+            other_linear
+            and isinstance(m, CompressedLinear)
+            and not any(name.startswith(n + ".") for n in names)
+        ):
+            parent = name.rpartition(".")[0]
+            if not isinstance(model.get_submodule(parent) if parent else model, SplitLinear):
+                names.append(name)
+    return names
+
+
+def make_trainable_(model: nn.Module, other_linear: bool = True) -> dict[str, TrainableLinear]:
+    """Swap every compressed linear of ``model`` for a :class:`TrainableLinear`, in place."""
+    out = {}
+    for name in _targets(model, other_linear):
+        t = TrainableLinear(get_module(model, name))
+        set_module(model, name, t)
+        out[name] = t
+    if not out:
+        raise ConfigError(
+            "the student has no compressed linear layer; pass the model that `compress` returned"
+        )
+    return out
+
+
+def pack_trainable_(model: nn.Module) -> int:
+    """Pack every :class:`TrainableLinear` back into its compressed module, in place; returns the count."""
+    names = [n for n, m in model.named_modules() if isinstance(m, TrainableLinear)]
+    for name in names:
+        t = get_module(model, name)
+        dev = t.weight.device if t.quant != "lowrank" else t.a.device
+        set_module(model, name, t.pack().to(dev))
+    return len(names)
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def _token_mask(batch: Batch, key: str, like: torch.Tensor) -> torch.Tensor:
+    m = batch.masks.get(key) if batch.masks else None
+    if m is None:
+        m = batch.masks.get("default") if batch.masks else None
+    if m is None or tuple(m.shape) != tuple(like.shape[:2]):
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    return m.to(like.device).bool()
+
+
+def squarehead_loss(student_hidden, teacher_hidden, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over layers of mean((h_s - h_t)^2) / mean(h_t^2) over the tokens where ``mask``."""
+    total = None
+    for hs, ht in zip(student_hidden, teacher_hidden, strict=True):
+        m = mask[..., None].to(hs.dtype)
+        num = ((hs - ht) ** 2 * m).sum()
+        den = (ht**2 * m).sum().clamp_min(1e-12)
+        term = num / den
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def _hidden_groups(out, batch: Batch, like_key: str) -> list[tuple[tuple, str]]:
+    """(block outputs, mask key) per stack; embeddings (index 0) are not a block output."""
+    if getattr(out, "encoder_hidden_states", None) is not None:
+        groups = [(out.encoder_hidden_states[1:], "encoder")]
+        if getattr(out, "decoder_hidden_states", None) is not None:
+            groups.append((out.decoder_hidden_states[1:], "decoder"))
+        return groups
+    return [(out.hidden_states[1:], like_key)]
+
+
+def _targets_of(batch: Batch, is_seq2seq: bool) -> tuple[torch.Tensor, str]:
+    if is_seq2seq:
+        return batch.inputs["decoder_input_ids"], "decoder"
+    return batch.inputs["input_ids"], "default"
+
+
+def compute_losses(student, teacher, batch: Batch, cfg: RecoverConfig) -> dict[str, torch.Tensor]:
+    """Task, SquareHead and logit-KL losses of one batch (student with grad, teacher without)."""
+    is_s2s = bool(getattr(student.config, "is_encoder_decoder", False))
+    kwargs = dict(batch.inputs, output_hidden_states=True, use_cache=False, return_dict=True)
+    with torch.no_grad():
+        t_out = teacher(**kwargs)
+    s_out = student(**kwargs)
+    ids, key = _targets_of(batch, is_s2s)
+    mask = _token_mask(batch, key, ids[..., None])
+    losses: dict[str, torch.Tensor] = {}
+    zero = s_out.logits.new_zeros(())
+    # next-token cross-entropy over non-padding targets
+    logits = s_out.logits[:, :-1].float()
+    tgt_mask = mask[:, 1:] & mask[:, :-1]
+    if cfg.task_loss_weight > 0 and bool(tgt_mask.any()):
+        losses["task"] = F.cross_entropy(logits[tgt_mask], ids[:, 1:][tgt_mask])
+    else:
+        losses["task"] = zero
+    sq = zero
+    if cfg.squarehead_weight > 0:
+        for (hs, k), (ht, _) in zip(
+            _hidden_groups(s_out, batch, key), _hidden_groups(t_out, batch, key), strict=True
+        ):
+            sq = sq + squarehead_loss(hs, ht, _token_mask(batch, k, hs[0]))
+    losses["squarehead"] = sq
+    if cfg.kd_logits_weight > 0:
+        tl = t_out.logits.float()[mask]
+        sl = s_out.logits.float()[mask]
+        losses["kd"] = F.kl_div(
+            F.log_softmax(sl, -1), F.log_softmax(tl, -1), log_target=True, reduction="batchmean"
+        )
+    else:
+        losses["kd"] = zero
+    losses["loss"] = (
+        cfg.task_loss_weight * losses["task"]
+        + cfg.squarehead_weight * losses["squarehead"]
+        + cfg.kd_logits_weight * losses["kd"]
+    )
+    return losses
+
+
+# ------------------------------------------------------------------------------ data
+
+
+def training_batches(model, preprocessor, data, cfg: RecoverConfig) -> list[Batch]:
+    """Batches from a list of Batch (used as is), a text, a list of texts or of waveforms.
+
+    Text for a causal LM is tokenized once and cut into ``seq_len`` blocks (no padding).
+    """
+    if isinstance(data, (list, tuple)) and data and all(isinstance(b, Batch) for b in data):
+        return list(data)
+    if isinstance(data, str):
+        data = [line for line in data.splitlines() if line.strip()]
+    if not isinstance(data, (list, tuple)) or not data:
+        raise ConfigError(
+            "recover needs training data: a text, a list of texts / waveforms, or calibration batches"
+        )
+    if preprocessor is None:
+        raise ConfigError("text or audio training data needs preprocessor= (the tokenizer / processor)")
+    is_text = isinstance(data[0], str)
+    if is_text and not getattr(model.config, "is_encoder_decoder", False):
+        ids = preprocessor("\n".join(data), add_special_tokens=False)["input_ids"]
+        n = len(ids) // cfg.seq_len
+        if n < 1:
+            raise ConfigError(
+                f"the training text has {len(ids)} tokens, less than seq_len={cfg.seq_len}; give more text"
+            )
+        blocks = torch.tensor(ids[: n * cfg.seq_len], dtype=torch.long).reshape(n, cfg.seq_len)
+        out = []
+        for i in range(0, n, cfg.batch_size):
+            x = blocks[i : i + cfg.batch_size]
+            out.append(
+                Batch(
+                    {"input_ids": x, "attention_mask": torch.ones_like(x)},
+                    {"default": torch.ones_like(x, dtype=torch.bool)},
+                )
+            )
+        return out
+    return make_batches(model, preprocessor, list(data), batch_size=cfg.batch_size, max_length=cfg.seq_len)
+
+
+def _to(batch: Batch, device) -> Batch:
+    mv = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return Batch(
+        {k: mv(v) for k, v in batch.inputs.items()}, {k: mv(v) for k, v in (batch.masks or {}).items()}
+    )
+
+
+def _order(n: int, step: int, seed: int) -> int:
+    """Index of the batch used at ``step``: a fresh permutation per epoch, reproducible on resume."""
+    epoch, i = divmod(step, n)
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return int(torch.randperm(n, generator=g)[i])
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(
+    path: Path, modules: dict[str, TrainableLinear], opt: torch.optim.Optimizer, step: int, cfg: RecoverConfig
+) -> None:
+    """Trainable weights, masks and Adam state as safetensors (atomic replace)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    params = [p for p in _params(modules)]
+    for name, m in modules.items():
+        for pname, p in m.named_parameters(recurse=False):
+            if p.requires_grad:
+                tensors[f"param/{name}/{pname}"] = p.detach().cpu().contiguous()
+        if m.mask is not None:
+            tensors[f"mask/{name}"] = m.mask.cpu().to(torch.uint8).contiguous()
+    for i, p in enumerate(params):
+        st = opt.state.get(p, {})
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt/{i}/{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
+    meta = {"step": str(step), "modules": json.dumps(sorted(modules)), "config": json.dumps(asdict(cfg))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, modules: dict[str, TrainableLinear], opt: torch.optim.Optimizer) -> int:
+    """Restore a :func:`save_checkpoint` file; returns the step to continue from."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise FormatError(
+            f"checkpoint {str(path)!r} is unreadable ({e}); delete it or pass resume=False"
+        ) from e
+    if json.loads(meta.get("modules", "[]")) != sorted(modules):
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is of another model or split; delete it or pass resume=False"
+        )
+    with torch.no_grad():
+        for name, m in modules.items():
+            for pname, p in m.named_parameters(recurse=False):
+                if p.requires_grad:
+                    p.copy_(tensors[f"param/{name}/{pname}"].to(p.device))
+            if m.mask is not None:
+                m.mask.copy_(tensors[f"mask/{name}"].bool().to(m.mask.device))
+    for i, p in enumerate(_params(modules)):
+        st = {k.split("/", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt/{i}/")}
+        if st:
+            if "step" in st:
+                st["step"] = st["step"].cpu()  # Adam keeps its step counter on the CPU
+            opt.state[p] = st
+    return int(meta.get("step", 0))
+
+
+def _params(modules: dict[str, TrainableLinear]) -> list[nn.Parameter]:
+    return [p for m in modules.values() for p in m.parameters(recurse=False) if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------ training loop
+
+
+def recover(
+    teacher: nn.Module,
+    student: nn.Module,
+    data,
+    config: RecoverConfig | None = None,
+    *,
+    preprocessor=None,
+    plan: dict | None = None,
+    device: str | torch.device | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    **options,
+) -> RecoverReport:
+    """Fine-tune ``student`` towards ``teacher`` in place; its compressed modules are re-packed at the end.
+
+    ``data``: calibration batches (``CompressResult.batches``), a text, or a list of texts /
+    waveforms (then ``preprocessor`` is needed). ``plan`` (``CompressResult.plan``) is needed
+    for gradual sparsity, to find the teacher values of pruned weights. ``options`` are :class:`RecoverConfig` fields
+    (``steps``, ``lr``, ``squarehead_weight``, ...), used when ``config`` is None.
+    """
+    if config is not None and options:
+        raise ConfigError(f"pass either config= or keyword options, not both (got {sorted(options)})")
+    cfg = config or RecoverConfig.from_kwargs(**options)
+    dev = torch.device(device) if device is not None else next(student.parameters()).device
+    teacher.to(dev).eval()
+    student.to(dev).eval()  # eval: no dropout; gradients flow all the same
+    for p in list(teacher.parameters()) + list(student.parameters()):
+        p.requires_grad_(False)
+    batches = training_batches(student, preprocessor, data, cfg)
+    modules = make_trainable_(student, cfg.train_other_linear)
+    student.to(dev)
+    params = _params(modules)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = cfg.warmup
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10 %
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        t = (step - warm) / max(1, cfg.steps - warm)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    gradual = cfg.gradual_start_sparsity is not None
+    if gradual:
+        if plan is None:
+            raise ConfigError("gradual sparsity needs plan= (CompressResult.plan) to restore pruned weights")
+        init_from_teacher_(student, teacher, plan)
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    start = 0
+    if ckpt is not None and resume and ckpt.is_file():
+        start = load_checkpoint(ckpt, modules, opt)
+    elif gradual:
+        _set_gradual(modules, cfg, 0)
+    history: list[dict] = []
+    t0 = time.time()
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc="recover",
+        disable=not progress,
+        unit="step",
+        initial=start,
+        total=cfg.steps,
+    )
+    try:
+        for step in bar:
+            if gradual and step <= cfg.gradual_end_step and step % cfg.gradual_every == 0 and step > 0:
+                _set_gradual(modules, cfg, step)
+            batch = _to(batches[_order(len(batches), step, cfg.seed)], dev)
+            losses = compute_losses(student, teacher, batch, cfg)
+            if not torch.isfinite(losses["loss"]):
+                raise ConfigError(
+                    f"the loss became {float(losses['loss'])} at step {step}; lower lr={cfg.lr}"
+                )
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step)
+            opt.step()
+            for m in modules.values():
+                m.apply_mask_()
+            row = {k: float(v.detach()) for k, v in losses.items()}
+            row["step"] = step
+            history.append(row)
+            bar.set_postfix(
+                loss=f"{row['loss']:.4f}", sq=f"{row['squarehead']:.4f}", task=f"{row['task']:.3f}"
+            )
+            if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                save_checkpoint(ckpt, modules, opt, step + 1, cfg)
+    finally:
+        bar.close()
+    if gradual:
+        _set_gradual(modules, cfg, cfg.steps)  # the target masks, whatever happened
+    n_params = sum(p.numel() for p in params)
+    pack_trainable_(student)
+    student.eval()
+    return RecoverReport(
+        cfg.steps,
+        start,
+        round(time.time() - t0, 1),
+        len(modules),
+        n_params,
+        history,
+        None if ckpt is None else str(ckpt),
+    )
+
+
+def _set_gradual(modules: dict[str, TrainableLinear], cfg: RecoverConfig, step: int) -> None:
+    for m in modules.values():
+        if m.target_mask is not None:
+            m.set_sparsity_(cfg.sparsity_at(step, m.target_sparsity))
+
+
+def init_from_teacher_(student: nn.Module, teacher: nn.Module, plan: dict) -> int:
+    """Gradual pruning: give the pruned light weights their teacher values so they can come back.
+
+    ``plan`` maps each FFN name to its heavy neuron indices (``CompressResult.plan``). Only
+    entries outside the target mask change; returns the number of modules updated.
+    """
+    from .adapters import find_ffns
+
+    count = 0
+    for spec in find_ffns(teacher):
+        if spec.name not in plan:
+            continue
+        w_down, _ = linear_weight(get_module(teacher, spec.down))
+        f = w_down.shape[1]
+        heavy = torch.zeros(f, dtype=torch.bool)
+        heavy[torch.as_tensor(np.asarray(plan[spec.name], dtype=np.int64))] = True
+        lidx = torch.nonzero(~heavy).flatten()
+        for path in (spec.gate, spec.up, spec.down):
+            if path is None:
+                continue
+            light = getattr(get_module(student, path), "light", None)
+            if not isinstance(light, TrainableLinear) or light.target_mask is None:
+                continue
+            w, _ = linear_weight(get_module(teacher, path))
+            wl = (w[:, lidx] if path == spec.down else w[lidx]).to(light.weight.device)
+            with torch.no_grad():
+                light.weight.copy_(torch.where(light.target_mask, light.weight, wl))
+                light.mask.fill_(True)
+            count += 1
+    return count
