@@ -1,0 +1,271 @@
+"""``ffsplit-export recover`` and ``ffsplit-export eval``.
+
+``recover MODEL OUTPUT`` compresses MODEL (the export options), fine-tunes the student with
+SquareHead against the original, and writes an ordinary ffsplit export to OUTPUT (the same
+files as ``export``; ``ffsplit.json`` gains a ``recover`` section), so ``eval``, ``bench``
+and ``runtime.load`` use it unchanged. ``eval`` measures perplexity (causal LMs) or WER
+(Whisper) of an export through ONNX Runtime, or of a PyTorch model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def add_recover_arguments(p: argparse.ArgumentParser) -> None:
+    from .export.command import add_export_arguments
+
+    add_export_arguments(p)
+    g = p.add_argument_group("recovery (SquareHead)")
+    g.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence (default 128)")
+    g.add_argument("--train-batch-size", type=int, default=4, help="sequences per step (default 4)")
+    g.add_argument(
+        "--train-data",
+        default=None,
+        help="text file (one sample per line) or WAV folder; default: the --calibration source",
+    )
+    g.add_argument(
+        "--train-samples", type=int, default=2000, help="at most this many training samples (default 2000)"
+    )
+    g.add_argument("--task-loss-weight", type=float, default=1.0)
+    g.add_argument("--squarehead-weight", type=float, default=1.0)
+    g.add_argument("--kd-logits-weight", type=float, default=0.0, help="KL(teacher || student) on the logits")
+    g.add_argument(
+        "--gradual-start", type=float, default=None, help="gradual sparsity: start at this light sparsity"
+    )
+    g.add_argument("--gradual-end-step", type=int, default=None, help="... and reach the target at this step")
+    g.add_argument("--checkpoint-dir", default=None, help="safetensors checkpoints here; re-running resumes")
+    g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+
+
+def run_recover(args) -> int:
+    import torch
+
+    from .calibrate import load_samples
+    from .cli import compress_kwargs
+    from .export.api import weight_bytes
+    from .export.core import ExportOptions, check_target_format, export_split_model
+    from .formats import Target
+    from .loading import load_model
+    from .pipeline import compress
+    from .recover import RecoverConfig, recover
+
+    kw = compress_kwargs(args)
+    cfg = kw.pop("config")
+    rcfg = RecoverConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.train_batch_size,
+        seq_len=args.seq_len,
+        task_loss_weight=args.task_loss_weight,
+        squarehead_weight=args.squarehead_weight,
+        kd_logits_weight=args.kd_logits_weight,
+        gradual_start_sparsity=args.gradual_start,
+        gradual_end_step=args.gradual_end_step,
+        seed=args.seed,
+    )
+    options = ExportOptions(
+        target=args.target,
+        validate=not args.no_validate,
+        overwrite=args.overwrite,
+        atol=args.atol,
+        opset=args.opset,
+        nbits_accuracy_level=args.nbits_accuracy_level,
+        trt_dense_24=args.trt_dense_24,
+    )
+    check_target_format(
+        Target.parse(options.target, "--target"),
+        cfg.light_format,
+        cfg.heavy_format,
+        kw.get("other_linear", "fp32"),
+    )
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(
+            f"output {str(out)!r} exists; pass --overwrite to replace it, or choose another directory"
+        )
+    t0 = time.time()
+    teacher, pre, task = load_model(args.model, args.task)
+    res = compress(teacher, pre, config=cfg, **kw)
+    data = load_samples(teacher, args.train_data or args.calibration, args.train_samples)
+    if args.device != "cpu" and not torch.cuda.is_available() and args.device.startswith("cuda"):
+        raise ConfigError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    report = recover(
+        teacher,
+        res.model,
+        data,
+        rcfg,
+        preprocessor=pre,
+        plan=res.plan,
+        device=args.device,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=not args.no_resume,
+        progress=not args.quiet,
+    )
+    teacher.cpu()
+    res.model.cpu()
+    print(
+        f"recover: {report.steps - report.start_step} steps in {report.seconds:.0f} s; loss "
+        f"{report.mean_loss(first=10):.4f} (first 10) -> {report.mean_loss(last=10):.4f} (last 10)"
+    )
+    manifest = {
+        "format_version": 1,
+        "source_model": args.model,
+        "model_type": teacher.config.model_type,
+        "options": {
+            **cfg.to_dict(),
+            **{k: v for k, v in kw.items() if k != "progress"},
+            "target": str(options.target),
+            "nbits_accuracy_level": options.nbits_accuracy_level,
+        },
+        "light_format": str(cfg.light_format),
+        "trt_sparse_weights": bool(options.trt_dense_24),
+        "ffn": res.report.to_dict(),
+        "other_linear": res.other_linear,
+        "weight_bytes": weight_bytes(teacher, res.model),
+        "recover": {
+            "config": rcfg.__dict__,
+            "steps_run": report.steps - report.start_step,
+            "seconds": report.seconds,
+            "loss_first10": report.mean_loss(first=10),
+            "loss_last10": report.mean_loss(last=10),
+        },
+    }
+    manifest = export_split_model(res.model, pre, out, task, options, manifest)
+    print(f"wrote the recovered export to {out} ({time.time() - t0:.0f} s in all)")
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import add_compress_arguments
+
+    p.add_argument("model", help="an ffsplit export directory, or (with --pytorch) a model name / directory")
+    add_compress_arguments(p)
+    p.add_argument(
+        "--pytorch",
+        action="store_true",
+        help="evaluate the PyTorch model (for an export dir: its dense source model)",
+    )
+    p.add_argument(
+        "--compress", action="store_true", help="with --pytorch: evaluate the one-shot compressed model"
+    )
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--text", default=None, help="perplexity on this held-out text source (bible, fortunes, gensim)"
+    )
+    kind.add_argument("--speech", action="store_true", help="WER on the LibriVox clips")
+    p.add_argument(
+        "--max-chars", type=int, default=None, help="evaluate on the first N characters of the text"
+    )
+    p.add_argument("--context-length", type=int, default=512)
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--clips", type=int, default=None, help="at most this many speech clips")
+    p.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu (default), cuda, tensorrt")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+
+
+def _is_export(path: str) -> bool:
+    return (Path(path) / "ffsplit.json").is_file()
+
+
+def run_eval(args) -> int:
+    from . import evaluate as ev
+    from .evaldata import eval_text, librispeech_clips
+
+    on_export = _is_export(args.model) and not args.pytorch
+    if on_export:
+        from .runtime import load, read_manifest
+
+        manifest = read_manifest(args.model)
+        model_type, task = manifest.get("model_type", ""), manifest["task"]
+    else:
+        from .cli import compress_kwargs
+        from .loading import load_model
+
+        name = args.model
+        if _is_export(name):
+            from .runtime import read_manifest
+
+            name = read_manifest(name)["source_model"]
+        model, pre, task = load_model(name, args.task)
+        if args.compress:
+            from .pipeline import compress
+
+            model = compress(model, pre, **compress_kwargs(args)).model
+        model_type = model.config.model_type
+    speech = args.speech or (args.text is None and model_type == "whisper")
+    t0 = time.time()
+    result: dict = {"model": args.model, "runtime": "onnxruntime" if on_export else "pytorch", "task": task}
+    if speech:
+        clips = librispeech_clips(args.clips)
+        if on_export:
+            from transformers import AutoProcessor
+
+            ort = load(args.model, provider=args.provider)
+            r = ev.word_error_rate(
+                [c[1] for c in clips],
+                ev._transcribe(ort, AutoProcessor.from_pretrained(args.model), clips, None),
+            )
+        else:
+            r = ev.wer_pytorch(model, pre, clips)
+        result.update(metric="wer", value=r.wer, words=r.num_words, clips=len(clips))
+        print(
+            f"WER {100 * r.wer:.2f} % ({r.substitutions} S, {r.deletions} D, {r.insertions} I / {r.num_words} words)"
+        )
+    else:
+        if "generation" not in task or model_type in ("t5", "whisper"):
+            raise ConfigError(
+                f"perplexity needs a causal LM; {args.model!r} is {model_type} ({task}); use --speech "
+                "for Whisper"
+            )
+        text = eval_text(args.text or "bible", args.max_chars)
+        if on_export:
+            import torch
+            from transformers import AutoTokenizer
+
+            ort = load(args.model, provider=args.provider)
+            tok = AutoTokenizer.from_pretrained(args.model)
+
+            def logits_fn(ids):
+                with torch.no_grad():
+                    return ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+            r = ev._perplexity(logits_fn, tok, text, args.context_length, args.stride)
+        else:
+            r = ev.perplexity_pytorch(model, pre, text, args.context_length, args.stride)
+        result.update(
+            metric="perplexity",
+            value=r.perplexity,
+            tokens=r.num_tokens,
+            context_length=r.context_length,
+            stride=r.stride,
+        )
+        print(
+            f"perplexity {r.perplexity:.4f} over {r.num_tokens} tokens (context {r.context_length}, "
+            f"stride {r.stride})"
+        )
+    result["seconds"] = round(time.time() - t0, 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register ``recover`` and ``eval`` on the ``ffsplit-export`` subparsers."""
+    p = sub.add_parser("recover", help="SquareHead sparse fine-tuning of the split model, then export")
+    add_recover_arguments(p)
+    p.set_defaults(func=run_recover)
+    p = sub.add_parser("eval", help="perplexity / WER of an export (ONNX Runtime) or a PyTorch model")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)

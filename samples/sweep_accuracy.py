@@ -1,0 +1,357 @@
+"""Accuracy vs size sweep (issue 6): SmolLM2-135M perplexity and Whisper tiny.en WER.
+
+One command writes ``results.json``, ``results.md`` and PNG plots of accuracy vs model bytes:
+
+    python samples/sweep_accuracy.py --output sweep_out            # full grid (hours on 2 cores)
+    python samples/sweep_accuracy.py --output sweep_out --quick    # < 10 min on 2 cores
+
+Rows: dense fp32; MatMulNBits int8 / int4 of every linear (the whole model, no heavy set);
+FFSplit (heavy-hitter heavy set, dense) with light format x light sparsity x heavy fraction
+(x --other-linear, x heavy format); and the ablation at equal FFN bytes: heavy-hitter split vs
+uniform compression of the whole FFN (heavy fraction 0, light sparsity lowered until the FFN
+bytes match) vs a random heavy set of the same size. Calibration statistics are computed once
+per model and reused. PyTorch evaluates every row; the headline rows are also exported and
+evaluated through ONNX Runtime (``--no-onnx`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ffsplit_export.calibrate import calibrate, load_samples, make_batches
+from ffsplit_export.evaldata import calibration_text, eval_text, librispeech_clips
+from ffsplit_export.evaluate import perplexity_pytorch, wer_pytorch
+from ffsplit_export.export.api import weight_bytes
+from ffsplit_export.loading import load_model
+from ffsplit_export.pipeline import compress
+from ffsplit_export.split import SplitConfig
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration of the sweep."""
+
+    group: str  # dense / matmulnbits / ffsplit / uniform / random
+    light_format: str = "dense"
+    light_sparsity: float = 0.0
+    heavy_fraction: float = 0.0
+    heavy_format: str = "fp32"
+    other_linear: str = "fp32"
+    selection: str = "score"
+    headline: bool = False
+    note: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def label(self) -> str:
+        if self.group == "dense":
+            return "dense fp32"
+        if self.group == "matmulnbits":
+            return f"MatMulNBits {self.light_format} (all linears)"
+        sp = (
+            f"{self.light_format}@{self.light_sparsity:g}"
+            if self.light_format in SPARSE
+            else self.light_format
+        )
+        s = f"{self.group}: heavy {self.heavy_fraction:g} {self.heavy_format} + light {sp}"
+        return s + (f", other {self.other_linear}" if self.other_linear != "fp32" else "")
+
+
+SPARSE = ("sparse-int8", "sparse-fp32", "2:4-int8", "lowrank")
+
+
+def grid(quick: bool) -> list[Row]:
+    """The configurations, headline and ablation rows first."""
+    rows = [
+        Row("dense", headline=True),
+        Row("matmulnbits", "int8", other_linear="int8", headline=True),
+        Row("matmulnbits", "int4", other_linear="int4", headline=True),
+        Row("ffsplit", "sparse-int8", 0.5, 0.1, headline=True),
+        Row("ffsplit", "sparse-int8", 0.75, 0.1),
+        Row("ffsplit", "sparse-int8", 0.75, 0.1, "int8", "int8"),  # sized to compete with int4
+        Row("ffsplit", "int8", 0.0, 0.1),
+    ]
+    if quick:
+        return rows
+    for fmt in ("sparse-int8", "2:4-int8", "lowrank", "int4", "int8", "sparse-fp32"):
+        for sp in (0.5, 0.6, 0.75) if fmt in ("sparse-int8", "lowrank", "sparse-fp32") else (0.5,):
+            for hf in (0.0, 0.05, 0.1, 0.2):
+                for other in ("fp32", "int8"):
+                    sp_ = sp if fmt in SPARSE else 0.0
+                    rows.append(Row("ffsplit" if hf else "uniform", fmt, sp_, hf, other_linear=other))
+    rows += [Row("ffsplit", "sparse-int8", 0.75, hf, "fp16") for hf in (0.05, 0.1, 0.2)]
+    return list(dict.fromkeys(rows))
+
+
+def ablation_rows(base: Row) -> list[Row]:
+    """Uniform (no heavy set, same sparsity), and random heavy set of the same size (same bytes)."""
+    return [
+        Row("uniform", base.light_format, base.light_sparsity, 0.0, note="same light sparsity (fewer bytes)"),
+        Row(
+            "random",
+            base.light_format,
+            base.light_sparsity,
+            base.heavy_fraction,
+            selection="random",
+            note="same size, same bytes",
+        ),
+    ]
+
+
+# ------------------------------------------------------------------------------ models
+
+
+class Bench:
+    """One model, its calibration data and statistics, and its metric."""
+
+    def __init__(self, name: str, quick: bool, max_chars: int | None, clips: int | None):
+        self.name = name
+        self.model, self.pre, self.task = load_model(name)
+        self.speech = self.model.config.model_type == "whisper"
+        if self.speech:
+            samples = load_samples(self.model, None, 8)
+            self.clips = librispeech_clips(clips)
+            self.metric = "wer"
+        else:
+            samples = calibration_text("bible", 32 if quick else 128)
+            self.text = eval_text("bible", max_chars)
+            self.metric = "perplexity"
+        self.batches = make_batches(self.model, self.pre, samples, batch_size=8, max_length=128)
+        self.stats = calibrate(self.model, self.batches, progress=False)
+        self.quick = quick
+
+    def compress(self, row: Row):
+        if row.group == "dense":
+            return None
+        cfg = SplitConfig(
+            light_format=row.light_format,
+            light_sparsity=row.light_sparsity or 0.5,
+            heavy_format=row.heavy_format,
+        )
+        return compress(
+            self.model,
+            self.pre,
+            config=cfg,
+            heavy_fraction=row.heavy_fraction,
+            selection=row.selection,
+            other_linear=row.other_linear,
+            stats=self.stats,
+            batches=self.batches,
+            progress=False,
+        )
+
+    def evaluate(self, model) -> float:
+        if self.speech:
+            return wer_pytorch(model, self.pre, self.clips).wer
+        ctx = 256 if self.quick else 512
+        return perplexity_pytorch(model, self.pre, self.text, context_length=ctx, stride=ctx // 2).perplexity
+
+    def evaluate_onnx(self, model, res_dir: Path) -> float:
+        from ffsplit_export import evaluate as ev
+        from ffsplit_export.export.core import ExportOptions, export_split_model
+        from ffsplit_export.runtime import load
+
+        export_split_model(
+            model, self.pre, res_dir, self.task, ExportOptions(validate=False, overwrite=True), {}
+        )
+        ort = load(res_dir)
+        if self.speech:
+            return ev.word_error_rate(
+                [c[1] for c in self.clips], ev._transcribe(ort, self.pre, self.clips, None)
+            ).wer
+        ctx = 256 if self.quick else 512
+
+        def logits_fn(ids):
+            with torch.no_grad():
+                return ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+        return ev._perplexity(logits_fn, self.pre, self.text, ctx, ctx // 2).perplexity
+
+
+def run_row(bench: Bench, row: Row, onnx: bool, tmp: Path) -> dict:
+    t0 = time.time()
+    res = bench.compress(row)
+    model = bench.model if res is None else res.model
+    wb = weight_bytes(bench.model, model)
+    ffn_dense = res.report.dense_bytes if res is not None else None
+    out = {
+        "model": bench.name,
+        "label": row.label,
+        "group": row.group,
+        "light_format": row.light_format,
+        "light_sparsity": row.light_sparsity,
+        "heavy_fraction": row.heavy_fraction,
+        "heavy_format": row.heavy_format,
+        "other_linear": row.other_linear,
+        "selection": row.selection,
+        "note": row.note,
+        "model_bytes": wb["compressed"],
+        "model_bytes_ratio": wb["ratio"],
+        "ffn_bytes": res.report.bytes if res is not None else None,
+        "ffn_ratio": res.report.bytes / ffn_dense if res is not None else 1.0,
+        "metric": bench.metric,
+        "pytorch": bench.evaluate(model),
+    }
+    if onnx and row.headline:
+        out["onnx"] = bench.evaluate_onnx(model, tmp / f"{bench.name}-{abs(hash(row.label))}")
+    out["seconds"] = round(time.time() - t0, 1)
+    print(
+        f"  {row.label:70s} {bench.metric} {out['pytorch']:.4f}"
+        + (f" (onnx {out['onnx']:.4f})" if "onnx" in out else "")
+        + f"  ffn x{out['ffn_ratio']:.3f} model {wb['compressed'] / 2**20:.1f} MiB  [{out['seconds']} s]",
+        flush=True,
+    )
+    return out
+
+
+def equal_bytes_uniform(bench: Bench, base_result: dict, probe: dict, row: Row) -> Row:
+    """Uniform row whose light sparsity gives the FFN bytes of ``base_result`` (bytes are linear in density)."""
+    ffn_dense = base_result["ffn_bytes"] / base_result["ffn_ratio"]
+    n_weights = ffn_dense / 4  # FFN weights (the biases are few)
+    density = 1.0 - probe["light_sparsity"]
+    c0 = probe["ffn_bytes"] - n_weights * density
+    new_density = (base_result["ffn_bytes"] - c0) / n_weights
+    sp = min(0.99, max(0.0, round(1.0 - new_density, 4)))
+    return Row("uniform", row.light_format, sp, 0.0, note="equal FFN bytes")
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        metric = rows[0]["metric"]
+        dense = next((r["pytorch"] for r in rows if r["group"] == "dense"), float("nan"))
+        lines += [
+            f"### {model}: {metric} (lower is better)",
+            "",
+            f"| configuration | FFN bytes / dense | model MiB | {metric} PyTorch | x dense | ONNX Runtime | note |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in rows:
+            ratio = r["pytorch"] / dense if dense and metric == "perplexity" else (r["pytorch"] - dense)
+            rel = f"x{ratio:.3f}" if metric == "perplexity" else f"{100 * ratio:+.2f} pt"
+            val = f"{r['pytorch']:.3f}" if metric == "perplexity" else f"{100 * r['pytorch']:.2f} %"
+            ox = (
+                ""
+                if "onnx" not in r
+                else (f"{r['onnx']:.3f}" if metric == "perplexity" else f"{100 * r['onnx']:.2f} %")
+            )
+            lines.append(
+                f"| {r['label']} | {r['ffn_ratio']:.3f} | {r['model_bytes'] / 2**20:.1f} | {val} | {rel} | "
+                f"{ox} | {r['note']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    style = {
+        "dense": ("k", "*"),
+        "matmulnbits": ("tab:red", "s"),
+        "ffsplit": ("tab:blue", "o"),
+        "uniform": ("tab:orange", "^"),
+        "random": ("tab:green", "v"),
+    }
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for group, (color, marker) in style.items():
+            pts = [r for r in rows if r["group"] == group]
+            if pts:
+                ax.scatter(
+                    [r["model_bytes"] / 2**20 for r in pts],
+                    [r["pytorch"] for r in pts],
+                    c=color,
+                    marker=marker,
+                    label=group,
+                    s=50,
+                )
+        metric = rows[0]["metric"]
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel("model weight bytes (MiB)")
+        ax.set_ylabel(metric + " (PyTorch)")
+        ax.set_title(f"{model}: {metric} vs size")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        p = out / f"{model}_{metric}_vs_bytes.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", default="sweep_accuracy_out")
+    ap.add_argument(
+        "--quick", action="store_true", help="a few rows, short eval text, 3 clips (< 10 min, 2 cores)"
+    )
+    ap.add_argument("--models", default="smollm2-135m,whisper-tiny.en")
+    ap.add_argument(
+        "--no-onnx", action="store_true", help="skip the ONNX Runtime evaluation of headline rows"
+    )
+    ap.add_argument(
+        "--max-chars", type=int, default=None, help="eval text length (default: 6000 quick, all full)"
+    )
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    max_chars = args.max_chars or (6000 if args.quick else None)
+    results: list[dict] = []
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="sweep_onnx_") as tmp:
+        for name in args.models.split(","):
+            print(f"{name}:", flush=True)
+            bench = Bench(name, args.quick, max_chars, 3 if args.quick else None)
+            rows = grid(args.quick)
+            if bench.speech and args.quick:
+                rows = [r for r in rows if r.headline]
+            done: dict[Row, dict] = {}
+            for row in rows:
+                done[row] = run_row(
+                    bench, row, not args.no_onnx and not (args.quick and bench.speech), Path(tmp)
+                )
+                results.append(done[row])
+                if row.group == "ffsplit" and row.headline:  # the ablation at equal bytes
+                    probe, rnd = ablation_rows(row)
+                    for extra in (probe, rnd):
+                        results.append(run_row(bench, extra, False, Path(tmp)))
+                    eq = equal_bytes_uniform(bench, done[row], results[-2], row)
+                    results.append(run_row(bench, eq, False, Path(tmp)))
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+            del bench
+    (out / "results.md").write_text(markdown(results))
+    plots = plot(results, out)
+    print("\n" + markdown(results))
+    print(
+        f"wrote {out / 'results.json'}, {out / 'results.md'}, {', '.join(map(str, plots))} "
+        f"in {(time.time() - t0) / 60:.1f} min"
+    )
+    if any(math.isnan(r["pytorch"]) for r in results):
+        print("note: some rows are NaN")
+
+
+if __name__ == "__main__":
+    main()
