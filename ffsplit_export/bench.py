@@ -55,6 +55,7 @@ class Variant:
     kind: str  # dense | nbits | ffsplit
     formats: str
     sparsity: float | None = None
+    isa: str | None = None  # FFSPLIT_ISA while its session is created (ffsplit variants)
     stats: dict = field(default_factory=dict)
 
 
@@ -317,6 +318,21 @@ class Bandwidth:
         }
 
 
+def _open(v: Variant, threads: int) -> Runner:
+    """A Runner for ``v``, with FFSPLIT_ISA set while its kernels are created."""
+    if v.isa is None:
+        return Runner(v.path / "model.onnx", threads)
+    old = os.environ.get("FFSPLIT_ISA")
+    os.environ["FFSPLIT_ISA"] = v.isa
+    try:
+        return Runner(v.path / "model.onnx", threads)
+    finally:
+        if old is None:
+            del os.environ["FFSPLIT_ISA"]
+        else:
+            os.environ["FFSPLIT_ISA"] = old
+
+
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
@@ -364,16 +380,19 @@ def prepare(args) -> tuple[Path, list[Variant]]:
             args.heavy_fraction,
             args.num_samples,
         )
-        variants.append(
-            Variant(
-                f"ffsplit s={s:g}",
-                p,
-                "ffsplit",
-                f"light {args.light_format} {s:g} (wanda), heavy {args.heavy_format} "
-                f"(fraction {args.heavy_fraction:g}), other linears int4",
-                s,
+        for isa in args.isa:
+            variants.append(
+                Variant(
+                    f"ffsplit s={s:g}" + ("" if isa == "auto" else f" {isa}"),
+                    p,
+                    "ffsplit",
+                    f"light {args.light_format} {s:g} (wanda), heavy {args.heavy_format} "
+                    f"(fraction {args.heavy_fraction:g}), other linears int4"
+                    + ("" if isa == "auto" else f", FFSPLIT_ISA={isa}"),
+                    s,
+                    isa,
+                )
             )
-        )
         gc.collect()
     return model_dir, variants
 
@@ -387,7 +406,7 @@ def run(args) -> dict:
     for v in variants:
         v.stats.update(weight_bytes(v.path / "model.onnx"))
     _log("opening sessions")
-    runners = {v.name: Runner(v.path / "model.onnx", args.threads) for v in variants}
+    runners = {v.name: _open(v, args.threads) for v in variants}
     bw = Bandwidth(args.threads)
     bw_before = bw.measure()
     flush = bw.flush if args.flush_cache else None
@@ -434,6 +453,7 @@ def run(args) -> dict:
         read = s["weight_bytes_per_token"] + kv_bytes
         results[v.name] = {
             "kind": v.kind,
+            "ffsplit_isa": v.isa,
             "formats": v.formats,
             "light_sparsity": v.sparsity,
             "path": str(v.path),
@@ -507,7 +527,7 @@ def _runtime_info() -> dict:
         "onnxruntime": ort.__version__,
         "plugin": str(lib),
         "plugin_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lib.stat().st_mtime)),
-        "FFSPLIT_ISA": os.environ.get("FFSPLIT_ISA", "auto"),
+        "FFSPLIT_ISA_env": os.environ.get("FFSPLIT_ISA", "auto"),
     }
 
 
@@ -596,6 +616,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heavy-fraction", type=float, default=0.1)
     p.add_argument(
         "--num-samples", type=int, default=8, help="calibration samples (random weights: speed only)"
+    )
+    p.add_argument(
+        "--isa",
+        default="auto",
+        type=lambda x: [i.strip() for i in x.split(",") if i.strip()],
+        help="FFSPLIT_ISA values to run each ffsplit export under, e.g. auto,avx512vnni (one row each)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
