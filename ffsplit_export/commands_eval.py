@@ -49,7 +49,7 @@ def add_recover_arguments(p: argparse.ArgumentParser) -> None:
 def run_recover(args) -> int:
     import torch
 
-    from .calibrate import load_samples
+    from .calibrate import load_samples, modality
     from .cli import compress_kwargs
     from .export.api import weight_bytes
     from .export.core import ExportOptions, check_target_format, export_split_model
@@ -95,7 +95,13 @@ def run_recover(args) -> int:
     t0 = time.time()
     teacher, pre, task = load_model(args.model, args.task)
     res = compress(teacher, pre, config=cfg, **kw)
-    data = load_samples(teacher, args.train_data or args.calibration, args.train_samples)
+    source = args.train_data or args.calibration
+    if source is None and modality(teacher) == "text":
+        from .data import readers
+
+        data = readers.builtin_text()[: args.train_samples]  # the built-in sample, not repeated
+    else:
+        data = load_samples(teacher, source, args.train_samples)
     if args.device != "cpu" and not torch.cuda.is_available() and args.device.startswith("cuda"):
         raise ConfigError(f"--device {args.device}: no CUDA device here; use --device cpu")
     report = recover(

@@ -575,7 +575,7 @@ def recover(
     student.to(dev).eval()  # eval: no dropout; gradients flow all the same
     for p in list(teacher.parameters()) + list(student.parameters()):
         p.requires_grad_(False)
-    batches = training_batches(student, preprocessor, data, cfg)
+    batches = training_batches(teacher, preprocessor, data, cfg)  # Whisper: the teacher transcribes
     modules = make_trainable_(student, cfg.train_other_linear)
     student.to(dev)
     params = _params(modules)
