@@ -100,16 +100,44 @@ def export_dense(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def export_nbits(dense: Path, out: Path, bits: int, block_size: int = 128, accuracy_level: int = 4) -> Path:
-    """MatMulNBits quantization of every MatMul with a constant weight (reused if present)."""
+def fold_weight_transposes(model) -> int:
+    """Replace ``Transpose(initializer)`` (a tied lm_head) by a transposed initializer; returns the count."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    folded = []
+    for n in model.graph.node:
+        if n.op_type == "Transpose" and n.input[0] in inits:
+            a = numpy_helper.to_array(inits[n.input[0]])
+            perm = next((list(x.ints) for x in n.attribute if x.name == "perm"), None)
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(a.transpose(perm)), n.output[0])
+            )
+            folded.append(n)
+    for n in folded:
+        model.graph.node.remove(n)
+    return len(folded)
+
+
+def export_nbits(
+    dense: Path, out: Path, bits: int, block_size: int = 128, accuracy_level: int = 4, untie: bool = False
+) -> Path:
+    """MatMulNBits quantization of every MatMul with a constant weight (reused if present).
+
+    With ``untie`` a tied lm_head (``MatMul(x, Transpose(embedding))``, which the quantizer skips)
+    gets its own transposed weight first, so it is quantized too.
+    """
     if (out / "model.onnx").exists():
         return out
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    _log(f"MatMulNBits {bits}-bit -> {out}")
+    _log(f"MatMulNBits {bits}-bit{' (lm_head untied)' if untie else ''} -> {out}")
+    model = onnx.load(str(dense / "model.onnx"))
+    if untie and not fold_weight_transposes(model):
+        _log("no Transpose(initializer) to untie; the lm_head is quantized as in the plain export")
     q = MatMulNBitsQuantizer(
-        onnx.load(str(dense / "model.onnx")),
+        model,
         bits=bits,
         block_size=block_size,
         is_symmetric=True,
@@ -369,6 +397,16 @@ def prepare(args) -> tuple[Path, list[Variant]]:
                 f"MatMulNBits {bits}-bit, block 128, symmetric, accuracy_level 4",
             )
         )
+    if args.untied_int4:
+        p = export_nbits(dense, work / f"{shape}-int4-untied", 4, untie=True)
+        variants.append(
+            Variant(
+                "MatMulNBits int4 +lm_head",
+                p,
+                "nbits",
+                "as int4, tied lm_head untied first so it is int4 too (the stock quantizer leaves it fp32)",
+            )
+        )
     for s in args.sparsities:
         tag = f"{shape}-ffsplit-{args.light_format}-s{s:g}-h{args.heavy_format}-f{args.heavy_fraction:g}"
         p = export_ffsplit(
@@ -616,6 +654,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heavy-fraction", type=float, default=0.1)
     p.add_argument(
         "--num-samples", type=int, default=8, help="calibration samples (random weights: speed only)"
+    )
+    p.add_argument(
+        "--untied-int4",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a MatMulNBits int4 row whose tied lm_head is quantized (as ffsplit's --other-linear does)",
     )
     p.add_argument(
         "--isa",
