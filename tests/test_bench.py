@@ -86,3 +86,13 @@ def test_table_has_a_row_per_variant():
     }
     text = bench.table(out, [32])
     assert text.count("\n| a |") == 1 and "| b |" in text and "10.0 GB/s" in text
+
+
+def test_fold_weight_transposes_unties_lm_head(tmp_path):
+    path, e, w = _model(tmp_path, tied=True)
+    m = onnx.load(path)
+    assert bench.fold_weight_transposes(m) == 1
+    assert "Transpose" not in {n.op_type for n in m.graph.node}
+    onnx.save(m, path)
+    b = bench.weight_bytes(path)
+    assert b["embedding_bytes"] == e and b["weight_bytes_per_token"] == w + e + 8 * 4
