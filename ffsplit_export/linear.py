@@ -167,6 +167,10 @@ def _custom(g, op_type: str, x, *inputs, **attrs):
             plugin_version_s=TRT_PLUGIN_VERSION,
             **attrs,
         )
+    level = _NBITS_ACCURACY_LEVEL.get()
+    if level and op_type != "SparseMatMulFP32":
+        # like MatMulNBits' accuracy_level 4: the kernel may quantize activations to int8
+        attrs["accuracy_level_i"] = level
     return g.op(f"{FFSPLIT_DOMAIN}::{op_type}", x, *inputs, **attrs)
 
 

@@ -148,6 +148,13 @@ def _schema(spec: OpSpec) -> defs.OpSchema:
             defs.OpSchema.Attribute(
                 "plugin_version", defs.OpSchema.AttrType.STRING, "TensorRT plugin version", required=False
             ),
+            defs.OpSchema.Attribute(
+                "accuracy_level",
+                defs.OpSchema.AttrType.INT,
+                "0 (default): exact float32 compute; 4: activations may be quantized to int8 per row "
+                "(as MatMulNBits accuracy_level 4); the reference always computes in float32",
+                required=False,
+            ),
         ],
     )
     return schema
