@@ -10,7 +10,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
 $sudo apt-get update
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends \
-  pocketsphinx-testdata bible-kjv bible-kjv-text fortunes
+  pocketsphinx-testdata bible-kjv bible-kjv-text fortunes espeak-ng sox
 
 if [ ! -x "$venv/bin/python" ]; then
   echo "no Python venv at $venv: create it first (python3 -m venv $venv, then install torch==2.13.0 CPU and the package)" >&2

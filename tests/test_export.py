@@ -210,3 +210,22 @@ def test_cli_and_optimum_cli_write_the_same_files(tmp_path):
     ma = onnx.load(str(tmp_path / "a" / "model.onnx"))
     mb = onnx.load(str(tmp_path / "b" / "model.onnx"))
     assert [n.op_type for n in ma.graph.node] == [n.op_type for n in mb.graph.node]
+
+
+def test_load_tensorrt_without_tensorrt_says_what_is_missing(tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed")
+    except ImportError:
+        pass
+    from ffsplit_export.errors import FFSplitError
+    from ffsplit_export.runtime import load
+
+    out = tmp_path / "out"
+    _export("tiny-mpt", out, target="tensorrt")
+    with pytest.raises(FFSplitError, match="(?i)tensorrt"):
+        load(out, provider="tensorrt")
+    with pytest.raises(ConfigError, match="provider='tensorrt'"):
+        load(out)

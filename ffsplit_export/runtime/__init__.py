@@ -70,10 +70,16 @@ def load(output: str | Path, provider: str = "cpu", session_options_=None, **kwa
             )
         return cls.from_pretrained(output, provider="CUDAExecutionProvider", **extra, **kwargs)
     if provider == "tensorrt":
-        from ..trt import ort_provider
+        from ..trt.engine import tensorrt_provider_options
 
-        prov, opts = ort_provider.tensorrt_provider(output)
-        return cls.from_pretrained(output, provider=prov, provider_options=opts, **extra, **kwargs)
+        provs = tensorrt_provider_options(sparse_weights=bool(manifest.get("trt_sparse_weights")))
+        names = [p[0] if isinstance(p, tuple) else p for p in provs]
+        opts = [p[1] if isinstance(p, tuple) else {} for p in provs]
+        # the CPU library gives ONNX Runtime the ffsplit node schemas and the CPU fallback
+        so = session_options_ or session_options()
+        return cls.from_pretrained(
+            output, providers=names, provider_options=opts, session_options=so, **extra, **kwargs
+        )
     raise ConfigError(f"provider={provider!r}; use 'cpu', 'cuda' or 'tensorrt'")
 
 
