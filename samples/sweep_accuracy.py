@@ -11,7 +11,7 @@ FFSplit (heavy-hitter heavy set, dense) with light format x light sparsity x hea
 uniform compression of the whole FFN (heavy fraction 0, light sparsity lowered until the FFN
 bytes match) vs a random heavy set of the same size. Calibration statistics are computed once
 per model and reused. PyTorch evaluates every row; the headline rows are also exported and
-evaluated through ONNX Runtime (``--no-onnx`` to skip).
+evaluated through ONNX Runtime (``--quick``: the FFSplit headline row only; ``--no-onnx`` to skip).
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def run_row(bench: Bench, row: Row, onnx: bool, tmp: Path) -> dict:
         "metric": bench.metric,
         "pytorch": bench.evaluate(model),
     }
-    if onnx and row.headline:
+    if onnx and row.headline and (row.group == "ffsplit" or not bench.quick):
         out["onnx"] = bench.evaluate_onnx(model, tmp / f"{bench.name}-{abs(hash(row.label))}")
     out["seconds"] = round(time.time() - t0, 1)
     print(
