@@ -79,7 +79,9 @@ def nbits_model(w: np.ndarray, bits: int, block: int = 128) -> tuple[bytes, int]
     return _model([node], inits, k), p.nbytes
 
 
-def ffsplit_model(op: str, w: np.ndarray, sparsity: float, rng) -> tuple[bytes, int]:
+def ffsplit_model(
+    op: str, w: np.ndarray, sparsity: float, rng, accuracy_level: int = 0
+) -> tuple[bytes, int]:
     n, k = w.shape
     if op == "Sparse24MatMulInt8":
         rank = rng.random((n, k // 4, 4)).argsort(axis=2)
@@ -99,7 +101,8 @@ def ffsplit_model(op: str, w: np.ndarray, sparsity: float, rng) -> tuple[bytes, 
             p24 = packing.pack_nm24(q)
             arrays, names = (p24.values, p24.meta, scales), ("values", "meta", "scales")
     inits = [numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names)]
-    node = helper.make_node(op, ["X", *names], ["Y"], domain=DOMAIN)
+    attrs = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    node = helper.make_node(op, ["X", *names], ["Y"], domain=DOMAIN, **attrs)
     return _model([node], inits, k), int(sum(a.nbytes for a in arrays))
 
 
@@ -131,6 +134,13 @@ def main() -> None:
         default=["SparseMatMulInt8", "Sparse24MatMulInt8"],
         choices=["SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8"],
     )
+    ap.add_argument(
+        "--accuracy-levels",
+        type=int,
+        nargs="+",
+        default=[0, 4],
+        help="accuracy_level attribute of the ffsplit nodes (4: int8 activations on int8-weight ops)",
+    )
     ap.add_argument("--no-nbits", action="store_true", help="skip the MatMulNBits baselines")
     ap.add_argument("--flush-mib", type=int, default=1024, help="cache flush / bandwidth buffer (> L3)")
     ap.add_argument("--output", default="bench_kernels.json")
@@ -157,7 +167,11 @@ def main() -> None:
             variants.append(("nbits-int4", None, *nbits_model(w, 4)))
         for op in args.ops:
             for s in [0.5] if op == "Sparse24MatMulInt8" else args.sparsity:
-                variants.append((op, s, *ffsplit_model(op, w, s, rng)))
+                for lvl in args.accuracy_levels:
+                    if lvl and op == "SparseMatMulFP32":
+                        continue
+                    name = op if not lvl else f"{op}/al{lvl}"
+                    variants.append((name, s, *ffsplit_model(op, w, s, rng, lvl)))
         del w
         sessions = []
         for name, s, model, nbytes in variants:
@@ -204,13 +218,13 @@ def main() -> None:
                     )
                 )
         del sessions
-    hdr = f"{'layer':5} {'M':>4} {'variant':20} {'spars':>5} {'ms':>9} {'MB':>7} {'GB/s':>6} {'floor ms':>8} {'x floor':>7} {'vs dense':>8}"
+    hdr = f"{'layer':5} {'M':>4} {'variant':24} {'spars':>5} {'ms':>9} {'MB':>7} {'GB/s':>6} {'floor ms':>8} {'x floor':>7} {'vs dense':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in results:
         sp = "" if r["sparsity"] is None else f"{r['sparsity']:.2f}"
         print(
-            f"{r['layer']:5} {r['m']:>4} {r['variant']:20} {sp:>5} {r['median_ms']:9.3f} "
+            f"{r['layer']:5} {r['m']:>4} {r['variant']:24} {sp:>5} {r['median_ms']:9.3f} "
             f"{r['weight_bytes'] / 1e6:7.1f} {r['achieved_gbps']:6.1f} {r['floor_ms']:8.3f} "
             f"{r['ratio_to_floor']:7.2f} {r['speedup_vs_dense']:8.2f}"
         )

@@ -68,7 +68,9 @@ def make_weights(op: str, n: int, k: int, sparsity: float, seed: int = 0) -> tup
     return p24.values, p24.meta, scales
 
 
-def make_model(op: str, x_shape: list, weights, as_inputs: bool = False) -> bytes:
+def make_model(
+    op: str, x_shape: list, weights, as_inputs: bool = False, accuracy_level: int | None = None
+) -> bytes:
     names = WEIGHT_NAMES[op]
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, x_shape)
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)
@@ -78,7 +80,8 @@ def make_model(op: str, x_shape: list, weights, as_inputs: bool = False) -> byte
             inputs.append(helper.make_tensor_value_info(name, ty, list(np.shape(arr))))
         else:
             inits.append(numpy_helper.from_array(np.asarray(arr), name))
-    node = helper.make_node(op, ["X", *names], ["Y"], domain=DOMAIN, name="light")
+    attrs = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
+    node = helper.make_node(op, ["X", *names], ["Y"], domain=DOMAIN, name="light", **attrs)
     graph = helper.make_graph([node], "g", inputs, [y], initializer=inits)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, VERSION)]
@@ -258,6 +261,44 @@ def test_malformed_initializer_fails_at_session_creation(case, monkeypatch):
     model = make_model(op, ["m", k], ws)
     with pytest.raises(Exception, match=match):
         session(model, None, monkeypatch)
+
+
+def _has_vnni() -> bool:
+    import subprocess
+
+    try:
+        flags = subprocess.run(["grep", "-m1", "^flags", "/proc/cpuinfo"], capture_output=True, text=True).stdout
+    except OSError:
+        return False
+    return all(f in flags.split() for f in ("avx512bw", "avx512vl", "avx512_vbmi2", "avx512_vnni"))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("level", [None, 0, 4])
+def test_accuracy_level(op, level, monkeypatch):
+    """accuracy_level 4 on an int8-weight op: int8 activations (VNNI where the CPU has it) within the
+    int8-activation tolerance, for every M (row-dot and tiled paths, K tail); absent / 0 (and the
+    fp32-weight op at any level) stay exact."""
+    k, n = 7373 // 16, 300  # K not a multiple of 64
+    weights = make_weights(op, n, k, 0.75, seed=11)
+    sess = session(make_model(op, ["m", k], weights, accuracy_level=level), None, monkeypatch)
+    rng = np.random.default_rng(4)
+    int8_act = level == 4 and op != "SparseMatMulFP32" and _has_vnni()
+    for m in (1, 3, 16, 33, 64, 130):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        (y,) = sess.run(None, {"X": x})
+        ref = reference_matmul(op, x, *weights)
+        check_close(op, "avx512vnni" if level == 4 else "default", y, ref, k)
+        if int8_act:  # the int8 path really runs: an error well above fp32 rounding (~1e-7)
+            assert np.linalg.norm(y - ref) / np.linalg.norm(ref) > 1e-5, m
+        else:
+            check_close(op, "default", y, ref, k)
+
+
+def test_accuracy_level_out_of_range(monkeypatch):
+    weights = make_weights("SparseMatMulInt8", 4, 8, 0.5)
+    with pytest.raises(Exception, match="accuracy_level must be 0..4"):
+        session(make_model("SparseMatMulInt8", [1, 8], weights, accuracy_level=7), None, monkeypatch)
 
 
 def test_unknown_isa_is_rejected(monkeypatch):

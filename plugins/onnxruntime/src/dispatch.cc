@@ -41,11 +41,12 @@ bool IsaSupported(Isa isa) {
   return false;
 }
 
-Isa SelectIsa() {
+Isa SelectIsa(bool int8_activations) {
   const char* env = std::getenv("FFSPLIT_ISA");
   std::string want = env ? env : "";
   if (want.empty() || want == "auto") {
-    // best exact-fp32 path; the int8-activation VNNI path is opt-in only
+    // int8 activations only where the op allows it (accuracy_level 4), else the best exact path
+    if (int8_activations && IsaSupported(Isa::kAvx512Vnni)) return Isa::kAvx512Vnni;
     for (Isa isa : {Isa::kAvx512Vbmi2, Isa::kAvx512, Isa::kAvx2})
       if (IsaSupported(isa)) return isa;
     return Isa::kScalar;
@@ -67,6 +68,7 @@ namespace {
 
 constexpr int64_t kRowDotMaxM = 16;  // below: row-dot (weights decoded once, reused by <= 4 rows of X)
 constexpr int64_t kMaxMBlock = 64;    // outer product: columns of X per block (4 zmm accumulators)
+constexpr int64_t kGemmI8MinM = 16;   // int8 activations: dense-tile VNNI GEMM from this M
 
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
@@ -109,6 +111,13 @@ void RunRowDot(void* data, size_t task) {
   }
 }
 
+void RunGemmI8(void* data, size_t task) {
+  const Job& j = *static_cast<const Job*>(data);
+  const int64_t n0 = static_cast<int64_t>(task) * j.rows_per_task;
+  const int64_t n1 = std::min(j.p->n, n0 + j.rows_per_task);
+  avx512vnni::Gemm(*j.p, j.xq, j.xs, j.kpad, j.y, 0, j.m, j.mbp, n0, n1);
+}
+
 void RunOuter(void* data, size_t task) {
   const Job& j = *static_cast<const Job*>(data);
   const int64_t b = static_cast<int64_t>(task) / j.row_tasks;
@@ -134,25 +143,42 @@ void MatMul(const Packed& p, const float* x, float* y, int64_t m, int64_t k, Isa
   job.m = m;
   job.k = k;
   job.isa = isa;
+  const bool int8_act = isa == Isa::kAvx512Vnni && p.int8 && k <= 65536;  // int32 sums cannot overflow
+  if (int8_act && m >= kGemmI8MinM) {
+    // int8 activations, larger M: X quantized per row, transposed by dwords ([k/4][mbp][4]), and
+    // multiplied with dense-decoded tiles of W (weights decoded once per call)
+    job.kpad = p.words * 64;
+    job.mbp = (m + 15) / 16 * 16;
+    auto xq = AlignedAlloc<uint8_t>(static_cast<size_t>(m * job.kpad));
+    std::vector<float> xs(static_cast<size_t>(m));
+    avx512vnni::Quantize(x, m, k, job.kpad, xq.get(), xs.data());
+    auto xt = AlignedAlloc<uint8_t>(static_cast<size_t>(job.kpad * job.mbp));
+    const int64_t kq = job.kpad / 4;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(xt.get());
+    for (int64_t r = 0; r < job.mbp; ++r) {
+      if (r < m) {
+        const uint8_t* src = xq.get() + r * job.kpad;
+        for (int64_t q = 0; q < kq; ++q) std::memcpy(dst + q * job.mbp + r, src + 4 * q, 4);
+      } else {
+        for (int64_t q = 0; q < kq; ++q) dst[q * job.mbp + r] = 0x80808080u;
+      }
+    }
+    job.xq = xt.get();
+    job.xs = xs.data();
+    job.rows_per_task = 48;
+    const int64_t tasks = (p.n + job.rows_per_task - 1) / job.rows_per_task;
+    par.For(static_cast<size_t>(tasks), RunGemmI8, &job);
+    return;
+  }
   if (isa == Isa::kScalar || m < kRowDotMaxM) {
     std::unique_ptr<uint8_t[], AlignedFree> xq;
     std::vector<float> xs;
-    if (isa == Isa::kAvx512Vnni && p.int8 && k <= 65536) {
+    if (int8_act) {
       // per-row symmetric scale, uint8 codes with zero point 128; padded to whole mask words
       job.kpad = p.words * 64;
       xq = AlignedAlloc<uint8_t>(static_cast<size_t>(m * job.kpad));
       xs.resize(static_cast<size_t>(m));
-      for (int64_t r = 0; r < m; ++r) {
-        const float* xr = x + r * k;
-        float amax = 0.0f;
-        for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xr[i]));
-        const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
-        const float inv = 1.0f / s;
-        uint8_t* q = xq.get() + r * job.kpad;
-        for (int64_t i = 0; i < k; ++i) q[i] = static_cast<uint8_t>(std::lrintf(xr[i] * inv) + 128);
-        std::memset(q + k, 128, static_cast<size_t>(job.kpad - k));
-        xs[static_cast<size_t>(r)] = s;
-      }
+      avx512vnni::Quantize(x, m, k, job.kpad, xq.get(), xs.data());
       job.xq = xq.get();
       job.xs = xs.data();
     }

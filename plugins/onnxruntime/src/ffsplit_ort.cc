@@ -330,8 +330,20 @@ class Kernel {
     } catch (...) {
       name_ = std::string("ffsplit::") + KindName(kind);
     }
+    // accuracy_level (optional int, 0 default): 4 lets int8-weight ops quantize activations to
+    // int8 per row (as MatMulNBits accuracy_level 4); anything else computes exactly in fp32
+    int64_t level = 0;
+    if (OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info_ptr, "accuracy_level", &level)) {
+      Ort::GetApi().ReleaseStatus(st);  // absent
+      level = 0;
+    }
+    if (level < 0 || level > 4)
+      throw Ort::Exception(name_ + ": accuracy_level must be 0..4 (4 = int8 activations allowed), got " +
+                               std::to_string(level),
+                           ORT_INVALID_ARGUMENT);
+    accuracy_level_ = level;
     try {
-      isa_ = SelectIsa();
+      isa_ = SelectIsa(level == 4 && kind != Kind::kSparseFp32);
     } catch (const std::exception& e) {
       throw Ort::Exception(name_ + ": " + e.what(), ORT_INVALID_ARGUMENT);
     }
@@ -418,6 +430,7 @@ class Kernel {
   Kind kind_;
   std::string name_;
   Isa isa_ = Isa::kScalar;
+  int64_t accuracy_level_ = 0;
   std::optional<Prepared> prepared_;
 };
 

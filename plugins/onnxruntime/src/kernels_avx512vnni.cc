@@ -1,8 +1,15 @@
-// AVX-512 VNNI row-dot kernel (opt-in, FFSPLIT_ISA=avx512vnni, int8 weights only): activations
-// are quantized per row to uint8 with zero point 128, weights are expanded with vpexpandb and
-// multiplied with vpdpbusd (64 multiply-adds per instruction). Not exact: see the tolerance in
-// the tests (relative error ~1e-3 .. 1e-2).
+// AVX-512 VNNI kernels (int8 weights, accuracy_level 4 or FFSPLIT_ISA=avx512vnni): activations are
+// quantized per row to uint8 with zero point 128 and multiplied with vpdpbusd (64 multiply-adds per
+// instruction). Not exact: see the tolerance in the tests (relative error ~1e-3 .. 1e-2).
+//   RowDot (small M): weights expanded 64 columns at a time with vpexpandb, dotted with X rows.
+//   Gemm (larger M): a group of weight rows is decoded to dense int8 in a small buffer (L1/L2), then
+//   a register-blocked micro-kernel broadcasts 4 weights of a row (one dword) against 16 rows of X
+//   stored as [k/4][m][4] bytes: NR rows of W x MV*16 rows of X in 24 zmm accumulators.
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
 
 #include "packed.h"
 
@@ -42,7 +49,149 @@ void Rows(const Packed& p, const uint8_t* xq, const float* xs, int64_t kpad, flo
   }
 }
 
+template <int NR, int MV>
+void Micro(const int8_t* w, int64_t kpad, const uint8_t* xb, int64_t mbp, int64_t kq0, int64_t kq1,
+           int32_t* out /* [NR][MV*16] */, bool first) {
+  __m512i acc[NR][MV];
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < MV; ++j) acc[r][j] = _mm512_setzero_si512();
+  const int8_t* wk = w + kq0 * 4;
+  const uint8_t* xk = xb + kq0 * mbp * 4;
+  for (int64_t kq = kq0; kq < kq1; ++kq, wk += 4, xk += mbp * 4) {
+    __m512i xv[MV];
+#pragma GCC unroll 4
+    for (int j = 0; j < MV; ++j) xv[j] = _mm512_loadu_si512(xk + 64 * j);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      int32_t wd;
+      std::memcpy(&wd, wk + r * kpad, 4);
+      const __m512i wb = _mm512_set1_epi32(wd);
+#pragma GCC unroll 4
+      for (int j = 0; j < MV; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], xv[j], wb);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < MV; ++j) {
+      int32_t* o = out + (r * MV + j) * 16;
+      _mm512_storeu_si512(o, first ? acc[r][j] : _mm512_add_epi32(acc[r][j], _mm512_loadu_si512(o)));
+    }
+}
+
+template <int NR>
+void MicroM(int mv, const int8_t* w, int64_t kpad, const uint8_t* xb, int64_t mbp, int64_t kq0, int64_t kq1,
+            int32_t* out, bool first) {
+  switch (mv) {
+    case 1: return Micro<NR, 1>(w, kpad, xb, mbp, kq0, kq1, out, first);
+    case 2: return Micro<NR, 2>(w, kpad, xb, mbp, kq0, kq1, out, first);
+    case 3: return Micro<NR, 3>(w, kpad, xb, mbp, kq0, kq1, out, first);
+    default: return Micro<NR, 4>(w, kpad, xb, mbp, kq0, kq1, out, first);
+  }
+}
+
+void MicroNM(int nr, int mv, const int8_t* w, int64_t kpad, const uint8_t* xb, int64_t mbp, int64_t kq0,
+             int64_t kq1, int32_t* out, bool first) {
+  switch (nr) {
+    case 1: return MicroM<1>(mv, w, kpad, xb, mbp, kq0, kq1, out, first);
+    case 2: return MicroM<2>(mv, w, kpad, xb, mbp, kq0, kq1, out, first);
+    case 3: return MicroM<3>(mv, w, kpad, xb, mbp, kq0, kq1, out, first);
+    case 4: return MicroM<4>(mv, w, kpad, xb, mbp, kq0, kq1, out, first);
+    case 5: return MicroM<5>(mv, w, kpad, xb, mbp, kq0, kq1, out, first);
+    default: return MicroM<6>(mv, w, kpad, xb, mbp, kq0, kq1, out, first);
+  }
+}
+
 }  // namespace
+
+void Quantize(const float* x, int64_t m, int64_t k, int64_t kpad, uint8_t* xq, float* xs) {
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * k;
+    __m512 mx = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_loadu_ps(xr + i)));
+    if (i < k) {
+      const __mmask16 t = static_cast<__mmask16>((1u << (k - i)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(t, xr + i)));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+    const __m512 inv = _mm512_set1_ps(1.0f / s);
+    const __m512i zp = _mm512_set1_epi32(128);
+    uint8_t* q = xq + r * kpad;
+    // same rounding as lrintf (round to nearest even, the default MXCSR mode)
+    for (i = 0; i + 16 <= k; i += 16) {
+      const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + i), inv)), zp);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
+    }
+    if (i < k) {
+      const __mmask16 t = static_cast<__mmask16>((1u << (k - i)) - 1);
+      const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(t, xr + i), inv)), zp);
+      _mm512_mask_cvtepi32_storeu_epi8(q + i, t, v);
+    }
+    std::memset(q + k, 128, static_cast<size_t>(kpad - k));
+    xs[r] = s;
+  }
+}
+
+// xt: uint8 [kpad/4][mbp][4], rows m0 .. m0+mb of the quantized X (rows past mb hold anything).
+void Gemm(const Packed& p, const uint8_t* xt, const float* xs, int64_t kpad, float* y, int64_t m0, int64_t mb,
+          int64_t mbp, int64_t n0, int64_t n1) {
+  constexpr int kNR = 6;
+  // K chunk: the X slice of a chunk (mbp * kc bytes) stays in L2 while the rows of the task walk it
+  const int64_t kq_total = kpad / 4;
+  const int64_t kq_chunk = std::max<int64_t>(16, std::min<int64_t>(kq_total, (512 * 1024) / (mbp * 4)));
+  thread_local std::vector<int8_t> wbuf;
+  thread_local std::vector<int32_t> accbuf;
+  const int64_t rows = n1 - n0;
+  wbuf.resize(static_cast<size_t>(rows * kpad));
+  accbuf.resize(static_cast<size_t>(rows * mbp));
+  // decode the task's rows to dense int8 once
+  const int8_t* vals = p.values_i8.data();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint64_t* mrow = p.mask.data() + n * p.words;
+    const int8_t* v = vals + p.row_ptr[n];
+    int8_t* dst = wbuf.data() + (n - n0) * kpad;
+    for (int64_t wi = 0; wi < p.words; ++wi) {
+      const uint64_t bits = mrow[wi];
+      _mm512_storeu_si512(dst + wi * 64, _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(v)));
+      v += __builtin_popcountll(bits);
+    }
+  }
+  const int mv_all = static_cast<int>(mbp / 16);
+  for (int64_t kq0 = 0; kq0 < kq_total; kq0 += kq_chunk) {
+    const int64_t kq1 = std::min(kq_total, kq0 + kq_chunk);
+    for (int64_t r0 = 0; r0 < rows; r0 += kNR) {
+      const int nr = static_cast<int>(std::min<int64_t>(kNR, rows - r0));
+      for (int mv0 = 0; mv0 < mv_all; mv0 += 4) {
+        const int mv = std::min(4, mv_all - mv0);
+        // out: [nr][mv*16] at accbuf[r0 * mbp + mv0 * 16 * nr]: a private slice per (r0, mv0)
+        int32_t* out = accbuf.data() + r0 * mbp + static_cast<int64_t>(mv0) * 16 * nr;
+        MicroNM(nr, mv, wbuf.data() + r0 * kpad, kpad, xt + mv0 * 64, mbp, kq0, kq1, out, kq0 == 0);
+      }
+    }
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += kNR) {
+    const int nr = static_cast<int>(std::min<int64_t>(kNR, rows - r0));
+    for (int mv0 = 0; mv0 < mv_all; mv0 += 4) {
+      const int mv = std::min(4, mv_all - mv0);
+      const int32_t* out = accbuf.data() + r0 * mbp + static_cast<int64_t>(mv0) * 16 * nr;
+      for (int r = 0; r < nr; ++r) {
+        const int64_t n = n0 + r0 + r;
+        const float s = p.scales[n];
+        const int32_t corr = 128 * p.rowsum[n];
+        for (int i = 0; i < mv * 16; ++i) {
+          const int64_t mi = mv0 * 16 + i;
+          if (mi >= mb) break;
+          y[(m0 + mi) * p.n + n] = static_cast<float>(out[r * mv * 16 + i] - corr) * xs[m0 + mi] * s;
+        }
+      }
+    }
+  }
+}
 
 void RowDot(const Packed& p, const uint8_t* xq, const float* xs, int64_t kpad, float* y, int64_t m, int64_t n0,
             int64_t n1) {

@@ -19,9 +19,11 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vbmi2 = 3, kAvx512V
 
 const char* IsaName(Isa isa);
 bool IsaSupported(Isa isa);
-// FFSPLIT_ISA (scalar|avx2|avx512|avx512vbmi2|avx512vnni|auto) or the best exact path of this CPU.
+// FFSPLIT_ISA (scalar|avx2|avx512|avx512vbmi2|avx512vnni|auto; a test/debug override) or, unset or
+// auto, the best path of this CPU: the int8-activation VNNI path when int8_activations (the op's
+// accuracy_level is 4 and its weights are int8) and the CPU has it, else the best exact fp32 path.
 // Throws std::invalid_argument on an unknown or unsupported value.
-Isa SelectIsa();
+Isa SelectIsa(bool int8_activations = false);
 
 struct Packed {
   int64_t n = 0;       // rows (output channels)
@@ -71,6 +73,11 @@ namespace avx512vnni {
 // xq: uint8 [M, kpad] activations quantized with zero point 128, xs: their per-row scales.
 void RowDot(const Packed& p, const uint8_t* xq, const float* xs, int64_t kpad, float* y, int64_t m,
             int64_t n0, int64_t n1);
+// xq [m, kpad] (kpad a multiple of 64 >= k; padding = the zero point), xs [m]
+void Quantize(const float* x, int64_t m, int64_t k, int64_t kpad, uint8_t* xq, float* xs);
+// xt: uint8 [kpad/4][mbp][4] (X rows m0 .. m0+mb transposed by dwords, mbp a multiple of 16)
+void Gemm(const Packed& p, const uint8_t* xt, const float* xs, int64_t kpad, float* y, int64_t m0, int64_t mb,
+          int64_t mbp, int64_t n0, int64_t n1);
 }
 
 }  // namespace ffsplit
