@@ -76,7 +76,7 @@ def load_samples(model: nn.Module, calibration: str | None, num_samples: int) ->
         samples = (
             readers.read_audio(calibration, num_samples)
             if calibration
-            else readers.builtin_audio(min(num_samples, 8))
+            else readers.builtin_audio(min(num_samples, 16))
         )
     else:
         if calibration:

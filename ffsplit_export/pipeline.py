@@ -29,7 +29,7 @@ def compress(
     preprocessor,
     *,
     config: SplitConfig | None = None,
-    heavy_fraction: float | None = 0.1,
+    heavy_fraction: float | None = None,
     size_budget: float | None = None,
     selection: str = "score",
     other_linear: str = "fp32",
@@ -43,9 +43,13 @@ def compress(
     inplace: bool = False,
     progress: bool = True,
 ) -> CompressResult:
-    """Calibrate, plan and split ``model`` (a copy unless ``inplace``)."""
+    """Calibrate, plan and split ``model`` (a copy unless ``inplace``).
+
+    The heavy set is ``heavy_fraction`` of every FFN (default 0.1) or, with ``size_budget``,
+    allocated across layers under that byte budget.
+    """
     cfg = config or SplitConfig()
-    if size_budget is not None and heavy_fraction not in (None, 0.1):
+    if size_budget is not None and heavy_fraction is not None:
         raise ConfigError("--size-budget and --heavy-fraction are alternatives; pass only one of them")
     specs = find_ffns(model)
     if batches is None:

