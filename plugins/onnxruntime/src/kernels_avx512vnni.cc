@@ -17,11 +17,13 @@ namespace ffsplit {
 namespace avx512vnni {
 namespace {
 
+constexpr int kPrefetch = 2048;  // bytes
+
 template <int MR>
 void Rows(const Packed& p, const uint8_t* xq, const float* xs, int64_t kpad, float* y, int64_t mg, int64_t n0,
           int64_t n1) {
   const int8_t* vals = p.values_i8.data();
-  constexpr int A = MR == 1 ? 2 : 1;
+  constexpr int A = MR == 1 ? 4 : (MR == 2 ? 2 : 1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint64_t* mrow = p.mask.data() + n * p.words;
     const int8_t* v = vals + p.row_ptr[n];
@@ -31,6 +33,11 @@ void Rows(const Packed& p, const uint8_t* xq, const float* xs, int64_t kpad, flo
     for (int64_t wi = 0; wi < p.words; ++wi) {
       const uint64_t bits = mrow[wi];
       if (!bits) continue;
+      // software prefetch 2 KiB ahead of both streams: one core alone does not keep enough
+      // misses in flight (measured 1 thread from DRAM, 16384 x 4096, s=0.75: 3.17 -> 2.08 ms;
+      // 512 B: 2.6, 1 KiB: 2.27, 4 KiB: 2.15, 8 KiB: 2.27)
+      _mm_prefetch(reinterpret_cast<const char*>(v) + kPrefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mrow + wi) + kPrefetch, _MM_HINT_T0);
       const __m512i e = _mm512_maskz_expand_epi8(bits, _mm512_loadu_si512(v));  // 64 bytes of padding
       v += __builtin_popcountll(bits);
       for (int r = 0; r < MR; ++r) {
