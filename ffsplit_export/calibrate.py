@@ -155,6 +155,10 @@ def _stack(name: str, masks: dict) -> str:
     return "decoder" if "decoder" in name.split(".") else "encoder"
 
 
+class _StopForward(Exception):
+    """Raised by the ``stop_after`` hook to end a calibration forward pass early."""
+
+
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
@@ -162,8 +166,14 @@ def calibrate(
     specs: list[FFNSpec] | None = None,
     hessians: bool = False,
     progress: bool = True,
+    stop_after: str | None = None,
 ) -> dict[str, FFNStats]:
-    """Run the calibration batches and return per-FFN statistics keyed by FFN name."""
+    """Run the calibration batches and return per-FFN statistics keyed by FFN name.
+
+    ``stop_after`` (a module path) ends each forward pass once that module has run: the
+    layer-by-layer (sequential) mode needs statistics of one FFN at a time, not the rest of
+    the model.
+    """
     specs = specs if specs is not None else find_ffns(model)
     if not batches:
         raise CalibrationError("no calibration batch; pass --calibration PATH or use the built-in sample")
@@ -207,13 +217,22 @@ def calibrate(
         handles.append(get_module(model, spec.down).register_forward_pre_hook(down_hook))
         handles.append(get_module(model, spec.up).register_forward_pre_hook(up_hook))
 
+    if stop_after is not None:
+
+        def stop(_m, _args, _out):
+            raise _StopForward
+
+        handles.append(get_module(model, stop_after).register_forward_hook(stop))
     was_training = model.training
     model.eval()
     try:
         for b in tqdm(batches, desc="calibrate", disable=not progress, unit="batch"):
             current.clear()
             current.update(b.masks)
-            model(**b.inputs)
+            try:
+                model(**b.inputs)
+            except _StopForward:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -42,6 +42,11 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-method", default="wanda", help="magnitude, wanda (default), sparsegpt")
     p.add_argument("--heavy-format", default="fp32", help="fp32 (default), fp16, int8")
     p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="prune FFN by FFN from the statistics of the already compressed model (slower, more accurate)",
+    )
+    p.add_argument(
         "--other-linear",
         default="fp32",
         help="fp32 (default), int8, int4: attention and lm_head as MatMulNBits",
@@ -84,6 +89,7 @@ def compress_kwargs(args) -> dict:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        sequential=args.sequential,
         progress=not args.quiet,
     )
 

@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from .adapters import find_ffns
 from .calibrate import calibrate, load_samples, make_batches
@@ -41,12 +42,16 @@ def compress(
     stats: dict | None = None,
     batches: list | None = None,
     inplace: bool = False,
+    sequential: bool = False,
     progress: bool = True,
 ) -> CompressResult:
     """Calibrate, plan and split ``model`` (a copy unless ``inplace``).
 
     The heavy set is ``heavy_fraction`` of every FFN (default 0.1) or, with ``size_budget``,
-    allocated across layers under that byte budget.
+    allocated across layers under that byte budget. With ``sequential`` the light parts are
+    pruned FFN by FFN, each from statistics of the model whose earlier FFNs are already
+    compressed (as in SparseGPT's layer-wise procedure); the heavy sets still come from
+    the original model.
     """
     cfg = config or SplitConfig()
     if size_budget is not None and heavy_fraction is not None:
@@ -63,7 +68,14 @@ def compress(
     else:
         plan = plan_fraction(stats, 0.1 if heavy_fraction is None else heavy_fraction, selection, seed)
     target = model if inplace else copy.deepcopy(model)
-    report = split_ffn_(target, plan, cfg, stats, specs, progress=progress)
+    if sequential:
+        infos = []
+        for spec in tqdm(specs, desc="sequential split", disable=not progress, unit="ffn"):
+            st = calibrate(target, batches, [spec], hessians=need_h, progress=False, stop_after=spec.down)
+            infos += split_ffn_(target, plan, cfg, st, [spec], progress=False).ffns
+        report = SplitReport(infos, cfg.to_dict())
+    else:
+        report = split_ffn_(target, plan, cfg, stats, specs, progress=progress)
     other = quantize_other_linears_(target, other_linear, cfg.group_size, specs)
     return CompressResult(target, report, other, plan, stats, batches)
 

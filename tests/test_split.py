@@ -161,3 +161,17 @@ def test_analyze_cli(tmp_path, capsys):
     ).stat().st_size > 1000
     assert "% smaller" in capsys.readouterr().out
     assert main(["analyze", "tiny-nothing", "--output", str(tmp_path)]) == 2
+
+
+def test_sequential_prunes_from_the_compressed_model(tiny_calibrated):
+    model, pre, _, batches, stats = tiny_calibrated("tiny-llama", hessians=True)
+    cfg = SplitConfig(light_format="sparse-fp32", prune_method="sparsegpt", light_sparsity=0.5)
+    one = compress(model, pre, config=cfg, stats=stats, batches=batches, progress=False)
+    seq = compress(model, pre, config=cfg, stats=stats, batches=batches, sequential=True, progress=False)
+    assert {k: v.tolist() for k, v in one.plan.items()} == {k: v.tolist() for k, v in seq.plan.items()}
+    specs = find_ffns(model)
+    w = lambda r, s: get_module(r.model, s.down).light.dense_weight()  # noqa: E731
+    # the first FFN sees the same inputs either way; the second sees the compressed first one
+    assert torch.allclose(w(one, specs[0]), w(seq, specs[0]), atol=1e-6)
+    assert not torch.allclose(w(one, specs[1]), w(seq, specs[1]), atol=1e-6)
+    assert [f.light_sparsity for f in seq.report.ffns] == [f.light_sparsity for f in one.report.ffns]
