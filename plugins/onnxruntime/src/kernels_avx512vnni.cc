@@ -17,7 +17,7 @@ namespace ffsplit {
 namespace avx512vnni {
 namespace {
 
-constexpr int kPrefetch = 2048;  // bytes
+constexpr int kPrefetch = 2048;  // bytes (3 KiB, 4 KiB: same within noise after the unrolling)
 
 template <int MR>
 void Rows(const Packed& p, const uint8_t* xq, const float* xs, int64_t kpad, float* y, int64_t mg, int64_t n0,
@@ -158,8 +158,9 @@ void Gemm(const Packed& p, const uint8_t* xt, const float* xs, int64_t kpad, flo
           int64_t mbp, int64_t n0, int64_t n1) {
   constexpr int kNR = 6;
   // K chunk: the X slice of a chunk (mbp * kc bytes) stays in L2 while the rows of the task walk it
+  // (M=256, K=7373, 1 thread: 128 KiB 17.0, 256 KiB 17.0, 512 KiB 17.9, 1 MiB 18.6 ms)
   const int64_t kq_total = kpad / 4;
-  const int64_t kq_chunk = std::max<int64_t>(16, std::min<int64_t>(kq_total, (512 * 1024) / (mbp * 4)));
+  const int64_t kq_chunk = std::max<int64_t>(16, std::min<int64_t>(kq_total, (256 * 1024) / (mbp * 4)));
   thread_local std::vector<int8_t> wbuf;
   thread_local std::vector<int32_t> accbuf;
   const int64_t rows = n1 - n0;
