@@ -4,6 +4,9 @@
 //   SparseMatMulInt8(X, mask:uint8[N,ceil(K/8)], values:int8[nnz], row_ptr:int64[N+1], scales:float[N])
 //   SparseMatMulFP32(X, mask, values:float[nnz], row_ptr)
 //   Sparse24MatMulInt8(X, values:int8[N,2G], meta:uint8[N,ceil(G/2)], scales:float[N])
+// Optional int attribute accuracy_level (default 0 = exact fp32 compute); 4 lets the int8-weight ops
+// quantize activations to int8 per row (as MatMulNBits accuracy_level 4): the VNNI kernels run when
+// the CPU has them. FFSPLIT_ISA (other than auto) overrides the choice for tests and debugging.
 // The layouts and their validity rules are those of ffsplit_export/formats/packing.py and
 // ffsplit_export/ops/_spec.py (check_op_weights). Constant weights are validated and
 // pre-packed once when the kernel is created; a malformed initializer fails session creation.
@@ -164,8 +167,8 @@ Prepared PrepareBitmask(const View& mask, const View& values, const View& row_pt
   Packed& p = out.packed;
   InitPacked(p, n, kb * 8, int8);
   if (scales) std::memcpy(p.scales.data(), scales->data, static_cast<size_t>(n) * sizeof(float));
-  std::vector<int8_t> vi8;
-  std::vector<float> vf;
+  HugeVec<int8_t> vi8;
+  HugeVec<float> vf;
   int64_t nnz = 0;
   for (int64_t r = 0; r < n; ++r) {
     int64_t src = rp[r];
@@ -251,7 +254,7 @@ Prepared PrepareNm24(const View& values, const View& meta, const View& scales, i
   Packed& p = out.packed;
   InitPacked(p, n, g * 4, true);
   std::memcpy(p.scales.data(), scales.data, static_cast<size_t>(n) * sizeof(float));
-  std::vector<int8_t> vi8;
+  HugeVec<int8_t> vi8;
   vi8.reserve(static_cast<size_t>(n * g * 2));
   int64_t nnz = 0;
   for (int64_t r = 0; r < n; ++r) {
