@@ -145,6 +145,14 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_convert_ct2(args) -> int:
+    from .convert_ct2 import convert_ct2
+
+    out = convert_ct2(args.ct2_dir, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {out} (load it with WhisperForConditionalGeneration.from_pretrained)")
+    return 0
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -182,6 +190,15 @@ def _add_optional_commands(sub) -> None:
     )
     trt.add_trt_build_arguments(p)
     p.set_defaults(func=trt.run_trt_build)
+    p = sub.add_parser(
+        "convert-ct2", help="CTranslate2 Whisper weights (model.bin) to a transformers directory"
+    )
+    p.add_argument(
+        "ct2_dir", help="directory with model.bin (or model.bin.part1/2), config.json, tokenizer files"
+    )
+    p.add_argument("out_dir", help="output transformers directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
+    p.set_defaults(func=cmd_convert_ct2)
     import importlib
     import importlib.util
 

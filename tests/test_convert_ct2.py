@@ -318,3 +318,15 @@ def test_real_tiny_en_transcribes_librivox(tmp_path):
     result = wer_pytorch(model, WhisperProcessor.from_pretrained(out), clips)
     # measured: 2 errors in 29 words (0.069) on these 2 clips; 3 / 71 (0.042) on all 5
     assert result.wer < 0.15, result
+
+
+def test_cli_convert_ct2(tiny_whisper, tmp_path, capsys):
+    from ffsplit_export.cli import main
+
+    src, out = tmp_path / "ct2", tmp_path / "hf"
+    _write_ct2_dir(src, tiny_whisper)
+    assert main(["convert-ct2", str(src), str(out)]) == 0
+    _check_same(tiny_whisper, out)
+    assert main(["convert-ct2", str(src), str(out)]) == 2  # exists: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["convert-ct2", str(src), str(out), "--overwrite"]) == 0
