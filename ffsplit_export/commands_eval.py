@@ -52,7 +52,8 @@ def run_recover(args) -> int:
     from .calibrate import load_samples, modality
     from .cli import compress_kwargs
     from .export.api import weight_bytes
-    from .export.core import ExportOptions, check_target_format, export_split_model
+    from .export.command import export_options_from_args
+    from .export.core import check_target_format, export_split_model
     from .formats import Target
     from .loading import load_model
     from .pipeline import compress
@@ -72,15 +73,7 @@ def run_recover(args) -> int:
         gradual_end_step=args.gradual_end_step,
         seed=args.seed,
     )
-    options = ExportOptions(
-        target=args.target,
-        validate=not args.no_validate,
-        overwrite=args.overwrite,
-        atol=args.atol,
-        opset=args.opset,
-        nbits_accuracy_level=args.nbits_accuracy_level,
-        trt_dense_24=args.trt_dense_24,
-    )
+    options = export_options_from_args(args)
     check_target_format(
         Target.parse(options.target, "--target"),
         cfg.light_format,

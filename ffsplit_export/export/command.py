@@ -36,14 +36,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_export(args) -> int:
-    from ..cli import compress_kwargs
-    from .api import export
+def export_options_from_args(args):
+    """The ExportOptions of the options that :func:`add_export_arguments` adds."""
     from .core import ExportOptions
 
-    kw = compress_kwargs(args)
-    config = kw.pop("config")
-    options = ExportOptions(
+    return ExportOptions(
         target=args.target,
         validate=not args.no_validate,
         overwrite=args.overwrite,
@@ -52,6 +49,15 @@ def run_export(args) -> int:
         nbits_accuracy_level=args.nbits_accuracy_level,
         trt_dense_24=args.trt_dense_24,
     )
+
+
+def run_export(args) -> int:
+    from ..cli import compress_kwargs
+    from .api import export
+
+    kw = compress_kwargs(args)
+    config = kw.pop("config")
+    options = export_options_from_args(args)
     manifest = export(args.model, args.output, task=args.task, config=config, options=options, **kw)
     wb = manifest["weight_bytes"]
     ffn = manifest["ffn"]
