@@ -86,11 +86,13 @@ def validate_file(
     return result
 
 
-def check_tolerance(results: dict, atol: float, rtol: float = 1e-4) -> None:
+def check_tolerance(results: dict, atol: float, rtol: float = 5e-4) -> None:
     """Raise ValidationError when an output differs by more than ``atol + rtol * max|reference|``.
 
     float32 graphs differ from PyTorch by summation order only, which grows with the size of
-    the values (logits of a 30-layer model reach ~30: measured diffs up to 1.8e-3 there).
+    the values and the depth: on 30-layer SmolLM2 (logits up to ~32) the measured diffs are
+    1.8e-3 one-shot and 4.7e-3 after SquareHead fine-tuning (ORT vs PyTorch; ORT vs the
+    NumPy reference graph 4.1e-3), i.e. up to 1.5e-4 of max|ref|.
     """
     bad = []
     for fname, r in results.items():
