@@ -10,6 +10,7 @@ that Wanda needs and, on request, the Hessians ``X^T X`` that SparseGPT needs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +69,14 @@ def modality(model: nn.Module) -> str:
     return "text"
 
 
+def _is_offline_source(calibration: str) -> bool:
+    """``bible`` / ``fortunes`` / ``gensim``: the calibration half of an offline text source (``eval`` extra),
+    unless a file of that name exists."""
+    from .evaldata import TEXT_SOURCES
+
+    return calibration in TEXT_SOURCES and not Path(calibration).exists()
+
+
 def load_samples(model: nn.Module, calibration: str | None, num_samples: int) -> list:
     """Calibration samples (strings or 16 kHz waveforms) from PATH, or the built-in sample."""
     if num_samples < 1:
@@ -79,7 +88,11 @@ def load_samples(model: nn.Module, calibration: str | None, num_samples: int) ->
             else readers.builtin_audio(min(num_samples, 16))
         )
     else:
-        if calibration:
+        if calibration and _is_offline_source(calibration):
+            from .evaldata import calibration_text
+
+            samples = calibration_text(calibration, num_samples)
+        elif calibration:
             samples = readers.read_text(calibration, num_samples)
         else:
             text = readers.builtin_text()

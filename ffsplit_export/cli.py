@@ -56,7 +56,12 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         "--heavy-selection", default="score", help="score (default), act_norm, random (for ablations)"
     )
     p.add_argument(
-        "--calibration", default=None, help="text file, WAV folder or datasets dir; default: built-in sample"
+        "--calibration",
+        default=None,
+        help=(
+            "text file (one sample per line), WAV folder, datasets dir, or an offline text source "
+            "(bible, fortunes, gensim: the half disjoint from eval's); default: built-in sample"
+        ),
     )
     p.add_argument("--num-samples", type=int, default=64, help="calibration samples (default 64)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -2,16 +2,20 @@
 
 One command writes ``results.json``, ``results.md`` and PNG plots of accuracy vs model bytes:
 
-    python samples/sweep_accuracy.py --output sweep_out            # full grid (hours on 2 cores)
-    python samples/sweep_accuracy.py --output sweep_out --quick    # < 10 min on 2 cores
+    python samples/sweep_accuracy.py --output sweep_out --quick    # headline rows + ablation (~40 min, 2 cores)
+    python samples/sweep_accuracy.py --output sweep_out            # + the full grid (hours on 2 cores)
 
 Rows: dense fp32; MatMulNBits int8 / int4 of every linear (the whole model, no heavy set);
-FFSplit (heavy-hitter heavy set, dense) with light format x light sparsity x heavy fraction
-(x --other-linear, x heavy format); and the ablation at equal FFN bytes: heavy-hitter split vs
-uniform compression of the whole FFN (heavy fraction 0, light sparsity lowered until the FFN
-bytes match) vs a random heavy set of the same size. Calibration statistics are computed once
-per model and reused. PyTorch evaluates every row; the headline rows are also exported and
-evaluated through ONNX Runtime (``--quick``: the FFSplit headline row only; ``--no-onnx`` to skip).
+FFSplit (heavy-hitter heavy set) with light format x light sparsity x heavy fraction x heavy
+format (x --other-linear, x prune method); and the ablation at equal FFN bytes for each
+headline FFSplit row that has a heavy set: heavy-hitter split vs uniform compression of the
+whole FFN (no heavy set, light sparsity lowered until the FFN bytes match) vs a random heavy
+set of the same size (same bytes). Calibration statistics are computed once per model and
+reused. The protocol is the one of ``ffsplit-export eval``: perplexity on the first 8000
+characters of the held-out Gospel of Matthew (context 256, stride 256), calibration on 128
+Genesis verses; WER on the 5 LibriVox clips (71 words: one word is 1.41 points). PyTorch
+evaluates every row; headline FFSplit rows are also exported and evaluated through ONNX
+Runtime (``--no-onnx`` to skip).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Row:
     heavy_format: str = "fp32"
     other_linear: str = "fp32"
     selection: str = "score"
+    prune_method: str = "wanda"
     headline: bool = False
     note: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -62,46 +67,82 @@ class Row:
             else self.light_format
         )
         s = f"{self.group}: heavy {self.heavy_fraction:g} {self.heavy_format} + light {sp}"
+        if self.light_format in ("sparse-int8", "sparse-fp32", "2:4-int8"):
+            s += f" {self.prune_method}"
         return s + (f", other {self.other_linear}" if self.other_linear != "fp32" else "")
 
 
 SPARSE = ("sparse-int8", "sparse-fp32", "2:4-int8", "lowrank")
+CTX = 256  # perplexity context length and stride, as in the README's `ffsplit-export eval` commands
 
 
 def grid(quick: bool) -> list[Row]:
-    """The configurations, headline and ablation rows first."""
+    """The configurations, headline rows first."""
     rows = [
         Row("dense", headline=True),
         Row("matmulnbits", "int8", other_linear="int8", headline=True),
         Row("matmulnbits", "int4", other_linear="int4", headline=True),
-        Row("ffsplit", "sparse-int8", 0.5, 0.1, headline=True),
-        Row("ffsplit", "sparse-int8", 0.75, 0.1),
-        Row("ffsplit", "sparse-int8", 0.75, 0.1, "int8", "int8"),  # sized to compete with int4
-        Row("ffsplit", "int8", 0.0, 0.1),
+        Row("ffsplit", "sparse-int8", 0.5, 0.1, headline=True, note="the CLI defaults"),
+        Row(
+            "ffsplit",
+            "sparse-int8",
+            0.5,
+            0.3,
+            "int8",
+            prune_method="sparsegpt",
+            headline=True,
+            note="accurate one-shot recipe",
+        ),
+        Row(
+            "ffsplit",
+            "int8",
+            0.0,
+            0.1,
+            other_linear="int8",
+            headline=True,
+            note="FFSplit's 43 % smaller point",
+        ),
+        Row("ffsplit", "sparse-int8", 0.75, 0.3, "int8", prune_method="sparsegpt"),
+        Row(
+            "ffsplit",
+            "sparse-int8",
+            0.75,
+            0.2,
+            "int8",
+            "int4",
+            prune_method="sparsegpt",
+            note="sized to the int4 model",
+        ),
     ]
     if quick:
         return rows
     for fmt in ("sparse-int8", "2:4-int8", "lowrank", "int4", "int8", "sparse-fp32"):
         for sp in (0.5, 0.6, 0.75) if fmt in ("sparse-int8", "lowrank", "sparse-fp32") else (0.5,):
-            for hf in (0.0, 0.05, 0.1, 0.2):
-                for other in ("fp32", "int8"):
-                    sp_ = sp if fmt in SPARSE else 0.0
-                    rows.append(Row("ffsplit" if hf else "uniform", fmt, sp_, hf, other_linear=other))
+            for hf in (0.0, 0.1, 0.3):
+                for hfmt in ("fp32", "int8") if hf else ("fp32",):
+                    for other in ("fp32", "int8"):
+                        sp_ = sp if fmt in SPARSE else 0.0
+                        group = "ffsplit" if hf else "uniform"
+                        rows.append(Row(group, fmt, sp_, hf, hfmt, other_linear=other))
     rows += [Row("ffsplit", "sparse-int8", 0.75, hf, "fp16") for hf in (0.05, 0.1, 0.2)]
+    rows += [Row("ffsplit", "sparse-int8", sp, 0.3, "int8", prune_method="sparsegpt") for sp in (0.6, 0.9)]
     return list(dict.fromkeys(rows))
 
 
 def ablation_rows(base: Row) -> list[Row]:
     """Uniform (no heavy set, same sparsity), and random heavy set of the same size (same bytes)."""
+    same = dict(
+        light_format=base.light_format, light_sparsity=base.light_sparsity, prune_method=base.prune_method
+    )
     return [
-        Row("uniform", base.light_format, base.light_sparsity, 0.0, note="same light sparsity (fewer bytes)"),
+        Row("uniform", **same, note="same light sparsity (fewer bytes)"),
         Row(
             "random",
-            base.light_format,
-            base.light_sparsity,
-            base.heavy_fraction,
+            **same,
+            heavy_fraction=base.heavy_fraction,
+            heavy_format=base.heavy_format,
             selection="random",
-            note="same size, same bytes",
+            note="random heavy set: same size, same bytes",
         ),
     ]
 
@@ -117,11 +158,11 @@ class Bench:
         self.model, self.pre, self.task = load_model(name)
         self.speech = self.model.config.model_type == "whisper"
         if self.speech:
-            samples = load_samples(self.model, None, 8)
+            samples = load_samples(self.model, None, 16)
             self.clips = librispeech_clips(clips)
             self.metric = "wer"
         else:
-            samples = calibration_text("bible", 32 if quick else 128)
+            samples = calibration_text("bible", 128)
             self.text = eval_text("bible", max_chars)
             self.metric = "perplexity"
         self.batches = make_batches(self.model, self.pre, samples, batch_size=8, max_length=128)
@@ -135,6 +176,7 @@ class Bench:
             light_format=row.light_format,
             light_sparsity=row.light_sparsity or 0.5,
             heavy_format=row.heavy_format,
+            prune_method=row.prune_method,
         )
         return compress(
             self.model,
@@ -151,8 +193,7 @@ class Bench:
     def evaluate(self, model) -> float:
         if self.speech:
             return wer_pytorch(model, self.pre, self.clips).wer
-        ctx = 256 if self.quick else 512
-        return perplexity_pytorch(model, self.pre, self.text, context_length=ctx, stride=ctx // 2).perplexity
+        return perplexity_pytorch(model, self.pre, self.text, context_length=CTX, stride=CTX).perplexity
 
     def evaluate_onnx(self, model, res_dir: Path) -> float:
         from ffsplit_export import evaluate as ev
@@ -167,13 +208,12 @@ class Bench:
             return ev.word_error_rate(
                 [c[1] for c in self.clips], ev._transcribe(ort, self.pre, self.clips, None)
             ).wer
-        ctx = 256 if self.quick else 512
 
         def logits_fn(ids):
             with torch.no_grad():
                 return ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
-        return ev._perplexity(logits_fn, self.pre, self.text, ctx, ctx // 2).perplexity
+        return ev._perplexity(logits_fn, self.pre, self.text, CTX, CTX).perplexity
 
 
 def run_row(bench: Bench, row: Row, onnx: bool, tmp: Path) -> dict:
@@ -200,7 +240,7 @@ def run_row(bench: Bench, row: Row, onnx: bool, tmp: Path) -> dict:
         "metric": bench.metric,
         "pytorch": bench.evaluate(model),
     }
-    if onnx and row.headline and (row.group == "ffsplit" or not bench.quick):
+    if onnx and row.headline and row.group == "ffsplit":
         out["onnx"] = bench.evaluate_onnx(model, tmp / f"{bench.name}-{abs(hash(row.label))}")
     out["seconds"] = round(time.time() - t0, 1)
     print(
@@ -220,7 +260,7 @@ def equal_bytes_uniform(bench: Bench, base_result: dict, probe: dict, row: Row) 
     c0 = probe["ffn_bytes"] - n_weights * density
     new_density = (base_result["ffn_bytes"] - c0) / n_weights
     sp = min(0.99, max(0.0, round(1.0 - new_density, 4)))
-    return Row("uniform", row.light_format, sp, 0.0, note="equal FFN bytes")
+    return Row("uniform", row.light_format, sp, 0.0, prune_method=row.prune_method, note="equal FFN bytes")
 
 
 # ------------------------------------------------------------------------------ output
@@ -235,7 +275,7 @@ def markdown(results: list[dict]) -> str:
         lines += [
             f"### {model}: {metric} (lower is better)",
             "",
-            f"| configuration | FFN bytes / dense | model MiB | {metric} PyTorch | x dense | ONNX Runtime | note |",
+            f"| configuration | FFN bytes / dense | model MiB (/ dense) | {metric} PyTorch | vs dense | ONNX Runtime | note |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in rows:
@@ -248,7 +288,8 @@ def markdown(results: list[dict]) -> str:
                 else (f"{r['onnx']:.3f}" if metric == "perplexity" else f"{100 * r['onnx']:.2f} %")
             )
             lines.append(
-                f"| {r['label']} | {r['ffn_ratio']:.3f} | {r['model_bytes'] / 2**20:.1f} | {val} | {rel} | "
+                f"| {r['label']} | {r['ffn_ratio']:.3f} | {r['model_bytes'] / 2**20:.1f} ({r['model_bytes_ratio']:.2f}) "
+                f"| {val} | {rel} | "
                 f"{ox} | {r['note']} |"
             )
         lines.append("")
@@ -303,14 +344,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="sweep_accuracy_out")
     ap.add_argument(
-        "--quick", action="store_true", help="a few rows, short eval text, 3 clips (< 10 min, 2 cores)"
+        "--quick", action="store_true", help="the headline rows and their ablation only (~40 min, 2 cores)"
     )
     ap.add_argument("--models", default="smollm2-135m,whisper-tiny.en")
     ap.add_argument(
         "--no-onnx", action="store_true", help="skip the ONNX Runtime evaluation of headline rows"
     )
     ap.add_argument(
-        "--max-chars", type=int, default=None, help="eval text length (default: 6000 quick, all full)"
+        "--max-chars", type=int, default=8000, help="evaluation text length in characters (default 8000)"
     )
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -318,23 +359,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    max_chars = args.max_chars or (6000 if args.quick else None)
+    max_chars = args.max_chars
     results: list[dict] = []
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="sweep_onnx_") as tmp:
         for name in args.models.split(","):
             print(f"{name}:", flush=True)
-            bench = Bench(name, args.quick, max_chars, 3 if args.quick else None)
+            bench = Bench(name, args.quick, max_chars, None)
             rows = grid(args.quick)
-            if bench.speech and args.quick:
-                rows = [r for r in rows if r.headline]
             done: dict[Row, dict] = {}
             for row in rows:
-                done[row] = run_row(
-                    bench, row, not args.no_onnx and not (args.quick and bench.speech), Path(tmp)
-                )
+                done[row] = run_row(bench, row, not args.no_onnx, Path(tmp))
                 results.append(done[row])
-                if row.group == "ffsplit" and row.headline:  # the ablation at equal bytes
+                if (
+                    row.group == "ffsplit" and row.headline and row.light_format in SPARSE
+                ):  # equal-bytes ablation
                     probe, rnd = ablation_rows(row)
                     for extra in (probe, rnd):
                         results.append(run_row(bench, extra, False, Path(tmp)))

@@ -44,3 +44,16 @@ def test_text_limits_and_bad_source():
         eval_text("nope")
     with pytest.raises(ConfigError):
         calibration_text("bible", num_samples=0)
+
+
+def test_calibration_accepts_an_offline_source_name(tmp_path, monkeypatch):
+    """``--calibration bible`` is the calibration half of the text source; a file of that name wins."""
+    from ffsplit_export.calibrate import load_samples
+    from ffsplit_export.tiny import build_tiny
+
+    model, _, _ = build_tiny("tiny-llama")
+    expected = _or_skip(calibration_text, "bible", num_samples=5)
+    assert load_samples(model, "bible", 5) == expected
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bible").write_text("a local file\nwith two samples\n")
+    assert load_samples(model, "bible", 5) == ["a local file", "with two samples"]

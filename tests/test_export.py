@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 
-from ffsplit_export.errors import ConfigError, PluginNotFoundError
+from ffsplit_export.errors import CalibrationError, ConfigError, PluginNotFoundError
 from ffsplit_export.export import ExportOptions, export
 from ffsplit_export.split import SplitConfig
 
@@ -176,7 +176,7 @@ def test_bad_input_and_atomic_output(tmp_path):
     with pytest.raises(ConfigError, match="--target"):
         ExportOptions(target="cuda")
     # an export that fails half-way leaves nothing behind
-    with pytest.raises(Exception):
+    with pytest.raises(CalibrationError, match="--num-samples=0"):
         export("tiny-mpt", tmp_path / "y", config=SplitConfig(prune_method="sparsegpt"), num_samples=0)
     assert not (tmp_path / "y").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

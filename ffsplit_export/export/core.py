@@ -203,7 +203,7 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         from .validate import validate_file
 
         names = onnx_files_subpaths or [f"{k}.onnx" for k in models_and_onnx_configs]
-        for (sub_name, (sub_model, cfg)), outs, fname in zip(
+        for (_sub_name, (sub_model, cfg)), outs, fname in zip(
             models_and_onnx_configs.items(), onnx_named_outputs, names
         ):
             t0 = time.time()
