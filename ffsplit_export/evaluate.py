@@ -32,6 +32,7 @@ __all__ = [
     "normalize_text",
     "perplexity_onnx",
     "perplexity_pytorch",
+    "transcript_perplexity_pytorch",
     "word_error_rate",
     "wer_onnx",
     "wer_pytorch",
@@ -128,6 +129,39 @@ def wer_pytorch(model, processor, clips, generate_kwargs: dict | None = None) ->
     model.eval()
     hyps = _transcribe(model, processor, clips, generate_kwargs)
     return word_error_rate([r for _, r in clips], hyps)
+
+
+def transcript_perplexity_pytorch(model, processor, clips) -> PerplexityResult:
+    """Teacher-forced perplexity of the reference transcripts given the audio (Whisper).
+
+    A smooth companion to WER on few clips, where one word is a big step: every reference is
+    tokenized with the model's decoder prompt (start of transcript, language / task, no
+    timestamps) and end of text, and the tokens after the prompt are scored, end of text included.
+    ``context_length`` / ``stride`` of the result hold the longest sequence and 0.
+    """
+    import torch
+
+    _check_clips(clips)
+    model.eval()
+    tok = processor.tokenizer
+    if getattr(getattr(model, "generation_config", None), "is_multilingual", False):
+        tok.set_prefix_tokens(language="english", task="transcribe", predict_timestamps=False)
+    special = set(tok.all_special_ids)
+    total, count, longest = 0.0, 0, 0
+    for audio, ref in clips:
+        ids = tok(" " + ref.strip()).input_ids
+        prompt = next(i for i, t in enumerate(ids) if t not in special)
+        feats = processor(np.asarray(audio, dtype=np.float32), sampling_rate=16000, return_tensors="pt")
+        dec = torch.tensor([ids[:-1]])
+        with torch.no_grad():
+            logits = model(input_features=feats.input_features, decoder_input_ids=dec).logits[0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor(ids[1:])
+        nll = -logp.gather(-1, targets[:, None])[prompt - 1 :, 0]
+        total += float(nll.sum())
+        count += len(nll)
+        longest = max(longest, len(ids))
+    return PerplexityResult(math.exp(total / count), total / count, count, longest, 0)
 
 
 def _require_dir(output_dir) -> Path:

@@ -32,7 +32,7 @@ import torch
 
 from ffsplit_export.calibrate import calibrate, load_samples, make_batches
 from ffsplit_export.evaldata import calibration_text, eval_text, librispeech_clips
-from ffsplit_export.evaluate import perplexity_pytorch, wer_pytorch
+from ffsplit_export.evaluate import perplexity_pytorch, transcript_perplexity_pytorch, wer_pytorch
 from ffsplit_export.export.api import weight_bytes
 from ffsplit_export.loading import load_model
 from ffsplit_export.pipeline import compress
@@ -240,12 +240,15 @@ def run_row(bench: Bench, row: Row, onnx: bool, tmp: Path) -> dict:
         "metric": bench.metric,
         "pytorch": bench.evaluate(model),
     }
+    if bench.speech:  # smooth companion of WER on 71 words
+        out["transcript_ppl"] = transcript_perplexity_pytorch(model, bench.pre, bench.clips).perplexity
     if onnx and row.headline and row.group == "ffsplit":
         out["onnx"] = bench.evaluate_onnx(model, tmp / f"{bench.name}-{abs(hash(row.label))}")
     out["seconds"] = round(time.time() - t0, 1)
     print(
         f"  {row.label:70s} {bench.metric} {out['pytorch']:.4f}"
         + (f" (onnx {out['onnx']:.4f})" if "onnx" in out else "")
+        + (f" transcript ppl {out['transcript_ppl']:.4f}" if "transcript_ppl" in out else "")
         + f"  ffn x{out['ffn_ratio']:.3f} model {wb['compressed'] / 2**20:.1f} MiB  [{out['seconds']} s]",
         flush=True,
     )
@@ -271,26 +274,28 @@ def markdown(results: list[dict]) -> str:
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
         metric = rows[0]["metric"]
-        dense = next((r["pytorch"] for r in rows if r["group"] == "dense"), float("nan"))
+        speech = metric == "wer"
+        dense = next((r for r in rows if r["group"] == "dense"), None)
+        extra = " transcript ppl (vs dense) |" if speech else ""
         lines += [
             f"### {model}: {metric} (lower is better)",
             "",
-            f"| configuration | FFN bytes / dense | model MiB (/ dense) | {metric} PyTorch | vs dense | ONNX Runtime | note |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            f"| configuration | FFN bytes / dense | model MiB (/ dense) | {metric} PyTorch | vs dense |{extra}"
+            " ONNX Runtime | note |",
+            "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if speech else "") + " ---: | --- |",
         ]
         for r in rows:
-            ratio = r["pytorch"] / dense if dense and metric == "perplexity" else (r["pytorch"] - dense)
-            rel = f"x{ratio:.3f}" if metric == "perplexity" else f"{100 * ratio:+.2f} pt"
-            val = f"{r['pytorch']:.3f}" if metric == "perplexity" else f"{100 * r['pytorch']:.2f} %"
-            ox = (
-                ""
-                if "onnx" not in r
-                else (f"{r['onnx']:.3f}" if metric == "perplexity" else f"{100 * r['onnx']:.2f} %")
-            )
+            if speech:
+                val, rel = f"{100 * r['pytorch']:.2f} %", f"{100 * (r['pytorch'] - dense['pytorch']):+.2f} pt"
+                ox = f"{100 * r['onnx']:.2f} %" if "onnx" in r else ""
+                tp = r["transcript_ppl"]
+                val += f" | {rel} | {tp:.3f} (x{tp / dense['transcript_ppl']:.3f})"
+            else:
+                val = f"{r['pytorch']:.3f} | x{r['pytorch'] / dense['pytorch']:.3f}"
+                ox = f"{r['onnx']:.3f}" if "onnx" in r else ""
             lines.append(
-                f"| {r['label']} | {r['ffn_ratio']:.3f} | {r['model_bytes'] / 2**20:.1f} ({r['model_bytes_ratio']:.2f}) "
-                f"| {val} | {rel} | "
-                f"{ox} | {r['note']} |"
+                f"| {r['label']} | {r['ffn_ratio']:.3f} | {r['model_bytes'] / 2**20:.1f} "
+                f"({r['model_bytes_ratio']:.2f}) | {val} | {ox} | {r['note']} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -312,31 +317,34 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     }
     for model in dict.fromkeys(r["model"] for r in results):
         rows = [r for r in results if r["model"] == model]
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for group, (color, marker) in style.items():
-            pts = [r for r in rows if r["group"] == group]
-            if pts:
-                ax.scatter(
-                    [r["model_bytes"] / 2**20 for r in pts],
-                    [r["pytorch"] for r in pts],
-                    c=color,
-                    marker=marker,
-                    label=group,
-                    s=50,
-                )
-        metric = rows[0]["metric"]
-        if metric == "perplexity":
-            ax.set_yscale("log")
-        ax.set_xlabel("model weight bytes (MiB)")
-        ax.set_ylabel(metric + " (PyTorch)")
-        ax.set_title(f"{model}: {metric} vs size")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        p = out / f"{model}_{metric}_vs_bytes.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        series = [("pytorch", rows[0]["metric"])]
+        if rows[0]["metric"] == "wer":
+            series.append(("transcript_ppl", "transcript_perplexity"))
+        for key, name in series:
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for group, (color, marker) in style.items():
+                pts = [r for r in rows if r["group"] == group]
+                if pts:
+                    ax.scatter(
+                        [r["model_bytes"] / 2**20 for r in pts],
+                        [r[key] for r in pts],
+                        c=color,
+                        marker=marker,
+                        label=group,
+                        s=50,
+                    )
+            if name != "wer":
+                ax.set_yscale("log")
+            ax.set_xlabel("model weight bytes (MiB)")
+            ax.set_ylabel(name.replace("_", " ") + " (PyTorch)")
+            ax.set_title(f"{model}: {name.replace('_', ' ')} vs size")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            p = out / f"{model}_{name}_vs_bytes.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            paths.append(p)
     return paths
 
 

@@ -182,3 +182,31 @@ def test_wer_pytorch_matches_onnx_tiny_whisper(tmp_path):
     ort = wer_onnx(out, clips, generate_kwargs=kw)
     assert pt.hypotheses == ort.hypotheses  # greedy decoding: identical text
     assert pt.hypotheses[0].strip(), "random model decoded to nothing: the comparison would be vacuous"
+
+
+def test_transcript_perplexity_matches_the_model_loss():
+    """Teacher-forced transcript perplexity == exp(HF cross-entropy with the prompt masked out)."""
+    from ffsplit_export.evaluate import transcript_perplexity_pytorch
+    from ffsplit_export.tiny import build_tiny
+
+    model, proc, _ = build_tiny("tiny-whisper")
+    rng = np.random.default_rng(0)
+    clips = [
+        (0.1 * rng.standard_normal(16000 * s).astype(np.float32), t)
+        for s, t in ((1, "hello"), (2, "a cat sat"))
+    ]
+    res = transcript_perplexity_pytorch(model, proc, clips)
+    total, count = 0.0, 0
+    special = set(proc.tokenizer.all_special_ids)
+    for audio, ref in clips:
+        ids = proc.tokenizer(" " + ref).input_ids
+        prompt = next(i for i, t in enumerate(ids) if t not in special)
+        labels = torch.tensor([ids[1:]])
+        labels[0, : prompt - 1] = -100
+        feats = proc(audio, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            loss = model(input_features=feats, decoder_input_ids=torch.tensor([ids[:-1]]), labels=labels).loss
+        n = int((labels != -100).sum())
+        total, count = total + float(loss) * n, count + n
+    assert res.num_tokens == count > 0
+    assert res.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
