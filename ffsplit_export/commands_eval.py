@@ -211,16 +211,22 @@ def run_eval(args) -> int:
         if on_export:
             from transformers import AutoProcessor
 
-            ort = load(args.model, provider=args.provider)
-            r = ev.word_error_rate(
-                [c[1] for c in clips],
-                ev._transcribe(ort, AutoProcessor.from_pretrained(args.model), clips, None),
-            )
+            model, pre = load(args.model, provider=args.provider), AutoProcessor.from_pretrained(args.model)
+            r = ev.word_error_rate([c[1] for c in clips], ev._transcribe(model, pre, clips, None))
         else:
             r = ev.wer_pytorch(model, pre, clips)
-        result.update(metric="wer", value=r.wer, words=r.num_words, clips=len(clips))
+        tp = ev.transcript_perplexity(model, pre, clips)
+        result.update(
+            metric="wer",
+            value=r.wer,
+            words=r.num_words,
+            clips=len(clips),
+            transcript_perplexity=tp.perplexity,
+            hypotheses=r.hypotheses,
+        )
         print(
-            f"WER {100 * r.wer:.2f} % ({r.substitutions} S, {r.deletions} D, {r.insertions} I / {r.num_words} words)"
+            f"WER {100 * r.wer:.2f} % ({r.substitutions} S, {r.deletions} D, {r.insertions} I / {r.num_words} words); "
+            f"transcript perplexity {tp.perplexity:.4f} over {tp.num_tokens} tokens"
         )
     else:
         if "generation" not in task or model_type in ("t5", "whisper"):

@@ -32,7 +32,7 @@ __all__ = [
     "normalize_text",
     "perplexity_onnx",
     "perplexity_pytorch",
-    "transcript_perplexity_pytorch",
+    "transcript_perplexity",
     "word_error_rate",
     "wer_onnx",
     "wer_pytorch",
@@ -131,8 +131,9 @@ def wer_pytorch(model, processor, clips, generate_kwargs: dict | None = None) ->
     return word_error_rate([r for _, r in clips], hyps)
 
 
-def transcript_perplexity_pytorch(model, processor, clips) -> PerplexityResult:
-    """Teacher-forced perplexity of the reference transcripts given the audio (Whisper).
+def transcript_perplexity(model, processor, clips) -> PerplexityResult:
+    """Teacher-forced perplexity of the reference transcripts given the audio (Whisper, PyTorch or
+    an optimum ``ORTModelForSpeechSeq2Seq``).
 
     A smooth companion to WER on few clips, where one word is a big step: every reference is
     tokenized with the model's decoder prompt (start of transcript, language / task, no
@@ -142,7 +143,8 @@ def transcript_perplexity_pytorch(model, processor, clips) -> PerplexityResult:
     import torch
 
     _check_clips(clips)
-    model.eval()
+    if hasattr(model, "eval"):
+        model.eval()
     tok = processor.tokenizer
     if getattr(getattr(model, "generation_config", None), "is_multilingual", False):
         tok.set_prefix_tokens(language="english", task="transcribe", predict_timestamps=False)
@@ -154,7 +156,9 @@ def transcript_perplexity_pytorch(model, processor, clips) -> PerplexityResult:
         feats = processor(np.asarray(audio, dtype=np.float32), sampling_rate=16000, return_tensors="pt")
         dec = torch.tensor([ids[:-1]])
         with torch.no_grad():
-            logits = model(input_features=feats.input_features, decoder_input_ids=dec).logits[0].float()
+            logits = torch.as_tensor(
+                model(input_features=feats.input_features, decoder_input_ids=dec).logits
+            )[0].float()
         logp = torch.log_softmax(logits, dim=-1)
         targets = torch.tensor(ids[1:])
         nll = -logp.gather(-1, targets[:, None])[prompt - 1 :, 0]

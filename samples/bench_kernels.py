@@ -79,9 +79,7 @@ def nbits_model(w: np.ndarray, bits: int, block: int = 128) -> tuple[bytes, int]
     return _model([node], inits, k), p.nbytes
 
 
-def ffsplit_model(
-    op: str, w: np.ndarray, sparsity: float, rng, accuracy_level: int = 0
-) -> tuple[bytes, int]:
+def ffsplit_model(op: str, w: np.ndarray, sparsity: float, rng, accuracy_level: int = 0) -> tuple[bytes, int]:
     n, k = w.shape
     if op == "Sparse24MatMulInt8":
         rank = rng.random((n, k // 4, 4)).argsort(axis=2)

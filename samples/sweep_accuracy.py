@@ -32,7 +32,7 @@ import torch
 
 from ffsplit_export.calibrate import calibrate, load_samples, make_batches
 from ffsplit_export.evaldata import calibration_text, eval_text, librispeech_clips
-from ffsplit_export.evaluate import perplexity_pytorch, transcript_perplexity_pytorch, wer_pytorch
+from ffsplit_export.evaluate import perplexity_pytorch, transcript_perplexity, wer_pytorch
 from ffsplit_export.export.api import weight_bytes
 from ffsplit_export.loading import load_model
 from ffsplit_export.pipeline import compress
@@ -241,7 +241,7 @@ def run_row(bench: Bench, row: Row, onnx: bool, tmp: Path) -> dict:
         "pytorch": bench.evaluate(model),
     }
     if bench.speech:  # smooth companion of WER on 71 words
-        out["transcript_ppl"] = transcript_perplexity_pytorch(model, bench.pre, bench.clips).perplexity
+        out["transcript_ppl"] = transcript_perplexity(model, bench.pre, bench.clips).perplexity
     if onnx and row.headline and row.group == "ffsplit":
         out["onnx"] = bench.evaluate_onnx(model, tmp / f"{bench.name}-{abs(hash(row.label))}")
     out["seconds"] = round(time.time() - t0, 1)

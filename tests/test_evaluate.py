@@ -182,11 +182,21 @@ def test_wer_pytorch_matches_onnx_tiny_whisper(tmp_path):
     ort = wer_onnx(out, clips, generate_kwargs=kw)
     assert pt.hypotheses == ort.hypotheses  # greedy decoding: identical text
     assert pt.hypotheses[0].strip(), "random model decoded to nothing: the comparison would be vacuous"
+    # teacher-forced transcript perplexity: ONNX Runtime (merged decoder, no past) == PyTorch
+    from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
+
+    from ffsplit_export.evaluate import transcript_perplexity
+
+    proc = WhisperProcessor.from_pretrained(hf)
+    tp_pt = transcript_perplexity(model, proc, clips)
+    tp_ort = transcript_perplexity(ORTModelForSpeechSeq2Seq.from_pretrained(out), proc, clips)
+    assert tp_pt.num_tokens == tp_ort.num_tokens > 0
+    assert tp_ort.perplexity == pytest.approx(tp_pt.perplexity, rel=1e-4)
 
 
 def test_transcript_perplexity_matches_the_model_loss():
     """Teacher-forced transcript perplexity == exp(HF cross-entropy with the prompt masked out)."""
-    from ffsplit_export.evaluate import transcript_perplexity_pytorch
+    from ffsplit_export.evaluate import transcript_perplexity
     from ffsplit_export.tiny import build_tiny
 
     model, proc, _ = build_tiny("tiny-whisper")
@@ -195,7 +205,7 @@ def test_transcript_perplexity_matches_the_model_loss():
         (0.1 * rng.standard_normal(16000 * s).astype(np.float32), t)
         for s, t in ((1, "hello"), (2, "a cat sat"))
     ]
-    res = transcript_perplexity_pytorch(model, proc, clips)
+    res = transcript_perplexity(model, proc, clips)
     total, count = 0.0, 0
     special = set(proc.tokenizer.all_special_ids)
     for audio, ref in clips:

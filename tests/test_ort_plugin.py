@@ -268,7 +268,9 @@ def _has_vnni() -> bool:
     import subprocess
 
     try:
-        flags = subprocess.run(["grep", "-m1", "^flags", "/proc/cpuinfo"], capture_output=True, text=True).stdout
+        flags = subprocess.run(
+            ["grep", "-m1", "^flags", "/proc/cpuinfo"], capture_output=True, text=True
+        ).stdout
     except OSError:
         return False
     return all(f in flags.split() for f in ("avx512bw", "avx512vl", "avx512_vbmi2", "avx512_vnni"))
