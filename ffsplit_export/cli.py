@@ -51,6 +51,11 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         default="fp32",
         help="fp32 (default), int8, int4: attention and lm_head as MatMulNBits",
     )
+    p.add_argument(
+        "--embedding",
+        default="fp32",
+        help="fp32 (default), int8: the token embedding table as block-wise int8 (GatherBlockQuantized)",
+    )
     p.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 (default)")
     p.add_argument(
         "--heavy-selection", default="score", help="score (default), act_norm, random (for ablations)"
@@ -89,6 +94,7 @@ def compress_kwargs(args) -> dict:
         size_budget=args.size_budget,
         selection=args.heavy_selection,
         other_linear=args.other_linear,
+        embedding=args.embedding,
         calibration=args.calibration,
         num_samples=args.num_samples,
         batch_size=args.batch_size,
@@ -140,6 +146,7 @@ def cmd_analyze(args) -> int:
     summary = {
         "split": rep.to_dict(),
         "other_linear": res.other_linear,
+        "embedding": res.embedding,
         "max_abs_diff": diff,
         "seconds": round(time.time() - t0, 1),
     }

@@ -79,6 +79,7 @@ def run_recover(args) -> int:
         cfg.light_format,
         cfg.heavy_format,
         kw.get("other_linear", "fp32"),
+        kw.get("embedding", "fp32"),
     )
     out = Path(args.output)
     if out.exists() and not args.overwrite:
@@ -129,6 +130,7 @@ def run_recover(args) -> int:
         "trt_sparse_weights": bool(options.trt_dense_24),
         "ffn": res.report.to_dict(),
         "other_linear": res.other_linear,
+        "embedding": res.embedding,
         "weight_bytes": weight_bytes(teacher, res.model),
         "recover": {
             "config": rcfg.__dict__,

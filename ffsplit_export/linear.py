@@ -369,3 +369,80 @@ class LowRankLinear(CompressedLinear):
         # two products, in this order, both in PyTorch and in the exported graph
         y = F.linear(F.linear(x, self.b), self.a)
         return y if self.bias is None else y + self.bias
+
+
+# ------------------------------------------------------------------------------ embedding
+
+
+class _Gather(torch.autograd.Function):
+    """rows of the int8 table; its symbolic emits ``com.microsoft::GatherBlockQuantized``."""
+
+    @staticmethod
+    def forward(ctx, ids, module, data, scales):  # noqa: ARG004
+        return F.embedding(ids, module.dense_weight())
+
+    @staticmethod
+    def symbolic(g, ids, module, data, scales):
+        y = g.op(
+            "com.microsoft::GatherBlockQuantized",
+            data,
+            ids,
+            scales,
+            gather_axis_i=0,
+            quantize_axis_i=1,
+            block_size_i=module.block_size,
+            bits_i=8,
+        )
+        try:
+            sizes = ids.type().varyingSizes()
+            y.setType(ids.type().with_dtype(torch.float32).with_sizes(list(sizes) + [module.embedding_dim]))
+        except RuntimeError:
+            pass
+        return y
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding table in symmetric block-wise int8 (uint8 codes with the implied zero point 128,
+    float32 scales per ``block_size`` columns), exported as ``com.microsoft::GatherBlockQuantized``."""
+
+    def __init__(self, weight: torch.Tensor, block_size: int | None = None, padding_idx: int | None = None):
+        super().__init__()
+        w = weight.detach().float().cpu().numpy()
+        v, d = w.shape
+        if block_size is None:
+            block_size = next((b for b in (128, 64, 32, 16) if d % b == 0), None)
+            if block_size is None:
+                raise ConfigError(
+                    f"--embedding int8 needs an embedding width divisible by 16, got {d}; use --embedding fp32"
+                )
+        q, s = packing.quantize_int8_blockwise(w, block_size)
+        self.num_embeddings, self.embedding_dim, self.block_size = v, d, block_size
+        self.padding_idx = padding_idx
+        self.format_name = "int8"
+        self.register_buffer("data", _t((q.astype(np.int16) + 128).astype(np.uint8)))
+        self.register_buffer("scales", _t(s))
+        self._dense: torch.Tensor | None = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The float32 table the runtime gathers from (decoded once, cached)."""
+        if self._dense is None or self._dense.device != self.data.device:
+            q = self.data.to(torch.int16) - 128
+            s = self.scales.repeat_interleave(self.block_size, dim=1)
+            self._dense = (q.float() * s).to(self.data.device)
+        return self._dense
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded table, for code that reads ``embed_tokens.weight`` (dtype, device, shape)."""
+        return self.dense_weight()
+
+    def packed_nbytes(self) -> int:
+        return int(self.data.numel() + self.scales.numel() * 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return _Gather.apply(ids, self, self.data, self.scales)
+        return F.embedding(ids, self.dense_weight())
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, format=int8, block_size={self.block_size}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -11,8 +11,9 @@ from tqdm.auto import tqdm
 from .adapters import find_ffns
 from .calibrate import calibrate, load_samples, make_batches
 from .errors import ConfigError
+from .formats import EmbeddingFormat
 from .plan import plan_budget, plan_fraction
-from .split import SplitConfig, SplitReport, quantize_other_linears_, split_ffn_
+from .split import SplitConfig, SplitReport, quantize_embeddings_, quantize_other_linears_, split_ffn_
 
 
 @dataclass
@@ -23,6 +24,9 @@ class CompressResult:
     plan: dict
     stats: dict
     batches: list
+    embedding: dict = field(
+        default_factory=lambda: {"format": "fp32", "tables": 0, "dense_bytes": 0, "bytes": 0}
+    )
 
 
 def compress(
@@ -34,6 +38,7 @@ def compress(
     size_budget: float | None = None,
     selection: str = "score",
     other_linear: str = "fp32",
+    embedding: str = "fp32",
     calibration: str | None = None,
     num_samples: int = 64,
     batch_size: int = 8,
@@ -54,6 +59,7 @@ def compress(
     the original model.
     """
     cfg = config or SplitConfig()
+    EmbeddingFormat.parse(embedding, "--embedding")  # bad values fail before calibration
     if size_budget is not None and heavy_fraction is not None:
         raise ConfigError("--size-budget and --heavy-fraction are alternatives; pass only one of them")
     specs = find_ffns(model)
@@ -77,7 +83,8 @@ def compress(
     else:
         report = split_ffn_(target, plan, cfg, stats, specs, progress=progress)
     other = quantize_other_linears_(target, other_linear, cfg.group_size, specs)
-    return CompressResult(target, report, other, plan, stats, batches)
+    emb = quantize_embeddings_(target, embedding)
+    return CompressResult(target, report, other, plan, stats, batches, emb)
 
 
 def model_output(model, batch) -> torch.Tensor:

@@ -19,9 +19,17 @@ from tqdm.auto import tqdm
 
 from .adapters import FFNSpec, find_ffns
 from .errors import ConfigError
-from .formats import HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
+from .formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
 from .formats.sparsegpt import sparsegpt_prune
-from .linear import CompressedLinear, DenseLinear, LowRankLinear, NBitsLinear, NM24Linear, SparseLinear
+from .linear import (
+    CompressedLinear,
+    DenseLinear,
+    LowRankLinear,
+    NBitsLinear,
+    NM24Linear,
+    QuantizedEmbedding,
+    SparseLinear,
+)
 
 INT4_GROUP_SIZES = (32, 64, 128)
 
@@ -326,3 +334,33 @@ def quantize_other_linears_(
         packed += q.packed_nbytes() + (0 if b is None else b.numel() * 4)
         set_module(model, name, q)
     return {"format": str(fmt), "layers": len(targets), "dense_bytes": dense, "bytes": packed}
+
+
+def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str) -> dict:
+    """Store the token embedding table in block-wise int8 (``com.microsoft::GatherBlockQuantized``).
+
+    Every name under which the table is reachable (T5's ``shared`` / ``encoder.embed_tokens`` /
+    ``decoder.embed_tokens``) gets the same quantized module. A tied lm_head keeps its own float32
+    weight unless ``--other-linear`` quantizes it too.
+    """
+    fmt = EmbeddingFormat.parse(fmt, "--embedding")
+    if fmt is EmbeddingFormat.FP32:
+        return {"format": "fp32", "tables": 0, "dense_bytes": 0, "bytes": 0}
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise ConfigError(
+            f"--embedding int8: the input embedding of {type(model).__name__} is a {type(emb).__name__}, "
+            "not an nn.Embedding; use --embedding fp32"
+        )
+    q = QuantizedEmbedding(emb.weight, padding_idx=emb.padding_idx)
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if m is emb]
+    for name in names:
+        set_module(model, name, q)
+    return {
+        "format": str(fmt),
+        "tables": 1,
+        "names": names,
+        "block_size": q.block_size,
+        "dense_bytes": _dense_nbytes(emb.weight),
+        "bytes": q.packed_nbytes(),
+    }

@@ -52,6 +52,7 @@ class Row:
     other_linear: str = "fp32"
     selection: str = "score"
     prune_method: str = "wanda"
+    embedding: str = "fp32"
     headline: bool = False
     note: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -60,8 +61,9 @@ class Row:
     def label(self) -> str:
         if self.group == "dense":
             return "dense fp32"
+        emb = ", embedding int8" if self.embedding == "int8" else ""
         if self.group == "matmulnbits":
-            return f"MatMulNBits {self.light_format} (all linears)"
+            return f"MatMulNBits {self.light_format} (all linears){emb}"
         sp = (
             f"{self.light_format}@{self.light_sparsity:g}"
             if self.light_format in SPARSE
@@ -70,7 +72,7 @@ class Row:
         s = f"{self.group}: heavy {self.heavy_fraction:g} {self.heavy_format} + light {sp}"
         if self.light_format in ("sparse-int8", "sparse-fp32", "2:4-int8"):
             s += f" {self.prune_method}"
-        return s + (f", other {self.other_linear}" if self.other_linear != "fp32" else "")
+        return s + (f", other {self.other_linear}" if self.other_linear != "fp32" else "") + emb
 
 
 SPARSE = ("sparse-int8", "sparse-fp32", "2:4-int8", "lowrank")
@@ -83,6 +85,7 @@ def grid(quick: bool) -> list[Row]:
         Row("dense", headline=True),
         Row("matmulnbits", "int8", other_linear="int8", headline=True),
         Row("matmulnbits", "int4", other_linear="int4", headline=True),
+        Row("matmulnbits", "int4", other_linear="int4", embedding="int8", headline=True),
         Row("ffsplit", "sparse-int8", 0.5, 0.1, headline=True, note="the CLI defaults"),
         Row(
             "ffsplit",
@@ -112,6 +115,39 @@ def grid(quick: bool) -> list[Row]:
             other_linear="int8",
             headline=True,
             note="FFSplit's 43 % smaller point",
+        ),
+        Row(
+            "ffsplit",
+            "int8",
+            0.0,
+            0.1,
+            other_linear="int8",
+            embedding="int8",
+            headline=True,
+            note="FFSplit's 43 % smaller point, int8 embedding",
+        ),
+        Row(
+            "ffsplit",
+            "sparse-int8",
+            0.5,
+            0.3,
+            "int8",
+            "int8",
+            prune_method="sparsegpt",
+            embedding="int8",
+            headline=True,
+            note="accurate recipe, everything else int8",
+        ),
+        Row(
+            "ffsplit",
+            "sparse-int8",
+            0.55,
+            0.1,
+            "int8",
+            "int4",
+            prune_method="sparsegpt",
+            headline=True,
+            note="sized to the int4 model",
         ),
         Row("ffsplit", "sparse-int8", 0.75, 0.3, "int8", prune_method="sparsegpt"),
         Row(
@@ -201,6 +237,7 @@ class Bench:
             heavy_fraction=row.heavy_fraction,
             selection=row.selection,
             other_linear=row.other_linear,
+            embedding=row.embedding,
             stats=self.stats,
             batches=self.batches,
             progress=False,
@@ -247,6 +284,7 @@ def run_row(bench: Bench, row: Row, onnx: bool, tmp: Path) -> dict:
         "heavy_fraction": row.heavy_fraction,
         "heavy_format": row.heavy_format,
         "other_linear": row.other_linear,
+        "embedding": row.embedding,
         "selection": row.selection,
         "note": row.note,
         "model_bytes": wb["compressed"],

@@ -173,6 +173,10 @@ def test_bad_input_and_atomic_output(tmp_path):
     assert (out / "keep.txt").read_text() == "user data"
     with pytest.raises(ConfigError, match="MatMulNBits"):
         export("tiny-mpt", tmp_path / "x", options=ExportOptions(target="tensorrt"), other_linear="int4")
+    with pytest.raises(ConfigError, match="GatherBlockQuantized"):
+        export("tiny-mpt", tmp_path / "x", options=ExportOptions(target="tensorrt"), embedding="int8")
+    with pytest.raises(ConfigError, match="--embedding"):
+        export("tiny-mpt", tmp_path / "x", embedding="int3", progress=False)
     with pytest.raises(ConfigError, match="--target"):
         ExportOptions(target="cuda")
     # an export that fails half-way leaves nothing behind
@@ -229,3 +233,63 @@ def test_load_tensorrt_without_tensorrt_says_what_is_missing(tmp_path):
         load(out, provider="tensorrt")
     with pytest.raises(ConfigError, match="provider='tensorrt'"):
         load(out)
+
+
+@needs_plugin
+@pytest.mark.parametrize("name", ["tiny-t5", "tiny-whisper", "tiny-llama", "tiny-gpt2"])
+def test_embedding_int8(name, tmp_path):
+    """--embedding int8: GatherBlockQuantized in the graph, validated in ORT and the reference
+    evaluator, greedy tokens equal to PyTorch, and fewer bytes than the fp32 table."""
+    from ffsplit_export.loading import load_model
+    from ffsplit_export.pipeline import compress
+    from ffsplit_export.runtime import load
+
+    out = tmp_path / "out"
+    m = _export(name, out, other_linear="int8", embedding="int8")
+    assert (
+        m["embedding"]["format"] == "int8" and m["embedding"]["bytes"] < 0.3 * m["embedding"]["dense_bytes"]
+    )
+    worst = max(max(r["outputs"].values()) for r in m["validation"].values())
+    ref = max(max(r["reference_evaluator"].values()) for r in m["validation"].values())
+    assert worst < 2e-3 and ref < 2e-3, (worst, ref)
+    ops = set()
+    for f in m["onnx_files"]:
+        g = onnx.load(str(out / f), load_external_data=False)
+        ops |= {(n.domain, n.op_type) for n in g.graph.node}
+        for n in g.graph.node:  # the merged decoder keeps its nodes in If branches
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    ops |= {(x.domain, x.op_type) for x in a.g.node}
+    assert ("com.microsoft", "GatherBlockQuantized") in ops
+    model, pre, _ = load_model(name)
+    torch_model = compress(
+        model, pre, other_linear="int8", embedding="int8", num_samples=8, progress=False
+    ).model
+    if name == "tiny-whisper":
+        feats = pre.feature_extractor(
+            [np.sin(np.arange(16000) / 9).astype(np.float32)], sampling_rate=16000, return_tensors="pt"
+        ).input_features
+        inputs = {"input_features": feats}
+    else:
+        inputs = {"input_ids": torch.tensor([[5, 70, 80, 90, 100, 33, 2]])}
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    gen = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    with torch.no_grad():
+        want = torch_model.generate(**inputs, **gen)
+    assert torch.equal(torch.as_tensor(load(out).generate(**inputs, **gen)), want)
+
+
+def test_quantized_embedding_matches_its_table():
+    from ffsplit_export.linear import QuantizedEmbedding
+
+    torch.manual_seed(0)
+    w = torch.randn(50, 48)
+    q = QuantizedEmbedding(w)
+    assert q.block_size == 16 and q.data.dtype == torch.uint8 and q.scales.shape == (50, 3)
+    blocks = w.reshape(50, 3, 16).abs().amax(-1, keepdim=True) / 127  # one step of each block
+    err = (q.weight - w).reshape(50, 3, 16).abs()
+    assert (err <= blocks / 2 + 1e-7).all()
+    ids = torch.tensor([[0, 7, 49, 7]])
+    assert torch.equal(q(ids), q.weight[ids])
+    with pytest.raises(ConfigError, match="divisible by 16"):
+        QuantizedEmbedding(torch.randn(4, 20))

@@ -30,6 +30,7 @@ def export(
         cfg.light_format,
         cfg.heavy_format,
         compress_kwargs.get("other_linear", "fp32"),
+        compress_kwargs.get("embedding", "fp32"),
     )
     out = Path(output)
     if out.exists() and not opts.overwrite:
@@ -54,6 +55,7 @@ def export(
         "trt_sparse_weights": bool(opts.trt_dense_24),
         "ffn": res.report.to_dict(),
         "other_linear": res.other_linear,
+        "embedding": res.embedding,
         "weight_bytes": weight_bytes(model, res.model),
     }
     if str(opts.target) == "portable" and cfg.light_format.is_sparse:

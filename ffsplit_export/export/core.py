@@ -52,7 +52,11 @@ class ExportOptions:
 
 
 def check_target_format(
-    target: Target, light_format: LightFormat, heavy_format: str = "fp32", other_linear: str = "fp32"
+    target: Target,
+    light_format: LightFormat,
+    heavy_format: str = "fp32",
+    other_linear: str = "fp32",
+    embedding: str = "fp32",
 ) -> None:
     """Formats that a target cannot carry are rejected before any work is done."""
     if target is Target.TENSORRT:
@@ -66,6 +70,11 @@ def check_target_format(
                 f"{', '.join(nbits)} needs ONNX Runtime's MatMulNBits, which TensorRT does not have; with "
                 "--target tensorrt use --light-format sparse-int8 / 2:4-int8 / sparse-fp32 / lowrank, fp32 or fp16 "
                 "heavy parts and --other-linear fp32, or export with --target ort-cpu / portable"
+            )
+        if str(embedding) != "fp32":
+            raise ConfigError(
+                f"--embedding {embedding} needs ONNX Runtime's GatherBlockQuantized, which TensorRT does not "
+                "have; use --embedding fp32 with --target tensorrt, or export with --target ort-cpu / portable"
             )
 
 

@@ -56,6 +56,13 @@ class OtherLinearFormat(_NamedEnum):
     INT4 = "int4"
 
 
+class EmbeddingFormat(_NamedEnum):
+    """Formats of the token embedding table (``--embedding``)."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
+
+
 class PruneMethod(_NamedEnum):
     MAGNITUDE = "magnitude"
     WANDA = "wanda"

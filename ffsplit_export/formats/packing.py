@@ -76,6 +76,22 @@ def quantize_int4_groupwise(w: np.ndarray, group_size: int) -> tuple[np.ndarray,
     return q.reshape(n, -1)[:, :k].copy(), scales
 
 
+def quantize_int8_blockwise(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per block of ``block_size`` columns (``block_size`` divides K).
+
+    Returns ``q`` int8 [N, K] in [-127, 127] and ``scales`` float32 [N, K / block_size].
+    """
+    w = _as_matrix(w, "weight").astype(np.float32, copy=False)
+    n, k = w.shape
+    if block_size < 16 or block_size & (block_size - 1) or k % block_size:
+        raise FormatError(f"block_size={block_size} must be a power of two >= 16 that divides K={k}")
+    g = w.reshape(n, k // block_size, block_size)
+    amax = np.abs(g).max(axis=2)
+    scales = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(g / scales[:, :, None]), -127, 127).astype(np.int8)
+    return q.reshape(n, k), scales
+
+
 def dequantize(q: np.ndarray, scales: np.ndarray, group_size: int | None = None) -> np.ndarray:
     """Inverse of the quantizers: ``scales`` [N] (per channel) or [N, n_groups] with ``group_size``."""
     q = _as_matrix(q, "q")

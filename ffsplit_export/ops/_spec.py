@@ -180,7 +180,8 @@ def matmulnbits_reference(
 def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[type]:
     """The ops as ``onnx.reference.op_run.OpRun`` classes for ``ReferenceEvaluator(new_ops=...)``.
 
-    ``include_contrib`` adds ``com.microsoft::MatMulNBits`` (used for int8 / int4 weights);
+    ``include_contrib`` adds ``com.microsoft::MatMulNBits`` (int8 / int4 weights) and
+    ``GatherBlockQuantized`` (int8 embedding tables);
     ``domain`` selects the node domain (``trt.plugins`` for TensorRT graphs).
     """
     from onnx.reference.op_run import OpRun
@@ -202,7 +203,29 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
             return (matmulnbits_reference(x, b, scales, K=K, N=N, bits=bits, block_size=block_size),)
 
         classes.append(type("MatMulNBits", (OpRun,), {"op_domain": "com.microsoft", "_run": _run_nbits}))
+        classes.append(
+            type(
+                "GatherBlockQuantized",
+                (OpRun,),
+                {"op_domain": "com.microsoft", "_run": _run_gather_block_quantized},
+            )
+        )
     return classes
+
+
+def _run_gather_block_quantized(
+    self, data, indices, scales, zero_points=None, gather_axis=0, quantize_axis=1, block_size=128, bits=4
+):
+    """NumPy reference of ``com.microsoft::GatherBlockQuantized`` for the layout we export:
+    uint8 codes [V, D] with 8 bits, rows gathered (axis 0), blocks along axis 1, zero point 128."""
+    if data.dtype != np.uint8 or bits != 8 or gather_axis != 0 or quantize_axis != data.ndim - 1:
+        raise FormatError(
+            f"the GatherBlockQuantized reference covers 8-bit uint8 tables gathered on axis 0 "
+            f"(got {data.dtype}, bits={bits}, gather_axis={gather_axis}, quantize_axis={quantize_axis})"
+        )
+    zp = 128.0 if zero_points is None else np.repeat(zero_points.astype(np.float32), block_size, axis=-1)
+    table = (data.astype(np.float32) - zp) * np.repeat(scales.astype(np.float32), block_size, axis=-1)
+    return (table[np.asarray(indices, dtype=np.int64)].astype(scales.dtype),)
 
 
 # onnx.helper needs the opset import; keep one here for graph builders
