@@ -77,6 +77,17 @@ def test_export_ort_cpu(name, files, tmp_path):
         assert (out / "preprocessor_config.json").exists()
 
 
+def _generate_inputs(name, pre) -> dict:
+    """A fixed prompt: a 1 s tone for Whisper, seven token ids otherwise."""
+    if name == "tiny-whisper":
+        feats = pre.feature_extractor(
+            [np.sin(np.arange(16000) / 9).astype(np.float32)], sampling_rate=16000, return_tensors="pt"
+        ).input_features
+        return {"input_features": feats}
+    ids = torch.tensor([[5, 70, 80, 90, 100, 33, 2]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
 @needs_plugin
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-mpt", "tiny-whisper", "tiny-llama"])
 def test_generate_matches_pytorch(name, tmp_path):
@@ -89,16 +100,7 @@ def test_generate_matches_pytorch(name, tmp_path):
     model, pre, _ = load_model(name)
     torch_model = compress(model, pre, other_linear="int8", num_samples=8, progress=False).model
     ort_model = load(out)
-    if name == "tiny-whisper":
-        feats = pre.feature_extractor(
-            [np.sin(np.arange(16000) / 9).astype(np.float32)], sampling_rate=16000, return_tensors="pt"
-        ).input_features
-        inputs = {"input_features": feats}
-    else:
-        inputs = {
-            "input_ids": torch.tensor([[5, 70, 80, 90, 100, 33, 2]]),
-            "attention_mask": torch.ones(1, 7, dtype=torch.long),
-        }
+    inputs = _generate_inputs(name, pre)
     gen = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
     with torch.no_grad():
         want = torch_model.generate(**inputs, **gen)
@@ -265,14 +267,7 @@ def test_embedding_int8(name, tmp_path):
     torch_model = compress(
         model, pre, other_linear="int8", embedding="int8", num_samples=8, progress=False
     ).model
-    if name == "tiny-whisper":
-        feats = pre.feature_extractor(
-            [np.sin(np.arange(16000) / 9).astype(np.float32)], sampling_rate=16000, return_tensors="pt"
-        ).input_features
-        inputs = {"input_features": feats}
-    else:
-        inputs = {"input_ids": torch.tensor([[5, 70, 80, 90, 100, 33, 2]])}
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs = _generate_inputs(name, pre)
     gen = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8)
     with torch.no_grad():
         want = torch_model.generate(**inputs, **gen)
