@@ -326,7 +326,7 @@ def equal_bytes_uniform(bench: Bench, base_result: dict, probe: dict, row: Row) 
 def markdown(results: list[dict]) -> str:
     lines = []
     for model in dict.fromkeys(r["model"] for r in results):
-        rows = [r for r in results if r["model"] == model]
+        rows = list({r["label"]: r for r in results if r["model"] == model}.values())  # each row once
         metric = rows[0]["metric"]
         speech = metric == "wer"
         dense = next((r for r in rows if r["group"] == "dense"), None)
