@@ -131,13 +131,27 @@ def wer_pytorch(model, processor, clips, generate_kwargs: dict | None = None) ->
     return word_error_rate([r for _, r in clips], hyps)
 
 
+def _decoder_prompt(model, tok) -> list[int]:
+    """The decoder prompt of a transcription: the tokenizer's prefix (start of transcript, language,
+    task, no timestamps) for Whisper tokenizers, else the model's decoder start token."""
+    prefix = list(getattr(tok, "prefix_tokens", None) or [])
+    if prefix:
+        return prefix
+    start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ConfigError(
+            "no decoder prompt: the tokenizer has no prefix tokens and the model no decoder_start_token_id"
+        )
+    return [int(start)]
+
+
 def transcript_perplexity(model, processor, clips) -> PerplexityResult:
     """Teacher-forced perplexity of the reference transcripts given the audio (Whisper, PyTorch or
     an optimum ``ORTModelForSpeechSeq2Seq``).
 
     A smooth companion to WER on few clips, where one word is a big step: every reference is
-    tokenized with the model's decoder prompt (start of transcript, language / task, no
-    timestamps) and end of text, and the tokens after the prompt are scored, end of text included.
+    tokenized after the decoder prompt (start of transcript, language / task, no timestamps)
+    and followed by end of text; the text tokens and end of text are scored.
     ``context_length`` / ``stride`` of the result hold the longest sequence and 0.
     """
     import torch
@@ -148,11 +162,12 @@ def transcript_perplexity(model, processor, clips) -> PerplexityResult:
     tok = processor.tokenizer
     if getattr(getattr(model, "generation_config", None), "is_multilingual", False):
         tok.set_prefix_tokens(language="english", task="transcribe", predict_timestamps=False)
-    special = set(tok.all_special_ids)
+    prompt_ids = _decoder_prompt(model, tok)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     total, count, longest = 0.0, 0, 0
     for audio, ref in clips:
-        ids = tok(" " + ref.strip()).input_ids
-        prompt = next(i for i, t in enumerate(ids) if t not in special)
+        ids = prompt_ids + tok(" " + ref.strip(), add_special_tokens=False).input_ids + [eos]
+        prompt = len(prompt_ids)
         feats = processor(np.asarray(audio, dtype=np.float32), sampling_rate=16000, return_tensors="pt")
         dec = torch.tensor([ids[:-1]])
         with torch.no_grad():

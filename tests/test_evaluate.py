@@ -196,7 +196,7 @@ def test_wer_pytorch_matches_onnx_tiny_whisper(tmp_path):
 
 def test_transcript_perplexity_matches_the_model_loss():
     """Teacher-forced transcript perplexity == exp(HF cross-entropy with the prompt masked out)."""
-    from ffsplit_export.evaluate import transcript_perplexity
+    from ffsplit_export.evaluate import _decoder_prompt, transcript_perplexity
     from ffsplit_export.tiny import build_tiny
 
     model, proc, _ = build_tiny("tiny-whisper")
@@ -207,10 +207,10 @@ def test_transcript_perplexity_matches_the_model_loss():
     ]
     res = transcript_perplexity(model, proc, clips)
     total, count = 0.0, 0
-    special = set(proc.tokenizer.all_special_ids)
     for audio, ref in clips:
-        ids = proc.tokenizer(" " + ref).input_ids
-        prompt = next(i for i, t in enumerate(ids) if t not in special)
+        prompt_ids = _decoder_prompt(model, proc.tokenizer)  # the tokenizer's prefix tokens
+        ids = prompt_ids + proc.tokenizer(" " + ref, add_special_tokens=False).input_ids
+        ids, prompt = ids + [proc.tokenizer.eos_token_id], len(prompt_ids)
         labels = torch.tensor([ids[1:]])
         labels[0, : prompt - 1] = -100
         feats = proc(audio, sampling_rate=16000, return_tensors="pt").input_features
@@ -219,4 +219,7 @@ def test_transcript_perplexity_matches_the_model_loss():
         n = int((labels != -100).sum())
         total, count = total + float(loss) * n, count + n
     assert res.num_tokens == count > 0
+    # every text token and the end of text are scored, not just the last one
+    n_text = sum(len(proc.tokenizer(" " + ref, add_special_tokens=False).input_ids) for _, ref in clips)
+    assert count == n_text + len(clips)
     assert res.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
