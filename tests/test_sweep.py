@@ -1,0 +1,50 @@
+"""samples/sweep_accuracy.py end to end on a tiny causal LM: rows, the equal-bytes ablation, outputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from ffsplit_export.errors import MissingResourceError
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+def test_sweep_quick_on_a_tiny_model(tmp_path, monkeypatch):
+    from ffsplit_export.evaldata import calibration_text
+
+    try:
+        calibration_text("bible", 2)
+    except MissingResourceError as e:
+        pytest.skip(str(e))
+    sys.path.insert(0, str(SAMPLES))
+    try:
+        import sweep_accuracy
+    finally:
+        sys.path.remove(str(SAMPLES))
+    out = tmp_path / "sweep"
+    argv = ["sweep_accuracy.py", "--output", str(out), "--quick", "--models", "tiny-llama", "--no-onnx"]
+    monkeypatch.setattr(sys, "argv", argv + ["--max-chars", "3000"])
+    sweep_accuracy.main()
+    rows = json.loads((out / "results.json").read_text())
+    labels = [r["label"] for r in rows]
+    assert len(labels) == len(set(labels)), "a configuration ran twice"
+    assert {r["group"] for r in rows} == {"dense", "matmulnbits", "ffsplit", "uniform", "random"}
+    dense = next(r for r in rows if r["group"] == "dense")
+    assert dense["ffn_ratio"] == 1.0 and dense["model_bytes_ratio"] == 1.0
+    # every equal-bytes uniform row matches the FFN bytes of the split it follows within 2 %
+    for i, r in enumerate(rows):
+        if r["note"] == "equal FFN bytes":
+            split = next(x for x in reversed(rows[:i]) if x["group"] == "ffsplit")
+            assert r["heavy_fraction"] == 0 and r["ffn_ratio"] == pytest.approx(split["ffn_ratio"], rel=0.02)
+            rnd = rows[i - 1]  # the random heavy set of the same split runs just before
+            assert rnd["group"] == "random" and rnd["heavy_fraction"] == split["heavy_fraction"]
+            assert rnd["ffn_ratio"] == pytest.approx(split["ffn_ratio"], rel=1e-3)
+    emb = [r for r in rows if r["embedding"] == "int8"]
+    assert emb and all(r["model_bytes"] < dense["model_bytes"] for r in emb)
+    md = (out / "results.md").read_text()
+    assert md.count("\n| ") == len(rows) + 2  # header, separator, one line per row
+    assert (out / "tiny-llama_perplexity_vs_bytes.png").stat().st_size > 1000
