@@ -2,7 +2,7 @@
 
 One command writes ``results.json``, ``results.md`` and PNG plots of accuracy vs model bytes:
 
-    python samples/sweep_accuracy.py --output sweep_out --quick    # headline rows + ablation (~40 min, 2 cores)
+    python samples/sweep_accuracy.py --output sweep_out --quick    # headline rows + ablation (~25 min)
     python samples/sweep_accuracy.py --output sweep_out            # + the full grid (hours on 2 cores)
 
 Rows: dense fp32; MatMulNBits int8 / int4 of every linear (the whole model, no heavy set);
@@ -405,7 +405,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="sweep_accuracy_out")
     ap.add_argument(
-        "--quick", action="store_true", help="the headline rows and their ablation only (~40 min, 2 cores)"
+        "--quick", action="store_true", help="the headline rows and their ablation only (~25 min, 2 cores)"
     )
     ap.add_argument("--models", default="smollm2-135m,whisper-tiny.en")
     ap.add_argument(
