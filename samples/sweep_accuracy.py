@@ -28,6 +28,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -82,85 +83,31 @@ CTX = 256  # perplexity context length and stride, as in the README's `ffsplit-e
 
 def grid(quick: bool) -> list[Row]:
     """The configurations, headline rows first."""
+    # headline splits: SparseGPT-pruned sparse-int8 light parts, and the int8 "43 % smaller" points
+    sgpt = partial(Row, "ffsplit", "sparse-int8", prune_method="sparsegpt")
+    int8 = partial(Row, "ffsplit", "int8", 0.0, 0.1, other_linear="int8", headline=True)
     rows = [
         Row("dense", headline=True),
         Row("matmulnbits", "int8", other_linear="int8", headline=True),
         Row("matmulnbits", "int4", other_linear="int4", headline=True),
         Row("matmulnbits", "int4", other_linear="int4", embedding="int8", headline=True),
         Row("ffsplit", "sparse-int8", 0.5, 0.1, headline=True, note="the CLI defaults"),
-        Row(
-            "ffsplit",
-            "sparse-int8",
-            0.5,
-            0.3,
-            "int8",
-            prune_method="sparsegpt",
-            headline=True,
-            note="accurate one-shot recipe",
-        ),
-        Row(
-            "ffsplit",
-            "sparse-int8",
-            0.5,
-            0.1,
-            "int8",
-            prune_method="sparsegpt",
-            headline=True,
-            note="small int8 heavy set",
-        ),
-        Row(
-            "ffsplit",
-            "int8",
-            0.0,
-            0.1,
-            other_linear="int8",
-            headline=True,
-            note="FFSplit's 43 % smaller point",
-        ),
-        Row(
-            "ffsplit",
-            "int8",
-            0.0,
-            0.1,
-            other_linear="int8",
-            embedding="int8",
-            headline=True,
-            note="FFSplit's 43 % smaller point, int8 embedding",
-        ),
-        Row(
-            "ffsplit",
-            "sparse-int8",
+        sgpt(0.5, 0.3, "int8", headline=True, note="accurate one-shot recipe"),
+        sgpt(0.5, 0.1, "int8", headline=True, note="small int8 heavy set"),
+        int8(note="FFSplit's 43 % smaller point"),
+        int8(embedding="int8", note="FFSplit's 43 % smaller point, int8 embedding"),
+        sgpt(
             0.5,
             0.3,
             "int8",
             "int8",
-            prune_method="sparsegpt",
             embedding="int8",
             headline=True,
             note="accurate recipe, everything else int8",
         ),
-        Row(
-            "ffsplit",
-            "sparse-int8",
-            0.55,
-            0.1,
-            "int8",
-            "int4",
-            prune_method="sparsegpt",
-            headline=True,
-            note="sized to the int4 model",
-        ),
-        Row("ffsplit", "sparse-int8", 0.75, 0.3, "int8", prune_method="sparsegpt"),
-        Row(
-            "ffsplit",
-            "sparse-int8",
-            0.75,
-            0.2,
-            "int8",
-            "int4",
-            prune_method="sparsegpt",
-            note="sized to the int4 model",
-        ),
+        sgpt(0.55, 0.1, "int8", "int4", headline=True, note="sized to the int4 model"),
+        sgpt(0.75, 0.3, "int8"),
+        sgpt(0.75, 0.2, "int8", "int4", note="sized to the int4 model"),
     ]
     if quick:
         return rows
