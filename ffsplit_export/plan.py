@@ -8,7 +8,7 @@ import torch
 from .adapters import FFNSpec
 from .calibrate import FFNStats
 from .errors import BudgetError, ConfigError
-from .formats import HeavyFormat, LightFormat
+from .formats import HeavyFormat, get_format
 from .formats.pruning import check_fraction
 from .split import SplitConfig, get_module, linear_weight, lowrank_rank, make_light
 
@@ -43,31 +43,18 @@ def plan_fraction(
 
 
 def heavy_bytes_per_weight(fmt: HeavyFormat) -> float:
-    return {HeavyFormat.FP32: 4.0, HeavyFormat.FP16: 2.0, HeavyFormat.INT8: 1.0}[fmt]
+    """Bytes per weight of the heavy format (the registry's size model)."""
+    return get_format(HeavyFormat.parse(fmt, "--heavy-format")).bytes_per_weight()
 
 
 def light_bytes_per_weight(cfg: SplitConfig) -> float:
     """Packed bytes per weight of the light format (scales and row pointers ignored)."""
-    d = 1.0 - cfg.light_sparsity
-    return {
-        LightFormat.DENSE: 4.0,
-        LightFormat.SPARSE_FP32: 4.0 * d + 0.125,
-        LightFormat.SPARSE_INT8: d + 0.125,
-        LightFormat.NM24_INT8: 0.5 + 0.125,
-        LightFormat.INT8: 1.0,
-        LightFormat.INT4: 0.5 + 4.0 / cfg.group_size,
-        LightFormat.LOWRANK: 4.0 * d,
-    }[cfg.light_format]
+    return get_format(cfg.light_format).bytes_per_weight(cfg)
 
 
 def light_row_overhead(cfg: SplitConfig) -> float:
     """Packed bytes per light row that do not scale with K (row pointers, scales)."""
-    return {
-        LightFormat.SPARSE_FP32: 8.0,
-        LightFormat.SPARSE_INT8: 12.0,
-        LightFormat.NM24_INT8: 4.0,
-        LightFormat.INT8: 4.0,
-    }.get(cfg.light_format, 0.0)
+    return get_format(cfg.light_format).row_overhead(cfg)
 
 
 def plan_budget(
@@ -89,6 +76,7 @@ def plan_budget(
     budget = check_fraction(budget, "--size-budget")
     hb, lb = heavy_bytes_per_weight(config.heavy_format), light_bytes_per_weight(config)
     ro = light_row_overhead(config)
+    hro = get_format(config.heavy_format).row_overhead(config)
     dense_total = light_total = 0.0
     cands = []  # (gain per byte, cost, layer name, neuron)
     for spec in specs:
@@ -98,9 +86,7 @@ def plan_budget(
         weights_per_neuron = d_model * len(spec.projections)
         rows_per_neuron = len(spec.projections) - 1  # a light neuron is one row of up (and gate)
         light_neuron = lb * weights_per_neuron + ro * rows_per_neuron
-        heavy_neuron = hb * weights_per_neuron + (
-            4.0 * rows_per_neuron if str(config.heavy_format) == "int8" else 0.0
-        )
+        heavy_neuron = hb * weights_per_neuron + hro * rows_per_neuron
         dense_total += 4.0 * weights_per_neuron * f
         light_total += light_neuron * f + ro * d_model  # the light down projection has d_model rows
         err = _light_relative_error(model, spec, st, config)

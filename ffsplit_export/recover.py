@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from .calibrate import Batch, make_batches
 from .errors import ConfigError, FormatError
-from .linear import CompressedLinear, DenseLinear, LowRankLinear, NBitsLinear, NM24Linear, SparseLinear
+from .formats.fakequant import fake_int4_groups, fake_int8_rows  # noqa: F401 - re-exported
+from .linear import CompressedLinear
 from .split import SplitLinear, get_module, linear_weight, set_module
 
 __all__ = [
@@ -154,106 +155,47 @@ class RecoverReport:
         return asdict(self)
 
 
-# ------------------------------------------------------------------------------ fake quantization
-
-
-def fake_int8_rows(w: torch.Tensor) -> torch.Tensor:
-    """Symmetric per-row int8 round trip, as :func:`packing.quantize_int8_per_channel`."""
-    amax = w.abs().amax(dim=1) if w.shape[1] else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    return torch.clamp(torch.round(w / scale[:, None]), -127, 127) * scale[:, None]
-
-
-def fake_int4_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Symmetric int4 per group of input channels, as :func:`packing.quantize_int4_groupwise`."""
-    n, k = w.shape
-    g = -(-k // group_size)
-    padded = F.pad(w, (0, g * group_size - k)).reshape(n, g, group_size)
-    amax = padded.abs().amax(dim=2)
-    scale = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
-    q = torch.clamp(torch.round(padded / scale[:, :, None]), -7, 7) * scale[:, :, None]
-    return q.reshape(n, -1)[:, :k]
-
-
-def _ste(w: torch.Tensor, fq) -> torch.Tensor:
-    return w + (fq(w) - w).detach()
-
-
 # ------------------------------------------------------------------------------ trainable module
 
 
 class TrainableLinear(nn.Module):
-    """A float32 stand-in for one compressed linear: fixed mask, quantization by STE."""
+    """A float32 stand-in for one compressed linear: fixed mask, quantization by STE.
+
+    What is trained, the mask and the rounding come from the module's registered format
+    (:meth:`~ffsplit_export.formats.registry.WeightFormat.trainable_state`,
+    ``trainable_weight``, ``trainable_forward``, ``pack_trained``).
+    """
 
     def __init__(self, src: CompressedLinear):
         super().__init__()
+        if not isinstance(src, CompressedLinear):
+            raise FormatError(
+                f"cannot fine-tune a {type(src).__name__}; supported: the compressed linears of "
+                "ffsplit_export.linear (every registered light, heavy and other-linear format)"
+            )
+        self.format = src.format
         self.src_type = type(src).__name__
         self.in_features, self.out_features = src.in_features, src.out_features
         self.bias = src.bias  # frozen float32 (exported as is)
-        self.register_buffer("mask", None)  # bool [N, K]: stored positions (sparse formats)
-        self.register_buffer("target_mask", None)  # the final mask (gradual sparsity)
-        self.target_sparsity = 0.0
-        self.group_size = 128
-        if isinstance(src, LowRankLinear):
-            self.quant = "lowrank"
-            self.a = nn.Parameter(src.a.detach().clone().float())
-            self.b = nn.Parameter(src.b.detach().clone().float())
-            return
-        w = src.dense_weight().detach().clone().float()
-        if isinstance(src, SparseLinear):
-            keep = torch.from_numpy(
-                np.unpackbits(
-                    src.mask.cpu().numpy(), axis=1, bitorder="little", count=src.in_features
-                ).astype(bool)
-            ).to(w.device)
-            self.mask, self.target_mask = keep, keep.clone()
-            self.target_sparsity = float(src.sparsity)
-            self.quant = "int8" if src.op_type == "SparseMatMulInt8" else "none"
-        elif isinstance(src, NM24Linear):
-            from .ops import decode_weight
+        st = self.format.trainable_state(src)
+        self.register_buffer("mask", st["mask"])  # bool [N, K]: stored positions (sparse formats)
+        self.register_buffer("target_mask", st["target_mask"])  # the final mask (gradual sparsity)
+        self.target_sparsity = st["target_sparsity"]
+        self.group_size = st["group_size"]
+        for name, t in st["params"].items():
+            setattr(self, name, nn.Parameter(t if self.mask is None or name != "weight" else t * self.mask))
 
-            vals = np.ones_like(src.values.cpu().numpy())  # stored positions, whatever their value
-            keep = (
-                decode_weight(
-                    "Sparse24MatMulInt8",
-                    src.in_features,
-                    vals,
-                    src.meta.cpu().numpy(),
-                    np.ones(src.out_features, np.float32),
-                )
-                != 0
-            )
-            self.mask = torch.from_numpy(keep).to(w.device)
-            self.quant = "int8"
-        elif isinstance(src, NBitsLinear):
-            self.quant = "int8" if src.bits == 8 else "int4"
-            self.group_size = src.block_size
-        elif isinstance(src, DenseLinear):
-            self.quant = "fp16" if src.w.dtype == torch.float16 else "none"
-        else:
-            raise FormatError(
-                f"cannot fine-tune a {type(src).__name__}; supported: Dense, Sparse, NM24, NBits, LowRank"
-            )
-        self.weight = nn.Parameter(w if self.mask is None else w * self.mask)
+    @property
+    def quant(self) -> str:
+        """The format's stable name (``quant`` of earlier versions)."""
+        return self.format.name
 
     # the weight the packed format will hold (mask, then rounding)
     def effective_weight(self) -> torch.Tensor:
-        if self.quant == "lowrank":
-            return self.a @ self.b
-        w = self.weight if self.mask is None else self.weight * self.mask
-        if self.quant == "int8":
-            return _ste(w, fake_int8_rows)
-        if self.quant == "int4":
-            return _ste(w, lambda t: fake_int4_groups(t, self.group_size))
-        if self.quant == "fp16":
-            return _ste(w, lambda t: t.half().float())
-        return w
+        return self.format.trainable_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quant == "lowrank":  # same product order as LowRankLinear
-            y = F.linear(F.linear(x, self.b), self.a)
-        else:
-            y = F.linear(x, self.effective_weight().to(x.dtype))
+        y = self.format.trainable_forward(self, x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
@@ -280,27 +222,13 @@ class TrainableLinear(nn.Module):
 
     @torch.no_grad()
     def pack(self) -> CompressedLinear:
-        """The compressed module of the original type, holding the trained weight."""
-        bias = self.bias
-        if self.quant == "lowrank":
-            m = LowRankLinear(torch.zeros(self.out_features, self.in_features), 0, bias)
-            m.a, m.b = (
-                self.a.detach().float().cpu().contiguous().clone(),
-                self.b.detach().float().cpu().contiguous().clone(),
-            )
-            return m
-        w = (self.weight * self.mask if self.mask is not None else self.weight).detach().float().cpu()
-        mask = None if self.mask is None else self.mask.cpu()
-        if self.src_type == "SparseLinear":
-            return SparseLinear(w, mask, int8=self.quant == "int8", bias=bias)
-        if self.src_type == "NM24Linear":
-            return NM24Linear(w, mask, bias)
-        if self.src_type == "NBitsLinear":
-            return NBitsLinear.from_weight(w, 8 if self.quant == "int8" else 4, self.group_size, bias)
-        return DenseLinear(w, bias, dtype=torch.float16 if self.quant == "fp16" else torch.float32)
+        """The compressed module of the original format, holding the trained weight."""
+        return self.format.pack_trained(self)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, from={self.src_type}, quant={self.quant}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, from={self.src_type}, format={self.format.name}"
+        )
 
 
 def _targets(model: nn.Module, other_linear: bool) -> list[str]:
@@ -338,7 +266,7 @@ def pack_trainable_(model: nn.Module) -> int:
     names = [n for n, m in model.named_modules() if isinstance(m, TrainableLinear)]
     for name in names:
         t = get_module(model, name)
-        dev = t.weight.device if t.quant != "lowrank" else t.a.device
+        dev = next(p for n, p in t.named_parameters(recurse=False) if n != "bias").device
         set_module(model, name, t.pack().to(dev))
     return len(names)
 

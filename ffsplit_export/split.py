@@ -19,17 +19,17 @@ from tqdm.auto import tqdm
 
 from .adapters import FFNSpec, find_ffns
 from .errors import ConfigError
-from .formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
-from .formats.sparsegpt import sparsegpt_prune
-from .linear import (
-    CompressedLinear,
-    DenseLinear,
-    LowRankLinear,
-    NBitsLinear,
-    NM24Linear,
-    QuantizedEmbedding,
-    SparseLinear,
+from .formats import (
+    EmbeddingFormat,
+    HeavyFormat,
+    LightFormat,
+    OtherLinearFormat,
+    PruneMethod,
+    get_format,
+    pruning,
 )
+from .formats.lowrank import lowrank_rank  # noqa: F401 - re-exported (plan, callers)
+from .linear import CompressedLinear
 
 INT4_GROUP_SIZES = (32, 64, 128)
 
@@ -114,7 +114,7 @@ class SplitLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def nbytes(self) -> int:
-        n = sum(p.packed_nbytes() + (0 if p.bias is None else p.bias.numel() * 4) for p in self.parts())
+        n = sum(p.format.nbytes(p) + (0 if p.bias is None else p.bias.numel() * 4) for p in self.parts())
         return n + (0 if self.bias is None else self.bias.numel() * 4)
 
 
@@ -162,54 +162,13 @@ class SplitReport:
         }
 
 
-def _prune_keep(w, cfg: SplitConfig, x_norm, hessian) -> tuple[torch.Tensor, torch.Tensor]:
-    """(possibly updated weight, keep mask) for the light part's sparse formats."""
-    structured = cfg.light_format.is_structured
-    method = cfg.prune_method
-    if method is PruneMethod.SPARSEGPT:
-        if hessian is None:
-            raise ConfigError("--prune-method sparsegpt needs calibration statistics with Hessians")
-        return sparsegpt_prune(w, hessian, cfg.light_sparsity, nm=(2, 4) if structured else None)
-    if method is PruneMethod.WANDA and x_norm is not None:
-        score = pruning.wanda_score(w, x_norm)
-    else:
-        score = pruning.magnitude_score(w)
-    keep = pruning.nm_mask(score, 2, 4) if structured else pruning.topk_row_mask(score, cfg.light_sparsity)
-    return w, keep
-
-
 def make_light(w: torch.Tensor, bias, cfg: SplitConfig, x_norm=None, hessian=None) -> CompressedLinear:
-    """Compress one light weight ``w[N, K]`` in ``cfg.light_format``."""
-    fmt = cfg.light_format
-    if fmt is LightFormat.DENSE:
-        return DenseLinear(w, bias)
-    if fmt in (LightFormat.SPARSE_FP32, LightFormat.SPARSE_INT8, LightFormat.NM24_INT8):
-        w2, keep = _prune_keep(w, cfg, x_norm, hessian)
-        if fmt is LightFormat.NM24_INT8:
-            return NM24Linear(w2, keep, bias)
-        return SparseLinear(w2, keep, int8=fmt is LightFormat.SPARSE_INT8, bias=bias)
-    if fmt is LightFormat.INT8:
-        return NBitsLinear.from_weight(w, 8, 128, bias)
-    if fmt is LightFormat.INT4:
-        return NBitsLinear.from_weight(w, 4, cfg.group_size, bias)
-    if fmt is LightFormat.LOWRANK:
-        n, k = w.shape
-        rank = lowrank_rank(n, k, cfg.light_sparsity)
-        return LowRankLinear(w, rank, bias)
-    raise ConfigError(f"light format {fmt} is not handled")  # pragma: no cover
-
-
-def lowrank_rank(n: int, k: int, sparsity: float) -> int:
-    """The rank whose two factors hold as many weights as the sparse format keeps."""
-    return int(min(n, k, max(0, round((1.0 - sparsity) * n * k / (n + k))))) if n and k else 0
+    """Compress one light weight ``w[N, K]`` in ``cfg.light_format`` (looked up in the registry)."""
+    return get_format(cfg.light_format).compress(w, bias, x_norm=x_norm, hessian=hessian, config=cfg)
 
 
 def make_heavy(w: torch.Tensor, bias, fmt: HeavyFormat) -> CompressedLinear:
-    if fmt is HeavyFormat.FP32:
-        return DenseLinear(w, bias)
-    if fmt is HeavyFormat.FP16:
-        return DenseLinear(w, bias, dtype=torch.float16)
-    return NBitsLinear.from_weight(w, 8, 128, bias)
+    return get_format(HeavyFormat.parse(fmt, "--heavy-format")).compress(w, bias)
 
 
 def _dense_nbytes(*weights_and_biases) -> int:
@@ -283,15 +242,11 @@ def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
     set_module(model, spec.down, split_down)
 
     nbytes = sum(get_module(model, p).nbytes() for p in spec.projections)
+    lights = [get_module(model, p).light for p in spec.projections]
     sparsities = [
-        m.sparsity
-        for p in spec.projections
-        for m in [get_module(model, p).light]
-        if isinstance(m, SparseLinear)
+        s for m in lights if m is not None for s in [m.format.measured_sparsity(m)] if s is not None
     ]
-    light_sp = (
-        float(np.mean(sparsities)) if sparsities else (0.5 if cfg.light_format.is_structured and nl else 0.0)
-    )
+    light_sp = float(np.mean(sparsities)) if sparsities else 0.0
     return FFNSplitInfo(
         name=spec.name,
         n_neurons=n_neurons,
@@ -313,8 +268,9 @@ def quantize_other_linears_(
 ) -> dict:
     """Weight-quantize every linear layer outside the FFNs (attention, lm_head) as MatMulNBits."""
     fmt = OtherLinearFormat.parse(fmt, "--other-linear")
-    if fmt is OtherLinearFormat.FP32:
-        return {"format": "fp32", "layers": 0, "dense_bytes": 0, "bytes": 0}
+    qf = get_format(fmt)
+    if qf.keeps_original:
+        return {"format": str(fmt), "layers": 0, "dense_bytes": 0, "bytes": 0}
     specs = specs if specs is not None else find_ffns(model)
     skip = {p for s in specs for p in s.projections}
     targets = [
@@ -325,13 +281,13 @@ def quantize_other_linears_(
         and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
         and not any(name.startswith(p + ".") for p in skip)
     ]
-    bits = 8 if fmt is OtherLinearFormat.INT8 else 4
+    cfg = _GroupSize(group_size)
     dense = packed = 0
     for name in targets:
         w, b = linear_weight(get_module(model, name))
-        q = NBitsLinear.from_weight(w, bits, 128 if bits == 8 else group_size, b)
+        q = qf.compress(w, b, config=cfg)
         dense += _dense_nbytes(w, b)
-        packed += q.packed_nbytes() + (0 if b is None else b.numel() * 4)
+        packed += qf.nbytes(q) + (0 if b is None else b.numel() * 4)
         set_module(model, name, q)
     return {"format": str(fmt), "layers": len(targets), "dense_bytes": dense, "bytes": packed}
 
@@ -344,15 +300,16 @@ def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str) -> dict:
     weight unless ``--other-linear`` quantizes it too.
     """
     fmt = EmbeddingFormat.parse(fmt, "--embedding")
-    if fmt is EmbeddingFormat.FP32:
-        return {"format": "fp32", "tables": 0, "dense_bytes": 0, "bytes": 0}
+    qf = get_format(fmt)
+    if qf.keeps_original:
+        return {"format": str(fmt), "tables": 0, "dense_bytes": 0, "bytes": 0}
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):
         raise ConfigError(
             f"--embedding int8: the input embedding of {type(model).__name__} is a {type(emb).__name__}, "
             "not an nn.Embedding; use --embedding fp32"
         )
-    q = QuantizedEmbedding(emb.weight, padding_idx=emb.padding_idx)
+    q = qf.compress(emb.weight, padding_idx=emb.padding_idx)
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is emb]
     for name in names:
         set_module(model, name, q)
@@ -362,5 +319,12 @@ def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str) -> dict:
         "names": names,
         "block_size": q.block_size,
         "dense_bytes": _dense_nbytes(emb.weight),
-        "bytes": q.packed_nbytes(),
+        "bytes": qf.nbytes(q),
     }
+
+
+@dataclass(frozen=True)
+class _GroupSize:
+    """The part of :class:`SplitConfig` the other-linear formats read."""
+
+    group_size: int

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ConfigError, ExportError, FFSplitError, ValidationError
-from ..formats import LightFormat, Target
+from ..formats import LightFormat, Target, check_target
 from ..linear import NM24Linear, export_target
 
 logger = logging.getLogger(__name__)
@@ -58,24 +58,16 @@ def check_target_format(
     other_linear: str = "fp32",
     embedding: str = "fp32",
 ) -> None:
-    """Formats that a target cannot carry are rejected before any work is done."""
-    if target is Target.TENSORRT:
-        nbits = (
-            [f"--light-format {light_format}"] if light_format in (LightFormat.INT8, LightFormat.INT4) else []
-        )
-        nbits += [f"--heavy-format {heavy_format}"] if str(heavy_format) == "int8" else []
-        nbits += [f"--other-linear {other_linear}"] if str(other_linear) != "fp32" else []
-        if nbits:
-            raise ConfigError(
-                f"{', '.join(nbits)} needs ONNX Runtime's MatMulNBits, which TensorRT does not have; with "
-                "--target tensorrt use --light-format sparse-int8 / 2:4-int8 / sparse-fp32 / lowrank, fp32 or fp16 "
-                "heavy parts and --other-linear fp32, or export with --target ort-cpu / portable"
-            )
-        if str(embedding) != "fp32":
-            raise ConfigError(
-                f"--embedding {embedding} needs ONNX Runtime's GatherBlockQuantized, which TensorRT does not "
-                "have; use --embedding fp32 with --target tensorrt, or export with --target ort-cpu / portable"
-            )
+    """Formats that a target cannot carry are rejected before any work is done (the registry decides)."""
+    check_target(
+        target,
+        [
+            ("light", light_format),
+            ("heavy", heavy_format),
+            ("other-linear", other_linear),
+            ("embedding", embedding),
+        ],
+    )
 
 
 @contextlib.contextmanager

@@ -33,11 +33,16 @@ class LightFormat(_NamedEnum):
 
     @property
     def is_sparse(self) -> bool:
-        return self in (LightFormat.SPARSE_FP32, LightFormat.SPARSE_INT8, LightFormat.NM24_INT8)
+        """Whether the registered format prunes (and so needs pruning statistics)."""
+        from .registry import get_format
+
+        return get_format(self).pruned
 
     @property
     def is_structured(self) -> bool:
-        return self is LightFormat.NM24_INT8
+        from .registry import get_format
+
+        return get_format(self).structured
 
 
 class HeavyFormat(_NamedEnum):

@@ -1,0 +1,157 @@
+"""Block-wise int8 / int4 weights in ``com.microsoft::MatMulNBits`` layout.
+
+Light ``int8`` / ``int4``, heavy ``int8`` and ``--other-linear int8`` / ``int4``. int8 is
+symmetric per output channel (stored in blocks of 128), int4 symmetric per group of
+``group_size`` input channels. ``ort-cpu`` and ``portable`` emit MatMulNBits; TensorRT has
+no MatMulNBits, so those targets are rejected up front (direct callers get a dense MatMul).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from . import packing
+from ._module import CompressedLinear, as_tensor, dense_matmul, matmulnbits_node
+from .names import HeavyFormat, LightFormat, OtherLinearFormat, Target
+from .registry import WeightFormat, register_format
+
+
+class NBitsLinear(CompressedLinear):
+    """int8 / int4 block-wise symmetric weights in MatMulNBits layout (``com.microsoft::MatMulNBits``)."""
+
+    packed_names = ("qweight", "scales")
+
+    def __init__(self, q: np.ndarray, scales: np.ndarray, bits: int, block_size: int, bias=None):
+        super().__init__(q.shape[1], q.shape[0], bias)
+        p = packing.pack_matmulnbits(q, scales, bits, block_size)
+        self.bits, self.block_size = bits, block_size
+        self.format_name = f"int{bits}"
+        self.register_buffer("qweight", as_tensor(p.b))
+        self.register_buffer("scales", as_tensor(p.scales))
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bits: int, block_size: int = 128, bias=None) -> NBitsLinear:
+        w = weight.detach().float().cpu().numpy()
+        if bits == 8:
+            q, s = packing.quantize_int8_per_channel(w)
+        elif bits == 4:
+            q, s = packing.quantize_int4_groupwise(w, block_size)
+        else:
+            raise ConfigError(f"bits={bits} is not supported; use 8 or 4")
+        return cls(q, s, bits, block_size, bias)
+
+    def _packed(self) -> packing.NBits:
+        return packing.NBits(
+            self.qweight.cpu().numpy(),
+            self.scales.cpu().numpy(),
+            self.in_features,
+            self.bits,
+            self.block_size,
+        )
+
+    def decode(self) -> torch.Tensor:
+        return as_tensor(packing.dequantize_matmulnbits(self._packed()))
+
+
+class _NBits(WeightFormat):
+    bits = 8
+    targets = frozenset({Target.ORT_CPU, Target.PORTABLE})
+    target_need = "ONNX Runtime's MatMulNBits"
+    quantizes = True
+
+    def block_size(self, config) -> int:  # noqa: ARG002
+        return 128
+
+    def compress(self, weight, bias=None, *, x_norm=None, hessian=None, config=None):  # noqa: ARG002
+        return self.pack_weight(weight, None, bias, self.block_size(config))
+
+    def pack_weight(self, w, mask, bias, group_size):  # noqa: ARG002
+        m = NBitsLinear.from_weight(w, self.bits, group_size, bias)
+        m.format = self
+        return m
+
+    def bytes_per_weight(self, config=None) -> float:  # noqa: ARG002
+        return 1.0
+
+    def row_overhead(self, config=None) -> float:  # noqa: ARG002
+        return 4.0  # one float32 scale per row (K <= 128 per block)
+
+    def unpack(self, module) -> dict:
+        q, scales = packing.unpack_matmulnbits(module._packed())
+        return {"q": q, "scales": scales}
+
+    def pack_arrays(self, module, arrays: dict) -> dict:
+        p = packing.pack_matmulnbits(arrays["q"], arrays["scales"], module.bits, module.block_size)
+        return {"qweight": p.b, "scales": p.scales}
+
+    def emit_ort_cpu(self, g, x, module, buffers):
+        qweight, scales = buffers
+        return matmulnbits_node(
+            g,
+            x,
+            qweight,
+            scales,
+            k=module.in_features,
+            n=module.out_features,
+            bits=module.bits,
+            block_size=module.block_size,
+        )
+
+    def emit_tensorrt(self, g, x, module, buffers):  # noqa: ARG002
+        # TensorRT has no MatMulNBits: a constant dequantized weight it can fold and cast
+        return dense_matmul(g, x, module.dense_weight())
+
+    def trainable_state(self, module) -> dict:
+        st = super().trainable_state(module)
+        st["group_size"] = module.block_size
+        return st
+
+    def fake_quantize(self, w, trainable):  # noqa: ARG002
+        from .fakequant import fake_int8_rows
+
+        return fake_int8_rows(w)
+
+
+class _Int4(_NBits):
+    bits = 4
+
+    def block_size(self, config) -> int:
+        return 128 if config is None else config.group_size
+
+    def bytes_per_weight(self, config=None) -> float:
+        return 0.5 + 4.0 / self.block_size(config)
+
+    def row_overhead(self, config=None) -> float:  # noqa: ARG002
+        return 0.0  # the group scales are in bytes_per_weight
+
+    def fake_quantize(self, w, trainable):
+        from .fakequant import fake_int4_groups
+
+        return fake_int4_groups(w, trainable.group_size)
+
+
+@register_format(LightFormat.INT8)
+class LightInt8(_NBits):
+    """Light part in int8 per output channel."""
+
+
+@register_format(LightFormat.INT4)
+class LightInt4(_Int4):
+    """Light part in int4 per group of ``--group-size`` input channels."""
+
+
+@register_format(HeavyFormat.INT8)
+class HeavyInt8(_NBits):
+    """Heavy part in int8 per output channel."""
+
+
+@register_format(OtherLinearFormat.INT8)
+class OtherLinearInt8(_NBits):
+    """The model's other linear layers in int8 per output channel."""
+
+
+@register_format(OtherLinearFormat.INT4)
+class OtherLinearInt4(_Int4):
+    """The model's other linear layers in int4 per group of ``--group-size`` input channels."""

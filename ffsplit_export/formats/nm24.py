@@ -1,0 +1,112 @@
+"""2:4 structured sparse int8 (``2:4-int8``): two kept int8 values per group of four, per-row scales.
+
+``ort-cpu`` and ``tensorrt`` run ``ffsplit::Sparse24MatMulInt8`` (with ``--trt-dense-24``,
+TensorRT gets dense 2:4-pattern weights for its sparse tensor cores instead); ``portable``
+stores the weight as dense int8 MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import packing
+from ._module import CompressedLinear, as_tensor, custom_node, dense_matmul, int8_matmulnbits_node
+from .names import LightFormat
+from .registry import WeightFormat, register_format
+from .sparse import prune_keep
+
+
+class NM24Linear(CompressedLinear):
+    """2:4 structured sparse int8 weight with per-row scales."""
+
+    packed_names = ("values", "meta", "scales")
+    op_type = "Sparse24MatMulInt8"
+    format_name = "2:4-int8"
+
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor, bias=None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        w = (weight.detach().float() * keep).cpu().numpy()
+        q, s = packing.quantize_int8_per_channel(w)
+        p = packing.pack_nm24(q)
+        self.register_buffer("values", as_tensor(p.values))
+        self.register_buffer("meta", as_tensor(p.meta))
+        self.register_buffer("scales", as_tensor(s))
+
+    def decode(self) -> torch.Tensor:
+        from ..ops import decode_weight
+
+        arrays = [getattr(self, n).cpu().numpy() for n in self.packed_names]
+        return as_tensor(decode_weight(self.op_type, self.in_features, *arrays))
+
+    def keep_mask(self) -> torch.Tensor:
+        """bool [N, K]: the stored positions, whatever their value."""
+        from ..ops import decode_weight
+
+        vals = np.ones_like(self.values.cpu().numpy())
+        keep = decode_weight(
+            self.op_type,
+            self.in_features,
+            vals,
+            self.meta.cpu().numpy(),
+            np.ones(self.out_features, np.float32),
+        )
+        return torch.from_numpy(keep != 0)
+
+
+@register_format(LightFormat.NM24_INT8)
+class NM24Int8(WeightFormat):
+    """``ffsplit::Sparse24MatMulInt8``."""
+
+    pruned = True
+    structured = True
+    quantizes = True
+
+    def compress(self, weight, bias=None, *, x_norm=None, hessian=None, config=None):
+        w2, keep = prune_keep(weight, config, x_norm, hessian, structured=True)
+        return self.pack_weight(w2, keep, bias, 128)
+
+    def pack_weight(self, w, mask, bias, group_size):  # noqa: ARG002
+        m = NM24Linear(w, mask, bias)
+        m.format = self
+        return m
+
+    def bytes_per_weight(self, config=None) -> float:  # noqa: ARG002
+        return 0.5 + 0.125
+
+    def row_overhead(self, config=None) -> float:  # noqa: ARG002
+        return 4.0  # scale float32
+
+    def measured_sparsity(self, module) -> float:  # noqa: ARG002
+        return 0.5
+
+    def unpack(self, module) -> dict:
+        p = packing.NM24(module.values.cpu().numpy(), module.meta.cpu().numpy(), module.in_features)
+        return {"q": packing.unpack_nm24(p), "scales": module.scales.cpu().numpy().copy()}
+
+    def pack_arrays(self, module, arrays: dict) -> dict:  # noqa: ARG002
+        p = packing.pack_nm24(arrays["q"])
+        return {"values": p.values, "meta": p.meta, "scales": arrays["scales"]}
+
+    def emit_ort_cpu(self, g, x, module, buffers):
+        return custom_node(g, module.op_type, x, *buffers)
+
+    def emit_portable(self, g, x, module, buffers):  # noqa: ARG002
+        q = np.rint(module.dense_weight().numpy() / module.scales.numpy()[:, None]).astype(np.int8)
+        return int8_matmulnbits_node(g, x, q, module.scales.numpy(), module.in_features)
+
+    def emit_tensorrt(self, g, x, module, buffers):
+        if getattr(module, "trt_dense_weights", False):
+            # dense 2:4-pattern weights for TensorRT's sparse tensor cores (SPARSE_WEIGHTS)
+            return dense_matmul(g, x, module.dense_weight())
+        return custom_node(g, module.op_type, x, *buffers)
+
+    def trainable_state(self, module) -> dict:
+        st = super().trainable_state(module)
+        st["mask"] = module.keep_mask().to(st["params"]["weight"].device)
+        return st
+
+    def fake_quantize(self, w, trainable):  # noqa: ARG002
+        from .fakequant import fake_int8_rows
+
+        return fake_int8_rows(w)
