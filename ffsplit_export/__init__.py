@@ -13,7 +13,17 @@ from .errors import (
     UnsupportedModelError,
     ValidationError,
 )
-from .formats import HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, Target
+from .formats import (
+    HeavyFormat,
+    LightFormat,
+    OtherLinearFormat,
+    PruneMethod,
+    Target,
+    WeightFormat,
+    get_format,
+    register_format,
+    registered_formats,
+)
 from .plan import plan_budget, plan_fraction
 from .split import SplitConfig, SplitLinear, quantize_other_linears_, split_ffn_
 
@@ -37,13 +47,17 @@ __all__ = [
     "Target",
     "UnsupportedModelError",
     "ValidationError",
+    "WeightFormat",
     "calibrate",
     "find_ffns",
     "get_adapter",
+    "get_format",
     "plan_budget",
     "plan_fraction",
     "quantize_other_linears_",
     "register_adapter",
+    "register_format",
+    "registered_formats",
     "split_ffn_",
     "supported_model_types",
 ]
