@@ -9,8 +9,15 @@ target check, ``linear`` and ``recover`` look formats up here instead of branchi
 
 Formats are registered with :func:`register_format`, keyed by a member of one of the string
 enums of :mod:`.names` (the enum's class says the role: light, heavy, other-linear,
-embedding). A new format is one module holding its packed module and its format class,
-listed in :data:`BUILTIN_MODULES`.
+embedding). A new format (say ``sparse-int4``) is:
+
+* its stable name in :mod:`.names` (one enum member);
+* one new module here holding its packed ``CompressedLinear`` and its registered class,
+  added to :data:`BUILTIN_MODULES`;
+* one entry in ``tests/test_format_registry.py`` (that test fails until it exists);
+* only if it needs a new kernel: the op's schema and NumPy reference in :mod:`ffsplit_export.ops`,
+  the C++ kernel in ``plugins/onnxruntime`` and, for ``tensorrt``, the Triton plugin in
+  :mod:`ffsplit_export.trt` (or leave ``tensorrt`` out of its ``targets``).
 """
 
 from __future__ import annotations
