@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .formats import packing
 from .formats.names import Target
 from .ops import DOMAIN as FFSPLIT_DOMAIN
+from .trt import onnx_nodes as _trt_nodes
 
 _TARGET: contextvars.ContextVar[Target] = contextvars.ContextVar("ffsplit_target", default=Target.ORT_CPU)
 # a MatMulNBits with accuracy_level 4 quantizes activations to int8: faster, not exact
@@ -29,9 +30,10 @@ _NBITS_ACCURACY_LEVEL: contextvars.ContextVar[int] = contextvars.ContextVar("ffs
 
 # TensorRT's ONNX parser looks plugins up by op_type + these attributes, whatever the domain;
 # the ``ffsplit`` domain lets ONNX Runtime (TensorRT EP + CPU fallback) resolve the same nodes.
-TRT_PLUGIN_DOMAIN = FFSPLIT_DOMAIN
-TRT_PLUGIN_NAMESPACE = "ffsplit"
-TRT_PLUGIN_VERSION = "1"
+# The convention (and the sources it follows) lives in ffsplit_export/trt/onnx_nodes.py.
+TRT_PLUGIN_DOMAIN = _trt_nodes.NODE_DOMAIN
+TRT_PLUGIN_NAMESPACE = _trt_nodes.PLUGIN_NAMESPACE
+TRT_PLUGIN_VERSION = _trt_nodes.PLUGIN_VERSION
 
 
 @contextlib.contextmanager
@@ -163,8 +165,7 @@ def _custom(g, op_type: str, x, *inputs, **attrs):
             f"{FFSPLIT_DOMAIN}::{op_type}",
             x,
             *inputs,
-            plugin_namespace_s=TRT_PLUGIN_NAMESPACE,
-            plugin_version_s=TRT_PLUGIN_VERSION,
+            **_trt_nodes.trt_node_attributes(),
             **attrs,
         )
     level = _NBITS_ACCURACY_LEVEL.get()
@@ -321,8 +322,9 @@ class NM24Linear(CompressedLinear):
             q = np.rint(self.dense_weight().numpy() / self.scales.numpy()[:, None]).astype(np.int8)
             return _nbits_node(g, x, q, self.scales.numpy(), self.in_features)
         if target is Target.TENSORRT and getattr(self, "trt_dense_weights", False):
-            # dense 2:4-pattern weights for TensorRT's sparse tensor cores (SPARSE_WEIGHTS)
-            return _dense_matmul(g, x, self.dense_weight())
+            # dense 2:4-pattern weights for TensorRT's sparse tensor cores (SPARSE_WEIGHTS), in the
+            # fully-connected form that gets sparse tactics (see trt/onnx_nodes.py)
+            return _trt_nodes.emit_sparse24_gemm(g, x, self.dense_weight(), self.out_features)
         return _custom(g, self.op_type, x, *buffers)
 
 

@@ -24,9 +24,9 @@ import tensorrt.plugin as trtp
 from ..errors import PluginNotFoundError
 from .aot import compile_kernel
 from .configs import CONFIGS, config_for_tactic, kernel_spec
+from .onnx_nodes import PLUGIN_NAMESPACE as NAMESPACE
+from .onnx_nodes import PLUGIN_VERSION as VERSION
 
-NAMESPACE = "ffsplit"
-VERSION = "1"
 TACTICS = list(range(1, len(CONFIGS) + 1))
 
 if not hasattr(trtp, "aot_impl"):
