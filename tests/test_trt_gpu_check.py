@@ -92,13 +92,13 @@ def test_make_feeds_names_dims_by_role():
         def get_inputs(self):
             return [
                 Inp("input_ids", ["batch_size", "sequence_length"], "tensor(int64)"),
-                I(
+                Inp(
                     "attention_mask",
                     ["batch_size", "past_sequence_length + sequence_length"],
                     "tensor(int64)",
                 ),
                 Inp("past_key_values.0.key", ["batch_size", 4, "past_sequence_length", 16], "tensor(float)"),
-                I(
+                Inp(
                     "input_features",
                     ["batch_size", "feature_size", "encoder_sequence_length"],
                     "tensor(float)",
