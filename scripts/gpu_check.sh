@@ -22,6 +22,9 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c "import ffsplit_expo
   bash "$root/scripts/setup.sh" --no-eval
 fi
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+# the install below rebuilds the ONNX Runtime custom-op library: it needs ORT's headers
+ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$(bash "$root/scripts/get_ort_headers.sh")}
+export ONNXRUNTIME_INCLUDE_DIR
 # onnxruntime-gpu replaces the CPU wheel (both install the `onnxruntime` module)
 "$venv/bin/python" -m pip uninstall -y -q onnxruntime >/dev/null 2>&1 || true
 "${pip[@]}" "$root[gpu,tensorrt,dev]"

@@ -126,3 +126,40 @@ def test_gpu_check_sh_says_no_gpu_and_exits_0():
     assert r.stdout.strip().splitlines() == [
         "gpu_check: no GPU (nvidia-smi finds no NVIDIA GPU): nothing to check here, skipped"
     ]
+
+
+def _plugin_ok() -> bool:
+    from ffsplit_export.errors import PluginNotFoundError
+    from ffsplit_export.runtime import plugin_path
+
+    try:
+        plugin_path()
+        return True
+    except PluginNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)")
+@pytest.mark.parametrize("case", gpu_check.TINY_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_reference_side_runs_on_cpu(tmp_path, case):
+    """Everything gpu_check does before the GPU: the export, the feeds of every ONNX file (full
+    and one-token decode) and the ONNX Runtime CPU reference it compares engines with."""
+    from ffsplit_export.export import ExportOptions, export
+    from ffsplit_export.split import SplitConfig
+
+    name, _label, cfg, dense24 = case
+    out = tmp_path / "x"
+    opts = ExportOptions(target="tensorrt", overwrite=True, validate=dense24, trt_dense_24=dense24)
+    export(name, out, config=SplitConfig(**cfg), options=opts, num_samples=8, progress=False)
+    files = sorted(out.glob("*.onnx"))
+    assert files
+    rng = np.random.default_rng(0)
+    for f in files:
+        sess = gpu_check.cpu_session(f)
+        for kw in ({}, {"seq": 1, "past": 32}):
+            feeds = gpu_check.make_feeds(sess, rng, config=gpu_check._config(f), **kw)
+            res = gpu_check.run_session(sess, feeds)
+            assert res and all(np.isfinite(v).all() for v in res.values() if v.dtype.kind == "f"), f.name
+            # an engine returning exactly the reference passes, a perturbed one does not
+            assert all(r.ok for r in gpu_check.compare(name, "self", res, res, "fp32"))

@@ -32,7 +32,15 @@ from pathlib import Path
 import numpy as np
 
 TOL = {"fp32": (1e-3, 5e-3), "fp16": (1e-2, 2e-2)}
-TINY = ("tiny-t5", "tiny-whisper", "tiny-mpt")
+#: (model, label, SplitConfig fields, 2:4 as dense Gemm for SPARSE_WEIGHTS)
+TINY_CASES = [
+    ("tiny-t5", "sparse-int8", {}, False),
+    ("tiny-whisper", "sparse-int8", {}, False),
+    ("tiny-mpt", "sparse-int8", {}, False),
+    ("tiny-mpt", "sparse-fp32", {"light_format": "sparse-fp32"}, False),
+    ("tiny-mpt", "2:4-int8 plugin", {"light_format": "2:4-int8"}, False),
+    ("tiny-mpt", "2:4-int8 dense gemm", {"light_format": "2:4-int8"}, True),
+]
 
 
 @dataclass
@@ -70,7 +78,6 @@ def compare(model: str, backend: str, got: dict, ref: dict, precision: str) -> l
         if g is None:
             rows.append(Row(model, backend, name, error="output missing"))
             continue
-        g = np.asarray(g, np.float64).reshape(np.shape(r)) if np.size(g) == np.size(r) else g
         if np.shape(g) != np.shape(r):
             rows.append(Row(model, backend, name, error=f"shape {np.shape(g)} != {np.shape(r)}"))
             continue
@@ -185,20 +192,18 @@ class EngineRunner:
                 p = self.cuda.put(a)
                 bufs.append(p)
                 self.ctx.set_tensor_address(n, p)
-            shapes = {}
+            shapes, ptrs = {}, {}
             for n in self.outputs:
                 shapes[n] = tuple(self.ctx.get_tensor_shape(n))
                 dt = np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
-                p = self.cuda.alloc(int(np.prod(shapes[n])) * dt.itemsize)
+                ptrs[n] = p = self.cuda.alloc(int(np.prod(shapes[n])) * dt.itemsize)
                 bufs.append(p)
                 self.ctx.set_tensor_address(n, p)
             if not self.ctx.execute_async_v3(0):
                 raise RuntimeError("execute_async_v3 failed")
             self.cuda.sync()
             return {
-                n: self.cuda.get(
-                    self.ctx.get_tensor_address(n), shapes[n], trt.nptype(self.engine.get_tensor_dtype(n))
-                )
+                n: self.cuda.get(ptrs[n], shapes[n], trt.nptype(self.engine.get_tensor_dtype(n)))
                 for n in self.outputs
             }
         finally:
@@ -349,25 +354,37 @@ def run_all(args) -> tuple[list[Row], dict]:
     rows: list[Row] = []
     meta = {"versions": _versions()}
 
-    def exp(name, out, target, **cfg):
-        opts = ExportOptions(target=target, overwrite=True, validate=target != "tensorrt")
+    def exp(name, out, target, dense24=False, **cfg):
+        # tensorrt graphs with plugin nodes cannot run in ONNX Runtime CPU: checked below instead
+        opts = ExportOptions(
+            target=target, overwrite=True, validate=target != "tensorrt" or dense24, trt_dense_24=dense24
+        )
         export(name, out, config=SplitConfig(**cfg), options=opts, num_samples=8, progress=False)
         return out
 
-    # 1. tiny models: one engine per ONNX file, and the ORT TensorRT EP on the same files
-    for name in TINY:
-        out = work / name / "tensorrt"
-        _step(rows, name, "export --target tensorrt", _void(lambda n=name, o=out: exp(n, o, "tensorrt")))
+    # 1. tiny models (every plugin op, and the 2:4 dense Gemm form with SPARSE_WEIGHTS): one
+    #    engine per ONNX file, and ONNX Runtime's TensorRT EP on the same files
+    for name, label, cfg, dense24 in TINY_CASES:
+        out = work / name / label.replace(":", "").replace(" ", "-")
+        tag = f"{name} {label}"
+        _step(
+            rows,
+            tag,
+            "export --target tensorrt",
+            _void(lambda n=name, o=out, c=cfg, d=dense24: exp(n, o, "tensorrt", d, **c)),
+        )
         for f in sorted(out.glob("*.onnx")):
             if f.stem == "decoder_model_merged":
                 continue  # the two decoders it merges are checked one by one
             _step(
                 rows,
-                name,
+                tag,
                 f"trt engine {f.stem}",
-                lambda f=f, o=out, n=name: check_engine(cuda, f, o / "engines", n, "fp32", rng),
+                lambda f=f, o=out, t=tag, d=dense24: check_engine(
+                    cuda, f, o / "engines", t, "fp32", rng, sparse=d
+                ),
             )
-            _step(rows, name, f"ort trt-ep {f.stem}", lambda f=f, n=name: _ort_trt(f, n, "fp32", rng, 0))
+            _step(rows, tag, f"ort trt-ep {f.stem}", lambda f=f, t=tag: _ort_trt(f, t, "fp32", rng, 0))
 
     # 2. the MPT-shaped benchmark model
     from ..bench import build_model, export_dense
