@@ -30,8 +30,9 @@ def _export(out, light_format="sparse-int8", trt_dense_24=False):
     )
 
 
-def _trt_parse(path):
-    """Parse ``path`` with TensorRT's ONNX parser (plugins registered); skip where impossible."""
+def _trt_parse(path, int32_view=True):
+    """Parse ``path`` with TensorRT's ONNX parser (plugins registered); skip where impossible.
+    ``int32_view``: the weights as build_engine hands them over, else as exported (the EP path)."""
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     pytest.importorskip("triton", reason="triton is not installed")
     from ffsplit_export.trt import cuda_device_count
@@ -42,7 +43,8 @@ def _trt_parse(path):
     from ffsplit_export.trt.layout import prepare_model
 
     model = onnx.load(str(path))
-    prepare_model(model)
+    if int32_view:
+        prepare_model(model)
     logger = trt.Logger(trt.Logger.WARNING)
     network = trt.Builder(logger).create_network(0)
     parser = trt.OnnxParser(network, logger)
@@ -175,9 +177,10 @@ def test_tiny_mpt_24_dense_export_validates_in_onnx_runtime(tmp_path):
 @pytest.mark.tensorrt
 def test_tensorrt_parser_takes_the_plugin_nodes(sparse_export):
     trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed")
-    network = _trt_parse(sparse_export / "model.onnx")
-    kinds = {network.get_layer(i).type for i in range(network.num_layers)}
-    assert trt.LayerType.PLUGIN_V3 in kinds
+    for int32_view in (True, False):
+        network = _trt_parse(sparse_export / "model.onnx", int32_view)
+        kinds = {network.get_layer(i).type for i in range(network.num_layers)}
+        assert trt.LayerType.PLUGIN_V3 in kinds
 
 
 @pytest.mark.tensorrt
