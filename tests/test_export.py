@@ -150,7 +150,7 @@ def test_tensorrt_target_nodes(tmp_path):
     assert plug and all(n.op_type == "SparseMatMulInt8" for n in plug)
     for n in plug:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert attrs == {"plugin_namespace": b"ffsplit", "plugin_version": b"1"}
+        assert attrs == {"plugin_namespace": b"ffsplit", "plugin_version": b"1", "aot": 1}
     assert {n.domain for n in g.graph.node} <= {"", "ffsplit"}
     onnx.checker.check_model(g)
     from onnx.reference import ReferenceEvaluator

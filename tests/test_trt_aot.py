@@ -120,8 +120,10 @@ def _plugin_graph(op_type="SparseMatMulInt8"):
     inits = [
         numpy_helper.from_array(a, n) for a, n in ((p.mask, "m"), (p.values, "v"), (p.row_ptr, "r"), (s, "s"))
     ]
+    from ffsplit_export.trt import trt_plugin_attributes
+
     node = helper.make_node(op_type, ["X", "m", "v", "r", "s"], ["Y"], domain="ffsplit",
-                            plugin_namespace="ffsplit", plugin_version="1")  # fmt: skip
+                            **trt_plugin_attributes())  # fmt: skip
     graph = helper.make_graph(
         [node], "g",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", 13])],

@@ -52,9 +52,9 @@ def test_engine_matches_reference(tmp_path, op_type):
             p = packing.pack_bitmask(w)
             weights = (p.mask, p.values, p.row_ptr)
     names = [nm for nm, _ in OPS[op_type].weight_inputs]
-    node = helper.make_node(
-        op_type, ["X", *names], ["Y"], domain="ffsplit", plugin_namespace="ffsplit", plugin_version="1"
-    )
+    from ffsplit_export.trt import trt_plugin_attributes
+
+    node = helper.make_node(op_type, ["X", *names], ["Y"], domain="ffsplit", **trt_plugin_attributes())
     graph = helper.make_graph(
         [node], "g",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "seq", k])],

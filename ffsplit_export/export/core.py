@@ -185,7 +185,9 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
     atol = default_atol(options)
     results: dict = {}
     ref_ops = None
-    if options.validate and options.target is not Target.TENSORRT and options.reference_check:
+    # a tensorrt graph without plugin nodes (2:4 as dense Gemm) runs in ONNX Runtime: validate it
+    ort_check = options.target is not Target.TENSORRT or not _emits_plugin_nodes(model, options)
+    if options.validate and ort_check and options.reference_check:
         from ..ops import reference_ops
 
         ref_ops = reference_ops(include_contrib=True)
@@ -247,7 +249,7 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
                 out,
                 task=task,
                 opset=options.opset,
-                do_validation=options.validate and options.target is not Target.TENSORRT,
+                do_validation=options.validate and ort_check,
                 atol=atol,
             )
         except RuntimeError as e:
@@ -264,8 +266,9 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
     if preprocessor is not None:
         preprocessor.save_pretrained(out)
     if options.validate and options.target is Target.TENSORRT:
-        results.update(_check_tensorrt_graphs(out))
-    if options.validate and options.target is not Target.TENSORRT:
+        for name, r in _check_tensorrt_graphs(out).items():
+            results.setdefault(name, {}).update(r)
+    if options.validate and ort_check:
         from .validate import check_tolerance
 
         if not results:
@@ -276,10 +279,21 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
     return results
 
 
+def _emits_plugin_nodes(model, options: ExportOptions) -> bool:
+    """Whether the tensorrt export of ``model`` has ffsplit plugin nodes (ONNX Runtime cannot run them)."""
+    from ..linear import SparseLinear
+
+    mods = list(model.modules())
+    return any(isinstance(m, SparseLinear) for m in mods) or (
+        not options.trt_dense_24 and any(isinstance(m, NM24Linear) for m in mods)
+    )
+
+
 def _check_tensorrt_graphs(out: Path) -> dict:
     """TensorRT graphs cannot run here: check their structure and plugin attributes."""
-    from ..linear import TRT_PLUGIN_DOMAIN, TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION
+    from ..linear import TRT_PLUGIN_DOMAIN
     from ..ops import OPS
+    from ..trt.onnx_nodes import check_plugin_node
 
     res = {}
     for path in sorted(out.glob("*.onnx")):
@@ -287,14 +301,10 @@ def _check_tensorrt_graphs(out: Path) -> dict:
         nodes = list(_all_nodes(m.graph))
         plugins = [n for n in nodes if n.domain == TRT_PLUGIN_DOMAIN and n.op_type in OPS]
         for n in plugins:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            if (
-                n.op_type not in OPS
-                or attrs.get("plugin_namespace") != TRT_PLUGIN_NAMESPACE.encode()
-                or attrs.get("plugin_version") != TRT_PLUGIN_VERSION.encode()
-            ):
+            why = check_plugin_node(n)
+            if why:
                 raise ValidationError(
-                    f"{path.name}: node {n.name} is not a valid ffsplit TensorRT plugin node"
+                    f"{path.name}: node {n.name} is not a valid ffsplit TensorRT plugin node: {why}"
                 )
         others = {n.domain for n in nodes if n.domain not in ("", "ai.onnx", TRT_PLUGIN_DOMAIN)}
         if others:

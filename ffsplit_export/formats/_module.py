@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import DOMAIN as FFSPLIT_DOMAIN
+from ..trt import onnx_nodes as _trt_nodes
 from .names import Target
 
 _TARGET: contextvars.ContextVar[Target] = contextvars.ContextVar("ffsplit_target", default=Target.ORT_CPU)
@@ -26,9 +27,10 @@ _NBITS_ACCURACY_LEVEL: contextvars.ContextVar[int] = contextvars.ContextVar("ffs
 
 # TensorRT's ONNX parser looks plugins up by op_type + these attributes, whatever the domain;
 # the ``ffsplit`` domain lets ONNX Runtime (TensorRT EP + CPU fallback) resolve the same nodes.
-TRT_PLUGIN_DOMAIN = FFSPLIT_DOMAIN
-TRT_PLUGIN_NAMESPACE = "ffsplit"
-TRT_PLUGIN_VERSION = "1"
+# The convention (and the sources it follows) lives in ffsplit_export/trt/onnx_nodes.py.
+TRT_PLUGIN_DOMAIN = _trt_nodes.NODE_DOMAIN
+TRT_PLUGIN_NAMESPACE = _trt_nodes.PLUGIN_NAMESPACE
+TRT_PLUGIN_VERSION = _trt_nodes.PLUGIN_VERSION
 
 
 @contextlib.contextmanager
@@ -193,8 +195,7 @@ def custom_node(g, op_type: str, x, *inputs, **attrs):
             f"{FFSPLIT_DOMAIN}::{op_type}",
             x,
             *inputs,
-            plugin_namespace_s=TRT_PLUGIN_NAMESPACE,
-            plugin_version_s=TRT_PLUGIN_VERSION,
+            **_trt_nodes.trt_node_attributes(),
             **attrs,
         )
     level = _NBITS_ACCURACY_LEVEL.get()

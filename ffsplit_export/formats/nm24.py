@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import packing
-from ._module import CompressedLinear, as_tensor, custom_node, dense_matmul, int8_matmulnbits_node
+from ._module import CompressedLinear, as_tensor, custom_node, int8_matmulnbits_node
 from .names import LightFormat
 from .registry import WeightFormat, register_format
 from .sparse import prune_keep
@@ -97,8 +97,11 @@ class NM24Int8(WeightFormat):
 
     def emit_tensorrt(self, g, x, module, buffers):
         if getattr(module, "trt_dense_weights", False):
-            # dense 2:4-pattern weights for TensorRT's sparse tensor cores (SPARSE_WEIGHTS)
-            return dense_matmul(g, x, module.dense_weight())
+            # dense 2:4-pattern weights for TensorRT's sparse tensor cores (SPARSE_WEIGHTS), in the
+            # fully-connected form that gets sparse tactics (see trt/onnx_nodes.py)
+            from ..trt.onnx_nodes import emit_sparse24_gemm
+
+            return emit_sparse24_gemm(g, x, module.dense_weight(), module.out_features)
         return custom_node(g, module.op_type, x, *buffers)
 
     def trainable_state(self, module) -> dict:

@@ -149,6 +149,12 @@ def _schema(spec: OpSpec) -> defs.OpSchema:
                 "plugin_version", defs.OpSchema.AttrType.STRING, "TensorRT plugin version", required=False
             ),
             defs.OpSchema.Attribute(
+                "aot",
+                defs.OpSchema.AttrType.INT,
+                "1: TensorRT's ONNX parser uses the plugin's ahead-of-time implementation",
+                required=False,
+            ),
+            defs.OpSchema.Attribute(
                 "accuracy_level",
                 defs.OpSchema.AttrType.INT,
                 "0 (default): exact float32 compute; 4: activations may be quantized to int8 per row "

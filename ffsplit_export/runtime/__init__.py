@@ -8,6 +8,15 @@ from pathlib import Path
 from ..errors import ConfigError, ExportError
 from ._plugin import plugin_path, session_options
 
+
+def tensorrt_session(onnx_path, **kwargs):
+    """ONNX Runtime TensorRT EP session of a ``--target tensorrt`` file, ffsplit plugins registered
+    first (see :func:`ffsplit_export.trt.engine.ort_tensorrt_session`)."""
+    from ..trt.engine import ort_tensorrt_session
+
+    return ort_tensorrt_session(onnx_path, **kwargs)
+
+
 _ORT_CLASSES = {
     "text2text-generation": "ORTModelForSeq2SeqLM",
     "automatic-speech-recognition": "ORTModelForSpeechSeq2Seq",
@@ -83,4 +92,4 @@ def load(output: str | Path, provider: str = "cpu", session_options_=None, **kwa
     raise ConfigError(f"provider={provider!r}; use 'cpu', 'cuda' or 'tensorrt'")
 
 
-__all__ = ["load", "ort_model_class", "plugin_path", "read_manifest", "session_options"]
+__all__ = ["load", "ort_model_class", "plugin_path", "read_manifest", "session_options", "tensorrt_session"]

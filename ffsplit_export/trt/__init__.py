@@ -13,15 +13,22 @@ from .engine import (
     tensorrt_provider_options,
 )
 from .layout import device_weights, prepare_model
+from .onnx_nodes import (
+    NODE_DOMAIN,
+    ORT_TRT_DOMAIN,
+    set_plugin_domain,
+    trt_node_attributes,
+    trt_plugin_attributes,
+)
 
-#: ONNX node convention for --target tensorrt (see plugins/tensorrt/README.md)
-NODE_DOMAIN = "ffsplit"
-NODE_ATTRIBUTES = {"plugin_namespace": "ffsplit", "plugin_version": "1"}
+#: ONNX node convention for --target tensorrt (see onnx_nodes.py and plugins/tensorrt/README.md)
+NODE_ATTRIBUTES = trt_plugin_attributes()
 
 __all__ = [
     "CONFIGS",
     "NODE_ATTRIBUTES",
     "NODE_DOMAIN",
+    "ORT_TRT_DOMAIN",
     "OP_TYPES",
     "TensorRTUnavailableError",
     "TileConfig",
@@ -31,5 +38,8 @@ __all__ = [
     "device_weights",
     "kernel_spec",
     "prepare_model",
+    "set_plugin_domain",
     "tensorrt_provider_options",
+    "trt_node_attributes",
+    "trt_plugin_attributes",
 ]

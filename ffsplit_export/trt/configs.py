@@ -94,16 +94,26 @@ class KernelSpec:
 _SCALARS = {"M": "i32", "N": "i32", "K": "i32"}
 
 
-def kernel_spec(op_type: str, row_ptr_dtype: str = "i64") -> KernelSpec:
+def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8") -> KernelSpec:
     """The spec of ``op_type``; ``row_ptr_dtype`` is ``i64`` (on-disk layout) or ``i32``
-    (the int32 re-layout that :mod:`ffsplit_export.trt.layout` makes for TensorRT)."""
+    (the int32 re-layout that :mod:`ffsplit_export.trt.layout` makes for TensorRT).
+
+    ``byte_elems`` is how the uint8 arrays (bitmask ``mask``, 2:4 ``meta``) arrive: ``u8``
+    (bytes, or their byte-identical int32 view; strides in bytes) or ``i32``: one byte value per
+    int32 element, which is what TensorRT's ONNX parser makes of a UINT8 initializer
+    (onnx-tensorrt ``ModelImporter.cpp``: "UINT8 data ... is being converted to INT32") when it
+    parses an unmodified export, as ONNX Runtime's TensorRT EP does (strides in elements).
+    The kernel code is the same; only the pointer type differs."""
     if row_ptr_dtype not in ("i64", "i32"):
         raise ConfigError(f"row_ptr dtype {row_ptr_dtype!r} must be 'i64' or 'i32'")
+    if byte_elems not in ("u8", "i32"):
+        raise ConfigError(f"byte_elems {byte_elems!r} must be 'u8' or 'i32'")
+    wide = "_wide" if byte_elems == "i32" else ""
     if op_type in ("SparseMatMulInt8", "SparseMatMulFP32"):
         int8 = op_type == "SparseMatMulInt8"
         sig = {
             "x_ptr": "*fp32",
-            "mask_ptr": "*u8",
+            "mask_ptr": f"*{byte_elems}",
             "values_ptr": "*i8" if int8 else "*fp32",
             "row_ptr_ptr": f"*{row_ptr_dtype}",
         }
@@ -116,19 +126,21 @@ def kernel_spec(op_type: str, row_ptr_dtype: str = "i64") -> KernelSpec:
         sig["MASK_STRIDE"] = "i32"
         sig["y_ptr"] = "*fp32"
         fixed["HAS_SCALES"] = int8
-        return KernelSpec(op_type, "sparse_bitmask_matmul_kernel", sig, fixed, f"row_ptr_{row_ptr_dtype}")
+        return KernelSpec(
+            op_type, "sparse_bitmask_matmul_kernel", sig, fixed, f"row_ptr_{row_ptr_dtype}{wide}"
+        )
     if op_type == "Sparse24MatMulInt8":
         sig = {
             "x_ptr": "*fp32",
             "values_ptr": "*i8",
-            "meta_ptr": "*u8",
+            "meta_ptr": f"*{byte_elems}",
             "scales_ptr": "*fp32",
             **_SCALARS,
             "VALUES_STRIDE": "i32",
             "META_STRIDE": "i32",
             "y_ptr": "*fp32",
         }
-        return KernelSpec(op_type, "sparse24_matmul_kernel", sig, {}, "nm24")
+        return KernelSpec(op_type, "sparse24_matmul_kernel", sig, {}, f"nm24{wide}")
     raise ConfigError(
         f"no Triton kernel for op {op_type!r}; kernels exist for SparseMatMulInt8, SparseMatMulFP32, "
         "Sparse24MatMulInt8"
@@ -139,11 +151,15 @@ OP_TYPES = ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8")
 
 
 def all_specs() -> list[KernelSpec]:
-    """Every compiled variant: both row_ptr dtypes for the bitmask ops, one for 2:4."""
+    """Every compiled variant: both row_ptr dtypes for the bitmask ops, one for 2:4, and the
+    parser-widened byte arrays (int64 row_ptr, as an unmodified export arrives)."""
     return [
         kernel_spec("SparseMatMulInt8", "i64"),
         kernel_spec("SparseMatMulInt8", "i32"),
+        kernel_spec("SparseMatMulInt8", "i64", "i32"),
         kernel_spec("SparseMatMulFP32", "i64"),
         kernel_spec("SparseMatMulFP32", "i32"),
+        kernel_spec("SparseMatMulFP32", "i64", "i32"),
         kernel_spec("Sparse24MatMulInt8"),
+        kernel_spec("Sparse24MatMulInt8", byte_elems="i32"),
     ]

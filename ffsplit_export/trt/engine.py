@@ -222,3 +222,44 @@ def tensorrt_provider_options(
         ("CUDAExecutionProvider", {"device_id": device_id}),
         "CPUExecutionProvider",
     ]
+
+
+def ort_tensorrt_session(
+    onnx_path: str | Path,
+    *,
+    cache_dir: str | Path | None = None,
+    fp16: bool = False,
+    sparse_weights: bool = False,
+    device_id: int = 0,
+    session_options=None,
+):
+    """An ``onnxruntime.InferenceSession`` of a ``--target tensorrt`` ONNX file on ONNX Runtime's
+    TensorRT EP, with the ffsplit plugins in TensorRT's registry before the session exists.
+
+    Order matters (microsoft/onnxruntime ``tensorrt_execution_provider.cc``: the EP parses each
+    subgraph with TensorRT's ONNX parser while the session is created, and the parser looks the
+    plugin up in the registry of the libnvinfer it runs in): :func:`tensorrt_provider_options`
+    imports :mod:`.plugin` first. ``trt_extra_plugin_lib_paths`` loads shared libraries and has
+    nothing to load for Python plugins. Session options default to the ffsplit CPU library
+    (the ``ffsplit`` node schemas ONNX Runtime needs to load the graph, and the CPU fallback).
+    Needs onnxruntime-gpu built with the TensorRT EP, TensorRT of the same major and a GPU.
+    """
+    import onnxruntime as ort
+
+    provs = tensorrt_provider_options(
+        cache_dir=cache_dir, fp16=fp16, sparse_weights=sparse_weights, device_id=device_id
+    )
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise TensorRTUnavailableError(
+            f"this onnxruntime {ort.__version__} has no TensorrtExecutionProvider (providers: "
+            f"{ort.get_available_providers()}); pip install 'ffsplit-export[gpu]' (onnxruntime-gpu)"
+        )
+    if session_options is None:
+        from ..runtime import session_options as ffsplit_session_options
+
+        session_options = ffsplit_session_options()
+    names = [p[0] if isinstance(p, tuple) else p for p in provs]
+    opts = [p[1] if isinstance(p, tuple) else {} for p in provs]
+    return ort.InferenceSession(
+        str(onnx_path), sess_options=session_options, providers=names, provider_options=opts
+    )

@@ -132,19 +132,20 @@ def sparse24_matmul_kernel(
     tl.store(y_ptr + rm64[:, None] * N + rn64[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def launch(op_type, x, *weights, config=None, out=None):
+def launch(op_type, x, *weights, config=None, out=None, byte_elems="u8"):
     """Run ``op_type`` on torch tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     ``x`` is float32 [..., K]; ``weights`` are the op's packed inputs as torch tensors in
     the on-disk layout or its int32 view (:func:`ffsplit_export.trt.layout.device_weights`);
-    byte tensors are reinterpreted, never copied.
+    byte tensors are reinterpreted, never copied. ``byte_elems="i32"``: mask / meta hold one
+    byte value per int32 element (:func:`ffsplit_export.trt.layout.parser_widened`).
     """
     import torch
 
     from ..errors import FormatError
     from .configs import heuristic_config, kernel_spec
 
-    spec = kernel_spec(op_type)  # validates op_type
+    spec = kernel_spec(op_type, byte_elems=byte_elems)  # validates op_type and byte_elems
     if x.dtype != torch.float32:
         raise FormatError(f"{op_type}: X must be float32, got {x.dtype}")
     k = x.shape[-1]
@@ -158,7 +159,7 @@ def launch(op_type, x, *weights, config=None, out=None):
     if spec.kernel == "sparse_bitmask_matmul_kernel":
         mask, values, row_ptr = weights[0], weights[1], weights[2]
         n = mask.shape[0]
-        mask_b = as_bytes(mask).reshape(n, -1)
+        mask_b = mask.contiguous().reshape(n, -1) if byte_elems == "i32" else as_bytes(mask).reshape(n, -1)
         if op_type == "SparseMatMulInt8":
             values_t = as_bytes(values).view(torch.int8).reshape(-1)
             scales = weights[3]
@@ -175,7 +176,7 @@ def launch(op_type, x, *weights, config=None, out=None):
         values, meta, scales = weights
         n = values.shape[0]
         values_b = as_bytes(values).reshape(n, -1).view(torch.int8)
-        meta_b = as_bytes(meta).reshape(n, -1)
+        meta_b = meta.contiguous().reshape(n, -1) if byte_elems == "i32" else as_bytes(meta).reshape(n, -1)
         y = out if out is not None else torch.empty((m, n), dtype=torch.float32, device=x.device)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
         sparse24_matmul_kernel[grid](

@@ -52,6 +52,19 @@ def device_weights(op_type: str, *weights: np.ndarray) -> tuple[np.ndarray, ...]
     raise FormatError(f"unknown op {op_type!r}")
 
 
+def parser_widened(op_type: str, *weights: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The packed inputs as TensorRT's ONNX parser hands them to the plugin from an unmodified
+    export (ONNX Runtime's TensorRT EP): every UINT8 array widened to INT32 element by element
+    (onnx-tensorrt ``ModelImporter.cpp``), everything else unchanged. For tests and docs."""
+
+    def widen(a):
+        return a.astype(np.int32) if a.dtype == np.uint8 else a
+
+    if op_type not in ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8"):
+        raise FormatError(f"unknown op {op_type!r}")
+    return tuple(widen(np.asarray(a)) for a in weights)
+
+
 def _graphs(graph):
     yield graph
     for node in graph.node:

@@ -24,9 +24,9 @@ import tensorrt.plugin as trtp
 from ..errors import PluginNotFoundError
 from .aot import compile_kernel
 from .configs import CONFIGS, config_for_tactic, kernel_spec
+from .onnx_nodes import PLUGIN_NAMESPACE as NAMESPACE
+from .onnx_nodes import PLUGIN_VERSION as VERSION
 
-NAMESPACE = "ffsplit"
-VERSION = "1"
 TACTICS = list(range(1, len(CONFIGS) + 1))
 
 if not hasattr(trtp, "aot_impl"):
@@ -76,11 +76,23 @@ def _launch(spec, cfg, x, n, extra):
     return ck.name, ck.ptx, lp, sym
 
 
-def _combos(on_disk: str, int32_view: str) -> list:
+def _combos(on_disk: str, int32_view: str, widened: str) -> list:
+    """Type combinations: the on-disk dtypes, the int32 view of :func:`.layout.prepare_model`
+    (``build_engine``), and what TensorRT's ONNX parser makes of an unmodified export (UINT8
+    initializers widened to INT32 element by element; ONNX Runtime's TensorRT EP)."""
     return [
         trtp.AutoTuneCombination(on_disk, "LINEAR", TACTICS),
         trtp.AutoTuneCombination(int32_view, "LINEAR", TACTICS),
+        trtp.AutoTuneCombination(widened, "LINEAR", TACTICS),
     ]
+
+
+def _bitmask_layout(mask: trtp.TensorDesc, row_ptr: trtp.TensorDesc):
+    """(byte_elems, MASK_STRIDE): an INT32 mask next to an INT64 row_ptr is the parser-widened
+    form (one byte per element, stride in elements); the int32 view comes with INT32 row_ptr."""
+    if mask.dtype == trt.int32 and row_ptr.dtype == trt.int64:
+        return "i32", mask.shape_expr[1]
+    return "u8", mask.shape_expr[1] * _itemsize(mask.dtype)
 
 
 # --------------------------------------------------------------------------- SparseMatMulInt8
@@ -99,13 +111,17 @@ def _sparse_int8_desc(
 
 @trtp.autotune(f"{NAMESPACE}::SparseMatMulInt8")
 def _sparse_int8_tune(x, mask, values, row_ptr, scales, outputs) -> list:
-    return _combos("FP32, UINT8, INT8, INT64, FP32, FP32", "FP32, INT32, INT32, INT32, FP32, FP32")
+    return _combos(
+        "FP32, UINT8, INT8, INT64, FP32, FP32",
+        "FP32, INT32, INT32, INT32, FP32, FP32",
+        "FP32, INT32, INT8, INT64, FP32, FP32",
+    )
 
 
 @trtp.aot_impl(f"{NAMESPACE}::SparseMatMulInt8")
 def _sparse_int8_aot(x, mask, values, row_ptr, scales, outputs, tactic):
-    spec = kernel_spec("SparseMatMulInt8", _row_ptr_variant(row_ptr))
-    stride = mask.shape_expr[1] * _itemsize(mask.dtype)
+    elems, stride = _bitmask_layout(mask, row_ptr)
+    spec = kernel_spec("SparseMatMulInt8", _row_ptr_variant(row_ptr), elems)
     return _launch(spec, config_for_tactic(tactic), x, mask.shape_expr[0], [stride])
 
 
@@ -121,13 +137,15 @@ def _sparse_fp32_desc(
 
 @trtp.autotune(f"{NAMESPACE}::SparseMatMulFP32")
 def _sparse_fp32_tune(x, mask, values, row_ptr, outputs) -> list:
-    return _combos("FP32, UINT8, FP32, INT64, FP32", "FP32, INT32, FP32, INT32, FP32")
+    return _combos(
+        "FP32, UINT8, FP32, INT64, FP32", "FP32, INT32, FP32, INT32, FP32", "FP32, INT32, FP32, INT64, FP32"
+    )
 
 
 @trtp.aot_impl(f"{NAMESPACE}::SparseMatMulFP32")
 def _sparse_fp32_aot(x, mask, values, row_ptr, outputs, tactic):
-    spec = kernel_spec("SparseMatMulFP32", _row_ptr_variant(row_ptr))
-    stride = mask.shape_expr[1] * _itemsize(mask.dtype)
+    elems, stride = _bitmask_layout(mask, row_ptr)
+    spec = kernel_spec("SparseMatMulFP32", _row_ptr_variant(row_ptr), elems)
     return _launch(spec, config_for_tactic(tactic), x, mask.shape_expr[0], [stride])
 
 
@@ -143,14 +161,18 @@ def _nm24_desc(
 
 @trtp.autotune(f"{NAMESPACE}::Sparse24MatMulInt8")
 def _nm24_tune(x, values, meta, scales, outputs) -> list:
-    return _combos("FP32, INT8, UINT8, FP32, FP32", "FP32, INT32, INT32, FP32, FP32")
+    return _combos(
+        "FP32, INT8, UINT8, FP32, FP32", "FP32, INT32, INT32, FP32, FP32", "FP32, INT8, INT32, FP32, FP32"
+    )
 
 
 @trtp.aot_impl(f"{NAMESPACE}::Sparse24MatMulInt8")
 def _nm24_aot(x, values, meta, scales, outputs, tactic):
-    spec = kernel_spec("Sparse24MatMulInt8")
+    # INT32 meta next to INT8 values: the parser-widened form (one byte per element)
+    wide = meta.dtype == trt.int32 and values.dtype == trt.int8
+    spec = kernel_spec("Sparse24MatMulInt8", byte_elems="i32" if wide else "u8")
     v_stride = values.shape_expr[1] * _itemsize(values.dtype)
-    m_stride = meta.shape_expr[1] * _itemsize(meta.dtype)
+    m_stride = meta.shape_expr[1] * (1 if wide else _itemsize(meta.dtype))
     return _launch(spec, config_for_tactic(tactic), x, values.shape_expr[0], [v_stride, m_stride])
 
 
