@@ -57,13 +57,17 @@ def exported(tmp_path_factory):
     return get
 
 
-def _ort_greedy(out, ids, n, **load_kw):
+def _ort_greedy(out, ids, n, stop_at_eos=False, **load_kw):
     from ffsplit_export.runtime import load
 
     model = load(out, **load_kw)
     x = torch.tensor([ids])
     got = model.generate(
-        x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=n,
+        min_new_tokens=0 if stop_at_eos else n,
+        do_sample=False,
     )
     return got[0, len(ids) :].tolist()
 
@@ -151,7 +155,8 @@ def test_smollm2_genai_tokenizer_and_generation(tmp_path):
     assert got == want
     assert want.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3  # no extra BOS before the template's
     new, _ = genai_generate(out, want, 20, model=model)
-    assert new == _ort_greedy(out, want, 20)[: len(new)] and len(new) > 0
+    ref = _ort_greedy(out, want, 20, stop_at_eos=True)  # both stop at <|im_end|>
+    assert new == ref and len(new) > 3, (tok.decode(new), tok.decode(ref))
 
 
 # ------------------------------------------------------------------------------ bundled library
