@@ -190,6 +190,9 @@ def _add_optional_commands(sub) -> None:
     from .export.command import add_commands as add_export
 
     add_export(sub)
+    from .deploy.commands import add_commands as add_deploy
+
+    add_deploy(sub)  # triton-repo
     from .trt import commands as trt
 
     p = sub.add_parser(

@@ -23,7 +23,7 @@ export ONNXRUNTIME_INCLUDE_DIR=${ONNXRUNTIME_INCLUDE_DIR:-$inc}
 echo "ONNX Runtime headers: $ONNXRUNTIME_INCLUDE_DIR"
 
 # a regular (non-editable) install: it builds libffsplit_ort.so and registers `optimum-cli export ffsplit`
-"${pip[@]}" "$root[cpu,dev]"
+"${pip[@]}" "$root[cpu,dev,genai]"
 if [[ $with_eval == 1 ]]; then
   bash "$root/scripts/setup_eval.sh" "$venv" >/dev/null
 fi

@@ -34,6 +34,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --target tensorrt and 2:4-int8: dense 2:4 weights for TensorRT's sparse tensor cores",
     )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="show PyTorch tracer warnings and optimum's messages"
+    )
 
 
 def export_options_from_args(args):
@@ -58,7 +61,10 @@ def run_export(args) -> int:
     kw = compress_kwargs(args)
     config = kw.pop("config")
     options = export_options_from_args(args)
-    manifest = export(args.model, args.output, task=args.task, config=config, options=options, **kw)
+    from ..deploy.quiet import quiet_export
+
+    with quiet_export(getattr(args, "verbose", False)):
+        manifest = export(args.model, args.output, task=args.task, config=config, options=options, **kw)
     wb = manifest["weight_bytes"]
     ffn = manifest["ffn"]
     onnx_total = sum(manifest["onnx_files"].values())
@@ -99,6 +105,9 @@ def add_commands(sub) -> None:
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    p.add_argument(
+        "--runtime", default="ort", choices=("ort", "genai"), help="ort (optimum ORTModel, default) or genai"
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -109,6 +118,11 @@ def run_generate(args) -> int:
     from transformers import AutoTokenizer
 
     from ..runtime import load
+
+    if getattr(args, "runtime", "ort") == "genai":
+        from ..deploy.commands import run_generate_genai
+
+        return run_generate_genai(args)
 
     model = load(args.output)
     tok = AutoTokenizer.from_pretrained(args.output)
@@ -123,5 +137,8 @@ def run_generate(args) -> int:
     dt = time.perf_counter() - t0
     new = out[0, enc["input_ids"].shape[1] :]
     print(tok.decode(new, skip_special_tokens=True).strip())
-    print(f"\n[{len(new)} new tokens in {dt:.2f} s through ONNX Runtime with the ffsplit library]")
+    print(
+        f"\n[{len(new)} new tokens in {dt:.2f} s, {len(new) / dt if dt else 0.0:.1f} tokens/s, "
+        "through ONNX Runtime with the ffsplit library]"
+    )
     return 0

@@ -170,6 +170,9 @@ def export_split_model(
         manifest.update(_file_summary(tmp), validation=results, target=str(options.target), task=task)
         manifest.update(options.extra_manifest)
         manifest["versions"] = _versions()
+        from ..deploy import finish_export_folder  # bundled library, genai_config.json, model card
+
+        manifest = finish_export_folder(tmp, manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _move_into_place(tmp, output)
     except BaseException:

@@ -51,13 +51,26 @@ def ort_model_class(task: str):
         ) from e
 
 
-def load(output: str | Path, provider: str = "cpu", session_options_=None, **kwargs):
+def load(
+    output: str | Path, provider: str = "cpu", session_options_=None, library: str = "installed", **kwargs
+):
     """The optimum ``ORTModelFor...`` of an export, with the ffsplit library registered.
 
     ``provider``: ``"cpu"`` (custom ops on the CPU EP), ``"cuda"`` (``--target portable``
     exports), or ``"tensorrt"`` (``--target tensorrt`` exports, ONNX Runtime's TensorRT EP).
+    ``library``: ``"installed"`` (this package's library, default) or ``"bundled"`` (the copy in
+    the export folder, checked against the version and sha256 recorded in ffsplit.json).
     """
     manifest = read_manifest(output)
+    if library == "bundled" and session_options_ is None:
+        import onnxruntime
+
+        from ..deploy.bundle import bundled_library
+
+        session_options_ = onnxruntime.SessionOptions()
+        session_options_.register_custom_ops_library(str(bundled_library(output, manifest)))
+    elif library not in ("installed", "bundled"):
+        raise ConfigError(f"library={library!r}; use 'installed' or 'bundled'")
     cls = ort_model_class(manifest["task"])
     target = manifest.get("target", "ort-cpu")
     use_cache = manifest["task"].endswith("-with-past")
