@@ -613,7 +613,12 @@ def _worker(indices: list[int], isas: list[str]) -> tuple[int, dict[int, dict], 
         if line.startswith("{"):
             rec = json.loads(line)
             done[rec["i"]] = rec
-    return res.returncode, done, res.stderr[-500:]
+    err = res.stderr
+    at = min(
+        (err.find(t) for t in ("runtime error", "ERROR: AddressSanitizer", "Fatal Python") if t in err),
+        default=-1,
+    )
+    return res.returncode, done, err[at : at + 600] if at >= 0 else err[-600:]
 
 
 def _run_batch(indices: list[int], isas: list[str]) -> list[dict]:

@@ -101,7 +101,7 @@ struct Job {
 // the row's non-zero weights of x * w, w = code * scale (int8) or the value (fp32), with IEEE
 // NaN / inf propagation and no intermediate overflow (float32 products and sums fit in a double).
 float ExactOne(const Packed& p, const float* xr, int64_t n) {
-  const uint64_t* mrow = &p.mask[static_cast<size_t>(n * p.words)];
+  const uint64_t* mrow = p.mask.data() + (n * p.words);
   int64_t vi = p.row_ptr[static_cast<size_t>(n)];
   const double s = p.scales[static_cast<size_t>(n)];
   double acc = 0.0;
@@ -278,7 +278,7 @@ namespace scalar {
 // Portable reference path: per output element, walk the row's set bits.
 void Rows(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const uint64_t* mrow = &p.mask[static_cast<size_t>(n * p.words)];
+    const uint64_t* mrow = p.mask.data() + (n * p.words);
     const int64_t v0 = p.row_ptr[static_cast<size_t>(n)];
     const float scale = p.scales[static_cast<size_t>(n)];
     for (int64_t r = 0; r < m; ++r) {

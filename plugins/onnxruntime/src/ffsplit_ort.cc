@@ -9,7 +9,13 @@
 // the CPU has them. FFSPLIT_ISA (other than auto) overrides the choice for tests and debugging.
 // The layouts and their validity rules are those of ffsplit_export/formats/packing.py and
 // ffsplit_export/ops/_spec.py (check_op_weights). Constant weights are validated and
-// pre-packed once when the kernel is created; a malformed initializer fails session creation.
+// pre-packed once when the kernel is created; a malformed initializer fails session creation, and
+// so does a node with a missing or omitted ("") input.
+// Non-finite values (ffsplit_export/ops/_spec.py SEMANTICS): only non-zero weights multiply X
+// (structural zeros are skipped, as in sparse BLAS), on every ISA path, M and accuracy level. The
+// fast kernels keep their float32 order; any non-finite output is recomputed in float64 from the
+// packed weight (dispatch.cc FixNonFinite), which also removes intermediate overflow (x * code
+// before the scale), and rows of X holding NaN / inf are never quantized to int8.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -183,13 +189,13 @@ Prepared PrepareBitmask(const View& mask, const View& values, const View& row_pt
   out.kneed = kneed;
   Packed& p = out.packed;
   InitPacked(p, n, kb * 8, int8);
-  if (scales) std::memcpy(p.scales.data(), scales->data, static_cast<size_t>(n) * sizeof(float));
+  if (scales && n > 0) std::memcpy(p.scales.data(), scales->data, static_cast<size_t>(n) * sizeof(float));
   HugeVec<int8_t> vi8;
   HugeVec<float> vf;
   int64_t nnz = 0;
   for (int64_t r = 0; r < n; ++r) {
     int64_t src = rp[r];
-    uint64_t* mrow = &p.mask[static_cast<size_t>(r * p.words)];
+    uint64_t* mrow = p.mask.data() + (r * p.words);
     int32_t rsum = 0;
     for (int64_t b = 0; b < kb; ++b) {
       uint32_t byte = mb[r * kb + b];
@@ -273,12 +279,12 @@ Prepared PrepareNm24(const View& values, const View& meta, const View& scales, i
   out.kneed = kneed;
   Packed& p = out.packed;
   InitPacked(p, n, g * 4, true);
-  std::memcpy(p.scales.data(), scales.data, static_cast<size_t>(n) * sizeof(float));
+  if (n > 0) std::memcpy(p.scales.data(), scales.data, static_cast<size_t>(n) * sizeof(float));
   HugeVec<int8_t> vi8;
   vi8.reserve(static_cast<size_t>(n * g * 2));
   int64_t nnz = 0;
   for (int64_t r = 0; r < n; ++r) {
-    uint64_t* mrow = &p.mask[static_cast<size_t>(r * p.words)];
+    uint64_t* mrow = p.mask.data() + (r * p.words);
     int32_t rsum = 0;
     for (int64_t gi = 0; gi < g; ++gi) {
       const uint8_t nib = (mt[r * mcols + gi / 2] >> (4 * (gi % 2))) & 0x0F;
