@@ -422,7 +422,7 @@ def make_case(i: int) -> dict:
 
 
 def _tensor(name: str, a: np.ndarray, huge_shape=None):
-    t = numpy_helper.from_array(np.ascontiguousarray(a), name)
+    t = numpy_helper.from_array(np.array(a, order="C"), name)  # keeps 0-d (ascontiguousarray would not)
     if huge_shape is not None:
         # a zero-element tensor whose dims say 2^63 - 1: dims alone, no data
         del t.dims[:]
