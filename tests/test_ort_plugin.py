@@ -9,6 +9,7 @@ Skips cleanly when the library is not built.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -328,3 +329,125 @@ def test_env_override_must_exist(monkeypatch, tmp_path):
     monkeypatch.setenv("FFSPLIT_ORT_LIBRARY", str(tmp_path / "nope.so"))
     with pytest.raises(PluginNotFoundError, match="does not name an existing file"):
         plugin_path()
+
+
+# ----------------------------------------------------------------------------- hostile input (issue 16)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("which", [0, 1, -1])
+def test_omitted_input_fails_at_session_creation(op, which, monkeypatch):
+    """An input given as "" (ONNX's omitted optional input) used to create a session and then
+    segfault in run; it must fail at session creation, naming the input."""
+    weights = list(make_weights(op, 6, 16, 0.5))
+    names = list(WEIGHT_NAMES[op])
+    model = onnx.load_from_string(make_model(op, [1, 16], weights))
+    node = model.graph.node[0]
+    pos = len(node.input) - 1 if which == -1 else which
+    omitted = node.input[pos]
+    node.input[pos] = ""
+    with pytest.raises(Exception, match=r"is omitted \(empty name\)") as e:
+        session(model.SerializeToString(), "scalar", monkeypatch)
+    assert ("X" if pos == 0 else names[pos - 1]) == omitted and f"({omitted})" in str(e.value)
+
+
+def _ones_int8(op: str, n: int, k: int):
+    """All-ones weights (codes 1, scale 1) of an int8 op."""
+    w = np.ones((n, k), np.int8)
+    if op == "SparseMatMulInt8":
+        p = packing.pack_bitmask(w)
+        return p.mask, p.values, p.row_ptr, np.ones(n, np.float32)
+    w[:, 1::2] = 0  # 2:4: columns 0, 2, 4, ... stored
+    p24 = packing.pack_nm24(w)
+    return p24.values, p24.meta, np.ones(n, np.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("level", [0, 4])
+@pytest.mark.parametrize("op", ["SparseMatMulInt8", "Sparse24MatMulInt8"])
+def test_nonfinite_semantics_every_path(op, level, isa, monkeypatch):
+    """NaN / inf in X: one semantics on every ISA path, M and accuracy level (ops.SEMANTICS).
+    Used to be: NaN quantized to 0 on the VNNI path ([15, 15] instead of NaN), NaN at M=1 but
+    63.0 at M=16 on AVX-512, 63.0 on scalar / AVX2."""
+    k, n = 16, 2
+    weights = _ones_int8(op, n, k)
+    sess = session(make_model(op, ["m", k], weights, accuracy_level=level), isa, monkeypatch)
+    for m in (1, 16):
+        x = np.ones((m, k), np.float32)
+        x[0, 0] = np.nan  # a used column: row 0 is NaN everywhere
+        if m > 1:
+            x[1, 1] = np.inf  # unused by the 2:4 weight, used by the bitmask one
+            x[2, 3] = -np.inf
+        (y,) = sess.run(None, {"X": x})
+        ref = reference_matmul(op, x, *weights)
+        assert np.isnan(y[0]).all() and np.isnan(ref[0]).all()
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+        np.testing.assert_array_equal(np.isposinf(y), np.isposinf(ref))
+        np.testing.assert_array_equal(np.isneginf(y), np.isneginf(ref))
+        fin = np.isfinite(ref)
+        # finite rows: all ones -> exactly the count of used columns, also through int8 activations
+        np.testing.assert_allclose(y[fin], ref[fin], rtol=1e-6)
+        if op == "Sparse24MatMulInt8" and m > 1:
+            assert np.isfinite(y[1]).all() and y[1, 0] == k // 2  # inf at an unused column is skipped
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("scale", [np.inf, -np.inf, np.nan, 0.0])
+def test_nonfinite_scales(scale, isa, monkeypatch):
+    """A NaN / inf scale makes its output column non-finite exactly as the reference says
+    (0 * inf = NaN for a zero activation at a used column), on every path and M."""
+    k, n = 16, 3
+    mask, values, row_ptr, scales = _ones_int8("SparseMatMulInt8", n, k)
+    scales[1] = scale
+    weights = (mask, values, row_ptr, scales)
+    sess = session(make_model("SparseMatMulInt8", ["m", k], weights), isa, monkeypatch)
+    for m in (1, 16):
+        x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+        x[-1, 5] = 0.0
+        (y,) = sess.run(None, {"X": x})
+        ref = reference_matmul("SparseMatMulInt8", x, *weights)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
+        np.testing.assert_array_equal(np.isinf(y) & (y > 0), np.isinf(ref) & (ref > 0))
+        np.testing.assert_allclose(y[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("op", ["SparseMatMulInt8", "Sparse24MatMulInt8"])
+def test_huge_x_does_not_overflow(op, isa, monkeypatch):
+    """|x| above FLT_MAX / 127 used to overflow x * code before the scale (inf, or an inf's sign
+    flipped); a finite exact result must come out finite."""
+    k, n = 16, 2
+    weights = list(_ones_int8(op, n, k))
+    weights[1 if op == "SparseMatMulInt8" else 0][:] *= 127
+    weights[-1][:] = [1e-3, -1e-3]
+    sess = session(make_model(op, ["m", k], weights, accuracy_level=4), isa, monkeypatch)
+    for m in (1, 16):
+        x = np.zeros((m, k), np.float32)
+        x[:, 0] = 3e37
+        x[:, 2] = -1e37
+        (y,) = sess.run(None, {"X": x})
+        ref = reference_matmul(op, x, *weights)
+        assert np.isfinite(ref).all() and np.isfinite(y).all()
+        np.testing.assert_allclose(y, ref, rtol=1e-5)  # 2e37 * 0.127 = 2.54e36, sign per row
+
+
+def test_nm24_with_no_rows(monkeypatch):
+    """A 2:4 weight with N = 0: the library runs it and the NumPy reference used to raise."""
+    k = 10
+    weights = (np.zeros((0, 6), np.int8), np.zeros((0, 2), np.uint8), np.zeros(0, np.float32))
+    x = np.ones((3, k), np.float32)
+    ref = reference_matmul("Sparse24MatMulInt8", x, *weights)
+    assert ref.shape == (3, 0)
+    (y,) = session(make_model("Sparse24MatMulInt8", ["m", k], weights), None, monkeypatch).run(None, {"X": x})
+    assert y.shape == (3, 0)
+
+
+def test_huge_dims_message(monkeypatch):
+    """A mask of shape [2^63 - 1, 0] (zero elements) used to give a message with an overflowed
+    N + 1; the dims are now checked first."""
+    weights = (np.zeros((2**63 - 1, 0), np.uint8), np.zeros(0, np.float32), np.zeros(1, np.int64))
+    sess = session(make_model("SparseMatMulFP32", [1, 0], weights, as_inputs=True), "scalar", monkeypatch)
+    feeds = dict(zip(WEIGHT_NAMES["SparseMatMulFP32"], weights), X=np.zeros((1, 0), np.float32))
+    with pytest.raises(Exception, match=r"mask has a dimension of 9223372036854775807 .*below 2\^31") as e:
+        sess.run(None, feeds)
+    assert "-9223372036854775808" not in str(e.value)

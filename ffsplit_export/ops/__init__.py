@@ -11,6 +11,7 @@ from __future__ import annotations
 from ._spec import (
     DOMAIN,
     OPS,
+    SEMANTICS,
     VERSION,
     OpSpec,
     check_op_weights,
@@ -24,6 +25,7 @@ from ._spec import (
 __all__ = [
     "DOMAIN",
     "OPS",
+    "SEMANTICS",
     "VERSION",
     "OpSpec",
     "check_op_weights",

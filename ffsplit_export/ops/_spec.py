@@ -16,21 +16,67 @@ DOMAIN = "ffsplit"
 VERSION = 1
 
 
+# The semantics every kernel of the domain implements (ONNX Runtime C++ on every ISA path, batch
+# size and accuracy level; Triton), stated once and appended to each op's schema doc.
+SEMANTICS = """\
+Y[..., n] = sum over k with code[n, k] != 0 of X[..., k] * w[n, k], where code is the stored int8
+code (int8 ops; w = code * scales[n]) or the stored float32 value (SparseMatMulFP32; w = code).
+Zero codes, stored or not, are structural zeros and are skipped as sparse BLAS does: a NaN or inf
+in X at a column that row n does not use does not reach Y[..., n], so the result never depends on
+which kernel path, batch size or accuracy level ran. Every used term follows IEEE arithmetic: a
+NaN or inf in X at a used column, or a NaN or inf scale or value, makes Y[..., n] NaN or +-inf
+(never finite); 0 * inf is NaN. The result is the float32 rounding of the exact sum (float32
+accumulation error allowed); it is inf only where the exact sum is beyond float32 range, never
+through an intermediate overflow (the kernels recompute any non-finite output in float64).
+accuracy_level 4 on the int8 ops may quantize each finite row of X to int8 (relative error ~1e-2);
+a row of X holding NaN or inf is never quantized, it is computed by these semantics."""
+
+# Why structural zeros are skipped rather than multiplied (the dense product's 0 * inf = NaN): the
+# fast kernels only touch stored weights, so the sparse semantics cost nothing on the hot path;
+# the dense semantics would need a scan of every row of X for non-finite values on every call
+# and a per-output test of which non-finite columns a row leaves unused.
+
+
 @dataclass(frozen=True)
 class OpSpec:
-    """One op of the domain: its inputs (after X), their element types and its decoder."""
+    """One op of the domain: its inputs (after X), their element types and its decoders."""
 
     name: str
     doc: str
     weight_inputs: tuple[tuple[str, str], ...]  # (name, onnx type string) after X
     decode: Callable[..., np.ndarray]  # (k, *weights) -> float32 W [N, K]
     check: Callable[..., None]  # (k, *weights) -> raises FormatError
+    terms: Callable[..., tuple[np.ndarray, np.ndarray | None]]  # (k, *weights) -> codes [N, K], scales [N]
+
+
+def _terms_sparse_int8(k, mask, values, row_ptr, scales):
+    _check_sparse_int8(k, mask, values, row_ptr, scales)
+    return packing.unpack_bitmask(packing.BitmaskSparse(mask, values, row_ptr, k)), scales
+
+
+def _terms_sparse_fp32(k, mask, values, row_ptr):
+    _check_sparse_fp32(k, mask, values, row_ptr)
+    return packing.unpack_bitmask(packing.BitmaskSparse(mask, values, row_ptr, k)), None
+
+
+def _terms_nm24_int8(k, values, meta, scales):
+    _check_nm24_int8(k, values, meta, scales)
+    if values.shape[0] == 0:
+        return np.zeros((0, k), np.int8), scales
+    return packing.unpack_nm24(packing.NM24(values, meta, k)), scales
+
+
+def _scaled(codes: np.ndarray, scales: np.ndarray | None, dtype) -> np.ndarray:
+    """w = code * scale where code != 0, else exactly 0 (a structural zero, whatever the scale)."""
+    c = codes.astype(dtype)
+    if scales is None:
+        return c
+    with np.errstate(all="ignore"):
+        return np.where(codes != 0, c * scales.astype(dtype)[:, None], dtype(0))
 
 
 def _decode_sparse_int8(k, mask, values, row_ptr, scales):
-    _check_sparse_int8(k, mask, values, row_ptr, scales)
-    w = packing.unpack_bitmask(packing.BitmaskSparse(mask, values, row_ptr, k))
-    return w.astype(np.float32) * scales[:, None]
+    return _scaled(*_terms_sparse_int8(k, mask, values, row_ptr, scales), np.float32)
 
 
 def _check_sparse_int8(k, mask, values, row_ptr, scales):
@@ -53,15 +99,21 @@ def _check_sparse_fp32(k, mask, values, row_ptr):
 
 
 def _decode_nm24_int8(k, values, meta, scales):
-    _check_nm24_int8(k, values, meta, scales)
-    w = packing.unpack_nm24(packing.NM24(values, meta, k))
-    return w.astype(np.float32) * scales[:, None]
+    return _scaled(*_terms_nm24_int8(k, values, meta, scales), np.float32)
 
 
 def _check_nm24_int8(k, values, meta, scales):
     if values.dtype != np.int8:
         raise FormatError(f"Sparse24MatMulInt8 values must be int8, got {values.dtype}")
-    packing.check_nm24(values, meta, k)
+    if values.ndim == 2 and values.shape[0] == 0:
+        # N = 0 (which the kernels accept): only the shapes can be checked
+        g = -(-k // 4)
+        if values.shape[1] != 2 * g:
+            raise FormatError(f"2:4 values must be [N, {2 * g}] for K={k}, got {values.shape}")
+        if meta.dtype != np.uint8 or meta.shape != (0, -(-g // 2)):
+            raise FormatError(f"2:4 meta must be uint8 [N, {-(-g // 2)}], got {meta.dtype} {meta.shape}")
+    else:
+        packing.check_nm24(values, meta, k)
     if scales.dtype != np.float32 or scales.shape != (values.shape[0],):
         raise FormatError(f"scales must be float32 [N]={values.shape[0]}, got {scales.dtype} {scales.shape}")
 
@@ -80,6 +132,7 @@ OPS: dict[str, OpSpec] = {
             ),
             _decode_sparse_int8,
             _check_sparse_int8,
+            _terms_sparse_int8,
         ),
         OpSpec(
             "SparseMatMulFP32",
@@ -87,6 +140,7 @@ OPS: dict[str, OpSpec] = {
             (("mask", "tensor(uint8)"), ("values", "tensor(float)"), ("row_ptr", "tensor(int64)")),
             _decode_sparse_fp32,
             _check_sparse_fp32,
+            _terms_sparse_fp32,
         ),
         OpSpec(
             "Sparse24MatMulInt8",
@@ -94,6 +148,7 @@ OPS: dict[str, OpSpec] = {
             (("values", "tensor(int8)"), ("meta", "tensor(uint8)"), ("scales", "tensor(float)")),
             _decode_nm24_int8,
             _check_nm24_int8,
+            _terms_nm24_int8,
         ),
     )
 }
@@ -120,13 +175,35 @@ def decode_weight(op_type: str, k: int, *weights: np.ndarray) -> np.ndarray:
 
 
 def reference_matmul(op_type: str, x: np.ndarray, *weights: np.ndarray) -> np.ndarray:
-    """Reference semantics: ``x[..., K] @ decode(W).T`` in float32 (float64 accumulate)."""
+    """Reference semantics (:data:`SEMANTICS`): ``x[..., K] @ W.T`` summed in float64 over the
+    non-zero weights only (structural zeros skipped), rounded to float32."""
+    spec = _spec(op_type)
     x = np.asarray(x)
     if x.dtype != np.float32:
         raise FormatError(f"{op_type}: X must be float32, got {x.dtype}")
-    w = decode_weight(op_type, x.shape[-1], *weights)
-    y = x.astype(np.float64) @ w.T.astype(np.float64)
-    return y.astype(np.float32)
+    if x.ndim < 1:
+        raise FormatError(f"{op_type}: X must have rank >= 1, got a scalar")
+    if len(weights) != len(spec.weight_inputs):
+        raise FormatError(f"{op_type} takes {len(spec.weight_inputs)} weight inputs, got {len(weights)}")
+    for (name, _), arr in zip(spec.weight_inputs, weights):
+        if arr is None:
+            raise FormatError(f"{op_type}: input {name!r} is omitted; every input of the op is required")
+    weights = tuple(np.asarray(a) for a in weights)
+    k = x.shape[-1]
+    codes, scales = spec.terms(k, *weights)
+    w = _scaled(codes, scales, np.float64)  # code * scale is exact in float64
+    nz = codes != 0
+    m = int(np.prod(x.shape[:-1], dtype=np.int64))
+    x64 = x.reshape(m, k).astype(np.float64)
+    with np.errstate(all="ignore"):
+        y = x64 @ w.T  # exact semantics wherever X and W are finite (0 * finite = 0)
+        # elsewhere only the non-zero weights may multiply: 0 * inf must not make a NaN
+        for r in np.flatnonzero(~np.isfinite(x64).all(axis=1)):
+            y[r] = np.where(nz, x64[r][None, :] * w, 0.0).sum(axis=1)
+        for n in np.flatnonzero(~np.isfinite(w).all(axis=1)):
+            y[:, n] = np.where(nz[n][None, :], x64 * w[n][None, :], 0.0).sum(axis=1)
+        y32 = y.astype(np.float32)
+    return y32.reshape(*x.shape[:-1], w.shape[0])
 
 
 def _schema(spec: OpSpec) -> defs.OpSchema:
@@ -140,7 +217,7 @@ def _schema(spec: OpSpec) -> defs.OpSchema:
         inputs=inputs,
         outputs=[P("Y", "T", "[..., N]")],
         type_constraints=[("T", ["tensor(float)"], "activations are float32")],
-        doc=spec.doc,
+        doc=spec.doc + "\n\n" + SEMANTICS,
         attributes=[
             defs.OpSchema.Attribute(
                 "plugin_namespace", defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False

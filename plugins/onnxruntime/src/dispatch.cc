@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <new>
 #include <stdexcept>
@@ -96,19 +97,80 @@ struct Job {
   int64_t kpad;
 };
 
+// One output in float64, the op contract's semantics (ffsplit_export/ops/_spec.py): the sum over
+// the row's non-zero weights of x * w, w = code * scale (int8) or the value (fp32), with IEEE
+// NaN / inf propagation and no intermediate overflow (float32 products and sums fit in a double).
+float ExactOne(const Packed& p, const float* xr, int64_t n) {
+  const uint64_t* mrow = p.mask.data() + (n * p.words);
+  int64_t vi = p.row_ptr[static_cast<size_t>(n)];
+  const double s = p.scales[static_cast<size_t>(n)];
+  double acc = 0.0;
+  for (int64_t w = 0; w < p.words; ++w) {
+    uint64_t bits = mrow[w];
+    while (bits) {
+      const int64_t col = w * 64 + __builtin_ctzll(bits);
+      bits &= bits - 1;
+      const double v = p.int8 ? static_cast<double>(p.values_i8[static_cast<size_t>(vi)]) * s
+                              : static_cast<double>(p.values_f32[static_cast<size_t>(vi)]);
+      acc += static_cast<double>(xr[col]) * v;
+      ++vi;
+    }
+  }
+  return static_cast<float>(acc);
+}
+
+bool NonFinite(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return (u & 0x7f800000u) == 0x7f800000u;
+}
+
+// The fast kernels accumulate in float32 (int8 ops: x * code, scaled at the end) and may skip or
+// not skip structural zeros (a whole-word load multiplies 0 by X); their result is exact in
+// kind (finite or not) except where X holds NaN / inf or a float32 sum overflows. So every
+// non-finite output is recomputed in float64 by the contract: a NaN or inf then comes out only
+// where a non-zero weight meets it (or a scale / value is non-finite, or the exact sum
+// overflows float32). Free on the hot path: one pass over the task's outputs, in cache.
+void FixNonFinite(const Packed& p, const float* x, float* y, int64_t k, int64_t m0, int64_t m1, int64_t n0,
+                  int64_t n1) {
+  for (int64_t r = m0; r < m1; ++r) {
+    float* yr = y + r * p.n;
+    bool any = false;
+    for (int64_t n = n0; n < n1; ++n) any |= NonFinite(yr[n]);
+    if (!any) continue;
+    for (int64_t n = n0; n < n1; ++n)
+      if (NonFinite(yr[n])) yr[n] = ExactOne(p, x + r * k, n);
+  }
+}
+
+// Rows of X holding a NaN or inf get a NaN activation scale on the int8-activation path, so that
+// all their outputs are recomputed by FixNonFinite instead of being quantized (NaN would become 0).
+void MarkNonFiniteRows(const float* x, int64_t m, int64_t k, float* xs) {
+  for (int64_t r = 0; r < m; ++r) {
+    const uint32_t* xr = reinterpret_cast<const uint32_t*>(x + r * k);
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < k; ++i) bad |= (xr[i] & 0x7f800000u) == 0x7f800000u;
+    if (bad) xs[r] = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
 void RunRowDot(void* data, size_t task) {
   const Job& j = *static_cast<const Job*>(data);
   const int64_t n0 = static_cast<int64_t>(task) * j.rows_per_task;
   const int64_t n1 = std::min(j.p->n, n0 + j.rows_per_task);
   switch (j.isa) {
     case Isa::kAvx512Vnni:
-      if (j.xq) return avx512vnni::RowDot(*j.p, j.xq, j.xs, j.kpad, j.y, j.m, n0, n1);
-      return avx512vbmi2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
-    case Isa::kAvx512Vbmi2: return avx512vbmi2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
-    case Isa::kAvx512: return avx512::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
-    case Isa::kAvx2: return avx2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
-    default: return scalar::Rows(*j.p, j.x, j.y, j.m, j.k, n0, n1);
+      if (j.xq)
+        avx512vnni::RowDot(*j.p, j.xq, j.xs, j.kpad, j.y, j.m, n0, n1);
+      else
+        avx512vbmi2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1);
+      break;
+    case Isa::kAvx512Vbmi2: avx512vbmi2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1); break;
+    case Isa::kAvx512: avx512::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1); break;
+    case Isa::kAvx2: avx2::RowDot(*j.p, j.x, j.y, j.m, j.k, n0, n1); break;
+    default: scalar::Rows(*j.p, j.x, j.y, j.m, j.k, n0, n1); break;
   }
+  FixNonFinite(*j.p, j.x, j.y, j.k, 0, j.m, n0, n1);
 }
 
 void RunGemmI8(void* data, size_t task) {
@@ -116,6 +178,7 @@ void RunGemmI8(void* data, size_t task) {
   const int64_t n0 = static_cast<int64_t>(task) * j.rows_per_task;
   const int64_t n1 = std::min(j.p->n, n0 + j.rows_per_task);
   avx512vnni::Gemm(*j.p, j.xq, j.xs, j.kpad, j.y, 0, j.m, j.mbp, n0, n1);
+  FixNonFinite(*j.p, j.x, j.y, j.k, 0, j.m, n0, n1);
 }
 
 void RunOuter(void* data, size_t task) {
@@ -131,6 +194,7 @@ void RunOuter(void* data, size_t task) {
     avx2::Outer(*j.p, xt, j.y, j.mbp, m0, mb, j.k, n0, n1);
   else
     avx512::Outer(*j.p, xt, j.y, j.mbp, m0, mb, j.k, n0, n1);
+  FixNonFinite(*j.p, j.x, j.y, j.k, m0, m0 + mb, n0, n1);
 }
 
 }  // namespace
@@ -152,6 +216,7 @@ void MatMul(const Packed& p, const float* x, float* y, int64_t m, int64_t k, Isa
     auto xq = AlignedAlloc<uint8_t>(static_cast<size_t>(m * job.kpad));
     std::vector<float> xs(static_cast<size_t>(m));
     avx512vnni::Quantize(x, m, k, job.kpad, xq.get(), xs.data());
+    MarkNonFiniteRows(x, m, k, xs.data());
     auto xt = AlignedAlloc<uint8_t>(static_cast<size_t>(job.kpad * job.mbp));
     const int64_t kq = job.kpad / 4;
     uint32_t* dst = reinterpret_cast<uint32_t*>(xt.get());
@@ -179,6 +244,7 @@ void MatMul(const Packed& p, const float* x, float* y, int64_t m, int64_t k, Isa
       xq = AlignedAlloc<uint8_t>(static_cast<size_t>(m * job.kpad));
       xs.resize(static_cast<size_t>(m));
       avx512vnni::Quantize(x, m, k, job.kpad, xq.get(), xs.data());
+      MarkNonFiniteRows(x, m, k, xs.data());
       job.xq = xq.get();
       job.xs = xs.data();
     }
@@ -212,7 +278,7 @@ namespace scalar {
 // Portable reference path: per output element, walk the row's set bits.
 void Rows(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const uint64_t* mrow = &p.mask[static_cast<size_t>(n * p.words)];
+    const uint64_t* mrow = p.mask.data() + (n * p.words);
     const int64_t v0 = p.row_ptr[static_cast<size_t>(n)];
     const float scale = p.scales[static_cast<size_t>(n)];
     for (int64_t r = 0; r < m; ++r) {

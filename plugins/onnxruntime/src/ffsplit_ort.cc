@@ -9,7 +9,13 @@
 // the CPU has them. FFSPLIT_ISA (other than auto) overrides the choice for tests and debugging.
 // The layouts and their validity rules are those of ffsplit_export/formats/packing.py and
 // ffsplit_export/ops/_spec.py (check_op_weights). Constant weights are validated and
-// pre-packed once when the kernel is created; a malformed initializer fails session creation.
+// pre-packed once when the kernel is created; a malformed initializer fails session creation, and
+// so does a node with a missing or omitted ("") input.
+// Non-finite values (ffsplit_export/ops/_spec.py SEMANTICS): only non-zero weights multiply X
+// (structural zeros are skipped, as in sparse BLAS), on every ISA path, M and accuracy level. The
+// fast kernels keep their float32 order; any non-finite output is recomputed in float64 from the
+// packed weight (dispatch.cc FixNonFinite), which also removes intermediate overflow (x * code
+// before the scale), and rows of X holding NaN / inf are never quantized to int8.
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -72,7 +78,20 @@ void ExpectType(const View& v, ONNXTensorElementDataType t, const char* name) {
     Fail(std::string(name) + " must be " + TypeStr(t) + ", got " + TypeStr(v.type));
 }
 
-int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// a >= 0, b > 0; no overflow for a near INT64_MAX (K of an empty X can be anything)
+int64_t CeilDiv(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+// Every dimension of a packed weight must be below 2^31: the kernels index with products of two
+// of them in int64, and no real layer comes near (this also keeps N + 1 and K = 8 * bytes exact).
+constexpr int64_t kMaxDim = (int64_t{1} << 31) - 1;
+
+void CheckDims(const View& v, const char* name) {
+  for (int64_t d : v.shape)
+    if (d < 0 || d > kMaxDim)
+      Fail(std::string(name) + " has a dimension of " + std::to_string(d) + " (shape " + ShapeStr(v.shape) +
+           "); packed weight dimensions must be below 2^31");
+  if (v.count > 0 && v.data == nullptr) Fail(std::string(name) + " has no data");
+}
 
 enum class Kind { kSparseInt8, kSparseFp32, kNm24Int8 };
 
@@ -119,6 +138,10 @@ void FinishPacked(Packed& p) {
 Prepared PrepareBitmask(const View& mask, const View& values, const View& row_ptr, const View* scales,
                         bool int8, int64_t k) {
   ExpectType(mask, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "mask");
+  CheckDims(mask, "mask");
+  CheckDims(values, "values");
+  CheckDims(row_ptr, "row_ptr");
+  if (scales) CheckDims(*scales, "scales");
   if (mask.shape.size() != 2)
     Fail("mask must be uint8 [N, ceil(K/8)], got shape " + ShapeStr(mask.shape));
   const int64_t n = mask.shape[0], kb = mask.shape[1];
@@ -166,13 +189,13 @@ Prepared PrepareBitmask(const View& mask, const View& values, const View& row_pt
   out.kneed = kneed;
   Packed& p = out.packed;
   InitPacked(p, n, kb * 8, int8);
-  if (scales) std::memcpy(p.scales.data(), scales->data, static_cast<size_t>(n) * sizeof(float));
+  if (scales && n > 0) std::memcpy(p.scales.data(), scales->data, static_cast<size_t>(n) * sizeof(float));
   HugeVec<int8_t> vi8;
   HugeVec<float> vf;
   int64_t nnz = 0;
   for (int64_t r = 0; r < n; ++r) {
     int64_t src = rp[r];
-    uint64_t* mrow = &p.mask[static_cast<size_t>(r * p.words)];
+    uint64_t* mrow = p.mask.data() + (r * p.words);
     int32_t rsum = 0;
     for (int64_t b = 0; b < kb; ++b) {
       uint32_t byte = mb[r * kb + b];
@@ -219,6 +242,9 @@ Prepared PrepareBitmask(const View& mask, const View& values, const View& row_pt
 // 2:4 layout (Sparse24MatMulInt8).
 Prepared PrepareNm24(const View& values, const View& meta, const View& scales, int64_t k) {
   ExpectType(values, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, "values");
+  CheckDims(values, "values");
+  CheckDims(meta, "meta");
+  CheckDims(scales, "scales");
   if (values.shape.size() != 2 || values.shape[1] % 2 != 0)
     Fail("2:4 values must be int8 [N, 2*ceil(K/4)], got shape " + ShapeStr(values.shape));
   const int64_t n = values.shape[0], g = values.shape[1] / 2;
@@ -253,12 +279,12 @@ Prepared PrepareNm24(const View& values, const View& meta, const View& scales, i
   out.kneed = kneed;
   Packed& p = out.packed;
   InitPacked(p, n, g * 4, true);
-  std::memcpy(p.scales.data(), scales.data, static_cast<size_t>(n) * sizeof(float));
+  if (n > 0) std::memcpy(p.scales.data(), scales.data, static_cast<size_t>(n) * sizeof(float));
   HugeVec<int8_t> vi8;
   vi8.reserve(static_cast<size_t>(n * g * 2));
   int64_t nnz = 0;
   for (int64_t r = 0; r < n; ++r) {
-    uint64_t* mrow = &p.mask[static_cast<size_t>(r * p.words)];
+    uint64_t* mrow = p.mask.data() + (r * p.words);
     int32_t rsum = 0;
     for (int64_t gi = 0; gi < g; ++gi) {
       const uint8_t nib = (mt[r * mcols + gi / 2] >> (4 * (gi % 2))) & 0x0F;
@@ -323,6 +349,16 @@ struct OrtParallel final : Parallel {
   OrtKernelContext* ctx_;
 };
 
+const char* const kInputsSparseInt8[] = {"X", "mask", "values", "row_ptr", "scales"};
+const char* const kInputsSparseFp32[] = {"X", "mask", "values", "row_ptr"};
+const char* const kInputsNm24Int8[] = {"X", "values", "meta", "scales"};
+
+std::string JoinNames(const char* const* names, size_t count) {
+  std::string out;
+  for (size_t i = 0; i < count; ++i) out += (i ? ", " : "") + std::string(names[i]);
+  return out;
+}
+
 // State shared by the three op kernels.
 class Kernel {
  public:
@@ -349,6 +385,29 @@ class Kernel {
       isa_ = SelectIsa(level == 4 && kind != Kind::kSparseFp32);
     } catch (const std::exception& e) {
       throw Ort::Exception(name_ + ": " + e.what(), ORT_INVALID_ARGUMENT);
+    }
+    // every input is required: the lite API declares them optional, so ONNX Runtime accepts a
+    // node with fewer inputs or with an input given as "" (omitted); refuse both here, at session
+    // creation, instead of running on a missing tensor
+    const size_t want_in = kind == Kind::kSparseInt8 ? 5 : 4;
+    const char* const* in_names = kind == Kind::kSparseInt8   ? kInputsSparseInt8
+                                  : kind == Kind::kSparseFp32 ? kInputsSparseFp32
+                                                              : kInputsNm24Int8;
+    if (info.GetInputCount() != want_in)
+      throw Ort::Exception(name_ + ": takes " + std::to_string(want_in) + " inputs (" + JoinNames(in_names, want_in) +
+                               "), got " + std::to_string(info.GetInputCount()),
+                           ORT_INVALID_ARGUMENT);
+    for (size_t i = 0; i < want_in; ++i) {
+      std::string in_name;
+      try {
+        in_name = info.GetInputName(i);
+      } catch (...) {
+        in_name.clear();
+      }
+      if (in_name.empty())
+        throw Ort::Exception(name_ + ": input " + std::to_string(i) + " (" + in_names[i] +
+                                 ") is omitted (empty name); every input of this op is required",
+                             ORT_INVALID_ARGUMENT);
     }
     int64_t k = -1;
     try {
@@ -387,7 +446,12 @@ class Kernel {
       if (xs.empty()) return Ort::Status((name_ + ": X must have rank >= 1, got a scalar").c_str(), ORT_INVALID_ARGUMENT);
       const int64_t k = xs.back();
       int64_t m = 1;
-      for (size_t i = 0; i + 1 < xs.size(); ++i) m *= xs[i];
+      for (size_t i = 0; i + 1 < xs.size(); ++i)
+        if (xs[i] < 0 || __builtin_mul_overflow(m, xs[i], &m))
+          return Ort::Status((name_ + ": X shape " + ShapeStr(xs) + " has too many rows").c_str(), ORT_INVALID_ARGUMENT);
+      if (k < 0) return Ort::Status((name_ + ": X shape " + ShapeStr(xs) + " is invalid").c_str(), ORT_INVALID_ARGUMENT);
+      if (m > 0 && k > 0 && X.Data() == nullptr)
+        return Ort::Status((name_ + ": X has no data").c_str(), ORT_INVALID_ARGUMENT);
       std::optional<Prepared> local;
       const Prepared* prep = prepared_ ? &*prepared_ : nullptr;
       if (!prep) {
