@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .formats import packing
 from .formats.names import Target
 from .ops import DOMAIN as FFSPLIT_DOMAIN
+from .ops._spec import TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION
 
 _TARGET: contextvars.ContextVar[Target] = contextvars.ContextVar("ffsplit_target", default=Target.ORT_CPU)
 # a MatMulNBits with accuracy_level 4 quantizes activations to int8: faster, not exact
@@ -30,8 +31,6 @@ _NBITS_ACCURACY_LEVEL: contextvars.ContextVar[int] = contextvars.ContextVar("ffs
 # TensorRT's ONNX parser looks plugins up by op_type + these attributes, whatever the domain;
 # the ``ffsplit`` domain lets ONNX Runtime (TensorRT EP + CPU fallback) resolve the same nodes.
 TRT_PLUGIN_DOMAIN = FFSPLIT_DOMAIN
-TRT_PLUGIN_NAMESPACE = "ffsplit"
-TRT_PLUGIN_VERSION = "1"
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .adapters import FFNSpec, find_ffns
 from .errors import ConfigError
 from .formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
+from .formats.packing import EXPORT_INT4_GROUP_SIZES
 from .formats.sparsegpt import sparsegpt_prune
 from .linear import (
     CompressedLinear,
@@ -31,7 +32,7 @@ from .linear import (
     SparseLinear,
 )
 
-INT4_GROUP_SIZES = (32, 64, 128)
+INT4_GROUP_SIZES = EXPORT_INT4_GROUP_SIZES
 
 
 @dataclass

@@ -12,8 +12,10 @@ import onnx
 import pytest
 import torch
 
+from ffsplit_export.config import CompressionConfig
 from ffsplit_export.errors import CalibrationError, ConfigError, PluginNotFoundError
 from ffsplit_export.export import ExportOptions, export
+from ffsplit_export.manifest import Manifest
 from ffsplit_export.split import SplitConfig
 
 SEQ2SEQ_FILES = {
@@ -62,7 +64,9 @@ def test_export_ort_cpu(name, files, tmp_path):
     out = tmp_path / "out"
     m = _export(name, out)
     assert files <= set(m["onnx_files"]), m["onnx_files"]
-    manifest = json.loads((out / "ffsplit.json").read_text())
+    manifest = Manifest.read(out)  # the one reader accepts what export wrote
+    assert manifest == json.loads((out / "ffsplit.json").read_text())
+    assert manifest.compression_config == CompressionConfig(num_samples=8)  # what _export passed
     assert manifest["target"] == "ort-cpu" and manifest["ffn"]["ffn_size_ratio"] < 0.35
     worst = max(max(r["outputs"].values()) for r in manifest["validation"].values())
     assert worst < 2e-3  # measured <= 3e-6 on every tiny model

@@ -211,7 +211,12 @@ def test_recover_cli_writes_a_validated_export(tmp_path):
         pytest.skip(f"ffsplit ORT library not built: {e}")
     out = tmp_path / "rec"
     assert main(["recover", "tiny-llama", str(out), "--steps", "3", "--num-samples", "8", "--quiet"]) == 0
-    manifest = json.loads((out / "ffsplit.json").read_text())
+    from ffsplit_export.config import CompressionConfig
+    from ffsplit_export.manifest import Manifest
+
+    manifest = Manifest.read(out)  # the same reader as for export
+    assert manifest == json.loads((out / "ffsplit.json").read_text())
+    assert manifest.compression_config == CompressionConfig(num_samples=8)  # the CLI options given
     assert manifest["recover"] and (out / "model.onnx").exists()
     worst = max(max(r["outputs"].values()) for r in manifest["validation"].values())
     assert worst < 1e-3  # measured 2.4e-7

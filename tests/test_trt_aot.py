@@ -188,8 +188,12 @@ def test_manifest_sparse_flag(tmp_path):
     from ffsplit_export.trt.engine import read_manifest, wants_sparse_weights
 
     assert read_manifest(tmp_path) == {}
+    from ffsplit_export.manifest import REQUIRED_KEYS
+
+    complete = {k: "x" for k in REQUIRED_KEYS} | {"onnx_files": {"model.onnx": 1}}
+    (tmp_path / "model.onnx").write_bytes(b"x")
     (tmp_path / "ffsplit.json").write_text(
-        json.dumps({"light_format": "2:4-int8", "trt_sparse_weights": True})
+        json.dumps(complete | {"light_format": "2:4-int8", "trt_sparse_weights": True})
     )
     assert wants_sparse_weights(read_manifest(tmp_path))
     assert not wants_sparse_weights({"light_format": "2:4-int8"})

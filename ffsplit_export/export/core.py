@@ -9,7 +9,6 @@ validation (replaced by :mod:`.validate`, which also reports the max differences
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -24,11 +23,9 @@ import onnx
 from ..errors import ConfigError, ExportError, FFSplitError, ValidationError
 from ..formats import LightFormat, Target
 from ..linear import NM24Linear, export_target
+from ..manifest import MANIFEST, MANIFEST_VERSION, Manifest  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "ffsplit.json"
-MANIFEST_VERSION = 1
 
 
 @dataclass
@@ -178,7 +175,7 @@ def export_split_model(
         manifest.update(_file_summary(tmp), validation=results, target=str(options.target), task=task)
         manifest.update(options.extra_manifest)
         manifest["versions"] = _versions()
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        Manifest(manifest).write(tmp)
         _move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,6 +4,7 @@ triton; :mod:`.kernels` and :mod:`.aot` need triton, :mod:`.plugin` needs tensor
 
 from __future__ import annotations
 
+from ..ops._spec import DOMAIN, TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION
 from .configs import CONFIGS, OP_TYPES, TileConfig, kernel_spec
 from .engine import (
     TensorRTUnavailableError,
@@ -15,8 +16,8 @@ from .engine import (
 from .layout import device_weights, prepare_model
 
 #: ONNX node convention for --target tensorrt (see plugins/tensorrt/README.md)
-NODE_DOMAIN = "ffsplit"
-NODE_ATTRIBUTES = {"plugin_namespace": "ffsplit", "plugin_version": "1"}
+NODE_DOMAIN = DOMAIN
+NODE_ATTRIBUTES = {"plugin_namespace": TRT_PLUGIN_NAMESPACE, "plugin_version": TRT_PLUGIN_VERSION}
 
 __all__ = [
     "CONFIGS",

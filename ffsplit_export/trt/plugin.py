@@ -22,11 +22,12 @@ import tensorrt as trt
 import tensorrt.plugin as trtp
 
 from ..errors import PluginNotFoundError
+from ..ops._spec import TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION
 from .aot import compile_kernel
 from .configs import CONFIGS, config_for_tactic, kernel_spec
 
-NAMESPACE = "ffsplit"
-VERSION = "1"
+NAMESPACE = TRT_PLUGIN_NAMESPACE
+VERSION = TRT_PLUGIN_VERSION
 TACTICS = list(range(1, len(CONFIGS) + 1))
 
 if not hasattr(trtp, "aot_impl"):
