@@ -84,8 +84,9 @@ def test_masks_fixed_and_loss_decreases():
     before = {n: m.mask.clone() for n, m in _compressed(res.model).items() if isinstance(m, SparseLinear)}
     w0 = {n: get(res.model, n).dense_weight().clone() for n in before}
     # a random tiny model's task loss pulls away from the teacher: distil only
+    n_compressed = len(_compressed(res.model))  # every compressed linear is trained
     rep = recover(teacher, res.model, res.batches, steps=20, lr=1e-3, task_loss_weight=0.0, progress=False)
-    assert rep.trained_modules == 12 and len(rep.history) == 20
+    assert n_compressed > 0 and rep.trained_modules == n_compressed and len(rep.history) == 20
     assert rep.mean_loss(last=5) < 0.7 * rep.mean_loss(first=5)  # measured 0.0053 -> 0.00085
     changed = 0
     for n, mask in before.items():
