@@ -58,6 +58,7 @@ def _export(name, out, target="ort-cpu", **kw):
     return export(name, out, config=cfg, options=options, **kw)
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @needs_plugin
 @pytest.mark.parametrize("name,files", CASES)
 def test_export_ort_cpu(name, files, tmp_path):
@@ -92,6 +93,7 @@ def _generate_inputs(name, pre) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @needs_plugin
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-mpt", "tiny-whisper", "tiny-llama"])
 def test_generate_matches_pytorch(name, tmp_path):
@@ -112,6 +114,7 @@ def test_generate_matches_pytorch(name, tmp_path):
     assert torch.equal(torch.as_tensor(got), want), (got, want)
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-mpt"])
 def test_portable_dense_matches_optimum_export(name, tmp_path):
     """--light-format dense --target portable gives the outputs of a plain optimum export of the original."""
@@ -192,6 +195,7 @@ def test_bad_input_and_atomic_output(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @needs_plugin
 def test_cli_and_optimum_cli_write_the_same_files(tmp_path):
     bin_dir = Path(sys.executable).parent
@@ -241,6 +245,7 @@ def test_load_tensorrt_without_tensorrt_says_what_is_missing(tmp_path):
         load(out)
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @needs_plugin
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-whisper", "tiny-llama", "tiny-gpt2"])
 def test_embedding_int8(name, tmp_path):

@@ -200,6 +200,7 @@ def test_gradual_needs_the_plan():
         )
 
 
+@pytest.mark.slow  # one-shot + recovery + full export (still run by .ci/run)
 def test_recover_cli_writes_a_validated_export(tmp_path):
     import json
 
