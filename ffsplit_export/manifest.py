@@ -13,8 +13,8 @@ from .errors import ExportError
 
 MANIFEST = "ffsplit.json"
 MANIFEST_VERSION = 1
-#: keys every manifest written by ``export`` / ``recover`` has; a reader needs them
-REQUIRED_KEYS = ("format_version", "source_model", "model_type", "task", "onnx_files")
+#: keys that every export writes (export_split_model adds them) and that readers need
+REQUIRED_KEYS = ("task", "onnx_files")
 
 
 class ManifestError(ExportError):
