@@ -55,9 +55,7 @@ class CompressionConfig:
             raise ConfigError("--size-budget and --heavy-fraction are alternatives; pass only one of them")
         if self.heavy_fraction is not None:
             pruning.check_fraction(self.heavy_fraction, "--heavy-fraction")
-        for name in ("num_samples", "batch_size", "max_length"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)}; use a positive integer")
+        # num_samples / batch_size / max_length are checked where they are used (CalibrationError)
 
     def split_config(self):
         """The internal per-FFN :class:`~ffsplit_export.split.SplitConfig` (built only here)."""

@@ -56,7 +56,6 @@ def test_other_version_is_refused():
         ({"heavy_fraction": 0.1, "size_budget": 0.5}, "alternatives"),
         ({"group_size": 48}, "--group-size"),
         ({"other_linear": "int2"}, "--other-linear"),
-        ({"num_samples": 0}, "--num-samples"),
     ],
 )
 def test_bad_values_raise_config_error(kwargs, match):
