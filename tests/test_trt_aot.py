@@ -186,7 +186,8 @@ def test_missing_tensorrt_is_a_typed_error(tmp_path):
     import onnx
 
     onnx.save(model, str(tmp_path / "model.onnx"))
-    (tmp_path / "ffsplit.json").write_text(json.dumps({"light_format": "sparse-int8"}))
+    manifest = {"light_format": "sparse-int8", "task": "feature-extraction", "onnx_files": {"model.onnx": 1}}
+    (tmp_path / "ffsplit.json").write_text(json.dumps(manifest))
     with pytest.raises(TensorRTUnavailableError, match="pip install") as ei:
         build_engines(tmp_path)
     assert isinstance(ei.value, PluginNotFoundError) and isinstance(ei.value, RuntimeError)
