@@ -2,6 +2,7 @@
 
 from .adapters import FFNSpec, find_ffns, get_adapter, register_adapter, supported_model_types
 from .calibrate import calibrate
+from .config import CompressionConfig
 from .errors import (
     BudgetError,
     CalibrationError,
@@ -24,6 +25,7 @@ from .formats import (
     register_format,
     registered_formats,
 )
+from .manifest import Manifest, ManifestError
 from .plan import plan_budget, plan_fraction
 from .split import SplitConfig, SplitLinear, quantize_other_linears_, split_ffn_
 
@@ -32,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError",
     "CalibrationError",
+    "CompressionConfig",
     "ConfigError",
     "ExportError",
     "FFNSpec",
@@ -39,6 +42,8 @@ __all__ = [
     "FormatError",
     "HeavyFormat",
     "LightFormat",
+    "Manifest",
+    "ManifestError",
     "OtherLinearFormat",
     "PluginNotFoundError",
     "PruneMethod",

@@ -76,33 +76,16 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def split_config_from_args(args):
-    from .split import SplitConfig
+    from .config import CompressionConfig
 
-    return SplitConfig(
-        light_format=args.light_format,
-        light_sparsity=args.light_sparsity,
-        prune_method=args.prune_method,
-        heavy_format=args.heavy_format,
-        group_size=args.group_size,
-    )
+    return CompressionConfig.from_args(args).split_config()
 
 
 def compress_kwargs(args) -> dict:
-    return dict(
-        config=split_config_from_args(args),
-        heavy_fraction=args.heavy_fraction if args.size_budget is None else None,
-        size_budget=args.size_budget,
-        selection=args.heavy_selection,
-        other_linear=args.other_linear,
-        embedding=args.embedding,
-        calibration=args.calibration,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
-        sequential=args.sequential,
-        progress=not args.quiet,
-    )
+    """``compress()`` keyword arguments of the parsed options, via the one CompressionConfig."""
+    from .config import CompressionConfig
+
+    return dict(CompressionConfig.from_args(args).compress_kwargs(), progress=not args.quiet)
 
 
 # ------------------------------------------------------------------------------ analyze

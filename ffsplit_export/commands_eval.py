@@ -47,20 +47,16 @@ def add_recover_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_recover(args) -> int:
+    """One-shot compression, SquareHead recovery, export: ``export()`` with recovery as its hook."""
     import torch
 
     from .calibrate import load_samples, modality
-    from .cli import compress_kwargs
-    from .export.api import weight_bytes
+    from .config import CompressionConfig
+    from .export.api import export
     from .export.command import export_options_from_args
-    from .export.core import check_target_format, export_split_model
-    from .formats import Target
-    from .loading import load_model
-    from .pipeline import compress
     from .recover import RecoverConfig, recover
 
-    kw = compress_kwargs(args)
-    cfg = kw.pop("config")
+    config = CompressionConfig.from_args(args)
     rcfg = RecoverConfig(
         steps=args.steps,
         lr=args.lr,
@@ -74,74 +70,56 @@ def run_recover(args) -> int:
         seed=args.seed,
     )
     options = export_options_from_args(args)
-    check_target_format(
-        Target.parse(options.target, "--target"),
-        cfg.light_format,
-        cfg.heavy_format,
-        kw.get("other_linear", "fp32"),
-        kw.get("embedding", "fp32"),
-    )
-    out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise ConfigError(
-            f"output {str(out)!r} exists; pass --overwrite to replace it, or choose another directory"
-        )
-    t0 = time.time()
-    teacher, pre, task = load_model(args.model, args.task)
-    res = compress(teacher, pre, config=cfg, **kw)
-    source = args.train_data or args.calibration
-    if source is None and modality(teacher) == "text":
-        from .data import readers
-
-        data = readers.builtin_text()[: args.train_samples]  # the built-in sample, not repeated
-    else:
-        data = load_samples(teacher, source, args.train_samples)
     if args.device != "cpu" and not torch.cuda.is_available() and args.device.startswith("cuda"):
         raise ConfigError(f"--device {args.device}: no CUDA device here; use --device cpu")
-    report = recover(
-        teacher,
-        res.model,
-        data,
-        rcfg,
-        preprocessor=pre,
-        plan=res.plan,
-        device=args.device,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=not args.no_resume,
+
+    def train(teacher, res, pre) -> dict:
+        source = args.train_data or args.calibration
+        if source is None and modality(teacher) == "text":
+            from .data import readers
+
+            data = readers.builtin_text()[: args.train_samples]  # the built-in sample, not repeated
+        else:
+            data = load_samples(teacher, source, args.train_samples)
+        report = recover(
+            teacher,
+            res.model,
+            data,
+            rcfg,
+            preprocessor=pre,
+            plan=res.plan,
+            device=args.device,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=not args.no_resume,
+            progress=not args.quiet,
+        )
+        teacher.cpu()
+        res.model.cpu()
+        print(
+            f"recover: {report.steps - report.start_step} steps in {report.seconds:.0f} s; loss "
+            f"{report.mean_loss(first=10):.4f} (first 10) -> {report.mean_loss(last=10):.4f} (last 10)"
+        )
+        return {
+            "recover": {
+                "config": rcfg.__dict__,
+                "steps_run": report.steps - report.start_step,
+                "seconds": report.seconds,
+                "loss_first10": report.mean_loss(first=10),
+                "loss_last10": report.mean_loss(last=10),
+            }
+        }
+
+    t0 = time.time()
+    export(
+        args.model,
+        args.output,
+        task=args.task,
+        config=config,
+        options=options,
+        before_export=train,
         progress=not args.quiet,
     )
-    teacher.cpu()
-    res.model.cpu()
-    print(
-        f"recover: {report.steps - report.start_step} steps in {report.seconds:.0f} s; loss "
-        f"{report.mean_loss(first=10):.4f} (first 10) -> {report.mean_loss(last=10):.4f} (last 10)"
-    )
-    manifest = {
-        "format_version": 1,
-        "source_model": args.model,
-        "model_type": teacher.config.model_type,
-        "options": {
-            **cfg.to_dict(),
-            **{k: v for k, v in kw.items() if k != "progress"},
-            "target": str(options.target),
-            "nbits_accuracy_level": options.nbits_accuracy_level,
-        },
-        "light_format": str(cfg.light_format),
-        "trt_sparse_weights": bool(options.trt_dense_24),
-        "ffn": res.report.to_dict(),
-        "other_linear": res.other_linear,
-        "embedding": res.embedding,
-        "weight_bytes": weight_bytes(teacher, res.model),
-        "recover": {
-            "config": rcfg.__dict__,
-            "steps_run": report.steps - report.start_step,
-            "seconds": report.seconds,
-            "loss_first10": report.mean_loss(first=10),
-            "loss_last10": report.mean_loss(last=10),
-        },
-    }
-    manifest = export_split_model(res.model, pre, out, task, options, manifest)
-    print(f"wrote the recovered export to {out} ({time.time() - t0:.0f} s in all)")
+    print(f"wrote the recovered export to {args.output} ({time.time() - t0:.0f} s in all)")
     return 0
 
 
@@ -177,7 +155,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _is_export(path: str) -> bool:
-    return (Path(path) / "ffsplit.json").is_file()
+    from .manifest import MANIFEST
+
+    return (Path(path) / MANIFEST).is_file()
 
 
 def run_eval(args) -> int:

@@ -29,9 +29,10 @@ from .formats import (
     pruning,
 )
 from .formats.lowrank import lowrank_rank  # noqa: F401 - re-exported (plan, callers)
+from .formats.packing import EXPORT_INT4_GROUP_SIZES
 from .linear import CompressedLinear
 
-INT4_GROUP_SIZES = (32, 64, 128)
+INT4_GROUP_SIZES = EXPORT_INT4_GROUP_SIZES
 
 
 @dataclass

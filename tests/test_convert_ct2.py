@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from helpers import ct2_bytes, to_ct2, write_ct2_dir  # noqa: E402
 from transformers import WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
 
 from ffsplit_export.convert_ct2 import convert_ct2, read_ct2_model  # noqa: E402
@@ -21,111 +20,6 @@ from ffsplit_export.errors import (  # noqa: E402
     MissingResourceError,
     UnsupportedModelError,
 )
-
-SPECIALS = [
-    "<|endoftext|>",
-    "<|startoftranscript|>",
-    "<|en|>",
-    "<|translate|>",
-    "<|transcribe|>",
-    "<|startofprev|>",
-    "<|nocaptions|>",
-    "<|notimestamps|>",
-]
-_DTYPE_IDS = {np.dtype("float32"): 0, np.dtype("int8"): 1, np.dtype("int16"): 2, np.dtype("float16"): 4}
-
-
-# ---------------------------------------------------------------- a small CTranslate2 writer (test only)
-def _ct2_bytes(variables: dict[str, np.ndarray], spec: str = "WhisperSpec", version: int = 6) -> bytes:
-    """Serialise variables the way CTranslate2 lays out model.bin (version, spec, revision, vars, aliases)."""
-    out = bytearray()
-
-    def string(s: str) -> None:
-        raw = s.encode() + b"\0"
-        out.extend(struct.pack("<H", len(raw)) + raw)
-
-    aliases = {k: v for k, v in variables.items() if isinstance(v, str)}
-    arrays = {k: v for k, v in variables.items() if not isinstance(v, str)}
-    out.extend(struct.pack("<I", version))
-    string(spec)
-    out.extend(struct.pack("<I", 3))
-    out.extend(struct.pack("<I", len(arrays)))
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        string(name)
-        out.extend(struct.pack("<B", a.ndim) + b"".join(struct.pack("<I", d) for d in a.shape))
-        out.extend(struct.pack("<B", _DTYPE_IDS[a.dtype]) + struct.pack("<I", a.nbytes) + a.tobytes())
-    out.extend(struct.pack("<I", len(aliases)))
-    for alias, target in aliases.items():
-        string(alias)
-        string(target)
-    return bytes(out)
-
-
-def _to_ct2(model: WhisperForConditionalGeneration, dtype=np.float32) -> dict[str, np.ndarray | str]:
-    """HF Whisper state dict -> CTranslate2 Whisper variable names (fused Q/K/V and cross K/V)."""
-    sd = {k: v.detach().numpy().astype(dtype) for k, v in model.state_dict().items()}
-    cfg = model.config
-    v: dict[str, np.ndarray | str] = {}
-
-    def lin(dst, src, bias=True):
-        v[f"{dst}/weight"] = sd[f"{src}.weight"]
-        if bias:
-            v[f"{dst}/bias"] = sd[f"{src}.bias"]
-
-    def norm(dst, src):
-        v[f"{dst}/gamma"], v[f"{dst}/beta"] = sd[f"{src}.weight"], sd[f"{src}.bias"]
-
-    def fused(dst, srcs):
-        v[f"{dst}/weight"] = np.concatenate([sd[f"{s}.weight"] for s in srcs])
-        v[f"{dst}/bias"] = np.concatenate(
-            [sd.get(f"{s}.bias", np.zeros(cfg.d_model, dtype)) for s in srcs]  # k_proj has no bias
-        )
-
-    e, d = "model.encoder", "model.decoder"
-    lin("encoder/conv1", f"{e}.conv1")
-    lin("encoder/conv2", f"{e}.conv2")
-    v["encoder/position_encodings/encodings"] = sd[f"{e}.embed_positions.weight"]
-    norm("encoder/layer_norm", f"{e}.layer_norm")
-    v["encoder/num_heads"] = np.array(cfg.encoder_attention_heads, np.int16)
-    for i in range(cfg.encoder_layers):
-        s, t = f"encoder/layer_{i}", f"{e}.layers.{i}"
-        fused(f"{s}/self_attention/linear_0", [f"{t}.self_attn.{p}_proj" for p in "qkv"])
-        lin(f"{s}/self_attention/linear_1", f"{t}.self_attn.out_proj")
-        norm(f"{s}/self_attention/layer_norm", f"{t}.self_attn_layer_norm")
-        lin(f"{s}/ffn/linear_0", f"{t}.fc1")
-        lin(f"{s}/ffn/linear_1", f"{t}.fc2")
-        norm(f"{s}/ffn/layer_norm", f"{t}.final_layer_norm")
-    v["decoder/embeddings/weight"] = sd[f"{d}.embed_tokens.weight"]
-    v["decoder/position_encodings/encodings"] = sd[f"{d}.embed_positions.weight"]
-    norm("decoder/layer_norm", f"{d}.layer_norm")
-    v["decoder/num_heads"] = np.array(cfg.decoder_attention_heads, np.int16)
-    v["decoder/scale_embeddings"] = np.array(0, np.int8)
-    v["decoder/projection/weight"] = "decoder/embeddings/weight"
-    for i in range(cfg.decoder_layers):
-        s, t = f"decoder/layer_{i}", f"{d}.layers.{i}"
-        fused(f"{s}/self_attention/linear_0", [f"{t}.self_attn.{p}_proj" for p in "qkv"])
-        lin(f"{s}/self_attention/linear_1", f"{t}.self_attn.out_proj")
-        norm(f"{s}/self_attention/layer_norm", f"{t}.self_attn_layer_norm")
-        lin(f"{s}/attention/linear_0", f"{t}.encoder_attn.q_proj")
-        fused(f"{s}/attention/linear_1", [f"{t}.encoder_attn.{p}_proj" for p in "kv"])
-        lin(f"{s}/attention/linear_2", f"{t}.encoder_attn.out_proj")
-        norm(f"{s}/attention/layer_norm", f"{t}.encoder_attn_layer_norm")
-        lin(f"{s}/ffn/linear_0", f"{t}.fc1")
-        lin(f"{s}/ffn/linear_1", f"{t}.fc2")
-        norm(f"{s}/ffn/layer_norm", f"{t}.final_layer_norm")
-    return v
-
-
-def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIALS)  # ids 256 .. 263
-    return tok.to_str()
 
 
 @pytest.fixture(scope="module")
@@ -155,26 +49,6 @@ def tiny_whisper() -> WhisperForConditionalGeneration:
     return model
 
 
-def _write_ct2_dir(path, model, dtype=np.float32, spec="WhisperSpec", version=6, parts=1):
-    path.mkdir(parents=True, exist_ok=True)
-    blob = _ct2_bytes(_to_ct2(model, dtype), spec=spec, version=version)
-    if parts == 1:
-        (path / "model.bin").write_bytes(blob)
-    else:
-        step = len(blob) // parts + 1
-        for i in range(parts):
-            (path / f"model.bin.part{i + 1}").write_bytes(blob[i * step : (i + 1) * step])
-    cfg = {
-        "suppress_ids": [1, 2, 256],
-        "suppress_ids_begin": [220, 256],
-        "alignment_heads": [[1, 0]],
-        "lang_ids": [],
-    }
-    (path / "config.json").write_text(json.dumps(cfg))
-    (path / "tokenizer.json").write_text(_tokenizer_json())
-    return path
-
-
 def _check_same(model, out_dir, atol=1e-6):
     conv = WhisperForConditionalGeneration.from_pretrained(out_dir).eval()
     ref_sd, got_sd = model.state_dict(), conv.state_dict()
@@ -192,7 +66,7 @@ def _check_same(model, out_dir, atol=1e-6):
 
 
 def test_round_trip_exact(tiny_whisper, tmp_path):
-    src = _write_ct2_dir(tmp_path / "ct2", tiny_whisper)
+    src = write_ct2_dir(tmp_path / "ct2", tiny_whisper)
     out = convert_ct2(src, tmp_path / "hf")
     conv = _check_same(tiny_whisper, out)
     assert conv.config.encoder_attention_heads == 4 and conv.config.decoder_ffn_dim == 64
@@ -207,7 +81,7 @@ def test_round_trip_exact(tiny_whisper, tmp_path):
 def test_tokenizer_and_processor_load(tiny_whisper, tmp_path):
     from transformers import WhisperFeatureExtractor, WhisperTokenizer, WhisperTokenizerFast
 
-    out = convert_ct2(_write_ct2_dir(tmp_path / "ct2", tiny_whisper), tmp_path / "hf")
+    out = convert_ct2(write_ct2_dir(tmp_path / "ct2", tiny_whisper), tmp_path / "hf")
     fast = WhisperTokenizerFast.from_pretrained(out)
     slow = WhisperTokenizer.from_pretrained(out)
     ids = fast("hello world", add_special_tokens=False).input_ids
@@ -219,11 +93,11 @@ def test_tokenizer_and_processor_load(tiny_whisper, tmp_path):
 
 
 def test_split_parts_and_fp16(tiny_whisper, tmp_path):
-    src = _write_ct2_dir(tmp_path / "ct2", tiny_whisper, parts=3)
+    src = write_ct2_dir(tmp_path / "ct2", tiny_whisper, parts=3)
     assert not (src / "model.bin").exists()
     _check_same(tiny_whisper, convert_ct2(src, tmp_path / "hf"))
 
-    half = _write_ct2_dir(tmp_path / "ct2h", tiny_whisper, dtype=np.float16)
+    half = write_ct2_dir(tmp_path / "ct2h", tiny_whisper, dtype=np.float16)
     parsed = read_ct2_model(half)
     w = tiny_whisper.model.encoder.layers[0].fc1.weight.detach().numpy()
     np.testing.assert_array_equal(
@@ -237,20 +111,20 @@ def test_split_parts_and_fp16(tiny_whisper, tmp_path):
 
 
 def test_int8_weights_are_dequantized(tiny_whisper, tmp_path):
-    v = _to_ct2(tiny_whisper)
+    v = to_ct2(tiny_whisper)
     w = v["encoder/layer_0/ffn/linear_0/weight"]
     scale = (127.0 / np.abs(w).max(axis=1)).astype(np.float32)
     v["encoder/layer_0/ffn/linear_0/weight"] = np.rint(w * scale[:, None]).astype(np.int8)
     v["encoder/layer_0/ffn/linear_0/weight_scale"] = scale
-    src = _write_ct2_dir(tmp_path / "ct2", tiny_whisper)
-    (src / "model.bin").write_bytes(_ct2_bytes(v))
+    src = write_ct2_dir(tmp_path / "ct2", tiny_whisper)
+    (src / "model.bin").write_bytes(ct2_bytes(v))
     conv = WhisperForConditionalGeneration.from_pretrained(convert_ct2(src, tmp_path / "hf"))
     got = conv.model.encoder.layers[0].fc1.weight.detach().numpy()
     assert np.abs(got - w).max() <= np.abs(w).max() / 127  # within one int8 step
 
 
 def test_refuses_existing_output_and_overwrites(tiny_whisper, tmp_path):
-    src = _write_ct2_dir(tmp_path / "ct2", tiny_whisper)
+    src = write_ct2_dir(tmp_path / "ct2", tiny_whisper)
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep.txt").write_text("x")
@@ -272,7 +146,7 @@ def test_missing_model_bin(tmp_path):
 
 @pytest.mark.parametrize("cut", [3, 40, 5000, -7])
 def test_truncated_file(tiny_whisper, tmp_path, cut):
-    src = _write_ct2_dir(tmp_path / "ct2", tiny_whisper)
+    src = write_ct2_dir(tmp_path / "ct2", tiny_whisper)
     blob = (src / "model.bin").read_bytes()
     (src / "model.bin").write_bytes(blob[:cut])
     with pytest.raises(FormatError, match="model.bin"):
@@ -282,16 +156,16 @@ def test_truncated_file(tiny_whisper, tmp_path, cut):
 
 
 def test_unknown_spec_and_version(tiny_whisper, tmp_path):
-    src = _write_ct2_dir(tmp_path / "ct2", tiny_whisper, spec="TransformerSpec")
+    src = write_ct2_dir(tmp_path / "ct2", tiny_whisper, spec="TransformerSpec")
     with pytest.raises(UnsupportedModelError, match="TransformerSpec"):
         convert_ct2(src, tmp_path / "hf")
-    src = _write_ct2_dir(tmp_path / "ct2v", tiny_whisper, version=2)
+    src = write_ct2_dir(tmp_path / "ct2v", tiny_whisper, version=2)
     with pytest.raises(FormatError, match="binary version 2"):
         convert_ct2(src, tmp_path / "hf")
 
 
 def test_missing_tokenizer(tiny_whisper, tmp_path):
-    src = _write_ct2_dir(tmp_path / "ct2", tiny_whisper)
+    src = write_ct2_dir(tmp_path / "ct2", tiny_whisper)
     (src / "tokenizer.json").unlink()
     with pytest.raises(MissingResourceError, match="tokenizer.json"):
         convert_ct2(src, tmp_path / "hf")
@@ -324,7 +198,7 @@ def test_cli_convert_ct2(tiny_whisper, tmp_path, capsys):
     from ffsplit_export.cli import main
 
     src, out = tmp_path / "ct2", tmp_path / "hf"
-    _write_ct2_dir(src, tiny_whisper)
+    write_ct2_dir(src, tiny_whisper)
     assert main(["convert-ct2", str(src), str(out)]) == 0
     _check_same(tiny_whisper, out)
     assert main(["convert-ct2", str(src), str(out)]) == 2  # exists: refused without --overwrite

@@ -11,6 +11,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from helpers import eos_byte_tokenizer, write_ct2_dir  # noqa: E402
+
 from ffsplit_export.errors import ConfigError, MissingResourceError  # noqa: E402
 from ffsplit_export.evaluate import (  # noqa: E402
     _sliding_nll,
@@ -81,18 +83,6 @@ def test_sliding_window_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------- tiny causal LM, PyTorch vs ONNX
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<eos>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-
-
 @pytest.fixture(scope="module")
 def tiny_lm_export(tmp_path_factory):
     from optimum.exporters.onnx import main_export
@@ -114,7 +104,7 @@ def tiny_lm_export(tmp_path_factory):
     model = LlamaForCausalLM(cfg).eval()
     src = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(src)
-    tok = _byte_tokenizer()
+    tok = eos_byte_tokenizer()
     tok.save_pretrained(src)
     out = tmp_path_factory.mktemp("tiny_llama_onnx")
     main_export(str(src), out, task="text-generation-with-past", do_validation=False, no_post_process=False)
@@ -141,7 +131,6 @@ def test_perplexity_onnx_missing_dir(tmp_path):
 # ---------------------------------------------------------------- tiny Whisper, PyTorch vs ONNX
 def test_wer_pytorch_matches_onnx_tiny_whisper(tmp_path):
     from optimum.exporters.onnx import main_export
-    from test_convert_ct2 import _write_ct2_dir
     from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
     from ffsplit_export.convert_ct2 import convert_ct2
@@ -171,7 +160,7 @@ def test_wer_pytorch_matches_onnx_tiny_whisper(tmp_path):
     keep[[alphabet.index(c) for c in "abcdefghijklmnopqrstuvwxyz"]] = True
     with torch.no_grad():
         model.model.decoder.embed_tokens.weight[~keep] = 0.0
-    hf = convert_ct2(_write_ct2_dir(tmp_path / "ct2", model), tmp_path / "hf")
+    hf = convert_ct2(write_ct2_dir(tmp_path / "ct2", model), tmp_path / "hf")
     out = tmp_path / "onnx"
     main_export(str(hf), out, task="automatic-speech-recognition-with-past", do_validation=False)
     rng = np.random.default_rng(0)

@@ -12,8 +12,10 @@ import onnx
 import pytest
 import torch
 
+from ffsplit_export.config import CompressionConfig
 from ffsplit_export.errors import CalibrationError, ConfigError, PluginNotFoundError
 from ffsplit_export.export import ExportOptions, export
+from ffsplit_export.manifest import Manifest
 from ffsplit_export.split import SplitConfig
 
 SEQ2SEQ_FILES = {
@@ -56,13 +58,16 @@ def _export(name, out, target="ort-cpu", **kw):
     return export(name, out, config=cfg, options=options, **kw)
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @needs_plugin
 @pytest.mark.parametrize("name,files", CASES)
 def test_export_ort_cpu(name, files, tmp_path):
     out = tmp_path / "out"
     m = _export(name, out)
     assert files <= set(m["onnx_files"]), m["onnx_files"]
-    manifest = json.loads((out / "ffsplit.json").read_text())
+    manifest = Manifest.read(out)  # the one reader accepts what export wrote
+    assert manifest == json.loads((out / "ffsplit.json").read_text())
+    assert manifest.compression_config == CompressionConfig(num_samples=8)  # what _export passed
     assert manifest["target"] == "ort-cpu" and manifest["ffn"]["ffn_size_ratio"] < 0.35
     worst = max(max(r["outputs"].values()) for r in manifest["validation"].values())
     assert worst < 2e-3  # measured <= 3e-6 on every tiny model
@@ -88,6 +93,7 @@ def _generate_inputs(name, pre) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @needs_plugin
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-mpt", "tiny-whisper", "tiny-llama"])
 def test_generate_matches_pytorch(name, tmp_path):
@@ -108,6 +114,7 @@ def test_generate_matches_pytorch(name, tmp_path):
     assert torch.equal(torch.as_tensor(got), want), (got, want)
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-mpt"])
 def test_portable_dense_matches_optimum_export(name, tmp_path):
     """--light-format dense --target portable gives the outputs of a plain optimum export of the original."""
@@ -188,6 +195,7 @@ def test_bad_input_and_atomic_output(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @needs_plugin
 def test_cli_and_optimum_cli_write_the_same_files(tmp_path):
     bin_dir = Path(sys.executable).parent
@@ -237,6 +245,7 @@ def test_load_tensorrt_without_tensorrt_says_what_is_missing(tmp_path):
         load(out)
 
 
+@pytest.mark.slow  # a full optimum export (still run by .ci/run)
 @needs_plugin
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-whisper", "tiny-llama", "tiny-gpt2"])
 def test_embedding_int8(name, tmp_path):

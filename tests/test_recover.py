@@ -84,8 +84,9 @@ def test_masks_fixed_and_loss_decreases():
     before = {n: m.mask.clone() for n, m in _compressed(res.model).items() if isinstance(m, SparseLinear)}
     w0 = {n: get(res.model, n).dense_weight().clone() for n in before}
     # a random tiny model's task loss pulls away from the teacher: distil only
+    n_compressed = len(_compressed(res.model))  # every compressed linear is trained
     rep = recover(teacher, res.model, res.batches, steps=20, lr=1e-3, task_loss_weight=0.0, progress=False)
-    assert rep.trained_modules == 12 and len(rep.history) == 20
+    assert n_compressed > 0 and rep.trained_modules == n_compressed and len(rep.history) == 20
     assert rep.mean_loss(last=5) < 0.7 * rep.mean_loss(first=5)  # measured 0.0053 -> 0.00085
     changed = 0
     for n, mask in before.items():
@@ -199,6 +200,7 @@ def test_gradual_needs_the_plan():
         )
 
 
+@pytest.mark.slow  # one-shot + recovery + full export (still run by .ci/run)
 def test_recover_cli_writes_a_validated_export(tmp_path):
     import json
 
@@ -211,7 +213,12 @@ def test_recover_cli_writes_a_validated_export(tmp_path):
         pytest.skip(f"ffsplit ORT library not built: {e}")
     out = tmp_path / "rec"
     assert main(["recover", "tiny-llama", str(out), "--steps", "3", "--num-samples", "8", "--quiet"]) == 0
-    manifest = json.loads((out / "ffsplit.json").read_text())
+    from ffsplit_export.config import CompressionConfig
+    from ffsplit_export.manifest import Manifest
+
+    manifest = Manifest.read(out)  # the same reader as for export
+    assert manifest == json.loads((out / "ffsplit.json").read_text())
+    assert manifest.compression_config == CompressionConfig(num_samples=8)  # the CLI options given
     assert manifest["recover"] and (out / "model.onnx").exists()
     worst = max(max(r["outputs"].values()) for r in manifest["validation"].values())
     assert worst < 1e-3  # measured 2.4e-7

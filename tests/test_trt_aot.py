@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -26,6 +27,10 @@ def test_every_kernel_compiles_for_both_archs(aot_summary):
 
     out, summary = aot_summary
     assert len(summary["kernels"]) == 2 * len(all_specs()) * len(CONFIGS)
+    runtime_args: dict[str, set[int]] = {}
+    for spec in all_specs():
+        n_args = sum(1 for t in spec.full_signature().values() if t != "constexpr")
+        runtime_args.setdefault(spec.op_type, set()).add(n_args)
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == summary
     for e in summary["kernels"]:
@@ -41,7 +46,14 @@ def test_every_kernel_compiles_for_both_archs(aot_summary):
         assert 0 < e["registers"] <= 255
         assert e["spill_stores_bytes"] == 0 and e["spill_loads_bytes"] == 0, (e["kernel"], e["config"], arch)
         assert e["shared_mem_bytes"] < 48 * 1024  # no opt-in dynamic shared memory needed
-        assert e["hidden_params_removed"] == 2  # Triton's scratch pointers, unused
+        # Triton appends scratch pointers (how many depends on its version); once the unused ones are
+        # stripped, the entry takes exactly the kernel's runtime arguments, which the plugin passes
+        entry = re.search(r"\.entry\s+\S+\s*\((.*?)\)", ptx, re.S).group(1)
+        n_params = sum(1 for p in entry.split(",") if p.strip())
+        assert e["hidden_params_removed"] >= 0 and n_params in runtime_args[e["kernel"]], (
+            e["kernel"],
+            n_params,
+        )
 
 
 def test_ptx_params_follow_trt_convention(aot_summary):
@@ -176,7 +188,8 @@ def test_missing_tensorrt_is_a_typed_error(tmp_path):
     import onnx
 
     onnx.save(model, str(tmp_path / "model.onnx"))
-    (tmp_path / "ffsplit.json").write_text(json.dumps({"light_format": "sparse-int8"}))
+    manifest = {"light_format": "sparse-int8", "task": "feature-extraction", "onnx_files": {"model.onnx": 1}}
+    (tmp_path / "ffsplit.json").write_text(json.dumps(manifest))
     with pytest.raises(TensorRTUnavailableError, match="pip install") as ei:
         build_engines(tmp_path)
     assert isinstance(ei.value, PluginNotFoundError) and isinstance(ei.value, RuntimeError)
@@ -190,8 +203,12 @@ def test_manifest_sparse_flag(tmp_path):
     from ffsplit_export.trt.engine import read_manifest, wants_sparse_weights
 
     assert read_manifest(tmp_path) == {}
+    from ffsplit_export.manifest import REQUIRED_KEYS
+
+    complete = {k: "x" for k in REQUIRED_KEYS} | {"onnx_files": {"model.onnx": 1}}
+    (tmp_path / "model.onnx").write_bytes(b"x")
     (tmp_path / "ffsplit.json").write_text(
-        json.dumps({"light_format": "2:4-int8", "trt_sparse_weights": True})
+        json.dumps(complete | {"light_format": "2:4-int8", "trt_sparse_weights": True})
     )
     assert wants_sparse_weights(read_manifest(tmp_path))
     assert not wants_sparse_weights({"light_format": "2:4-int8"})

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from ..formats import Target
+from ..config import CompressionConfig
+from ..errors import ConfigError
+from ..formats import LightFormat, Target
 from ..loading import load_model
+from ..manifest import Manifest
 from ..pipeline import compress
 from ..split import SplitConfig
 from .core import ExportOptions, check_target_format, export_split_model
@@ -17,48 +21,52 @@ def export(
     output: str | Path,
     *,
     task: str = "auto",
-    config: SplitConfig | None = None,
+    config: CompressionConfig | SplitConfig | None = None,
     options: ExportOptions | None = None,
+    before_export: Callable | None = None,
+    progress: bool = True,
     **compress_kwargs,
 ) -> dict:
-    """The whole ``ffsplit-export export`` job; returns the written manifest (ffsplit.json)."""
+    """The whole ``ffsplit-export export`` job; returns the written manifest (ffsplit.json).
+
+    ``config`` is a :class:`CompressionConfig` (a :class:`SplitConfig` plus ``compress()``
+    keyword arguments is still accepted). ``before_export(dense_model, result, preprocessor)``
+    runs on the compressed model before the ONNX export (``recover`` trains there) and may
+    return a dict that is added to the manifest.
+    """
     t0 = time.time()
-    cfg = config or SplitConfig()
+    if not isinstance(config, CompressionConfig):
+        config = CompressionConfig.from_split_config(config, **compress_kwargs)
+    elif compress_kwargs:
+        raise ConfigError(
+            f"pass {sorted(compress_kwargs)} inside config=CompressionConfig(...), not as keyword arguments"
+        )
     opts = options or ExportOptions()
     check_target_format(
         Target.parse(opts.target, "--target"),
-        cfg.light_format,
-        cfg.heavy_format,
-        compress_kwargs.get("other_linear", "fp32"),
-        compress_kwargs.get("embedding", "fp32"),
+        LightFormat.parse(config.light_format, "--light-format"),
+        config.heavy_format,
+        config.other_linear,
+        config.embedding,
     )
     out = Path(output)
     if out.exists() and not opts.overwrite:
-        from ..errors import ConfigError
-
         raise ConfigError(
             f"output {str(out)!r} exists; pass --overwrite to replace it, or choose another directory"
         )
     model, pre, task = load_model(model_name_or_path, task)
-    res = compress(model, pre, config=cfg, **compress_kwargs)
-    manifest = {
-        "format_version": 1,
-        "source_model": model_name_or_path,
-        "model_type": model.config.model_type,
-        "options": {
-            **cfg.to_dict(),
-            **{k: v for k, v in compress_kwargs.items() if k != "progress"},
-            "target": str(opts.target),
-            "nbits_accuracy_level": opts.nbits_accuracy_level,
-        },
-        "light_format": str(cfg.light_format),
-        "trt_sparse_weights": bool(opts.trt_dense_24),
-        "ffn": res.report.to_dict(),
-        "other_linear": res.other_linear,
-        "embedding": res.embedding,
-        "weight_bytes": weight_bytes(model, res.model),
-    }
-    if str(opts.target) == "portable" and cfg.light_format.is_sparse:
+    res = compress(model, pre, **config.compress_kwargs(), progress=progress)
+    extra = before_export(model, res, pre) if before_export is not None else None
+    manifest = Manifest.build(
+        source_model=model_name_or_path,
+        model_type=model.config.model_type,
+        config=config,
+        result=res,
+        options=opts,
+        weight_bytes=weight_bytes(model, res.model),
+        **(extra or {}),
+    )
+    if str(opts.target) == "portable" and LightFormat.parse(config.light_format, "--light-format").is_sparse:
         manifest["note"] = (
             "--target portable stores sparse light weights densely (int8 via MatMulNBits): "
             "compressed on disk, but no sparse speed-up; use --target ort-cpu for that"

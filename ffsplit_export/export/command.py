@@ -55,16 +55,17 @@ def export_options_from_args(args):
 
 
 def run_export(args) -> int:
-    from ..cli import compress_kwargs
+    from ..config import CompressionConfig
     from .api import export
 
-    kw = compress_kwargs(args)
-    config = kw.pop("config")
+    config = CompressionConfig.from_args(args)
     options = export_options_from_args(args)
     from ..deploy.quiet import quiet_export
 
     with quiet_export(getattr(args, "verbose", False)):
-        manifest = export(args.model, args.output, task=args.task, config=config, options=options, **kw)
+        manifest = export(
+            args.model, args.output, task=args.task, config=config, options=options, progress=not args.quiet
+        )
     wb = manifest["weight_bytes"]
     ffn = manifest["ffn"]
     onnx_total = sum(manifest["onnx_files"].values())

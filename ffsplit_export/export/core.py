@@ -9,7 +9,6 @@ validation (replaced by :mod:`.validate`, which also reports the max differences
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -24,11 +23,9 @@ import onnx
 from ..errors import ConfigError, ExportError, FFSplitError, ValidationError
 from ..formats import LightFormat, Target, check_target
 from ..linear import NM24Linear, export_target
+from ..manifest import MANIFEST, MANIFEST_VERSION, Manifest  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
-
-MANIFEST = "ffsplit.json"
-MANIFEST_VERSION = 1
 
 
 @dataclass
@@ -173,7 +170,7 @@ def export_split_model(
         from ..deploy import finish_export_folder  # bundled library, genai_config.json, model card
 
         manifest = finish_export_folder(tmp, manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        Manifest(manifest).write(tmp)
         _move_into_place(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

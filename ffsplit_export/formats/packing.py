@@ -35,6 +35,8 @@ import numpy as np
 from ..errors import FormatError
 
 INT4_GROUP_SIZES = (16, 32, 64, 128, 256)
+#: the int4 group sizes export offers (--group-size); a subset of what the packer supports
+EXPORT_INT4_GROUP_SIZES = (32, 64, 128)
 
 
 def _as_matrix(w: np.ndarray, name: str) -> np.ndarray:

@@ -14,6 +14,9 @@ from ..formats import packing
 
 DOMAIN = "ffsplit"
 VERSION = 1
+#: TensorRT plugin namespace / version carried by --target tensorrt nodes (defined only here)
+TRT_PLUGIN_NAMESPACE = "ffsplit"
+TRT_PLUGIN_VERSION = "1"
 
 
 # The semantics every kernel of the domain implements (ONNX Runtime C++ on every ISA path, batch

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError
+from ..manifest import Manifest
 from ._plugin import plugin_path, session_options
 
 
@@ -28,15 +28,8 @@ _ORT_CLASSES = {
 
 
 def read_manifest(output: str | Path) -> dict:
-    path = Path(output) / "ffsplit.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ExportError(
-            f"{str(output)!r} has no ffsplit.json; pass a directory written by `ffsplit-export export`"
-        ) from e
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{str(path)!r} is corrupt ({e}); re-run the export") from e
+    """The export's ffsplit.json (:meth:`ffsplit_export.manifest.Manifest.read`; typed error if unusable)."""
+    return Manifest.read(output)
 
 
 def ort_model_class(task: str):

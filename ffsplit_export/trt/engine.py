@@ -8,13 +8,11 @@ Not run on hardware here.
 from __future__ import annotations
 
 import ctypes
-import json
 import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError, ExportError, PluginNotFoundError
-
-MANIFEST = "ffsplit.json"
+from ..manifest import MANIFEST, Manifest
 
 
 class TensorRTUnavailableError(PluginNotFoundError):
@@ -59,14 +57,10 @@ def require_tensorrt(need_gpu: bool = True):
 
 
 def read_manifest(output_dir: Path) -> dict:
-    """ffsplit.json of an export, or {} when absent."""
-    p = Path(output_dir) / MANIFEST
-    if not p.exists():
+    """ffsplit.json of an export, or {} for a plain ONNX directory without one (trt-build accepts both)."""
+    if not (Path(output_dir) / MANIFEST).exists():
         return {}
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{p} is not valid JSON ({e}); re-run the export") from e
+    return Manifest.read(output_dir)
 
 
 def wants_sparse_weights(manifest: dict) -> bool:

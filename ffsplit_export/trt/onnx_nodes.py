@@ -33,15 +33,17 @@ What the readers of these nodes do, from their sources (not verified on hardware
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..ops._spec import DOMAIN as _FFSPLIT_DOMAIN
+from ..ops._spec import TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION
 
 #: namespace of ``@trtp.register("ffsplit::<op>")``; also the ONNX node attribute
-PLUGIN_NAMESPACE = "ffsplit"
+PLUGIN_NAMESPACE = TRT_PLUGIN_NAMESPACE
 #: ``tensorrt.plugin`` creators register version "1"
-PLUGIN_VERSION = "1"
+PLUGIN_VERSION = TRT_PLUGIN_VERSION
 #: INT attribute ``aot``: 1 = use the plugin's ``aot_impl`` (kSTRICT_AOT in the ONNX parser)
 AOT = 1
 #: default node domain (ONNX Runtime resolves it through the ffsplit CPU library)
-NODE_DOMAIN = "ffsplit"
+NODE_DOMAIN = _FFSPLIT_DOMAIN
 #: the domain ONNX Runtime's TensorRT EP registers for TensorRT plugins (V1 creators only)
 ORT_TRT_DOMAIN = "trt.plugins"
 DOMAINS = (NODE_DOMAIN, ORT_TRT_DOMAIN)

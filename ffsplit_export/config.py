@@ -1,0 +1,151 @@
+"""The typed, versioned compression config: every setting of a split, in one frozen object.
+
+``export``, ``recover``, ``eval`` and the Python API all start from a :class:`CompressionConfig`;
+:meth:`CompressionConfig.split_config` builds the internal :class:`~ffsplit_export.split.SplitConfig`
+and :meth:`CompressionConfig.compress_kwargs` the keyword arguments of
+:func:`ffsplit_export.pipeline.compress`, so each setting is defined here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+from .formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
+from .formats.packing import EXPORT_INT4_GROUP_SIZES
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How a model is split and compressed (the ``export`` options of DESIGN.md)."""
+
+    VERSION = 1  # bump when a field changes meaning; from_dict refuses other versions
+
+    light_format: str = "sparse-int8"
+    light_sparsity: float = 0.5
+    prune_method: str = "wanda"
+    heavy_format: str = "fp32"
+    heavy_fraction: float | None = None  # None: 0.1, unless size_budget is set
+    size_budget: float | None = None
+    selection: str = "score"
+    sequential: bool = False
+    group_size: int = 128
+    other_linear: str = "fp32"
+    embedding: str = "fp32"
+    calibration: str | None = None
+    num_samples: int = 64
+    batch_size: int = 8
+    max_length: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        norm = object.__setattr__
+        norm(self, "light_format", str(LightFormat.parse(self.light_format, "--light-format")))
+        norm(self, "heavy_format", str(HeavyFormat.parse(self.heavy_format, "--heavy-format")))
+        norm(self, "prune_method", str(PruneMethod.parse(self.prune_method, "--prune-method")))
+        norm(self, "embedding", str(EmbeddingFormat.parse(self.embedding, "--embedding")))
+        pruning.check_fraction(self.light_sparsity, "--light-sparsity")
+        norm(self, "other_linear", str(OtherLinearFormat.parse(self.other_linear, "--other-linear")))
+        if self.group_size not in EXPORT_INT4_GROUP_SIZES:
+            raise ConfigError(
+                f"--group-size={self.group_size} is not supported; use one of {EXPORT_INT4_GROUP_SIZES}"
+            )
+        if self.size_budget is not None and self.heavy_fraction is not None:
+            raise ConfigError("--size-budget and --heavy-fraction are alternatives; pass only one of them")
+        if self.heavy_fraction is not None:
+            pruning.check_fraction(self.heavy_fraction, "--heavy-fraction")
+        # num_samples / batch_size / max_length are checked where they are used (CalibrationError)
+
+    def split_config(self):
+        """The internal per-FFN :class:`~ffsplit_export.split.SplitConfig` (built only here)."""
+        from .split import SplitConfig
+
+        return SplitConfig(
+            light_format=self.light_format,
+            light_sparsity=self.light_sparsity,
+            prune_method=self.prune_method,
+            heavy_format=self.heavy_format,
+            group_size=self.group_size,
+        )
+
+    def compress_kwargs(self) -> dict:
+        """Keyword arguments of :func:`ffsplit_export.pipeline.compress`, ``config`` included."""
+        return dict(
+            config=self.split_config(),
+            heavy_fraction=self.heavy_fraction,
+            size_budget=self.size_budget,
+            selection=self.selection,
+            other_linear=self.other_linear,
+            embedding=self.embedding,
+            calibration=self.calibration,
+            num_samples=self.num_samples,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            seed=self.seed,
+            sequential=self.sequential,
+        )
+
+    @classmethod
+    def from_split_config(cls, split, **kwargs) -> CompressionConfig:
+        """A SplitConfig plus ``compress()`` keyword arguments (the pre-0.2 Python API)."""
+        split = split if split is not None else _default_split()
+        return cls(
+            light_format=str(split.light_format),
+            light_sparsity=split.light_sparsity,
+            prune_method=str(split.prune_method),
+            heavy_format=str(split.heavy_format),
+            group_size=split.group_size,
+            **kwargs,
+        )
+
+    def replace(self, **changes) -> CompressionConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able fields plus ``version``; :meth:`from_dict` reads it back."""
+        return {"version": self.VERSION, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionConfig:
+        """The config of :meth:`to_dict`; unknown fields and other versions are typed errors."""
+        data = dict(data)
+        version = data.pop("version", cls.VERSION)
+        if version != cls.VERSION:
+            raise ConfigError(
+                f"compression config version {version!r} is not supported (this package reads version "
+                f"{cls.VERSION}); re-export with this version of ffsplit-export"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown compression config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_args(cls, args) -> CompressionConfig:
+        """The config of the options that ``add_compress_arguments`` adds to a parser."""
+        return cls(
+            light_format=args.light_format,
+            light_sparsity=args.light_sparsity,
+            prune_method=args.prune_method,
+            heavy_format=args.heavy_format,
+            heavy_fraction=args.heavy_fraction if args.size_budget is None else None,
+            size_budget=args.size_budget,
+            selection=args.heavy_selection,
+            sequential=args.sequential,
+            group_size=args.group_size,
+            other_linear=args.other_linear,
+            embedding=args.embedding,
+            calibration=args.calibration,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            seed=args.seed,
+        )
+
+
+def _default_split():
+    from .split import SplitConfig
+
+    return SplitConfig()
