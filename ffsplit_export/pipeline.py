@@ -9,7 +9,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import find_ffns
-from .calibrate import calibrate, load_samples, make_batches
+from .calibrate import calibrate, make_batches
+from .data.calibration import load_samples
 from .errors import ConfigError
 from .formats import EmbeddingFormat
 from .plan import plan_budget, plan_fraction

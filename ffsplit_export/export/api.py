@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..formats import Target
-from ..loading import load_model
+from ..models.loading import load_model
 from ..pipeline import compress
 from ..split import SplitConfig
 from .core import ExportOptions, check_target_format, export_split_model
