@@ -10,7 +10,6 @@ that Wanda needs and, on request, the Hessians ``X^T X`` that SparseGPT needs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import FFNSpec, find_ffns
-from .data import readers
 from .errors import CalibrationError
 from .split import get_module, linear_weight
+
+SAMPLE_RATE = 16000  # Whisper's feature extractor rate; calibration audio is read at it
 
 
 @dataclass
@@ -69,39 +69,6 @@ def modality(model: nn.Module) -> str:
     return "text"
 
 
-def _is_offline_source(calibration: str) -> bool:
-    """``bible`` / ``fortunes`` / ``gensim``: the calibration half of an offline text source (``eval`` extra),
-    unless a file of that name exists."""
-    from .evaldata import TEXT_SOURCES
-
-    return calibration in TEXT_SOURCES and not Path(calibration).exists()
-
-
-def load_samples(model: nn.Module, calibration: str | None, num_samples: int) -> list:
-    """Calibration samples (strings or 16 kHz waveforms) from PATH, or the built-in sample."""
-    if num_samples < 1:
-        raise CalibrationError(f"--num-samples={num_samples}; use a positive number of calibration samples")
-    if modality(model) == "audio":
-        samples = (
-            readers.read_audio(calibration, num_samples)
-            if calibration
-            else readers.builtin_audio(min(num_samples, 16))
-        )
-    else:
-        if calibration and _is_offline_source(calibration):
-            from .evaldata import calibration_text
-
-            samples = calibration_text(calibration, num_samples)
-        elif calibration:
-            samples = readers.read_text(calibration, num_samples)
-        else:
-            text = readers.builtin_text()
-            samples = (text * (1 + num_samples // len(text)))[:num_samples]
-    if not samples:
-        raise CalibrationError(f"calibration source {calibration!r} gave no sample")
-    return samples
-
-
 def make_batches(
     model, preprocessor, samples: list, batch_size: int = 8, max_length: int = 128
 ) -> list[Batch]:
@@ -139,7 +106,7 @@ def make_batches(
 @torch.no_grad()
 def _whisper_batch(model, feature_extractor, clips, max_new_tokens: int = 24) -> Batch:
     fe = getattr(feature_extractor, "feature_extractor", feature_extractor)
-    feats = fe(clips, sampling_rate=readers.SAMPLE_RATE, return_tensors="pt").input_features
+    feats = fe(clips, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     feats = feats.to(next(model.parameters()).dtype)
     cfg = model.config
     start = cfg.decoder_start_token_id

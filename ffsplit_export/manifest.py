@@ -95,6 +95,13 @@ class Manifest(dict):
                 f"{str(directory)!r} lacks the ONNX file(s) {absent or ['*.onnx']} that {MANIFEST} lists; "
                 f"{fix}"
             )
+        for name, size in data["onnx_files"].items():
+            got = (directory / name).stat().st_size
+            if isinstance(size, int) and got != size:
+                raise ManifestError(
+                    f"{str(directory / name)!r} has {got} bytes, the export wrote {size}: it is truncated or "
+                    f"changed; {fix}"
+                )
         return cls(data)
 
     @property

@@ -9,9 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import find_ffns
-from .calibrate import calibrate, load_samples, make_batches
+from .calibrate import calibrate, make_batches
+from .data.calibration import load_samples
 from .errors import ConfigError
-from .formats import EmbeddingFormat
+from .formats import EmbeddingFormat, get_format
 from .plan import plan_budget, plan_fraction
 from .split import SplitConfig, SplitReport, quantize_embeddings_, quantize_other_linears_, split_ffn_
 
@@ -66,7 +67,7 @@ def compress(
     if batches is None:
         samples = load_samples(model, calibration, num_samples)
         batches = make_batches(model, preprocessor, samples, batch_size=batch_size, max_length=max_length)
-    need_h = str(cfg.prune_method) == "sparsegpt" and cfg.light_format.is_sparse
+    need_h = str(cfg.prune_method) == "sparsegpt" and get_format(cfg.light_format).pruned
     if stats is None or (need_h and next(iter(stats.values())).hessian_x is None):
         stats = calibrate(model, batches, specs, hessians=need_h, progress=progress)
     if size_budget is not None:

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from ffsplit_export.calibrate import calibrate, load_samples, make_batches
-from ffsplit_export.evaldata import calibration_text, eval_text, librispeech_clips
-from ffsplit_export.evaluate import _transcribe, perplexity_pytorch, transcript_perplexity, wer_pytorch
+from ffsplit_export.calibrate import calibrate, make_batches
+from ffsplit_export.data.calibration import load_samples
+from ffsplit_export.data.evaldata import calibration_text, eval_text, librispeech_clips
+from ffsplit_export.eval.evaluate import perplexity_pytorch, transcribe, transcript_perplexity, wer_pytorch
 from ffsplit_export.export.api import weight_bytes
-from ffsplit_export.loading import load_model
+from ffsplit_export.models.loading import load_model
 from ffsplit_export.pipeline import compress
 from ffsplit_export.split import SplitConfig
 
@@ -156,7 +157,7 @@ class Bench:
             samples = load_samples(self.model, None, 16)
             self.clips = librispeech_clips(clips)
             # the dense model's own greedy transcripts (cased, punctuated): the fidelity reference
-            hyps = _transcribe(self.model, self.pre, self.clips, None)
+            hyps = transcribe(self.model, self.pre, self.clips)
             self.dense_clips = [(a, h) for (a, _), h in zip(self.clips, hyps)]
             self.metric = "wer"
         else:
@@ -195,7 +196,7 @@ class Bench:
         return perplexity_pytorch(model, self.pre, self.text, context_length=CTX, stride=CTX).perplexity
 
     def evaluate_onnx(self, model, res_dir: Path) -> float:
-        from ffsplit_export import evaluate as ev
+        from ffsplit_export.eval import evaluate as ev
         from ffsplit_export.export.core import ExportOptions, export_split_model
         from ffsplit_export.runtime import load
 
@@ -205,14 +206,14 @@ class Bench:
         ort = load(res_dir)
         if self.speech:
             return ev.word_error_rate(
-                [c[1] for c in self.clips], ev._transcribe(ort, self.pre, self.clips, None)
+                [c[1] for c in self.clips], ev.transcribe(ort, self.pre, self.clips)
             ).wer
 
         def logits_fn(ids):
             with torch.no_grad():
                 return ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
-        return ev._perplexity(logits_fn, self.pre, self.text, CTX, CTX).perplexity
+        return ev.perplexity_from_logits(logits_fn, self.pre, self.text, CTX, CTX).perplexity
 
 
 def run_row(bench: Bench, row: Row, onnx: bool, tmp: Path) -> dict:

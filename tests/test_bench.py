@@ -10,7 +10,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ffsplit_export import bench
-from ffsplit_export.errors import ConfigError
 
 
 def _model(tmp_path, tied: bool):
@@ -52,13 +51,16 @@ def test_weight_bytes_tied_embedding_is_read_in_full(tmp_path):
 
 
 def test_arguments_and_bad_lists():
+    from ffsplit_export.cli import bench as bench_cli
+    from ffsplit_export.cli.options import fraction_list
+
     p = argparse.ArgumentParser()
     sub = p.add_subparsers()
-    bench.add_commands(sub)
+    bench_cli.add_commands(sub)
     a = p.parse_args(["bench", "--quick", "--sparsities", "0.5,0.9", "--prefill", "32"])
-    assert a.sparsities == [0.5, 0.9] and a.prefill == [32] and a.quick and a.func is bench._cmd
-    with pytest.raises(ConfigError, match="comma-separated"):
-        bench._floats("0.5,x")
+    assert a.sparsities == [0.5, 0.9] and a.prefill == [32] and a.quick and a.func is bench_cli.run_bench
+    with pytest.raises(argparse.ArgumentTypeError, match="0.5,0.75,0.9"):
+        fraction_list("0.5,x")
 
 
 def test_table_has_a_row_per_variant():

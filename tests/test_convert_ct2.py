@@ -13,13 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from helpers import ct2_bytes, to_ct2, write_ct2_dir  # noqa: E402
 from transformers import WhisperConfig, WhisperForConditionalGeneration  # noqa: E402
 
-from ffsplit_export.convert_ct2 import convert_ct2, read_ct2_model  # noqa: E402
 from ffsplit_export.errors import (  # noqa: E402
     ConfigError,
     FormatError,
     MissingResourceError,
     UnsupportedModelError,
 )
+from ffsplit_export.models.convert_ct2 import convert_ct2, read_ct2_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +175,9 @@ def test_missing_tokenizer(tiny_whisper, tmp_path):
 def test_real_tiny_en_transcribes_librivox(tmp_path):
     from transformers import WhisperProcessor
 
-    from ffsplit_export.evaldata import librispeech_clips
-    from ffsplit_export.evaluate import wer_pytorch
-    from ffsplit_export.realmodels import whisper_tiny_en_ct2_dir
+    from ffsplit_export.data.evaldata import librispeech_clips
+    from ffsplit_export.eval.evaluate import wer_pytorch
+    from ffsplit_export.models.realmodels import whisper_tiny_en_ct2_dir
 
     try:
         src = whisper_tiny_en_ct2_dir()

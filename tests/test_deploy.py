@@ -133,7 +133,7 @@ def test_smollm2_genai_tokenizer_and_generation(tmp_path):
     from transformers import AutoTokenizer
 
     from ffsplit_export.errors import MissingResourceError
-    from ffsplit_export.realmodels import smollm2_gguf_path
+    from ffsplit_export.models.realmodels import smollm2_gguf_path
 
     try:
         smollm2_gguf_path()

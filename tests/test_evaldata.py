@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ffsplit_export.data.evaldata import calibration_text, eval_text, librispeech_clips
 from ffsplit_export.errors import ConfigError, MissingResourceError
-from ffsplit_export.evaldata import calibration_text, eval_text, librispeech_clips
 
 
 def _or_skip(fn, *args, **kwargs):
@@ -48,8 +48,8 @@ def test_text_limits_and_bad_source():
 
 def test_calibration_accepts_an_offline_source_name(tmp_path, monkeypatch):
     """``--calibration bible`` is the calibration half of the text source; a file of that name wins."""
-    from ffsplit_export.calibrate import load_samples
-    from ffsplit_export.tiny import build_tiny
+    from ffsplit_export.data.calibration import load_samples
+    from ffsplit_export.models.tiny import build_tiny
 
     model, _, _ = build_tiny("tiny-llama")
     expected = _or_skip(calibration_text, "bible", num_samples=5)

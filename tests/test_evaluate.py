@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from helpers import eos_byte_tokenizer, write_ct2_dir  # noqa: E402
 
 from ffsplit_export.errors import ConfigError, MissingResourceError  # noqa: E402
-from ffsplit_export.evaluate import (  # noqa: E402
+from ffsplit_export.eval.evaluate import (  # noqa: E402
     _sliding_nll,
     normalize_text,
     perplexity_onnx,
@@ -133,7 +133,7 @@ def test_wer_pytorch_matches_onnx_tiny_whisper(tmp_path):
     from optimum.exporters.onnx import main_export
     from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
-    from ffsplit_export.convert_ct2 import convert_ct2
+    from ffsplit_export.models.convert_ct2 import convert_ct2
 
     torch.manual_seed(0)
     cfg = WhisperConfig(
@@ -174,7 +174,7 @@ def test_wer_pytorch_matches_onnx_tiny_whisper(tmp_path):
     # teacher-forced transcript perplexity: ONNX Runtime (merged decoder, no past) == PyTorch
     from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
 
-    from ffsplit_export.evaluate import transcript_perplexity
+    from ffsplit_export.eval.evaluate import transcript_perplexity
 
     proc = WhisperProcessor.from_pretrained(hf)
     tp_pt = transcript_perplexity(model, proc, clips)
@@ -185,8 +185,8 @@ def test_wer_pytorch_matches_onnx_tiny_whisper(tmp_path):
 
 def test_transcript_perplexity_matches_the_model_loss():
     """Teacher-forced transcript perplexity == exp(HF cross-entropy with the prompt masked out)."""
-    from ffsplit_export.evaluate import _decoder_prompt, transcript_perplexity
-    from ffsplit_export.tiny import build_tiny
+    from ffsplit_export.eval.evaluate import _decoder_prompt, transcript_perplexity
+    from ffsplit_export.models.tiny import build_tiny
 
     model, proc, _ = build_tiny("tiny-whisper")
     rng = np.random.default_rng(0)

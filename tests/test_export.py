@@ -97,7 +97,7 @@ def _generate_inputs(name, pre) -> dict:
 @needs_plugin
 @pytest.mark.parametrize("name", ["tiny-t5", "tiny-mpt", "tiny-whisper", "tiny-llama"])
 def test_generate_matches_pytorch(name, tmp_path):
-    from ffsplit_export.loading import load_model
+    from ffsplit_export.models.loading import load_model
     from ffsplit_export.pipeline import compress
     from ffsplit_export.runtime import load
 
@@ -121,7 +121,7 @@ def test_portable_dense_matches_optimum_export(name, tmp_path):
     import onnxruntime as ort
     from optimum.exporters.onnx import onnx_export_from_model
 
-    from ffsplit_export.tiny import build_tiny
+    from ffsplit_export.models.tiny import build_tiny
 
     out = tmp_path / "ffsplit"
     m = _export(name, out, target="portable", light_format="dense")
@@ -251,7 +251,7 @@ def test_load_tensorrt_without_tensorrt_says_what_is_missing(tmp_path):
 def test_embedding_int8(name, tmp_path):
     """--embedding int8: GatherBlockQuantized in the graph, validated in ORT and the reference
     evaluator, greedy tokens equal to PyTorch, and fewer bytes than the fp32 table."""
-    from ffsplit_export.loading import load_model
+    from ffsplit_export.models.loading import load_model
     from ffsplit_export.pipeline import compress
     from ffsplit_export.runtime import load
 

@@ -11,7 +11,7 @@ import torch
 from ffsplit_export.calibrate import make_batches
 from ffsplit_export.errors import ConfigError
 from ffsplit_export.linear import CompressedLinear, SparseLinear
-from ffsplit_export.loading import load_model
+from ffsplit_export.models.loading import load_model
 from ffsplit_export.pipeline import compress
 from ffsplit_export.recover import (
     RecoverConfig,

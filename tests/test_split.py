@@ -12,10 +12,10 @@ import torch
 from ffsplit_export import SplitConfig, get_adapter, split_ffn_, supported_model_types
 from ffsplit_export.adapters import find_ffns
 from ffsplit_export.errors import BudgetError, CalibrationError, ConfigError, UnsupportedModelError
+from ffsplit_export.models.tiny import TINY, build_tiny
 from ffsplit_export.pipeline import compress, model_output
 from ffsplit_export.plan import plan_budget, plan_fraction
 from ffsplit_export.split import SplitLinear, get_module
-from ffsplit_export.tiny import TINY, build_tiny
 
 TINY_BY_TYPE = {
     "t5": ["tiny-t5", "tiny-t5-gated"],

@@ -14,7 +14,7 @@ SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 
 
 def test_sweep_quick_on_a_tiny_model(tmp_path, monkeypatch):
-    from ffsplit_export.evaldata import calibration_text
+    from ffsplit_export.data.evaldata import calibration_text
 
     try:
         calibration_text("bible", 2)

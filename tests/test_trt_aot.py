@@ -90,7 +90,7 @@ def test_parse_archs():
 
 def test_trt_plugin_command(tmp_path):
     pytest.importorskip("triton")
-    from ffsplit_export.trt.commands import add_trt_plugin_arguments, run_trt_plugin
+    from ffsplit_export.cli.trt import add_trt_plugin_arguments, run_trt_plugin
     from ffsplit_export.trt.configs import CONFIGS, all_specs
 
     p = argparse.ArgumentParser()

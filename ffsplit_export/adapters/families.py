@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import Adapter, FFNSpec, register_adapter
+from .registry import Adapter, FFNSpec, register_adapter
 
 
 def _act(config, *names: str, default: str) -> str:

@@ -1,1 +1,1 @@
-"""Built-in calibration data (written for this project) and calibration readers."""
+"""Calibration and evaluation data: built-in samples, file readers, offline text and speech sources."""

@@ -38,7 +38,7 @@ def _ops_version() -> int:
 def bundle_library(output: str | Path, source: str | Path | None = None) -> dict:
     """Copy the custom-op library into ``output``; returns the manifest record of the copy."""
     from .. import __version__
-    from ..runtime import plugin_path
+    from ..runtime._plugin import plugin_path
 
     src = Path(source) if source is not None else plugin_path()
     dst = Path(output) / src.name

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..config import CompressionConfig
 from ..errors import ConfigError
-from ..formats import LightFormat, Target
-from ..loading import load_model
+from ..formats import LightFormat, Target, get_format
 from ..manifest import Manifest
+from ..models.loading import load_model
 from ..pipeline import compress
 from ..split import SplitConfig
 from .core import ExportOptions, check_target_format, export_split_model
@@ -66,7 +66,10 @@ def export(
         weight_bytes=weight_bytes(model, res.model),
         **(extra or {}),
     )
-    if str(opts.target) == "portable" and LightFormat.parse(config.light_format, "--light-format").is_sparse:
+    if (
+        str(opts.target) == "portable"
+        and get_format(LightFormat.parse(config.light_format, "--light-format")).pruned
+    ):
         manifest["note"] = (
             "--target portable stores sparse light weights densely (int8 via MatMulNBits): "
             "compressed on disk, but no sparse speed-up; use --target ort-cpu for that"

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import DOMAIN as FFSPLIT_DOMAIN
-from ..trt import onnx_nodes as _trt_nodes
+from ..ops._spec import TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION, trt_node_attributes  # noqa: F401 (re-exported)
 from .names import Target
+from .registry import get_format
 
 _TARGET: contextvars.ContextVar[Target] = contextvars.ContextVar("ffsplit_target", default=Target.ORT_CPU)
 # a MatMulNBits with accuracy_level 4 quantizes activations to int8: faster, not exact
@@ -28,9 +29,7 @@ _NBITS_ACCURACY_LEVEL: contextvars.ContextVar[int] = contextvars.ContextVar("ffs
 # TensorRT's ONNX parser looks plugins up by op_type + these attributes, whatever the domain;
 # the ``ffsplit`` domain lets ONNX Runtime (TensorRT EP + CPU fallback) resolve the same nodes.
 # The convention (and the sources it follows) lives in ffsplit_export/trt/onnx_nodes.py.
-TRT_PLUGIN_DOMAIN = _trt_nodes.NODE_DOMAIN
-TRT_PLUGIN_NAMESPACE = _trt_nodes.PLUGIN_NAMESPACE
-TRT_PLUGIN_VERSION = _trt_nodes.PLUGIN_VERSION
+TRT_PLUGIN_DOMAIN = FFSPLIT_DOMAIN
 
 
 @contextlib.contextmanager
@@ -125,8 +124,6 @@ class CompressedLinear(nn.Module):
     def format(self):
         """The registered format (by default the light format of ``format_name``)."""
         if self._format is None:
-            from .registry import get_format
-
             role, _ = self.default_format
             return get_format(self.format_name, role)
         return self._format
@@ -182,12 +179,6 @@ class CompressedLinear(nn.Module):
 # ------------------------------------------------------------------------------ emission helpers
 
 
-def dense_matmul(g, x, w: torch.Tensor):
-    """``MatMul(x, W.T)`` with the float32 weight as a constant."""
-    wt = g.op("Constant", value_t=w.detach().t().contiguous().float())
-    return g.op("MatMul", x, wt)
-
-
 def custom_node(g, op_type: str, x, *inputs, **attrs):
     """An ``ffsplit`` node; with target tensorrt it carries the plugin namespace and version."""
     if _TARGET.get() is Target.TENSORRT:
@@ -195,7 +186,7 @@ def custom_node(g, op_type: str, x, *inputs, **attrs):
             f"{FFSPLIT_DOMAIN}::{op_type}",
             x,
             *inputs,
-            **_trt_nodes.trt_node_attributes(),
+            **trt_node_attributes(),
             **attrs,
         )
     level = _NBITS_ACCURACY_LEVEL.get()

@@ -31,19 +31,6 @@ class LightFormat(_NamedEnum):
     INT4 = "int4"
     LOWRANK = "lowrank"
 
-    @property
-    def is_sparse(self) -> bool:
-        """Whether the registered format prunes (and so needs pruning statistics)."""
-        from .registry import get_format
-
-        return get_format(self).pruned
-
-    @property
-    def is_structured(self) -> bool:
-        from .registry import get_format
-
-        return get_format(self).structured
-
 
 class HeavyFormat(_NamedEnum):
     """Formats of the heavy (dense) part of a split FFN."""

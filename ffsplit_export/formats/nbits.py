@@ -13,9 +13,9 @@ import torch
 
 from ..errors import ConfigError
 from . import packing
-from ._module import CompressedLinear, as_tensor, dense_matmul, matmulnbits_node
+from ._module import CompressedLinear, as_tensor, matmulnbits_node
 from .names import HeavyFormat, LightFormat, OtherLinearFormat, Target
-from .registry import WeightFormat, register_format
+from .registry import WeightFormat, dense_matmul, register_format
 
 
 class NBitsLinear(CompressedLinear):

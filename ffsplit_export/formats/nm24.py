@@ -99,8 +99,6 @@ class NM24Int8(WeightFormat):
         if getattr(module, "trt_dense_weights", False):
             # dense 2:4-pattern weights for TensorRT's sparse tensor cores (SPARSE_WEIGHTS), in the
             # fully-connected form that gets sparse tactics (see trt/onnx_nodes.py)
-            from ..trt.onnx_nodes import emit_sparse24_gemm
-
             return emit_sparse24_gemm(g, x, module.dense_weight(), module.out_features)
         return custom_node(g, module.op_type, x, *buffers)
 
@@ -113,3 +111,30 @@ class NM24Int8(WeightFormat):
         from .fakequant import fake_int8_rows
 
         return fake_int8_rows(w)
+
+
+def emit_sparse24_gemm(g, x, w, out_features: int):
+    """``y = x @ w.T`` as ``Reshape [-1, K] -> Gemm(transB=1) -> Reshape [..., N]`` for a dense
+    2:4-pattern weight ``w`` [N, K] (torch ``g.op`` graph context).
+
+    Why this form: TensorRT's sparse (``SPARSE_WEIGHTS``) tactics apply to layers with constant
+    weights of the kinds its developer guide lists ("Structured Sparsity": convolution and
+    fully-connected / matrix-multiply layers whose weights are a constant). A Gemm with a 2-D
+    input and a 2-D constant ``B`` with ``transB=1`` is the fully-connected shape: the constant
+    is stored [N, K], so every group of four along the reduction dimension K is contiguous in the
+    stored weight, which is the layout the 2:4 check reads. A plain ``MatMul(x[B, S, K], W.T)``
+    stores the transpose [K, N] (the pattern then runs across rows of the stored tensor) and is a
+    batched product with a broadcast weight. Not checked on hardware: ``scripts/gpu_check.sh``
+    builds the engine with and without SPARSE_WEIGHTS and reports both.
+    """
+    import torch
+
+    def const(v):
+        return g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))
+
+    k = int(w.shape[1])
+    x2 = g.op("Reshape", x, const([-1, k]))
+    wc = g.op("Constant", value_t=w.detach().float().contiguous())
+    y2 = g.op("Gemm", x2, wc, transB_i=1)
+    lead = g.op("Slice", g.op("Shape", x), const([0]), const([-1]), const([0]))
+    return g.op("Reshape", y2, g.op("Concat", lead, const([int(out_features)]), axis_i=0))

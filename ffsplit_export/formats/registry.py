@@ -40,6 +40,13 @@ ROLES: dict[str, tuple[type[_NamedEnum], str]] = {
     "embedding": (EmbeddingFormat, "--embedding"),
 }
 
+
+def dense_matmul(g, x, w):
+    """``MatMul(x, W.T)`` with the float32 weight (a torch tensor) as a constant."""
+    wt = g.op("Constant", value_t=w.detach().t().contiguous().float())
+    return g.op("MatMul", x, wt)
+
+
 #: the modules that register the built-in formats (imported on first lookup)
 BUILTIN_MODULES = ("dense", "sparse", "nm24", "nbits", "lowrank", "embedding")
 
@@ -135,8 +142,6 @@ class WeightFormat:
         return table[target](g, x, module, buffers)
 
     def emit_ort_cpu(self, g, x, module, buffers):  # noqa: ARG002
-        from ._module import dense_matmul
-
         return dense_matmul(g, x, module.dense_weight())
 
     def emit_portable(self, g, x, module, buffers):

@@ -12,9 +12,9 @@ import torch
 
 from ..errors import ConfigError
 from . import packing, pruning
-from ._module import CompressedLinear, as_tensor, custom_node, dense_matmul, int8_matmulnbits_node
+from ._module import CompressedLinear, as_tensor, custom_node, int8_matmulnbits_node
 from .names import LightFormat, PruneMethod
-from .registry import WeightFormat, register_format
+from .registry import WeightFormat, dense_matmul, register_format
 
 
 class SparseLinear(CompressedLinear):

@@ -17,6 +17,19 @@ VERSION = 1
 #: TensorRT plugin namespace / version carried by --target tensorrt nodes (defined only here)
 TRT_PLUGIN_NAMESPACE = "ffsplit"
 TRT_PLUGIN_VERSION = "1"
+#: INT attribute ``aot`` = 1: TensorRT's ONNX parser uses the plugin's ahead-of-time implementation
+#: (see ffsplit_export/trt/onnx_nodes.py for the sources)
+TRT_PLUGIN_AOT = 1
+
+
+def trt_node_attributes() -> dict:
+    """The attributes of every ``--target tensorrt`` plugin node, as keyword arguments of
+    ``torch.onnx`` ``g.op`` (typed suffixes)."""
+    return {
+        "plugin_namespace_s": TRT_PLUGIN_NAMESPACE,
+        "plugin_version_s": TRT_PLUGIN_VERSION,
+        "aot_i": TRT_PLUGIN_AOT,
+    }
 
 
 # The semantics every kernel of the domain implements (ONNX Runtime C++ on every ISA path, batch

@@ -249,7 +249,7 @@ def ort_tensorrt_session(
             f"{ort.get_available_providers()}); pip install 'ffsplit-export[gpu]' (onnxruntime-gpu)"
         )
     if session_options is None:
-        from ..runtime import session_options as ffsplit_session_options
+        from ..runtime._plugin import session_options as ffsplit_session_options
 
         session_options = ffsplit_session_options()
     names = [p[0] if isinstance(p, tuple) else p for p in provs]

@@ -34,14 +34,19 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..ops._spec import DOMAIN as _FFSPLIT_DOMAIN
-from ..ops._spec import TRT_PLUGIN_NAMESPACE, TRT_PLUGIN_VERSION
+from ..ops._spec import (
+    TRT_PLUGIN_AOT,
+    TRT_PLUGIN_NAMESPACE,
+    TRT_PLUGIN_VERSION,
+    trt_node_attributes,  # noqa: F401 (re-exported; defined once there)
+)
 
 #: namespace of ``@trtp.register("ffsplit::<op>")``; also the ONNX node attribute
 PLUGIN_NAMESPACE = TRT_PLUGIN_NAMESPACE
 #: ``tensorrt.plugin`` creators register version "1"
 PLUGIN_VERSION = TRT_PLUGIN_VERSION
 #: INT attribute ``aot``: 1 = use the plugin's ``aot_impl`` (kSTRICT_AOT in the ONNX parser)
-AOT = 1
+AOT = TRT_PLUGIN_AOT
 #: default node domain (ONNX Runtime resolves it through the ffsplit CPU library)
 NODE_DOMAIN = _FFSPLIT_DOMAIN
 #: the domain ONNX Runtime's TensorRT EP registers for TensorRT plugins (V1 creators only)
@@ -52,11 +57,6 @@ DOMAINS = (NODE_DOMAIN, ORT_TRT_DOMAIN)
 def trt_plugin_attributes() -> dict:
     """Attributes of every ``--target tensorrt`` plugin node, as ``onnx.helper.make_node`` takes them."""
     return {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": AOT}
-
-
-def trt_node_attributes() -> dict:
-    """The same attributes as keyword arguments of ``torch.onnx`` ``g.op`` (typed suffixes)."""
-    return {"plugin_namespace_s": PLUGIN_NAMESPACE, "plugin_version_s": PLUGIN_VERSION, "aot_i": AOT}
 
 
 def check_plugin_node(node) -> str | None:
@@ -96,30 +96,3 @@ def set_plugin_domain(model, domain: str, op_types=None) -> int:
     if domain in used and all(o.domain != domain for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(domain, 1))
     return changed
-
-
-def emit_sparse24_gemm(g, x, w, out_features: int):
-    """``y = x @ w.T`` as ``Reshape [-1, K] -> Gemm(transB=1) -> Reshape [..., N]`` for a dense
-    2:4-pattern weight ``w`` [N, K] (torch ``g.op`` graph context).
-
-    Why this form: TensorRT's sparse (``SPARSE_WEIGHTS``) tactics apply to layers with constant
-    weights of the kinds its developer guide lists ("Structured Sparsity": convolution and
-    fully-connected / matrix-multiply layers whose weights are a constant). A Gemm with a 2-D
-    input and a 2-D constant ``B`` with ``transB=1`` is the fully-connected shape: the constant
-    is stored [N, K], so every group of four along the reduction dimension K is contiguous in the
-    stored weight, which is the layout the 2:4 check reads. A plain ``MatMul(x[B, S, K], W.T)``
-    stores the transpose [K, N] (the pattern then runs across rows of the stored tensor) and is a
-    batched product with a broadcast weight. Not checked on hardware: ``scripts/gpu_check.sh``
-    builds the engine with and without SPARSE_WEIGHTS and reports both.
-    """
-    import torch
-
-    def const(v):
-        return g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))
-
-    k = int(w.shape[1])
-    x2 = g.op("Reshape", x, const([-1, k]))
-    wc = g.op("Constant", value_t=w.detach().float().contiguous())
-    y2 = g.op("Gemm", x2, wc, transB_i=1)
-    lead = g.op("Slice", g.op("Shape", x), const([0]), const([-1]), const([0]))
-    return g.op("Reshape", y2, g.op("Concat", lead, const([int(out_features)]), axis_i=0))

@@ -11,15 +11,15 @@ class FFSplitExportCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser):
-        from ffsplit_export.export.command import add_export_arguments
+        from ffsplit_export.cli.options import add_export_arguments
 
         add_export_arguments(parser)
 
     def run(self):
         import sys
 
+        from ffsplit_export.cli.export import run_export
         from ffsplit_export.errors import FFSplitError
-        from ffsplit_export.export.command import run_export
 
         try:
             run_export(self.args)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 VOCAB = 384  # 3 specials + 256 bytes, rounded up
 

@@ -24,14 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, MissingResourceError
+from ..errors import ConfigError, MissingResourceError
 
 __all__ = [
     "PerplexityResult",
     "WerResult",
     "normalize_text",
+    "perplexity_from_logits",
     "perplexity_onnx",
     "perplexity_pytorch",
+    "transcribe",
     "transcript_perplexity",
     "word_error_rate",
     "wer_onnx",
@@ -106,7 +108,9 @@ def _check_clips(clips) -> None:
         )
 
 
-def _transcribe(model, processor, clips, generate_kwargs: dict | None) -> list[str]:
+def transcribe(model, processor, clips, generate_kwargs: dict | None = None) -> list[str]:
+    """Greedy transcripts of (audio, reference) clips by a Whisper model: a transformers model or an
+    optimum ``ORTModelForSpeechSeq2Seq`` (e.g. ``runtime.load(export_dir, provider=...)``)."""
     import torch
 
     hyps = []
@@ -127,7 +131,7 @@ def wer_pytorch(model, processor, clips, generate_kwargs: dict | None = None) ->
     """WER of a transformers Whisper model on (audio, reference) clips, greedy decoding."""
     _check_clips(clips)
     model.eval()
-    hyps = _transcribe(model, processor, clips, generate_kwargs)
+    hyps = transcribe(model, processor, clips, generate_kwargs)
     return word_error_rate([r for _, r in clips], hyps)
 
 
@@ -193,17 +197,31 @@ def _require_dir(output_dir) -> Path:
 
 
 def wer_onnx(
-    output_dir: str | os.PathLike, clips, session_options=None, generate_kwargs: dict | None = None
+    output_dir: str | os.PathLike,
+    clips,
+    session_options=None,
+    generate_kwargs: dict | None = None,
+    provider: str | None = None,
 ) -> WerResult:
-    """WER of an ONNX Whisper export (optimum layout) in ONNX Runtime, greedy decoding."""
+    """WER of an ONNX Whisper export (optimum layout) in ONNX Runtime, greedy decoding.
+
+    With ``provider`` (``cpu``, ``cuda``, ``tensorrt``) an ffsplit export is loaded through
+    :func:`ffsplit_export.runtime.load` (the ffsplit library registered); without it, a plain
+    optimum ``ORTModelForSpeechSeq2Seq`` with ``session_options``.
+    """
     from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
     from transformers import AutoProcessor
 
     _check_clips(clips)
     path = _require_dir(output_dir)
-    model = ORTModelForSpeechSeq2Seq.from_pretrained(path, session_options=session_options)
+    if provider is not None:
+        from ..runtime import load
+
+        model = load(path, provider=provider, session_options_=session_options)
+    else:
+        model = ORTModelForSpeechSeq2Seq.from_pretrained(path, session_options=session_options)
     processor = AutoProcessor.from_pretrained(path)
-    hyps = _transcribe(model, processor, clips, generate_kwargs)
+    hyps = transcribe(model, processor, clips, generate_kwargs)
     return word_error_rate([r for _, r in clips], hyps)
 
 
@@ -235,7 +253,14 @@ def _sliding_nll(logits_fn: Callable, ids: np.ndarray, context_length: int, stri
     return total, count
 
 
-def _perplexity(logits_fn, tokenizer, text: str, context_length: int, stride: int) -> PerplexityResult:
+def perplexity_from_logits(
+    logits_fn: Callable,
+    tokenizer,
+    text: str,
+    context_length: int = DEFAULT_CONTEXT_LENGTH,
+    stride: int = DEFAULT_STRIDE,
+) -> PerplexityResult:
+    """Sliding-window perplexity of ``text``; ``logits_fn`` maps int64 [1, T] ids to [1, T, V] logits."""
     if not text or not text.strip():
         raise ConfigError("the text is empty; pass e.g. evaldata.eval_text()")
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
@@ -256,7 +281,7 @@ def perplexity_pytorch(
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
 
-    return _perplexity(logits_fn, tokenizer, text, context_length, stride)
+    return perplexity_from_logits(logits_fn, tokenizer, text, context_length, stride)
 
 
 def perplexity_onnx(
@@ -265,18 +290,27 @@ def perplexity_onnx(
     session_options=None,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     stride: int = DEFAULT_STRIDE,
+    provider: str | None = None,
 ) -> PerplexityResult:
-    """Sliding-window perplexity of an ONNX causal-LM export (optimum layout) in ONNX Runtime."""
+    """Sliding-window perplexity of an ONNX causal-LM export (optimum layout) in ONNX Runtime.
+
+    ``provider``: as in :func:`wer_onnx`.
+    """
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
     path = _require_dir(output_dir)
-    model = ORTModelForCausalLM.from_pretrained(path, session_options=session_options)
+    if provider is not None:
+        from ..runtime import load
+
+        model = load(path, provider=provider, session_options_=session_options)
+    else:
+        model = ORTModelForCausalLM.from_pretrained(path, session_options=session_options)
     tokenizer = AutoTokenizer.from_pretrained(path)
 
     def logits_fn(ids):
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
-    return _perplexity(logits_fn, tokenizer, text, context_length, stride)
+    return perplexity_from_logits(logits_fn, tokenizer, text, context_length, stride)

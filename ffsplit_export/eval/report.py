@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibrate import FFNStats
+from ..calibrate import FFNStats
 
 SHARES = (5, 10, 20)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, FormatError, MissingResourceError
+from ..errors import ConfigError, FormatError, MissingResourceError
 
 __all__ = [
     "LIBRIVOX_DIR",

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import ConfigError, MissingResourceError
+from ..errors import ConfigError, MissingResourceError
 
 __all__ = [
     "cache_dir",

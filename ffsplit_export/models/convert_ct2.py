@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, FormatError, MissingResourceError, UnsupportedModelError
+from ..errors import ConfigError, FormatError, MissingResourceError, UnsupportedModelError
 
 __all__ = ["Ct2Model", "convert_ct2", "read_ct2_model"]
 

@@ -23,7 +23,6 @@ The machine may be shared: spreads (p10 / p90 over runs) and the load average ar
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError
 
 TASK = "text-generation-with-past"
 
@@ -74,7 +73,7 @@ def build_model(work: Path, shape: str, seed: int = 0) -> Path:
     import torch
     from transformers import MptConfig, MptForCausalLM
 
-    from .tiny import byte_tokenizer
+    from ..models.tiny import byte_tokenizer
 
     torch.manual_seed(seed)
     cfg = MptConfig(**SHAPES[shape], max_seq_len=2048)
@@ -166,9 +165,9 @@ def export_ffsplit(
     """ffsplit export with ``--target ort-cpu --other-linear int4`` (reused if present)."""
     if (out / "model.onnx").exists():
         return out
-    from .export.api import export
-    from .export.core import ExportOptions
-    from .split import SplitConfig
+    from ..export.api import export
+    from ..export.core import ExportOptions
+    from ..split import SplitConfig
 
     _log(f"ffsplit export sparsity {sparsity} -> {out}")
     export(
@@ -241,7 +240,7 @@ class Runner:
     def __init__(self, onnx_path: Path, threads: int):
         import onnxruntime as ort
 
-        from .runtime import session_options
+        from ..runtime import session_options
 
         self.ort = ort
         so = session_options(intra_op_num_threads=threads, inter_op_num_threads=1)
@@ -558,7 +557,7 @@ def run(args) -> dict:
 def _runtime_info() -> dict:
     import onnxruntime as ort
 
-    from .runtime import plugin_path
+    from ..runtime import plugin_path
 
     lib = plugin_path()
     return {
@@ -625,79 +624,3 @@ def table(out: dict, prefill: list[int]) -> str:
         f"{m['cpu']}, {m['cores']} cores, load average {m['loadavg_start']} -> {m['loadavg_end']}."
     )
     return "\n".join(rows)
-
-
-def _floats(s: str) -> list[float]:
-    try:
-        return [float(x) for x in s.split(",") if x.strip()]
-    except ValueError as e:
-        raise ConfigError(f"{s!r}: expected comma-separated numbers, e.g. 0.5,0.75,0.9") from e
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``bench`` / ``samples/bench_e2e.py``."""
-    p.add_argument("--work", default="bench-work", help="cache of built / exported models (reused)")
-    p.add_argument("--output", default="bench_e2e.json", help="JSON results file")
-    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per variant (interleaved)")
-    p.add_argument("--tokens", type=int, default=32, help="decode steps per run")
-    p.add_argument("--prompt", type=int, default=32, help="prompt length before the timed decode steps")
-    p.add_argument(
-        "--prefill",
-        default="32,256",
-        type=lambda s: [int(x) for x in _floats(s)],
-        help="prefill lengths to time",
-    )
-    p.add_argument("--sparsities", default="0.5,0.75,0.9", type=_floats, help="ffsplit light sparsities")
-    p.add_argument("--light-format", default="sparse-int8")
-    p.add_argument("--heavy-format", default="int8")
-    p.add_argument("--heavy-fraction", type=float, default=0.1)
-    p.add_argument(
-        "--num-samples", type=int, default=8, help="calibration samples (random weights: speed only)"
-    )
-    p.add_argument(
-        "--untied-int4",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also a MatMulNBits int4 row whose tied lm_head is quantized (as ffsplit's --other-linear does)",
-    )
-    p.add_argument(
-        "--isa",
-        default="auto",
-        type=lambda x: [i.strip() for i in x.split(",") if i.strip()],
-        help="FFSPLIT_ISA values to run each ffsplit export under, e.g. auto,avx512vnni (one row each)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--flush-cache",
-        action="store_true",
-        help="read 1 GiB before every decode step (untimed) so weights come from DRAM",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="small shape (d_model 1024, 4 layers) for a smoke run"
-    )
-
-
-def _cmd(args) -> int:
-    args._load0 = _loadavg()
-    run(args)
-    return 0
-
-
-def add_commands(sub) -> None:
-    """Register ``bench`` on an argparse subparsers object."""
-    p = sub.add_parser(
-        "bench",
-        help="end-to-end decode / prefill speed against dense fp32 and MatMulNBits",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(p)
-    p.set_defaults(func=_cmd)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``samples/bench_e2e.py``."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return _cmd(p.parse_args(argv))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 from .tiny import TINY, build_tiny
 
 TASK_ALIASES = {"auto": None}

@@ -14,47 +14,71 @@ import json
 import time
 from pathlib import Path
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .options import (
+    PROVIDERS,
+    add_compress_arguments,
+    add_export_arguments,
+    check_export,
+    compress_kwargs,
+    data_source,
+    device,
+    export_options_from_args,
+    fraction,
+    nonnegative_float,
+    one_of,
+    positive_float,
+    positive_int,
+    text_source,
+)
 
 
 def add_recover_arguments(p: argparse.ArgumentParser) -> None:
-    from .export.command import add_export_arguments
-
     add_export_arguments(p)
     g = p.add_argument_group("recovery (SquareHead)")
-    g.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence (default 128)")
-    g.add_argument("--train-batch-size", type=int, default=4, help="sequences per step (default 4)")
+    g.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")
+    g.add_argument(
+        "--seq-len", type=positive_int, default=128, help="tokens per training sequence (default 128)"
+    )
+    g.add_argument("--train-batch-size", type=positive_int, default=4, help="sequences per step (default 4)")
     g.add_argument(
         "--train-data",
+        type=data_source,
         default=None,
         help="text file (one sample per line) or WAV folder; default: the --calibration source",
     )
     g.add_argument(
-        "--train-samples", type=int, default=2000, help="at most this many training samples (default 2000)"
+        "--train-samples",
+        type=positive_int,
+        default=2000,
+        help="at most this many training samples (default 2000)",
     )
-    g.add_argument("--task-loss-weight", type=float, default=1.0)
-    g.add_argument("--squarehead-weight", type=float, default=1.0)
-    g.add_argument("--kd-logits-weight", type=float, default=0.0, help="KL(teacher || student) on the logits")
+    g.add_argument("--task-loss-weight", type=nonnegative_float, default=1.0)
+    g.add_argument("--squarehead-weight", type=nonnegative_float, default=1.0)
     g.add_argument(
-        "--gradual-start", type=float, default=None, help="gradual sparsity: start at this light sparsity"
+        "--kd-logits-weight", type=nonnegative_float, default=0.0, help="KL(teacher || student) on the logits"
     )
-    g.add_argument("--gradual-end-step", type=int, default=None, help="... and reach the target at this step")
+    g.add_argument(
+        "--gradual-start", type=fraction, default=None, help="gradual sparsity: start at this light sparsity"
+    )
+    g.add_argument(
+        "--gradual-end-step", type=positive_int, default=None, help="... and reach the target at this step"
+    )
     g.add_argument("--checkpoint-dir", default=None, help="safetensors checkpoints here; re-running resumes")
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
-    g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    g.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, cuda:1, ...")
 
 
 def run_recover(args) -> int:
     """One-shot compression, SquareHead recovery, export: ``export()`` with recovery as its hook."""
     import torch
 
-    from .calibrate import load_samples, modality
-    from .config import CompressionConfig
-    from .export.api import export
-    from .export.command import export_options_from_args
-    from .recover import RecoverConfig, recover
+    from ..calibrate import modality
+    from ..config import CompressionConfig
+    from ..data.calibration import load_samples
+    from ..export.api import export
+    from ..recover import RecoverConfig, recover
 
     config = CompressionConfig.from_args(args)
     rcfg = RecoverConfig(
@@ -76,7 +100,7 @@ def run_recover(args) -> int:
     def train(teacher, res, pre) -> dict:
         source = args.train_data or args.calibration
         if source is None and modality(teacher) == "text":
-            from .data import readers
+            from ..data import readers
 
             data = readers.builtin_text()[: args.train_samples]  # the built-in sample, not repeated
         else:
@@ -127,8 +151,6 @@ def run_recover(args) -> int:
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_compress_arguments
-
     p.add_argument("model", help="an ffsplit export directory, or (with --pytorch) a model name / directory")
     add_compress_arguments(p)
     p.add_argument(
@@ -141,47 +163,93 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
-        "--text", default=None, help="perplexity on this held-out text source (bible, fortunes, gensim)"
+        "--text",
+        type=text_source,
+        default=None,
+        help="perplexity on this held-out text source (bible, fortunes, gensim)",
     )
     kind.add_argument("--speech", action="store_true", help="WER on the LibriVox clips")
     p.add_argument(
-        "--max-chars", type=int, default=None, help="evaluate on the first N characters of the text"
+        "--max-chars", type=positive_int, default=None, help="evaluate on the first N characters of the text"
     )
-    p.add_argument("--context-length", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
-    p.add_argument("--clips", type=int, default=None, help="at most this many speech clips")
-    p.add_argument("--provider", default="cpu", help="ONNX Runtime provider: cpu (default), cuda, tensorrt")
+    p.add_argument("--context-length", type=_context_length, default=512)
+    p.add_argument("--stride", type=positive_int, default=256)
+    p.add_argument("--clips", type=positive_int, default=None, help="at most this many speech clips")
+    p.add_argument(
+        "--provider",
+        type=one_of(PROVIDERS),
+        default="cpu",
+        help="ONNX Runtime provider: cpu (default), cuda, tensorrt",
+    )
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
 
 
+def _context_length(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too short; use a context of at least 2 tokens, e.g. 512"
+        )
+    return value
+
+
 def _is_export(path: str) -> bool:
-    from .manifest import MANIFEST
+    from ..manifest import MANIFEST
 
     return (Path(path) / MANIFEST).is_file()
 
 
+def _export_manifest(path: str) -> dict:
+    """The manifest of a complete export folder; a ConfigError (one line) if it is incomplete."""
+    try:
+        return check_export(Path(path))
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_model_arg(name: str) -> None:
+    """Reject a MODEL that is a file, or a folder that is neither an export nor a transformers model."""
+    path = Path(name)
+    if path.is_file():
+        raise ConfigError(
+            f"{name!r} is a file; pass an export folder (or, with --pytorch, a model folder or built-in name)"
+        )
+    if path.is_dir() and not _is_export(name) and not (path / "config.json").is_file():
+        raise ConfigError(
+            f"{name!r} is neither an ffsplit export (no ffsplit.json) nor a transformers model (no "
+            "config.json); pass a folder written by `ffsplit-export export`"
+        )
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.endswith("/")):
+        raise ConfigError(
+            f"{name!r} does not exist; pass an export folder, a model folder or a built-in name"
+        )
+
+
 def run_eval(args) -> int:
-    from . import evaluate as ev
-    from .evaldata import eval_text, librispeech_clips
+    from ..data.evaldata import eval_text, librispeech_clips
+    from ..eval import evaluate as ev
 
     on_export = _is_export(args.model) and not args.pytorch
     if on_export:
-        from .runtime import load, read_manifest
+        from ..runtime import load
 
-        manifest = read_manifest(args.model)
+        manifest = _export_manifest(args.model)
         model_type, task = manifest.get("model_type", ""), manifest["task"]
+        if args.speech and model_type != "whisper":
+            raise ConfigError(
+                f"--speech: {args.model!r} is a {model_type or 'non-speech'} export ({task}); WER needs a "
+                "Whisper export; use --text for a causal LM"
+            )
     else:
-        from .cli import compress_kwargs
-        from .loading import load_model
+        from ..models.loading import load_model
 
+        _check_model_arg(args.model)
         name = args.model
         if _is_export(name):
-            from .runtime import read_manifest
-
-            name = read_manifest(name)["source_model"]
+            name = _export_manifest(name)["source_model"]
         model, pre, task = load_model(name, args.task)
         if args.compress:
-            from .pipeline import compress
+            from ..pipeline import compress
 
             model = compress(model, pre, **compress_kwargs(args)).model
         model_type = model.config.model_type
@@ -194,7 +262,7 @@ def run_eval(args) -> int:
             from transformers import AutoProcessor
 
             model, pre = load(args.model, provider=args.provider), AutoProcessor.from_pretrained(args.model)
-            r = ev.word_error_rate([c[1] for c in clips], ev._transcribe(model, pre, clips, None))
+            r = ev.word_error_rate([c[1] for c in clips], ev.transcribe(model, pre, clips))
         else:
             r = ev.wer_pytorch(model, pre, clips)
         tp = ev.transcript_perplexity(model, pre, clips)
@@ -228,7 +296,7 @@ def run_eval(args) -> int:
                 with torch.no_grad():
                     return ort(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
-            r = ev._perplexity(logits_fn, tok, text, args.context_length, args.stride)
+            r = ev.perplexity_from_logits(logits_fn, tok, text, args.context_length, args.stride)
         else:
             r = ev.perplexity_pytorch(model, pre, text, args.context_length, args.stride)
         result.update(

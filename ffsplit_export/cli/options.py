@@ -1,0 +1,402 @@
+"""Options shared by the commands, and argparse ``type=`` checks that reject bad values at parse time.
+
+Every check runs before any model is loaded or anything is written: argparse turns the
+``ArgumentTypeError`` into one line, ``ffsplit-export <command>: error: argument --x: ...``,
+and exit code 2. ``optimum-cli export ffsplit`` adds the same options through
+:func:`add_export_arguments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+# The lowest ONNX opset the export supports: below it torch.onnx cannot express the graphs of the
+# supported models (``arange`` needs 11, the attention masks 14), so a lower --opset would only fail
+# after calibration and splitting.
+MIN_OPSET = 14
+ISA_NAMES = ("auto", "scalar", "avx2", "avx512", "avx512vbmi2", "avx512vnni")
+PROVIDERS = ("cpu", "cuda", "tensorrt")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------------------ type checks
+
+
+def _number(text: str, kind: Callable, what: str):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number; use {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, lengths, sizes)."""
+    value = _number(text, int, "an integer; use a whole number >= 1")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; use a whole number >= 1")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _number(text, int, "an integer; use a whole number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use a whole number >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a number; use a number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not positive; use a number > 0")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _number(text, float, "a number; use a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is negative; use a number >= 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (heavy fraction, size budget, sparsity)."""
+    value = _number(text, float, "a number; use a number between 0 and 1")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value:g} is out of range; use a number between 0 and 1")
+    return value
+
+
+def fraction_list(text: str) -> list[float]:
+    """A comma list of numbers in [0, 1], e.g. ``0.5,0.75,0.9``."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            values.append(fraction(part))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (in {text!r}, e.g. 0.5,0.75,0.9)") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no number; use e.g. 0.5,0.75,0.9")
+    return values
+
+
+def positive_int_list(text: str) -> list[int]:
+    """A comma list of integers >= 1, e.g. ``32,256``."""
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            values.append(positive_int(part))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (in {text!r}, e.g. 32,256)") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no number; use e.g. 32,256")
+    return values
+
+
+def one_of(names: tuple[str, ...]) -> Callable[[str], str]:
+    """The value itself, if it is one of ``names``."""
+
+    def check(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"{text!r} is not known; use one of: {', '.join(names)}")
+        return text
+
+    check.__name__ = "name"
+    return check
+
+
+def format_name(enum) -> Callable[[str], str]:
+    """The value itself (a string, as before), if it is a member of the format enum ``enum``."""
+
+    def check(text: str) -> str:
+        names = tuple(m.value for m in enum)
+        if text not in names:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a known format; use one of: {', '.join(names)}"
+            )
+        return text
+
+    check.__name__ = enum.__name__
+    return check
+
+
+def isa_list(text: str) -> list[str]:
+    """A comma list of FFSPLIT_ISA values, e.g. ``auto,avx512vnni``."""
+    values = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [v for v in values if v not in ISA_NAMES]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(
+            f"{(bad or [text])[0]!r} is not an ISA path; use a comma list of {', '.join(ISA_NAMES)}"
+        )
+    return values
+
+
+def opset(text: str) -> int:
+    value = _number(text, int, f"an integer; use an opset >= {MIN_OPSET}, or leave it out")
+    if value < MIN_OPSET:
+        raise argparse.ArgumentTypeError(
+            f"opset {value} is too old for these exports; use {MIN_OPSET} or newer, or leave it out "
+            "(optimum's default for the model)"
+        )
+    return value
+
+
+def accuracy_level(text: str) -> int:
+    value = _number(text, int, "an integer; use 0 (exact fp32) to 4 (int8 compute)")
+    if value not in (0, 1, 2, 3, 4):
+        raise argparse.ArgumentTypeError(f"{value} is out of range; use 0 (exact fp32) to 4 (int8 compute)")
+    return value
+
+
+def group_size(text: str) -> int:
+    from ..split import INT4_GROUP_SIZES
+
+    value = _number(text, int, f"an integer; use one of {INT4_GROUP_SIZES}")
+    if value not in INT4_GROUP_SIZES:
+        raise argparse.ArgumentTypeError(f"{value} is not supported; use one of {INT4_GROUP_SIZES}")
+    return value
+
+
+def heavy_selection(text: str) -> str:
+    from ..plan import SELECTIONS
+
+    return one_of(tuple(SELECTIONS))(text)
+
+
+def data_source(text: str) -> str:
+    """An existing file / folder, or one of the offline text sources (bible, fortunes, gensim)."""
+    from ..data.evaldata import TEXT_SOURCES
+
+    if text in TEXT_SOURCES or Path(text).exists():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} does not exist; pass a text file (one sample per line), a WAV folder, a datasets "
+        f"directory, or one of {', '.join(TEXT_SOURCES)}"
+    )
+
+
+def text_source(text: str) -> str:
+    from ..data.evaldata import TEXT_SOURCES
+
+    return one_of(tuple(TEXT_SOURCES))(text)
+
+
+def new_file_or_dir(text: str) -> str:
+    """An output folder: anything but an existing file."""
+    if Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing file; pass a folder path")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist; pass an existing folder")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; pass a folder")
+    return text
+
+
+def device(text: str) -> str:
+    head, _, index = text.partition(":")
+    if head == "cpu" and not index or head == "cuda" and (not index or index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N")
+
+
+def export_dir(text: str) -> str:
+    """A folder written by ``ffsplit-export export``, complete (every ONNX file of its manifest, at its size)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} does not exist; pass a folder written by `ffsplit-export export`"
+        )
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a file; pass a folder written by `ffsplit-export export`"
+        )
+    check_export(path)
+    return text
+
+
+def check_export(path: Path) -> dict:
+    """The manifest of an export folder (the one reader, :meth:`Manifest.read`); ArgumentTypeError
+    if it is not one or is incomplete."""
+    from ..manifest import Manifest, ManifestError
+
+    try:
+        return Manifest.read(path)
+    except ManifestError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------ shared options
+
+
+def add_compress_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by analyze / export / eval / recover (the table of DESIGN.md)."""
+    from ..formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod
+
+    p.add_argument("--task", default="auto", help="optimum task name, or auto (default)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--heavy-fraction",
+        type=fraction,
+        default=None,
+        help="fraction of FFN neurons kept dense per layer (default 0.1)",
+    )
+    g.add_argument(
+        "--size-budget",
+        type=fraction,
+        default=None,
+        help="target FFN bytes as a fraction of dense fp32; the planner allocates heavy neurons across layers",
+    )
+    p.add_argument(
+        "--light-format",
+        type=format_name(LightFormat),
+        default="sparse-int8",
+        help="sparse-int8 (default), sparse-fp32, 2:4-int8, int8, int4, lowrank, dense",
+    )
+    p.add_argument(
+        "--light-sparsity",
+        type=fraction,
+        default=0.5,
+        help="unstructured sparsity of the light part (default 0.5)",
+    )
+    p.add_argument(
+        "--prune-method",
+        type=format_name(PruneMethod),
+        default="wanda",
+        help="magnitude, wanda (default), sparsegpt",
+    )
+    p.add_argument(
+        "--heavy-format", type=format_name(HeavyFormat), default="fp32", help="fp32 (default), fp16, int8"
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="prune FFN by FFN from the statistics of the already compressed model (slower, more accurate)",
+    )
+    p.add_argument(
+        "--other-linear",
+        type=format_name(OtherLinearFormat),
+        default="fp32",
+        help="fp32 (default), int8, int4: attention and lm_head as MatMulNBits",
+    )
+    p.add_argument(
+        "--embedding",
+        type=format_name(EmbeddingFormat),
+        default="fp32",
+        help="fp32 (default), int8: the token embedding table as block-wise int8 (GatherBlockQuantized)",
+    )
+    p.add_argument(
+        "--group-size", type=group_size, default=128, help="int4 group size: 32, 64, 128 (default)"
+    )
+    p.add_argument(
+        "--heavy-selection",
+        type=heavy_selection,
+        default="score",
+        help="score (default), act_norm, random (for ablations)",
+    )
+    p.add_argument(
+        "--calibration",
+        type=data_source,
+        default=None,
+        help=(
+            "text file (one sample per line), WAV folder, datasets dir, or an offline text source "
+            "(bible, fortunes, gensim: the half disjoint from eval's); default: built-in sample"
+        ),
+    )
+    p.add_argument("--num-samples", type=positive_int, default=64, help="calibration samples (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-length", type=positive_int, default=128, help="calibration tokens per text sample")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def split_config_from_args(args):
+    from ..config import CompressionConfig
+
+    return CompressionConfig.from_args(args).split_config()
+
+
+def compress_kwargs(args) -> dict:
+    """``compress()`` keyword arguments of the parsed options, via the one CompressionConfig."""
+    from ..config import CompressionConfig
+
+    return dict(CompressionConfig.from_args(args).compress_kwargs(), progress=not args.quiet)
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``ffsplit-export export`` and ``optimum-cli export ffsplit``."""
+    from ..formats import Target
+
+    p.add_argument(
+        "model", help="built-in name (tiny-t5, smollm2-135m, whisper-tiny.en, ...), model dir or hub id"
+    )
+    p.add_argument("output", help="output directory (written atomically)")
+    add_compress_arguments(p)
+    p.add_argument(
+        "--target",
+        type=format_name(Target),
+        default="ort-cpu",
+        help="ort-cpu (default, ffsplit custom ops), portable, tensorrt",
+    )
+    p.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument(
+        "--atol",
+        type=nonnegative_float,
+        default=None,
+        help="validation tolerance, plus 5e-4 x max|reference| (default 1e-3; 0.5 with int8 compute)",
+    )
+    p.add_argument(
+        "--opset",
+        type=opset,
+        default=None,
+        help=f"ONNX opset >= {MIN_OPSET} (default: optimum's for the model)",
+    )
+    p.add_argument(
+        "--nbits-accuracy-level",
+        type=accuracy_level,
+        default=0,
+        help="MatMulNBits accuracy_level: 0 = exact fp32 compute (default), 4 = int8 activations (faster)",
+    )
+    p.add_argument(
+        "--trt-dense-24",
+        action="store_true",
+        help="with --target tensorrt and 2:4-int8: dense 2:4 weights for TensorRT's sparse tensor cores",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="show PyTorch tracer warnings and optimum's messages"
+    )
+
+
+def export_options_from_args(args):
+    """The ExportOptions of the options that :func:`add_export_arguments` adds."""
+    from ..export.core import ExportOptions
+
+    return ExportOptions(
+        target=args.target,
+        validate=not args.no_validate,
+        overwrite=args.overwrite,
+        atol=args.atol,
+        opset=args.opset,
+        nbits_accuracy_level=args.nbits_accuracy_level,
+        trt_dense_24=args.trt_dense_24,
+    )

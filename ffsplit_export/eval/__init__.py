@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and WER (PyTorch or ONNX Runtime), reports and plots."""
