@@ -91,9 +91,16 @@ def _good():
 
 def test_reader_accepts_a_complete_export(tmp_path):
     d = _write_export(tmp_path, _good() | {"compression_config": CompressionConfig().to_dict()})
-    (d / "model.onnx").write_bytes(b"x")
+    (d / "model.onnx").write_bytes(b"x" * 10)  # the size the manifest records
     m = Manifest.read(d)
     assert m["task"] == "text-generation-with-past" and m.compression_config == CompressionConfig()
+
+
+def test_reader_truncated_onnx_file(tmp_path):
+    d = _write_export(tmp_path, _good())
+    (d / "model.onnx").write_bytes(b"x" * 7)  # 3 bytes short of what the export wrote
+    with pytest.raises(ManifestError, match="has 7 bytes, the export wrote 10: it is truncated"):
+        Manifest.read(d)
 
 
 def test_reader_missing_file(tmp_path):

@@ -188,7 +188,12 @@ def test_missing_tensorrt_is_a_typed_error(tmp_path):
     import onnx
 
     onnx.save(model, str(tmp_path / "model.onnx"))
-    manifest = {"light_format": "sparse-int8", "task": "feature-extraction", "onnx_files": {"model.onnx": 1}}
+    size = (tmp_path / "model.onnx").stat().st_size
+    manifest = {
+        "light_format": "sparse-int8",
+        "task": "feature-extraction",
+        "onnx_files": {"model.onnx": size},
+    }
     (tmp_path / "ffsplit.json").write_text(json.dumps(manifest))
     with pytest.raises(TensorRTUnavailableError, match="pip install") as ei:
         build_engines(tmp_path)
