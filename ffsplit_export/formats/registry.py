@@ -41,7 +41,7 @@ ROLES: dict[str, tuple[type[_NamedEnum], str]] = {
 }
 
 #: the modules that register the built-in formats (imported on first lookup)
-BUILTIN_MODULES = ("dense", "sparse", "nm24", "nbits", "lowrank", "embedding")
+BUILTIN_MODULES = ("dense", "sparse", "sparse_int4", "nm24", "nbits", "lowrank", "embedding")
 
 ALL_TARGETS = frozenset(Target)
 
