@@ -199,8 +199,10 @@ class SparseInt4:
 
 def sparse_int4_groups(row_ptr: np.ndarray, group_size: int) -> np.ndarray:
     """int64 [N+1]: ``scales[gp[n]:gp[n+1]]`` are row n's group scales (ceil(count_n / G) of them)."""
-    if group_size < 8:
-        raise FormatError(f"sparse-int4 group_size={group_size} is too small; use 8 or more (e.g. 32)")
+    if not 8 <= group_size < 2**31:
+        raise FormatError(
+            f"sparse-int4 group_size={group_size} is out of range; use 8 <= group_size < 2^31 (e.g. 32)"
+        )
     counts = np.diff(np.asarray(row_ptr, np.int64))
     gp = np.zeros(counts.shape[0] + 1, np.int64)
     np.cumsum(-(-counts // group_size), out=gp[1:])
