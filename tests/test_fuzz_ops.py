@@ -138,7 +138,13 @@ MUTATIONS = (
 
 
 def _packed(
-    op: str, rng: np.random.Generator, n: int, k: int, density: float, dense: bool = False, group_size: int = 8
+    op: str,
+    rng: np.random.Generator,
+    n: int,
+    k: int,
+    density: float,
+    dense: bool = False,
+    group_size: int = 8,
 ):
     from ffsplit_export.formats import packing
 
