@@ -54,6 +54,8 @@ void Rows(const Packed4& p, const float* x, float* y, int64_t k, int64_t mg, int
     for (int64_t wi = 0; wi < p.words; ++wi) {
       uint64_t bits = mrow[wi];
       if (!bits) continue;
+      // unrolled: acc[r][j & 1] stays in registers (a run-time index put them on the stack)
+#pragma GCC unroll 8
       for (int j = 0; j < 8; ++j, bits >>= 8) {
         const unsigned b = bits & 0xFF;
         if (!b) continue;
