@@ -91,6 +91,7 @@ def check_close(y, ref, k):
 # (K, N, sparsity, group size, rank of X)
 CASES = [
     (37, 83, 0.5, 8, 2),
+    (101, 45, 0.5, 12, 2),  # group_size not a multiple of 8: the per-lane scale path at every M
     (545, 830, 0.5, 32, 3),
     (545, 61, 0.75, 32, 2),
     (64, 16, 0.0, 128, 2),

@@ -383,8 +383,20 @@ Prepared4 PrepareInt4(const View& mask, const View& values, const View& row_ptr,
     for (int64_t b = 0; b < kb; ++b)
       p.mask[static_cast<size_t>(r * p.words + b / 8)] |= static_cast<uint64_t>(mb[r * kb + b]) << (8 * (b % 8));
   p.row_ptr.assign(rp, rp + n + 1);
-  p.nib.assign(static_cast<size_t>(nbytes) + 16, 0);
-  if (nbytes > 0) std::memcpy(p.nib.data(), values.data, static_cast<size_t>(nbytes));
+  p.nib_off.assign(static_cast<size_t>(n + 1), 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t cnt = rp[r + 1] - rp[r];
+    p.nib_off[static_cast<size_t>(r + 1)] = p.nib_off[static_cast<size_t>(r)] + (cnt + 7) / 8 * 4;
+  }
+  p.nib.assign(static_cast<size_t>(p.nib_off[static_cast<size_t>(n)]) + 32, 0);
+  const uint8_t* src = values.as<uint8_t>();
+  for (int64_t r = 0; r < n; ++r) {  // re-align every row's codes to a byte boundary
+    uint8_t* dst = p.nib.data() + p.nib_off[static_cast<size_t>(r)];
+    for (int64_t i = 0, g = rp[r]; g < rp[r + 1]; ++i, ++g) {
+      const uint8_t code = (src[g >> 1] >> (4 * (g & 1))) & 0x0F;
+      dst[i >> 1] |= static_cast<uint8_t>(code << (4 * (i & 1)));
+    }
+  }
   p.scales.assign(static_cast<size_t>(groups), 0.0f);
   if (groups > 0) std::memcpy(p.scales.data(), scales.data, static_cast<size_t>(groups) * sizeof(float));
   p.group_ptr.assign(static_cast<size_t>(n + 1), 0);

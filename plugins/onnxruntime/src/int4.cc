@@ -9,6 +9,7 @@
 namespace ffsplit {
 namespace {
 
+// code i of a row whose codes start at nib (byte aligned)
 inline int Code(const uint8_t* nib, int64_t i) {
   const int u = (nib[i >> 1] >> (4 * (i & 1))) & 0x0F;
   return (u ^ 8) - 8;
@@ -19,17 +20,17 @@ inline int Code(const uint8_t* nib, int64_t i) {
 // intermediate overflow.
 float ExactOne4(const Packed4& p, const float* xr, int64_t n) {
   const uint64_t* mrow = p.mask.data() + n * p.words;
-  const int64_t start = p.row_ptr[static_cast<size_t>(n)];
+  const uint8_t* nib = p.nib.data() + p.nib_off[static_cast<size_t>(n)];
   const float* sc = p.scales.data() + p.group_ptr[static_cast<size_t>(n)];
-  int64_t vi = start;
+  int64_t vi = 0;
   double acc = 0.0;
   for (int64_t w = 0; w < p.words; ++w) {
     uint64_t bits = mrow[w];
     while (bits) {
       const int64_t col = w * 64 + __builtin_ctzll(bits);
       bits &= bits - 1;
-      const int c = Code(p.nib.data(), vi);
-      if (c != 0) acc += static_cast<double>(xr[col]) * (c * static_cast<double>(sc[(vi - start) / p.group_size]));
+      const int c = Code(nib, vi);
+      if (c != 0) acc += static_cast<double>(xr[col]) * (c * static_cast<double>(sc[vi / p.group_size]));
       ++vi;
     }
   }
@@ -82,19 +83,19 @@ namespace scalar {
 void RowsInt4(const Packed4& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint64_t* mrow = p.mask.data() + n * p.words;
-    const int64_t start = p.row_ptr[static_cast<size_t>(n)];
+    const uint8_t* nib = p.nib.data() + p.nib_off[static_cast<size_t>(n)];
     const float* sc = p.scales.data() + p.group_ptr[static_cast<size_t>(n)];
     for (int64_t r = 0; r < m; ++r) {
       const float* xr = x + r * k;
       float acc = 0.0f, gacc = 0.0f;
-      int64_t vi = start, left = p.group_size;
+      int64_t vi = 0, left = p.group_size;
       const float* s = sc;
       for (int64_t w = 0; w < p.words; ++w) {
         uint64_t bits = mrow[w];
         while (bits) {
           const int64_t col = w * 64 + __builtin_ctzll(bits);
           bits &= bits - 1;
-          gacc += xr[col] * static_cast<float>(Code(p.nib.data(), vi));
+          gacc += xr[col] * static_cast<float>(Code(nib, vi));
           ++vi;
           if (--left == 0) {  // group complete: scale its sum
             acc += gacc * *s++;

@@ -5,8 +5,10 @@
 // per byte since group_size >= 8). Up to 4 rows of X share each decoded byte.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "packed.h"
 
@@ -36,6 +38,8 @@ const Tables4& T4() {
   static const Tables4 t;
   return t;
 }
+using T4Lane = Tables4;
+const T4Lane& T4L() { return T4(); }
 
 template <int MR>
 void Rows(const Packed4& p, const float* x, float* y, int64_t k, int64_t mg, int64_t n0, int64_t n1) {
@@ -45,7 +49,7 @@ void Rows(const Packed4& p, const float* x, float* y, int64_t k, int64_t mg, int
   const int64_t gs = p.group_size;
   for (int64_t n = n0; n < n1; ++n) {
     const uint64_t* mrow = p.mask.data() + n * p.words;
-    int64_t cur = p.row_ptr[n];  // code index in the nibble stream
+    int64_t cur = 2 * p.nib_off[n];  // code index in the nibble stream (rows start at a byte)
     const float* sc = p.scales.data() + p.group_ptr[n];
     int64_t nb = gs;  // codes of this row before the next group starts
     int64_t rel = 0;  // codes of this row so far
@@ -101,9 +105,92 @@ void Rows(const Packed4& p, const float* x, float* y, int64_t k, int64_t mg, int
   }
 }
 
+struct TablesC {
+  alignas(32) int32_t perm[256][8];  // vpermps: the set lanes of b first, in order
+  TablesC() {
+    for (int b = 0; b < 256; ++b) {
+      int c = 0;
+      for (int i = 0; i < 8; ++i) perm[b][i] = 0;
+      for (int i = 0; i < 8; ++i)
+        if ((b >> i) & 1) perm[b][c++] = i;
+    }
+  }
+};
+const TablesC& TC() {
+  static const TablesC t;
+  return t;
+}
+
+// 8 codes of a row (4 bytes, low nibble first) as floats
+inline __m256 Decode8(const uint8_t* src) {
+  int32_t raw;
+  std::memcpy(&raw, src, 4);
+  const __m128i dup = _mm_shuffle_epi8(_mm_cvtsi32_si128(raw), _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1,
+                                                                             -1, -1, -1, -1));
+  const __m256i e = _mm256_cvtepu8_epi32(dup);
+  const __m256i top = _mm256_sllv_epi32(e, _mm256_setr_epi32(28, 24, 28, 24, 28, 24, 28, 24));
+  return _mm256_cvtepi32_ps(_mm256_srai_epi32(top, 28));
+}
+
+// One row of X at a time (decode, M < 4): the row's kept activations are first compressed into a
+// contiguous buffer (vpermps by mask byte), then multiplied with the codes 8 at a time, one scale
+// per group of group_size (a multiple of 8) codes. No per-lane scale and no data-dependent branch.
+void CompressRows(const Packed4& p, const float* xr, float* yr, int64_t k, int64_t n0, int64_t n1, float* buf) {
+  const TablesC& t = TC();
+  const T4Lane& tl = T4L();
+  const int64_t chunks_per_group = p.group_size / 8;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint64_t* mrow = p.mask.data() + n * p.words;
+    int64_t rel = 0;
+    for (int64_t wi = 0; wi < p.words; ++wi) {
+      uint64_t bits = mrow[wi];
+      if (!bits) continue;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j, bits >>= 8) {
+        const unsigned b = bits & 0xFF;
+        const int64_t col = wi * 64 + j * 8;
+        const __m256 xv =
+            col + 8 <= k ? _mm256_loadu_ps(xr + col)
+                         : _mm256_maskload_ps(xr + col, _mm256_load_si256(reinterpret_cast<const __m256i*>(tl.lane[b])));
+        const __m256 c = _mm256_permutevar8x32_ps(xv, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.perm[b])));
+        _mm256_storeu_ps(buf + rel, c);
+        rel += __builtin_popcount(b);
+      }
+    }
+    _mm256_storeu_ps(buf + rel, _mm256_setzero_ps());  // the padded codes past the row's end meet zeros
+    const int64_t chunks = (rel + 7) / 8;
+    const uint8_t* codes = p.nib.data() + p.nib_off[n];
+    const float* sc = p.scales.data() + p.group_ptr[n];
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++sc) {
+      const int64_t cend = std::min(chunks, c + chunks_per_group);
+      __m256 sum0 = _mm256_setzero_ps(), sum1 = _mm256_setzero_ps();
+      for (; c + 1 < cend; c += 2) {
+        sum0 = _mm256_fmadd_ps(Decode8(codes + 4 * c), _mm256_loadu_ps(buf + 8 * c), sum0);
+        sum1 = _mm256_fmadd_ps(Decode8(codes + 4 * c + 4), _mm256_loadu_ps(buf + 8 * c + 8), sum1);
+      }
+      if (c < cend) {
+        sum0 = _mm256_fmadd_ps(Decode8(codes + 4 * c), _mm256_loadu_ps(buf + 8 * c), sum0);
+        ++c;
+      }
+      total = _mm256_fmadd_ps(_mm256_add_ps(sum0, sum1), _mm256_broadcast_ss(sc), total);
+    }
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(total), _mm256_extractf128_ps(total, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    yr[n] = _mm_cvtss_f32(h);
+  }
+}
+
 }  // namespace
 
 void RowDotInt4(const Packed4& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1) {
+  if (m < 4 && p.group_size % 8 == 0) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < static_cast<size_t>(p.words * 64 + 16)) buf.resize(static_cast<size_t>(p.words * 64 + 16));
+    for (int64_t r = 0; r < m; ++r) CompressRows(p, x + r * k, y + r * p.n, k, n0, n1, buf.data());
+    return;
+  }
   int64_t mg = 0;
   for (; mg + 4 <= m; mg += 4) Rows<4>(p, x, y, k, mg, n0, n1);
   switch (m - mg) {

@@ -118,7 +118,8 @@ void Gemm(const Packed& p, const uint8_t* xt, const float* xs, int64_t kpad, flo
 }
 
 // SparseMatMulInt4's pre-packed weight: the on-disk layout (ffsplit_export/formats/packing.py,
-// "bitmask sparse int4") with the mask widened to uint64 words and padding after the codes.
+// "bitmask sparse int4") with the mask widened to uint64 words and every row's codes starting at a
+// byte boundary, zero-padded to a multiple of 8 codes (4 bytes).
 // Stored zero codes stay in the mask (they keep the group of every later code in place); the
 // kernels multiply them (0 * x) and FixNonFinite recomputes any non-finite output by the contract.
 struct Packed4 {
@@ -127,8 +128,9 @@ struct Packed4 {
   int64_t kneed = 0;       // 1 + the last set mask bit
   int64_t group_size = 32; // kept values per scale (>= 8: one group boundary per 8 codes at most)
   HugeVec<uint64_t> mask;  // [N, words]
-  std::vector<int64_t> row_ptr;    // [N + 1]: code index (nibble) where row n starts
-  HugeVec<uint8_t> nib;            // ceil(nnz / 2) bytes of codes + 16 bytes of zero padding
+  std::vector<int64_t> row_ptr;    // [N + 1]: row n has row_ptr[n+1] - row_ptr[n] codes
+  std::vector<int64_t> nib_off;    // [N + 1]: byte offset of row n's codes in nib
+  HugeVec<uint8_t> nib;            // rows of ceil(count / 8) * 4 bytes of codes + 32 bytes of zero padding
   std::vector<float> scales;       // [groups]
   std::vector<int64_t> group_ptr;  // [N + 1]: scales[group_ptr[n] ..] are row n's
 
