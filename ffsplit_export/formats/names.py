@@ -26,11 +26,11 @@ class LightFormat(_NamedEnum):
     DENSE = "dense"
     SPARSE_FP32 = "sparse-fp32"
     SPARSE_INT8 = "sparse-int8"
-    SPARSE_INT4 = "sparse-int4"
     NM24_INT8 = "2:4-int8"
     INT8 = "int8"
     INT4 = "int4"
     LOWRANK = "lowrank"
+    SPARSE_INT4 = "sparse-int4"  # appended: existing members keep their order
 
     @property
     def is_sparse(self) -> bool:
