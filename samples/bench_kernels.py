@@ -1,4 +1,5 @@
-"""Per-layer kernel benchmark of the ffsplit ONNX Runtime ops against dense fp32 MatMul and
+"""Per-layer kernel benchmark of the ffsplit ONNX Runtime ops (sparse-int8, 2:4, sparse-int4 with
+group_size 32) against dense fp32 MatMul and
 MatMulNBits (int8 / int4, block 128, accuracy_level 4), in one process.
 
 Shapes: an FFN of d_model x d_ff (default 4096 x 16384): up [d_ff, d_model] and down
@@ -79,7 +80,9 @@ def nbits_model(w: np.ndarray, bits: int, block: int = 128) -> tuple[bytes, int]
     return _model([node], inits, k), p.nbytes
 
 
-def ffsplit_model(op: str, w: np.ndarray, sparsity: float, rng, accuracy_level: int = 0) -> tuple[bytes, int]:
+def ffsplit_model(
+    op: str, w: np.ndarray, sparsity: float, rng, accuracy_level: int = 0, group_size: int = 32
+) -> tuple[bytes, int]:
     n, k = w.shape
     if op == "Sparse24MatMulInt8":
         rank = rng.random((n, k // 4, 4)).argsort(axis=2)
@@ -87,7 +90,13 @@ def ffsplit_model(op: str, w: np.ndarray, sparsity: float, rng, accuracy_level: 
     else:
         keep = rng.random((n, k), dtype=np.float32) >= sparsity
     ws = np.where(keep, w, 0).astype(np.float32)
-    if op == "SparseMatMulFP32":
+    attrs = {"accuracy_level": accuracy_level} if accuracy_level else {}
+    if op == "SparseMatMulInt4":
+        q4, s4 = packing.quantize_sparse_int4(ws, keep, group_size)
+        p4 = packing.pack_sparse_int4(q4, keep, s4, group_size)
+        arrays, names = (p4.mask, p4.values, p4.row_ptr, p4.scales), ("mask", "values", "row_ptr", "scales")
+        attrs["group_size"] = group_size
+    elif op == "SparseMatMulFP32":
         p = packing.pack_bitmask(ws, keep)
         arrays, names = (p.mask, p.values, p.row_ptr), ("mask", "values", "row_ptr")
     else:
@@ -99,7 +108,6 @@ def ffsplit_model(op: str, w: np.ndarray, sparsity: float, rng, accuracy_level: 
             p24 = packing.pack_nm24(q)
             arrays, names = (p24.values, p24.meta, scales), ("values", "meta", "scales")
     inits = [numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names)]
-    attrs = {"accuracy_level": accuracy_level} if accuracy_level else {}
     node = helper.make_node(op, ["X", *names], ["Y"], domain=DOMAIN, **attrs)
     return _model([node], inits, k), int(sum(a.nbytes for a in arrays))
 
@@ -129,8 +137,8 @@ def main() -> None:
     ap.add_argument(
         "--ops",
         nargs="+",
-        default=["SparseMatMulInt8", "Sparse24MatMulInt8"],
-        choices=["SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8"],
+        default=["SparseMatMulInt8", "Sparse24MatMulInt8", "SparseMatMulInt4"],
+        choices=["SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8", "SparseMatMulInt4"],
     )
     ap.add_argument(
         "--accuracy-levels",
@@ -166,7 +174,7 @@ def main() -> None:
         for op in args.ops:
             for s in [0.5] if op == "Sparse24MatMulInt8" else args.sparsity:
                 for lvl in args.accuracy_levels:
-                    if lvl and op == "SparseMatMulFP32":
+                    if lvl and op in ("SparseMatMulFP32", "SparseMatMulInt4"):  # exact at every level
                         continue
                     name = op if not lvl else f"{op}/al{lvl}"
                     variants.append((name, s, *ffsplit_model(op, w, s, rng, lvl)))

@@ -29,6 +29,7 @@ CASES: dict[tuple[str, str], dict] = {
     ("light", "dense"): {},
     ("light", "sparse-fp32"): {"light_sparsity": 0.5},
     ("light", "sparse-int8"): {"light_sparsity": 0.5},
+    ("light", "sparse-int4"): {"light_sparsity": 0.5, "group_size": 32},
     ("light", "2:4-int8"): {},
     ("light", "int8"): {},
     ("light", "int4"): {"group_size": 32},

@@ -101,6 +101,7 @@ def test_format_names_are_stable():
         "int8",
         "int4",
         "lowrank",
+        "sparse-int4",
     ]
     with pytest.raises(ConfigError, match="sparse-int8"):
         LightFormat.parse("sparse8", "--light-format")

@@ -35,7 +35,7 @@ SEED = 16
 N_CASES = 1200
 N_CASES_SLOW = 4000
 BATCH = 150
-OPS = ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8")
+OPS = ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8", "SparseMatMulInt4")
 ISAS = ("scalar", "avx2", "avx512", "avx512vbmi2", "avx512vnni")
 WEIGHTS = {  # name, ONNX type, numpy dtype
     "SparseMatMulInt8": (
@@ -54,7 +54,16 @@ WEIGHTS = {  # name, ONNX type, numpy dtype
         ("meta", TensorProto.UINT8, np.uint8),
         ("scales", TensorProto.FLOAT, np.float32),
     ),
+    "SparseMatMulInt4": (
+        ("mask", TensorProto.UINT8, np.uint8),
+        ("values", TensorProto.UINT8, np.uint8),
+        ("row_ptr", TensorProto.INT64, np.int64),
+        ("scales", TensorProto.FLOAT, np.float32),
+    ),
 }
+_INT4 = "SparseMatMulInt4"
+_SCALED = ("SparseMatMulInt8", "Sparse24MatMulInt8", _INT4)  # ops with a scales input
+_BITMASK = ("SparseMatMulInt8", "SparseMatMulFP32", _INT4)  # ops with mask + row_ptr
 _NP2ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.float64): TensorProto.DOUBLE,
@@ -84,24 +93,24 @@ MUTATIONS = (
     ("x_rank1", None),
     ("x_rank4", None),
     ("x_wrong_dtype", None),
-    ("scale_nan", ("SparseMatMulInt8", "Sparse24MatMulInt8")),
-    ("scale_inf", ("SparseMatMulInt8", "Sparse24MatMulInt8")),
-    ("scale_zero", ("SparseMatMulInt8", "Sparse24MatMulInt8")),
-    ("scale_negative", ("SparseMatMulInt8", "Sparse24MatMulInt8")),
-    ("scale_huge", ("SparseMatMulInt8", "Sparse24MatMulInt8")),
-    ("scale_denormal", ("SparseMatMulInt8", "Sparse24MatMulInt8")),
+    ("scale_nan", _SCALED),
+    ("scale_inf", _SCALED),
+    ("scale_zero", _SCALED),
+    ("scale_negative", _SCALED),
+    ("scale_huge", _SCALED),
+    ("scale_denormal", _SCALED),
     ("value_nonfinite", ("SparseMatMulFP32",)),
     ("value_huge", ("SparseMatMulFP32",)),
-    ("mask_flip_bit", ("SparseMatMulInt8", "SparseMatMulFP32")),
-    ("mask_bits_past_k", ("SparseMatMulInt8", "SparseMatMulFP32")),
-    ("mask_wrong_cols", ("SparseMatMulInt8", "SparseMatMulFP32")),
-    ("row_ptr_nonmonotonic", ("SparseMatMulInt8", "SparseMatMulFP32")),
-    ("row_ptr_out_of_range", ("SparseMatMulInt8", "SparseMatMulFP32")),
-    ("row_ptr_negative", ("SparseMatMulInt8", "SparseMatMulFP32")),
-    ("row_ptr_first_nonzero", ("SparseMatMulInt8", "SparseMatMulFP32")),
-    ("row_ptr_wrong_len", ("SparseMatMulInt8", "SparseMatMulFP32")),
+    ("mask_flip_bit", _BITMASK),
+    ("mask_bits_past_k", _BITMASK),
+    ("mask_wrong_cols", _BITMASK),
+    ("row_ptr_nonmonotonic", _BITMASK),
+    ("row_ptr_out_of_range", _BITMASK),
+    ("row_ptr_negative", _BITMASK),
+    ("row_ptr_first_nonzero", _BITMASK),
+    ("row_ptr_wrong_len", _BITMASK),
     ("values_truncated", None),
-    ("values_extra", ("SparseMatMulInt8", "SparseMatMulFP32")),
+    ("values_extra", _BITMASK),
     ("meta_bad_order", ("Sparse24MatMulInt8",)),
     ("meta_high_nibble", ("Sparse24MatMulInt8",)),
     ("meta_wrong_shape", ("Sparse24MatMulInt8",)),
@@ -118,14 +127,25 @@ MUTATIONS = (
     ("huge_dims", None),
     ("huge_dims_input", None),
     ("x_huge_k", None),
-    ("scales_wrong_len", ("SparseMatMulInt8", "Sparse24MatMulInt8")),
+    ("scales_wrong_len", _SCALED),
     ("accuracy_level_bad", None),
     ("as_inputs_valid", None),
     ("as_inputs_malformed", None),
+    ("group_size_bad", (_INT4,)),
+    ("nibble_pad_set", (_INT4,)),
+    ("zero_codes", (_INT4,)),
 )
 
 
-def _packed(op: str, rng: np.random.Generator, n: int, k: int, density: float, dense: bool = False):
+def _packed(
+    op: str,
+    rng: np.random.Generator,
+    n: int,
+    k: int,
+    density: float,
+    dense: bool = False,
+    group_size: int = 8,
+):
     from ffsplit_export.formats import packing
 
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -141,6 +161,10 @@ def _packed(op: str, rng: np.random.Generator, n: int, k: int, density: float, d
     if op == "SparseMatMulFP32":
         p = packing.pack_bitmask(w, keep)
         return [p.mask, p.values, p.row_ptr]
+    if op == _INT4:
+        q4, s4 = packing.quantize_sparse_int4(w, keep, group_size)
+        p4 = packing.pack_sparse_int4(q4, keep, s4, group_size)
+        return [p4.mask, p4.values, p4.row_ptr, p4.scales]
     q, scales = packing.quantize_int8_per_channel(w)
     if op == "SparseMatMulInt8":
         p = packing.pack_bitmask(q, keep)  # keeps codes that rounded to 0
@@ -157,13 +181,14 @@ def make_case(i: int) -> dict:
     """Case ``i``: op, weights (list; None = omitted), graph layout, attributes and the Xs to run."""
     rng = np.random.default_rng([SEED, i])
     mutation, ops = MUTATIONS[i % len(MUTATIONS)]
-    op = OPS[(i // len(MUTATIONS)) % 3] if ops is None else ops[(i // len(MUTATIONS)) % len(ops)]
+    op = OPS[(i // len(MUTATIONS)) % len(OPS)] if ops is None else ops[(i // len(MUTATIONS)) % len(ops)]
     k = int(rng.choice([1, 3, 8, 13, 37, 64, 65, 100, 130]))
     n = int(rng.integers(1, 24))
     density = float(rng.choice([0.0, 0.1, 0.5, 0.9]))
     specs = WEIGHTS[op]
     names = [s[0] for s in specs]
-    weights = _packed(op, rng, n, k, density, dense=mutation == "valid_dense")
+    gs = int(rng.choice([8, 16, 32]))
+    weights = _packed(op, rng, n, k, density, dense=mutation == "valid_dense", group_size=gs)
     case = {
         "i": i,
         "op": op,
@@ -176,6 +201,8 @@ def make_case(i: int) -> dict:
         "attrs": {},
         "xs": [_x(rng, 1, k), _x(rng, 16, k)],
     }
+    if op == _INT4:
+        case["attrs"]["group_size"] = gs
     if op != "SparseMatMulFP32" and rng.random() < 0.35:
         case["attrs"]["accuracy_level"] = 4
     if rng.random() < 0.3:
@@ -195,6 +222,15 @@ def make_case(i: int) -> dict:
         # N rows with nothing stored: zero the whole weight
         if op == "Sparse24MatMulInt8":
             weights[0][::2] = 0
+        elif op == _INT4:
+            w0 = rng.standard_normal((n, k)).astype(np.float32)
+            keep = rng.random((n, k)) < max(density, 0.5)
+            keep[::2] = False
+            from ffsplit_export.formats import packing
+
+            q4, s4 = packing.quantize_sparse_int4(w0, keep, gs)
+            p4 = packing.pack_sparse_int4(q4, keep, s4, gs)
+            case["weights"] = weights = [p4.mask, p4.values, p4.row_ptr, p4.scales]
         else:
             from ffsplit_export.formats import packing
 
@@ -235,7 +271,8 @@ def make_case(i: int) -> dict:
     elif mutation.startswith("scale_"):
         s = weights[widx("scales")]
         rows = rng.random(s.shape[0]) < 0.5
-        rows[rng.integers(0, s.shape[0])] = True
+        if s.shape[0]:  # int4 with nothing kept has no scales
+            rows[rng.integers(0, s.shape[0])] = True
         val = {
             "scale_nan": np.nan,
             "scale_inf": float(rng.choice([np.inf, -np.inf])),
@@ -321,6 +358,9 @@ def make_case(i: int) -> dict:
         if op == "SparseMatMulFP32":
             p = packing.pack_bitmask(np.zeros((0, k), np.float32))
             case["weights"] = weights = [p.mask, p.values, p.row_ptr]
+        elif op == _INT4:
+            p = packing.pack_bitmask(np.zeros((0, k), np.int8))
+            case["weights"] = weights = [p.mask, np.zeros(0, np.uint8), p.row_ptr, np.zeros(0, np.float32)]
         elif op == "SparseMatMulInt8":
             p = packing.pack_bitmask(np.zeros((0, k), np.int8))
             case["weights"] = weights = [p.mask, p.values, p.row_ptr, np.zeros(0, np.float32)]
@@ -333,7 +373,7 @@ def make_case(i: int) -> dict:
             ]
     elif mutation == "k0":
         case["k"] = 0
-        case["weights"] = weights = _packed(op, rng, n, 0, 0.5)
+        case["weights"] = weights = _packed(op, rng, n, 0, 0.5, group_size=gs)
         case["xs"] = [np.zeros((1, 0), np.float32), np.zeros((16, 0), np.float32)]
         case["x_shape"] = ["m", 0]
     elif mutation == "wrong_dtype":
@@ -404,6 +444,27 @@ def make_case(i: int) -> dict:
         weights[widx("scales")] = s[:-1] if rng.random() < 0.5 else np.concatenate([s, s[:1]])
     elif mutation == "accuracy_level_bad":
         case["attrs"]["accuracy_level"] = int(rng.choice([-1, 5, 1 << 40]))
+    elif mutation == "group_size_bad":
+        bad = rng.choice([None, 0, 4, 7, -8, 1 << 40])
+        if bad is None:
+            del case["attrs"]["group_size"]
+        else:
+            case["attrs"]["group_size"] = int(bad)
+    elif mutation == "nibble_pad_set":
+        v = weights[1]
+        if int(weights[2][-1]) % 2:
+            v[-1] |= np.uint8(0x10 << int(rng.integers(0, 4)))
+        else:
+            weights[1] = np.concatenate([v, np.zeros(1, np.uint8)])  # one byte too many
+    elif mutation == "zero_codes":
+        # stored zero codes (and the nibble -8): structural zeros / the most negative code
+        v = weights[1]
+        if v.size:
+            idx = rng.integers(0, v.size, size=max(1, v.size // 4))
+            v[idx] = rng.choice([0x00, 0x80, 0x08, 0x88], idx.size).astype(np.uint8)
+            if int(weights[2][-1]) % 2:
+                v[-1] &= np.uint8(0x0F)
+            nonfinite_rows(case["xs"], [np.nan, np.inf])
     elif mutation == "as_inputs_valid":
         case["as_inputs"] = True
     elif mutation == "as_inputs_malformed":
@@ -478,7 +539,7 @@ def _reference(case: dict, x: np.ndarray):
     if not 0 <= level <= 4:
         return None, "accuracy_level"
     try:
-        return reference_matmul(case["op"], x, *case["weights"]), None
+        return reference_matmul(case["op"], x, *case["weights"], **case["attrs"]), None
     except FormatError as e:
         return None, str(e)
 
@@ -488,7 +549,8 @@ def _bound(case: dict, x: np.ndarray, approx: bool) -> np.ndarray:
     from ffsplit_export.ops._spec import OPS, _scaled
 
     k = x.shape[-1]
-    codes, scales = OPS[case["op"]].terms(k, *case["weights"])
+    spec = OPS[case["op"]]
+    codes, scales = spec.terms(k, *case["weights"], **{a: case["attrs"][a] for a in spec.attrs})
     w = np.abs(_scaled(codes, scales, np.float64))
     m = int(np.prod(x.shape[:-1], dtype=np.int64))
     x64 = np.abs(x.reshape(m, k).astype(np.float64))
@@ -509,7 +571,7 @@ def _compare(case: dict, isa: str, x: np.ndarray, y: np.ndarray, ref: np.ndarray
             at = np.argwhere(f(y) != f(ref))[0]
             return f"{what} positions differ at {tuple(at)}: y={y[tuple(at)]} ref={ref[tuple(at)]}"
     fin = np.isfinite(ref)
-    approx = isa == "avx512vnni" and case["op"] != "SparseMatMulFP32"
+    approx = isa == "avx512vnni" and case["op"] not in ("SparseMatMulFP32", _INT4)
     bound = _bound(case, x, approx)
     with np.errstate(all="ignore"):
         diff = np.abs(y.astype(np.float64) - ref.astype(np.float64))

@@ -270,7 +270,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         "--light-format",
         type=format_name(LightFormat),
         default="sparse-int8",
-        help="sparse-int8 (default), sparse-fp32, 2:4-int8, int8, int4, lowrank, dense",
+        help="sparse-int8 (default), sparse-int4, sparse-fp32, 2:4-int8, int8, int4, lowrank, dense",
     )
     p.add_argument(
         "--light-sparsity",

@@ -30,6 +30,7 @@ class LightFormat(_NamedEnum):
     INT8 = "int8"
     INT4 = "int4"
     LOWRANK = "lowrank"
+    SPARSE_INT4 = "sparse-int4"  # appended: existing members keep their order
 
 
 class HeavyFormat(_NamedEnum):

@@ -12,6 +12,16 @@ bitmask sparse (``sparse-fp32``, ``sparse-int8``)
     ``values``  [nnz] (float32 or int8): the stored entries, row after row, by column.
     ``row_ptr`` int64 [N+1]: ``values[row_ptr[n]:row_ptr[n+1]]`` belong to row n.
 
+bitmask sparse int4 (``sparse-int4``)
+    ``mask``, ``row_ptr`` as above (``row_ptr`` counts kept values, not bytes).
+    ``values``  uint8 [ceil(nnz/2)]: the kept values' signed 4-bit codes (two's complement,
+                -8..7) as a nibble stream, row after row, by column; code i is the low nibble
+                of byte i // 2 when i is even, the high nibble when odd; a final unused high
+                nibble is zero.
+    ``scales``  float32 [sum over rows of ceil(count_n / G)]: row n's kept values form groups of
+                G (the op's ``group_size``) in column order, the last one possibly short; the
+                scales are row after row, group after group. A value is ``code * its group's scale``.
+
 2:4 (``2:4-int8``)
     K is padded with zeros to a multiple of 4; G = ceil(K/4) groups of 4 columns per row.
     ``values``  int8 [N, 2*G]: the two kept entries of group g at 2g and 2g+1.
@@ -170,6 +180,163 @@ def unpack_bitmask(p: BitmaskSparse) -> np.ndarray:
     out = np.zeros((n, p.k), p.values.dtype)
     out[keep] = p.values
     return out
+
+
+# --------------------------------------------------------------------------- bitmask sparse int4
+
+
+@dataclass(frozen=True)
+class SparseInt4:
+    mask: np.ndarray  # uint8 [N, ceil(K/8)]
+    values: np.ndarray  # uint8 [ceil(nnz/2)]: 4-bit codes
+    row_ptr: np.ndarray  # int64 [N+1]
+    scales: np.ndarray  # float32 [n_groups]
+    k: int
+    group_size: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.mask.nbytes + self.values.nbytes + self.row_ptr.nbytes + self.scales.nbytes
+
+
+def sparse_int4_groups(row_ptr: np.ndarray, group_size: int) -> np.ndarray:
+    """int64 [N+1]: ``scales[gp[n]:gp[n+1]]`` are row n's group scales (ceil(count_n / G) of them)."""
+    if not 8 <= group_size < 2**31:
+        raise FormatError(
+            f"sparse-int4 group_size={group_size} is out of range; use 8 <= group_size < 2^31 (e.g. 32)"
+        )
+    counts = np.diff(np.asarray(row_ptr, np.int64))
+    gp = np.zeros(counts.shape[0] + 1, np.int64)
+    np.cumsum(-(-counts // group_size), out=gp[1:])
+    return gp
+
+
+def _group_of_values(row_ptr: np.ndarray, group_size: int) -> np.ndarray:
+    """int64 [nnz]: the index into ``scales`` of every kept value."""
+    row_ptr = np.asarray(row_ptr, np.int64)
+    counts = np.diff(row_ptr)
+    gp = sparse_int4_groups(row_ptr, group_size)
+    nnz = int(row_ptr[-1]) if row_ptr.size else 0
+    row = np.repeat(np.arange(counts.shape[0]), counts)
+    rank = np.arange(nnz, dtype=np.int64) - row_ptr[:-1][row]
+    return gp[:-1][row] + rank // group_size
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Signed codes in [-8, 7] (1-D) as a uint8 nibble stream, low nibble first."""
+    codes = np.asarray(codes)
+    if codes.ndim != 1:
+        raise FormatError(f"codes must be 1-D, got shape {codes.shape}")
+    if codes.size and (codes.min() < -8 or codes.max() > 7):
+        raise FormatError("int4 codes out of range [-8, 7]")
+    u = (codes.astype(np.int16) & 0x0F).astype(np.uint8)
+    if u.size % 2:
+        u = np.concatenate([u, np.zeros(1, np.uint8)])
+    return (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(values: np.ndarray, count: int) -> np.ndarray:
+    """int8 [count]: the signed codes of a nibble stream (inverse of :func:`pack_nibbles`)."""
+    values = np.asarray(values, np.uint8)
+    u = np.stack([values & 0x0F, values >> 4], axis=1).reshape(-1)[:count]
+    return ((u.astype(np.int16) ^ 8) - 8).astype(np.int8)
+
+
+def quantize_sparse_int4(w: np.ndarray, keep: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 of the kept entries of ``w``, groups of ``group_size`` kept values per row.
+
+    Returns ``q`` int8 [N, K] (codes in [-7, 7], 0 where not kept) and ``scales`` float32
+    [n_groups] (:func:`sparse_int4_groups` order); a group's scale is its max |w| / 7 (1 if zero).
+    """
+    w = _as_matrix(w, "weight").astype(np.float32, copy=False)
+    keep = np.asarray(keep, bool)
+    if keep.shape != w.shape:
+        raise FormatError(f"mask shape {keep.shape} does not match weight shape {w.shape}")
+    row_ptr = np.zeros(w.shape[0] + 1, np.int64)
+    np.cumsum(keep.sum(axis=1, dtype=np.int64), out=row_ptr[1:])
+    grp = _group_of_values(row_ptr, group_size)
+    kept = w[keep]
+    n_groups = int(sparse_int4_groups(row_ptr, group_size)[-1])
+    amax = np.zeros(n_groups, np.float32)
+    np.maximum.at(amax, grp, np.abs(kept))
+    scales = np.where(amax > 0, amax / np.float32(7.0), np.float32(1.0)).astype(np.float32)
+    codes = np.clip(np.rint(kept / scales[grp]), -7, 7).astype(np.int8)
+    q = np.zeros(w.shape, np.int8)
+    q[keep] = codes
+    return q, scales
+
+
+def pack_sparse_int4(q: np.ndarray, keep: np.ndarray, scales: np.ndarray, group_size: int) -> SparseInt4:
+    """Pack int4 codes ``q`` [N, K] at the positions ``keep`` (codes elsewhere must be 0) with their
+    group ``scales`` (see :func:`quantize_sparse_int4`)."""
+    q = _as_matrix(q, "q")
+    keep = np.asarray(keep, bool)
+    if keep.shape != q.shape:
+        raise FormatError(f"mask shape {keep.shape} does not match weight shape {q.shape}")
+    if (q[~keep] != 0).any():
+        raise FormatError("sparse-int4: non-zero codes outside the mask")
+    p = pack_bitmask(q.astype(np.int8), keep)
+    scales = np.asarray(scales, np.float32)
+    want = int(sparse_int4_groups(p.row_ptr, group_size)[-1])
+    if scales.shape != (want,):
+        raise FormatError(
+            f"sparse-int4 scales must be float32 [{want}] for group_size={group_size}, got {scales.shape}"
+        )
+    return SparseInt4(p.mask, pack_nibbles(p.values), p.row_ptr, scales.copy(), p.k, int(group_size))
+
+
+def check_sparse_int4(
+    mask: np.ndarray, values: np.ndarray, row_ptr: np.ndarray, scales: np.ndarray, k: int, group_size: int
+) -> None:
+    """Raise FormatError unless the arrays form a valid sparse-int4 layout for K=k."""
+    if values.dtype != np.uint8 or values.ndim != 1:
+        raise FormatError(
+            f"sparse-int4 values must be uint8 [ceil(nnz/2)], got {values.dtype} {values.shape}"
+        )
+    if row_ptr.dtype != np.int64 or row_ptr.ndim != 1 or row_ptr.shape[0] < 1:
+        raise FormatError(f"row_ptr must be int64 [N+1], got {row_ptr.dtype} {row_ptr.shape}")
+    nnz = int(row_ptr[-1])
+    if nnz < 0 or -(-nnz // 2) != values.shape[0]:
+        raise FormatError(
+            f"sparse-int4 values hold {values.shape[0]} bytes; row_ptr[N]={nnz} codes need {-(-max(nnz, 0) // 2)}"
+        )
+    # the bitmask rules (row_ptr = running popcount) with one placeholder entry per code
+    check_bitmask(mask, np.zeros(nnz, np.int8), row_ptr, k)
+    if nnz % 2 and values[-1] >> 4:
+        raise FormatError("sparse-int4 values: the unused high nibble of the last byte must be zero")
+    want = int(sparse_int4_groups(row_ptr, group_size)[-1])
+    if scales.dtype != np.float32 or scales.shape != (want,):
+        raise FormatError(
+            f"sparse-int4 scales must be float32 [{want}] (ceil(count/{group_size}) per row), "
+            f"got {scales.dtype} {scales.shape}"
+        )
+
+
+def unpack_sparse_int4(p: SparseInt4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes int8 [N, K], keep bool [N, K], scales float32 [n_groups]): inverse of :func:`pack_sparse_int4`."""
+    check_sparse_int4(p.mask, p.values, p.row_ptr, p.scales, p.k, p.group_size)
+    n = p.mask.shape[0]
+    keep = np.unpackbits(p.mask, axis=1, bitorder="little", count=p.k).astype(bool)
+    q = np.zeros((n, p.k), np.int8)
+    q[keep] = unpack_nibbles(p.values, int(p.row_ptr[-1]))
+    return q, keep, p.scales.copy()
+
+
+def sparse_int4_scale_matrix(p: SparseInt4) -> np.ndarray:
+    """float32 [N, K]: every stored entry's group scale (1 where nothing is stored)."""
+    check_sparse_int4(p.mask, p.values, p.row_ptr, p.scales, p.k, p.group_size)
+    keep = np.unpackbits(p.mask, axis=1, bitorder="little", count=p.k).astype(bool)
+    s = np.ones(keep.shape, np.float32)
+    s[keep] = p.scales[_group_of_values(p.row_ptr, p.group_size)]
+    return s
+
+
+def dequantize_sparse_int4(p: SparseInt4) -> np.ndarray:
+    """The float32 [N, K] weight (code * group scale; exactly 0 where nothing or a zero code is stored)."""
+    q, _, _ = unpack_sparse_int4(p)
+    s = sparse_int4_scale_matrix(p)
+    with np.errstate(all="ignore"):
+        return np.where(q != 0, q.astype(np.float32) * s, np.float32(0)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- 2:4

@@ -48,7 +48,7 @@ def dense_matmul(g, x, w):
 
 
 #: the modules that register the built-in formats (imported on first lookup)
-BUILTIN_MODULES = ("dense", "sparse", "nm24", "nbits", "lowrank", "embedding")
+BUILTIN_MODULES = ("dense", "sparse", "sparse_int4", "nm24", "nbits", "lowrank", "embedding")
 
 ALL_TARGETS = frozenset(Target)
 

@@ -36,7 +36,8 @@ def trt_node_attributes() -> dict:
 # size and accuracy level; Triton), stated once and appended to each op's schema doc.
 SEMANTICS = """\
 Y[..., n] = sum over k with code[n, k] != 0 of X[..., k] * w[n, k], where code is the stored int8
-code (int8 ops; w = code * scales[n]) or the stored float32 value (SparseMatMulFP32; w = code).
+code (int8 ops; w = code * scales[n]), the stored int4 code (SparseMatMulInt4; w = code * the scale
+of its group) or the stored float32 value (SparseMatMulFP32; w = code).
 Zero codes, stored or not, are structural zeros and are skipped as sparse BLAS does: a NaN or inf
 in X at a column that row n does not use does not reach Y[..., n], so the result never depends on
 which kernel path, batch size or accuracy level ran. Every used term follows IEEE arithmetic: a
@@ -44,7 +45,7 @@ NaN or inf in X at a used column, or a NaN or inf scale or value, makes Y[..., n
 (never finite); 0 * inf is NaN. The result is the float32 rounding of the exact sum (float32
 accumulation error allowed); it is inf only where the exact sum is beyond float32 range, never
 through an intermediate overflow (the kernels recompute any non-finite output in float64).
-accuracy_level 4 on the int8 ops may quantize each finite row of X to int8 (relative error ~1e-2);
+accuracy_level 4 on the int8 ops (SparseMatMulInt4: accepted, computed exactly) may quantize each finite row of X to int8 (relative error ~1e-2);
 a row of X holding NaN or inf is never quantized, it is computed by these semantics."""
 
 # Why structural zeros are skipped rather than multiplied (the dense product's 0 * inf = NaN): the
@@ -62,7 +63,10 @@ class OpSpec:
     weight_inputs: tuple[tuple[str, str], ...]  # (name, onnx type string) after X
     decode: Callable[..., np.ndarray]  # (k, *weights) -> float32 W [N, K]
     check: Callable[..., None]  # (k, *weights) -> raises FormatError
-    terms: Callable[..., tuple[np.ndarray, np.ndarray | None]]  # (k, *weights) -> codes [N, K], scales [N]
+    terms: Callable[
+        ..., tuple[np.ndarray, np.ndarray | None]
+    ]  # (k, *weights) -> codes [N, K], scales [N] or [N, K]
+    attrs: tuple[str, ...] = ()  # required int attributes, passed to decode / check / terms by keyword
 
 
 def _terms_sparse_int8(k, mask, values, row_ptr, scales):
@@ -83,12 +87,36 @@ def _terms_nm24_int8(k, values, meta, scales):
 
 
 def _scaled(codes: np.ndarray, scales: np.ndarray | None, dtype) -> np.ndarray:
-    """w = code * scale where code != 0, else exactly 0 (a structural zero, whatever the scale)."""
+    """w = code * scale where code != 0, else exactly 0 (a structural zero, whatever the scale).
+
+    ``scales`` is per row [N] or per entry [N, K] (SparseMatMulInt4's group scales)."""
     c = codes.astype(dtype)
     if scales is None:
         return c
+    s = scales.astype(dtype)
     with np.errstate(all="ignore"):
-        return np.where(codes != 0, c * scales.astype(dtype)[:, None], dtype(0))
+        return np.where(codes != 0, c * (s if s.ndim == 2 else s[:, None]), dtype(0))
+
+
+def _int4(k, mask, values, row_ptr, scales, group_size) -> packing.SparseInt4:
+    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool):
+        raise FormatError(f"SparseMatMulInt4 needs an int attribute group_size >= 8, got {group_size!r}")
+    return packing.SparseInt4(mask, values, row_ptr, scales, k, int(group_size))
+
+
+def _check_sparse_int4(k, mask, values, row_ptr, scales, *, group_size=None):
+    p = _int4(k, mask, values, row_ptr, scales, group_size)
+    packing.check_sparse_int4(p.mask, p.values, p.row_ptr, p.scales, k, p.group_size)
+
+
+def _terms_sparse_int4(k, mask, values, row_ptr, scales, *, group_size=None):
+    p = _int4(k, mask, values, row_ptr, scales, group_size)
+    codes, _, _ = packing.unpack_sparse_int4(p)
+    return codes, packing.sparse_int4_scale_matrix(p)
+
+
+def _decode_sparse_int4(k, mask, values, row_ptr, scales, *, group_size=None):
+    return _scaled(*_terms_sparse_int4(k, mask, values, row_ptr, scales, group_size=group_size), np.float32)
 
 
 def _decode_sparse_int8(k, mask, values, row_ptr, scales):
@@ -166,6 +194,22 @@ OPS: dict[str, OpSpec] = {
             _check_nm24_int8,
             _terms_nm24_int8,
         ),
+        OpSpec(
+            "SparseMatMulInt4",
+            "Y = X @ W.T, W unstructured sparse: bitmask + int4 codes of the kept weights (a nibble "
+            "stream) + row_ptr, float32 scales per group of group_size kept values of a row "
+            "(attribute group_size, required, >= 8; layout in ffsplit_export/formats/packing.py).",
+            (
+                ("mask", "tensor(uint8)"),
+                ("values", "tensor(uint8)"),
+                ("row_ptr", "tensor(int64)"),
+                ("scales", "tensor(float)"),
+            ),
+            _decode_sparse_int4,
+            _check_sparse_int4,
+            _terms_sparse_int4,
+            ("group_size",),
+        ),
     )
 }
 
@@ -177,23 +221,34 @@ def _spec(op_type: str) -> OpSpec:
         raise FormatError(f"unknown op {DOMAIN}::{op_type}; the domain has {sorted(OPS)}") from e
 
 
-def check_op_weights(op_type: str, k: int, *weights: np.ndarray) -> None:
+def _op_attrs(spec: OpSpec, attrs: dict) -> dict:
+    """The op's attributes from ``attrs`` (others, e.g. accuracy_level, are dropped); a missing one raises."""
+    missing = [a for a in spec.attrs if attrs.get(a) is None]
+    if missing:
+        raise FormatError(f"{spec.name} needs the attribute(s) {', '.join(missing)}")
+    return {a: attrs[a] for a in spec.attrs}
+
+
+def check_op_weights(op_type: str, k: int, *weights: np.ndarray, **attrs) -> None:
     """Raise FormatError unless ``weights`` are valid packed inputs of ``op_type`` for K=k."""
     spec = _spec(op_type)
     if len(weights) != len(spec.weight_inputs):
         raise FormatError(f"{op_type} takes {len(spec.weight_inputs)} weight inputs, got {len(weights)}")
-    spec.check(k, *weights)
+    spec.check(k, *weights, **_op_attrs(spec, attrs))
 
 
-def decode_weight(op_type: str, k: int, *weights: np.ndarray) -> np.ndarray:
-    """The float32 W [N, K] that ``op_type`` multiplies by."""
-    return _spec(op_type).decode(k, *weights)
-
-
-def reference_matmul(op_type: str, x: np.ndarray, *weights: np.ndarray) -> np.ndarray:
-    """Reference semantics (:data:`SEMANTICS`): ``x[..., K] @ W.T`` summed in float64 over the
-    non-zero weights only (structural zeros skipped), rounded to float32."""
+def decode_weight(op_type: str, k: int, *weights: np.ndarray, **attrs) -> np.ndarray:
+    """The float32 W [N, K] that ``op_type`` multiplies by (``attrs``: the op's attributes)."""
     spec = _spec(op_type)
+    return spec.decode(k, *weights, **_op_attrs(spec, attrs))
+
+
+def reference_matmul(op_type: str, x: np.ndarray, *weights: np.ndarray, **attrs) -> np.ndarray:
+    """Reference semantics (:data:`SEMANTICS`): ``x[..., K] @ W.T`` summed in float64 over the
+    non-zero weights only (structural zeros skipped), rounded to float32. ``attrs``: the node's
+    attributes (SparseMatMulInt4 needs ``group_size``; others are ignored)."""
+    spec = _spec(op_type)
+    op_attrs = _op_attrs(spec, attrs)
     x = np.asarray(x)
     if x.dtype != np.float32:
         raise FormatError(f"{op_type}: X must be float32, got {x.dtype}")
@@ -206,7 +261,7 @@ def reference_matmul(op_type: str, x: np.ndarray, *weights: np.ndarray) -> np.nd
             raise FormatError(f"{op_type}: input {name!r} is omitted; every input of the op is required")
     weights = tuple(np.asarray(a) for a in weights)
     k = x.shape[-1]
-    codes, scales = spec.terms(k, *weights)
+    codes, scales = spec.terms(k, *weights, **op_attrs)
     w = _scaled(codes, scales, np.float64)  # code * scale is exact in float64
     nz = codes != 0
     m = int(np.prod(x.shape[:-1], dtype=np.int64))
@@ -254,6 +309,10 @@ def _schema(spec: OpSpec) -> defs.OpSchema:
                 "(as MatMulNBits accuracy_level 4); the reference always computes in float32",
                 required=False,
             ),
+        ]
+        + [
+            defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT, f"{a} (required)", required=True)
+            for a in spec.attrs
         ],
     )
     return schema
@@ -288,8 +347,8 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
     classes = []
     for spec in OPS.values():
 
-        def _run(self, x, *weights, _name=spec.name, **_attrs):
-            return (reference_matmul(_name, x, *weights),)
+        def _run(self, x, *weights, _name=spec.name, **attrs):
+            return (reference_matmul(_name, x, *weights, **attrs),)
 
         classes.append(type(spec.name, (OpRun,), {"op_domain": domain, "_run": _run}))
     if include_contrib:

@@ -4,6 +4,9 @@
 //   SparseMatMulInt8(X, mask:uint8[N,ceil(K/8)], values:int8[nnz], row_ptr:int64[N+1], scales:float[N])
 //   SparseMatMulFP32(X, mask, values:float[nnz], row_ptr)
 //   Sparse24MatMulInt8(X, values:int8[N,2G], meta:uint8[N,ceil(G/2)], scales:float[N])
+//   SparseMatMulInt4(X, mask, values:uint8[ceil(nnz/2)] 4-bit codes, row_ptr, scales:float[groups]),
+//     int attribute group_size (required, >= 8): a scale per group_size kept values of a row
+//     (accuracy_level 4 is accepted and computed exactly)
 // Optional int attribute accuracy_level (default 0 = exact fp32 compute); 4 lets the int8-weight ops
 // quantize activations to int8 per row (as MatMulNBits accuracy_level 4): the VNNI kernels run when
 // the CPU has them. FFSPLIT_ISA (other than auto) overrides the choice for tests and debugging.
@@ -93,12 +96,13 @@ void CheckDims(const View& v, const char* name) {
   if (v.count > 0 && v.data == nullptr) Fail(std::string(name) + " has no data");
 }
 
-enum class Kind { kSparseInt8, kSparseFp32, kNm24Int8 };
+enum class Kind { kSparseInt8, kSparseFp32, kNm24Int8, kSparseInt4 };
 
 const char* KindName(Kind k) {
   switch (k) {
     case Kind::kSparseInt8: return "SparseMatMulInt8";
     case Kind::kSparseFp32: return "SparseMatMulFP32";
+    case Kind::kSparseInt4: return "SparseMatMulInt4";
     default: return "Sparse24MatMulInt8";
   }
 }
@@ -308,6 +312,101 @@ Prepared PrepareNm24(const View& values, const View& meta, const View& scales, i
   return out;
 }
 
+// Bitmask int4 layout (SparseMatMulInt4); the rules of ffsplit_export/formats/packing.py check_sparse_int4.
+struct Prepared4 {
+  Packed4 packed;
+  int64_t disk_cols = 0;  // mask bytes per row
+  int64_t kneed = 0;      // 1 + last set bit
+};
+
+Prepared4 PrepareInt4(const View& mask, const View& values, const View& row_ptr, const View& scales, int64_t gs,
+                      int64_t k) {
+  ExpectType(mask, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "mask");
+  CheckDims(mask, "mask");
+  CheckDims(values, "values");
+  CheckDims(row_ptr, "row_ptr");
+  CheckDims(scales, "scales");
+  if (mask.shape.size() != 2) Fail("mask must be uint8 [N, ceil(K/8)], got shape " + ShapeStr(mask.shape));
+  const int64_t n = mask.shape[0], kb = mask.shape[1];
+  if (k >= 0 && kb != CeilDiv(k, 8))
+    Fail("mask has " + std::to_string(kb) + " bytes per row; K=" + std::to_string(k) + " needs " +
+         std::to_string(CeilDiv(k, 8)));
+  ExpectType(row_ptr, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, "row_ptr");
+  if (row_ptr.shape.size() != 1 || row_ptr.shape[0] != n + 1)
+    Fail("row_ptr must be int64 [N+1]=" + std::to_string(n + 1) + ", got shape " + ShapeStr(row_ptr.shape));
+  ExpectType(values, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "values");
+  if (values.shape.size() != 1) Fail("values must be uint8 [ceil(nnz/2)], got shape " + ShapeStr(values.shape));
+  ExpectType(scales, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "scales");
+  if (scales.shape.size() != 1) Fail("scales must be float32 [groups], got shape " + ShapeStr(scales.shape));
+  const uint8_t* mb = mask.as<uint8_t>();
+  const int64_t* rp = row_ptr.as<int64_t>();
+  int64_t kneed = 0;
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t b = kb - 1; b >= 0; --b)
+      if (const uint8_t byte = mb[r * kb + b]) {
+        kneed = std::max<int64_t>(kneed, b * 8 + (31 - __builtin_clz(byte)) + 1);
+        break;
+      }
+  if (k >= 0 && kneed > k) Fail("mask has bits set past column K=" + std::to_string(k) + "; they must be zero");
+  // row_ptr = running popcount (bounds every code read); groups = sum of ceil(count / group_size)
+  bool ok = rp[0] == 0;
+  int64_t total = 0, groups = 0;
+  for (int64_t r = 0; ok && r < n; ++r) {
+    int64_t cnt = 0;
+    for (int64_t b = 0; b < kb; ++b) cnt += __builtin_popcount(mb[r * kb + b]);
+    total += cnt;
+    groups += cnt / gs + (cnt % gs != 0);
+    if (rp[r + 1] != total) ok = false;
+  }
+  if (!ok)
+    Fail("row_ptr does not match the mask: row_ptr[0] must be 0, row_ptr[n+1]-row_ptr[n] the popcount of row n");
+  const int64_t nbytes = total / 2 + (total % 2);
+  if (values.shape[0] != nbytes)
+    Fail("sparse-int4 values hold " + std::to_string(values.shape[0]) + " bytes; row_ptr[N]=" +
+         std::to_string(total) + " codes need " + std::to_string(nbytes));
+  if ((total % 2) && (values.as<uint8_t>()[nbytes - 1] >> 4))
+    Fail("sparse-int4 values: the unused high nibble of the last byte must be zero");
+  if (scales.shape[0] != groups)
+    Fail("sparse-int4 scales must be float32 [" + std::to_string(groups) + "] (ceil(count/" + std::to_string(gs) +
+         ") per row), got shape " + ShapeStr(scales.shape));
+
+  Prepared4 out;
+  out.disk_cols = kb;
+  out.kneed = kneed;
+  Packed4& p = out.packed;
+  p.n = n;
+  p.words = CeilDiv(kb * 8, 64);
+  p.kneed = kneed;
+  p.group_size = gs;
+  p.mask.assign(static_cast<size_t>(n * p.words), 0);
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t b = 0; b < kb; ++b)
+      p.mask[static_cast<size_t>(r * p.words + b / 8)] |= static_cast<uint64_t>(mb[r * kb + b]) << (8 * (b % 8));
+  p.row_ptr.assign(rp, rp + n + 1);
+  p.nib_off.assign(static_cast<size_t>(n + 1), 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t cnt = rp[r + 1] - rp[r];
+    p.nib_off[static_cast<size_t>(r + 1)] = p.nib_off[static_cast<size_t>(r)] + (cnt + 7) / 8 * 4;
+  }
+  p.nib.assign(static_cast<size_t>(p.nib_off[static_cast<size_t>(n)]) + 32, 0);
+  const uint8_t* src = values.as<uint8_t>();
+  for (int64_t r = 0; r < n; ++r) {  // re-align every row's codes to a byte boundary
+    uint8_t* dst = p.nib.data() + p.nib_off[static_cast<size_t>(r)];
+    for (int64_t i = 0, g = rp[r]; g < rp[r + 1]; ++i, ++g) {
+      const uint8_t code = (src[g >> 1] >> (4 * (g & 1))) & 0x0F;
+      dst[i >> 1] |= static_cast<uint8_t>(code << (4 * (i & 1)));
+    }
+  }
+  p.scales.assign(static_cast<size_t>(groups), 0.0f);
+  if (groups > 0) std::memcpy(p.scales.data(), scales.data, static_cast<size_t>(groups) * sizeof(float));
+  p.group_ptr.assign(static_cast<size_t>(n + 1), 0);
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t cnt = rp[r + 1] - rp[r];
+    p.group_ptr[static_cast<size_t>(r + 1)] = p.group_ptr[static_cast<size_t>(r)] + cnt / gs + (cnt % gs != 0);
+  }
+  return out;
+}
+
 View ViewOf(const Ort::ConstValue& v) {
   View out;
   auto info = v.GetTensorTypeAndShapeInfo();
@@ -352,6 +451,7 @@ struct OrtParallel final : Parallel {
 const char* const kInputsSparseInt8[] = {"X", "mask", "values", "row_ptr", "scales"};
 const char* const kInputsSparseFp32[] = {"X", "mask", "values", "row_ptr"};
 const char* const kInputsNm24Int8[] = {"X", "values", "meta", "scales"};
+const char* const kInputsSparseInt4[] = {"X", "mask", "values", "row_ptr", "scales"};
 
 std::string JoinNames(const char* const* names, size_t count) {
   std::string out;
@@ -382,17 +482,31 @@ class Kernel {
                            ORT_INVALID_ARGUMENT);
     accuracy_level_ = level;
     try {
-      isa_ = SelectIsa(level == 4 && kind != Kind::kSparseFp32);
+      isa_ = SelectIsa(level == 4 && kind != Kind::kSparseFp32 && kind != Kind::kSparseInt4);
     } catch (const std::exception& e) {
       throw Ort::Exception(name_ + ": " + e.what(), ORT_INVALID_ARGUMENT);
     }
     // every input is required: the lite API declares them optional, so ONNX Runtime accepts a
     // node with fewer inputs or with an input given as "" (omitted); refuse both here, at session
     // creation, instead of running on a missing tensor
-    const size_t want_in = kind == Kind::kSparseInt8 ? 5 : 4;
+    const size_t want_in = (kind == Kind::kSparseInt8 || kind == Kind::kSparseInt4) ? 5 : 4;
     const char* const* in_names = kind == Kind::kSparseInt8   ? kInputsSparseInt8
                                   : kind == Kind::kSparseFp32 ? kInputsSparseFp32
+                                  : kind == Kind::kSparseInt4 ? kInputsSparseInt4
                                                               : kInputsNm24Int8;
+    if (kind == Kind::kSparseInt4) {
+      // group_size (required int): kept values per scale, >= 8 (one group boundary per mask byte)
+      int64_t gs = 0;
+      if (OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info_ptr, "group_size", &gs)) {
+        Ort::GetApi().ReleaseStatus(st);
+        throw Ort::Exception(name_ + ": the int attribute group_size is required (kept values per scale, e.g. 32)",
+                             ORT_INVALID_ARGUMENT);
+      }
+      if (gs < 8 || gs > kMaxDim)
+        throw Ort::Exception(name_ + ": group_size must be >= 8 (and below 2^31), got " + std::to_string(gs),
+                             ORT_INVALID_ARGUMENT);
+      group_size_ = gs;
+    }
     if (info.GetInputCount() != want_in)
       throw Ort::Exception(name_ + ": takes " + std::to_string(want_in) + " inputs (" + JoinNames(in_names, want_in) +
                                "), got " + std::to_string(info.GetInputCount()),
@@ -431,7 +545,10 @@ class Kernel {
     }
     if (all_const) {
       try {
-        prepared_ = PrepareFromViews(kind, views, k);
+        if (kind == Kind::kSparseInt4)
+          prepared4_ = PrepareInt4(views[0], views[1], views[2], views[3], group_size_, k);
+        else
+          prepared_ = PrepareFromViews(kind, views, k);
       } catch (const Invalid& e) {
         throw Ort::Exception(name_ + ": malformed packed weight: " + e.what(), ORT_INVALID_ARGUMENT);
       }
@@ -452,6 +569,7 @@ class Kernel {
       if (k < 0) return Ort::Status((name_ + ": X shape " + ShapeStr(xs) + " is invalid").c_str(), ORT_INVALID_ARGUMENT);
       if (m > 0 && k > 0 && X.Data() == nullptr)
         return Ort::Status((name_ + ": X has no data").c_str(), ORT_INVALID_ARGUMENT);
+      if (kind_ == Kind::kSparseInt4) return RunInt4(ctx, X, weights, Y, xs, m, k);
       std::optional<Prepared> local;
       const Prepared* prep = prepared_ ? &*prepared_ : nullptr;
       if (!prep) {
@@ -484,6 +602,33 @@ class Kernel {
     }
   }
 
+  Ort::Status RunInt4(OrtKernelContext* ctx, const Ort::Custom::Tensor<float>& X, const std::vector<View>& weights,
+                      Ort::Custom::Tensor<float>& Y, const Shape& xs, int64_t m, int64_t k) const {
+    std::optional<Prepared4> local;
+    const Prepared4* prep = prepared4_ ? &*prepared4_ : nullptr;
+    if (!prep) {
+      try {
+        local = PrepareInt4(weights[0], weights[1], weights[2], weights[3], group_size_, k);
+      } catch (const Invalid& e) {
+        return Ort::Status((name_ + ": malformed packed weight: " + e.what()).c_str(), ORT_INVALID_ARGUMENT);
+      }
+      prep = &*local;
+    }
+    if (CeilDiv(k, 8) != prep->disk_cols || k < prep->kneed) {
+      std::string msg = name_ + ": X has K=" + std::to_string(k) +
+                        " columns but the packed weight was made for ceil(K/8)=" + std::to_string(prep->disk_cols) +
+                        " mask bytes per row";
+      if (k < prep->kneed) msg += " with columns up to " + std::to_string(prep->kneed - 1) + " in use";
+      return Ort::Status(msg.c_str(), ORT_INVALID_ARGUMENT);
+    }
+    Shape ys = xs;
+    ys.back() = prep->packed.n;
+    float* y = Y.Allocate(ys);
+    if (m == 0 || prep->packed.n == 0) return Ort::Status(nullptr);
+    MatMulInt4(prep->packed, X.Data(), y, m, k, isa_, OrtParallel(ctx));
+    return Ort::Status(nullptr);
+  }
+
   static Ort::Status InferShape(Ort::ShapeInferContext& ctx) {
     if (ctx.GetInputCount() < 2) return Ort::Status(nullptr);
     auto x = ctx.GetInputShape(0);
@@ -498,7 +643,9 @@ class Kernel {
   std::string name_;
   Isa isa_ = Isa::kScalar;
   int64_t accuracy_level_ = 0;
+  int64_t group_size_ = 0;
   std::optional<Prepared> prepared_;
+  std::optional<Prepared4> prepared4_;
 };
 
 using Ort::Custom::Tensor;
@@ -543,6 +690,20 @@ struct Sparse24MatMulInt8 {
   Kernel k_;
 };
 
+struct SparseMatMulInt4 {
+  SparseMatMulInt4(const OrtApi*, const OrtKernelInfo* info) : k_(Kind::kSparseInt4, info) {}
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<uint8_t>& mask,
+                      const Tensor<uint8_t>& values, const Tensor<int64_t>& row_ptr, const Tensor<float>& scales,
+                      Tensor<float>& y) {
+    std::vector<View> w = {
+        ViewOf(mask, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8), ViewOf(values, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8),
+        ViewOf(row_ptr, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64), ViewOf(scales, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)};
+    return k_.Run(ctx, x, w, y);
+  }
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) { return Kernel::InferShape(ctx); }
+  Kernel k_;
+};
+
 // The lite struct op, with kernel creation going through CreateKernelV2 so that a malformed
 // weight becomes an OrtStatus (a clean session-creation error) instead of an exception that
 // crosses the C ABI.
@@ -576,6 +737,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       std::unique_ptr<Ort::Custom::OrtLiteCustomOp>(new SafeOp<SparseMatMulInt8>("SparseMatMulInt8")),
       std::unique_ptr<Ort::Custom::OrtLiteCustomOp>(new SafeOp<SparseMatMulFP32>("SparseMatMulFP32")),
       std::unique_ptr<Ort::Custom::OrtLiteCustomOp>(new SafeOp<Sparse24MatMulInt8>("Sparse24MatMulInt8")),
+      std::unique_ptr<Ort::Custom::OrtLiteCustomOp>(new SafeOp<SparseMatMulInt4>("SparseMatMulInt4")),
   };
   // One domain object for the life of the process: ORT keeps pointers to it in every session.
   static std::mutex mu;

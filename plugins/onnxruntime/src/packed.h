@@ -117,4 +117,34 @@ void Gemm(const Packed& p, const uint8_t* xt, const float* xs, int64_t kpad, flo
           int64_t mbp, int64_t n0, int64_t n1);
 }
 
+// SparseMatMulInt4's pre-packed weight: the on-disk layout (ffsplit_export/formats/packing.py,
+// "bitmask sparse int4") with the mask widened to uint64 words and every row's codes starting at a
+// byte boundary, zero-padded to a multiple of 8 codes (4 bytes).
+// Stored zero codes stay in the mask (they keep the group of every later code in place); the
+// kernels multiply them (0 * x) and FixNonFinite recomputes any non-finite output by the contract.
+struct Packed4 {
+  int64_t n = 0;           // rows
+  int64_t words = 0;       // uint64 mask words per row
+  int64_t kneed = 0;       // 1 + the last set mask bit
+  int64_t group_size = 32; // kept values per scale (>= 8: one group boundary per 8 codes at most)
+  HugeVec<uint64_t> mask;  // [N, words]
+  std::vector<int64_t> row_ptr;    // [N + 1]: row n has row_ptr[n+1] - row_ptr[n] codes
+  std::vector<int64_t> nib_off;    // [N + 1]: byte offset of row n's codes in nib
+  HugeVec<uint8_t> nib;            // rows of ceil(count / 8) * 4 bytes of codes + 32 bytes of zero padding
+  std::vector<float> scales;       // [groups]
+  std::vector<int64_t> group_ptr;  // [N + 1]: scales[group_ptr[n] ..] are row n's
+
+  int64_t nnz() const { return row_ptr.empty() ? 0 : row_ptr.back(); }
+};
+
+// Y[M, N] = X[M, K] @ W.T (exact float32 path on every ISA; AVX2 code for every ISA above scalar).
+void MatMulInt4(const Packed4& p, const float* x, float* y, int64_t m, int64_t k, Isa isa, const Parallel& par);
+
+namespace scalar {
+void RowsInt4(const Packed4& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1);
+}
+namespace avx2 {
+void RowDotInt4(const Packed4& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1);
+}
+
 }  // namespace ffsplit
