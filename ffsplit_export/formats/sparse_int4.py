@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from . import packing
-from ._module import CompressedLinear, as_tensor, custom_node, dense_matmul
+from ._module import CompressedLinear, as_tensor, custom_node
 from .names import LightFormat, Target
-from .registry import WeightFormat, register_format
+from .registry import WeightFormat, dense_matmul, register_format
 from .sparse import prune_keep
 
 OP_TYPE = "SparseMatMulInt4"
