@@ -238,7 +238,12 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
     for m in model.modules():
         if isinstance(m, NM24Linear):
             m.trt_dense_weights = options.trt_dense_24
-    model.config._name_or_path = str(getattr(model.config, "_name_or_path", ""))
+    source = str(getattr(model.config, "_name_or_path", ""))
+    # optimum re-loads the preprocessors from config._name_or_path to copy them into the output: for
+    # a built-in name or a hub id that is a round of model-hub requests (retried for minutes on a
+    # machine without network). We save the preprocessor ourselves below, so point optimum at the
+    # (local, still empty) output folder while it exports, and restore the name afterwards.
+    model.config._name_or_path = source if source and Path(source).is_dir() else str(out)
     with (
         export_target(options.target, options.nbits_accuracy_level),
         _optimum_patched(options.target, sessions, validator),
@@ -263,6 +268,8 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
             raise ExportError(
                 f"the ONNX export of {type(model).__name__} for task {task!r} failed: {e}"
             ) from e
+        finally:
+            model.config._name_or_path = source
     if preprocessor is not None:
         preprocessor.save_pretrained(out)
     if options.validate and options.target is Target.TENSORRT:
