@@ -58,6 +58,8 @@ def export(
         "embedding": res.embedding,
         "weight_bytes": weight_bytes(model, res.model),
     }
+    if opts.fused_ffn or opts.skip_mode:
+        manifest["fused_ffn"] = _fuse(res.model, opts)
     if str(opts.target) == "portable" and cfg.light_format.is_sparse:
         manifest["note"] = (
             "--target portable stores sparse light weights densely (int8 via MatMulNBits): "
@@ -66,6 +68,19 @@ def export(
     manifest = export_split_model(res.model, pre, output, task, opts, manifest)
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest
+
+
+def _fuse(model, opts: ExportOptions) -> dict:
+    """One FusedFFN node per split FFN on ort-cpu; portable keeps standard ops (same function)."""
+    from ..fused import fuse_ffns_
+
+    if opts.target is Target.ORT_CPU:
+        return fuse_ffns_(model, opts.skip_mode)
+    return {
+        "op": None,
+        "activation_sparsity": "exact" if opts.skip_mode else 0,
+        "note": "--target portable keeps standard ops; skipping exact zeros does not change the function",
+    }
 
 
 def weight_bytes(dense_model, split_model) -> dict:
