@@ -262,8 +262,8 @@ def fused_ffn_model(inputs: list[np.ndarray], activation_kind: str, gated: bool,
     graph = helper.make_graph(
         [node],
         "fused_ffn",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", d])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", d])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         initializer=[numpy_helper.from_array(a, n) for a, n in zip(inputs, names)],
     )
     return helper.make_model(
