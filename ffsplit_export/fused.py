@@ -168,7 +168,10 @@ class _FusedFn(torch.autograd.Function):
             gated_i=int(module.gate is not None),
             skip_i=module.skip,
         )
-        y.setType(x.type())
+        try:  # element type and rank of X; the sizes come from the pinning Reshape
+            y.setType(x.type().with_sizes([None] * x.type().dim()))
+        except RuntimeError:
+            y.setType(x.type())
         return _pin_shape(g, x, y, module.up_in_features())
 
 

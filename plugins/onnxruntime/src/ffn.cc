@@ -488,7 +488,14 @@ struct FusedFFNOp : Ort::CustomOpBase<FusedFFNOp, FusedFFNKernel, true> {
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
-    Ort::Status st = ctx.SetOutputShape(0, ctx.GetInputShape(0));
+    // Y has X's shape; its last dim is D = up_heavy's columns (known even when X's is not: two
+    // unknown dims would make a following Reshape's inference fail)
+    if (ctx.GetInputCount() < 2) return nullptr;
+    auto shape = ctx.GetInputShape(0);
+    if (shape.empty()) return nullptr;  // rank unknown (a scalar X fails at run time)
+    const auto w = ctx.GetInputShape(1);
+    if (w.size() == 2 && w[1].IsInt() && w[1].AsInt() >= 0) shape.back() = w[1];
+    Ort::Status st = ctx.SetOutputShape(0, shape);
     return st.release();
   }
 };
