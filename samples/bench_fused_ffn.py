@@ -190,7 +190,9 @@ def main() -> None:
                 )
                 print(json.dumps(rows[-1]))
     print()
-    print(f"{'case':44s} {'thr':>3s} {'split ms':>9s} {'fused ms':>9s} {'exact ms':>9s}  {'MB/token all/exact':>18s}  load")
+    print(
+        f"{'case':44s} {'thr':>3s} {'split ms':>9s} {'fused ms':>9s} {'exact ms':>9s}  {'MB/token all/exact':>18s}  load"
+    )
     for r in rows:
         b = r["bytes_per_token"]
         print(

@@ -29,7 +29,9 @@ ACTS = ("relu", "gelu", "gelu_tanh", "silu")
 def _session(model, isa: str | None = None, monkeypatch=None):
     if isa is not None:
         monkeypatch.setenv("FFSPLIT_ISA", isa)
-    return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+    )
 
 
 def _close(y, r, rtol=1e-5):
@@ -62,7 +64,10 @@ def test_kernel_matches_reference(isa, gated, act, skip, monkeypatch):
         raise
     for m in (1, 16, 37):
         x = rng.standard_normal((m, d)).astype(np.float32)
-        _close(sess.run(None, {"X": x})[0], fused_ffn_reference(x, *ins, activation_kind=act, gated=gated, skip=skip))
+        _close(
+            sess.run(None, {"X": x})[0],
+            fused_ffn_reference(x, *ins, activation_kind=act, gated=gated, skip=skip),
+        )
     x3 = rng.standard_normal((2, 3, d)).astype(np.float32)  # rank 3
     y3 = sess.run(None, {"X": x3})[0]
     assert y3.shape == x3.shape

@@ -100,7 +100,9 @@ def fused_ffn_reference(x, *inputs, activation_kind: str = "relu", gated: int = 
     from ._spec import reference_matmul
 
     if activation_kind not in ACTIVATIONS:
-        raise FormatError(f"FusedFFN activation {activation_kind!r} is not supported; use one of {ACTIVATIONS}")
+        raise FormatError(
+            f"FusedFFN activation {activation_kind!r} is not supported; use one of {ACTIVATIONS}"
+        )
     if gated not in (0, 1) or skip not in (0, 1):
         raise FormatError(f"FusedFFN gated={gated} skip={skip}: both must be 0 or 1")
     want = 19 if gated else 13
@@ -132,7 +134,9 @@ def fused_ffn_reference(x, *inputs, activation_kind: str = "relu", gated: int = 
     else:
         a = activation(activation_kind, u).astype(np.float32)
     if down_h.ndim != 2 or down_h.shape != (d, h):
-        raise FormatError(f"FusedFFN down_heavy must be float32 [{d}, {h}], got {down_h.dtype} {down_h.shape}")
+        raise FormatError(
+            f"FusedFFN down_heavy must be float32 [{d}, {h}], got {down_h.dtype} {down_h.shape}"
+        )
     yh = _dense(a[:, :h], down_h, "down_heavy", h)
     yl = _light_down(a[:, h:], d, down_l, bool(skip))
     with np.errstate(all="ignore"):
@@ -181,7 +185,9 @@ def schema() -> defs.OpSchema:
         ("gate_row_ptr", "tensor(int64)"),
         ("gate_scales", "T"),
     ]
-    inputs = [P(n, t, n) for n, t in names] + [P(n, t, n + " (gated only)", param_option=opt) for n, t in gate]
+    inputs = [P(n, t, n) for n, t in names] + [
+        P(n, t, n + " (gated only)", param_option=opt) for n, t in gate
+    ]
     A = defs.OpSchema.Attribute
     from ._spec import DOMAIN, VERSION
 
@@ -196,7 +202,12 @@ def schema() -> defs.OpSchema:
         attributes=[
             A("activation", defs.OpSchema.AttrType.STRING, "relu | gelu | gelu_tanh | silu", required=True),
             A("gated", defs.OpSchema.AttrType.INT, "1: act(gate) * up", required=False),
-            A("skip", defs.OpSchema.AttrType.INT, "1: skip light neurons whose activation is 0", required=False),
+            A(
+                "skip",
+                defs.OpSchema.AttrType.INT,
+                "1: skip light neurons whose activation is 0",
+                required=False,
+            ),
         ],
     )
 
@@ -206,7 +217,9 @@ def reference_op_class(domain: str):
 
     def _run(self, x, *inputs, activation=None, gated=None, skip=None):
         act = activation.decode() if isinstance(activation, bytes) else activation
-        return (fused_ffn_reference(x, *inputs, activation_kind=act, gated=int(gated or 0), skip=int(skip or 0)),)
+        return (
+            fused_ffn_reference(x, *inputs, activation_kind=act, gated=int(gated or 0), skip=int(skip or 0)),
+        )
 
     return type("FusedFFN", (OpRun,), {"op_domain": domain, "_run": _run})
 
@@ -248,7 +261,6 @@ def fused_ffn_model(inputs: list[np.ndarray], activation_kind: str, gated: bool,
 
     from ._spec import DOMAIN, VERSION
 
-    d = inputs[0].shape[1]
     names = [f"w{i}" for i in range(len(inputs))]
     node = helper.make_node(
         "FusedFFN",
