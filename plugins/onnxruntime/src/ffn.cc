@@ -291,15 +291,25 @@ class FusedFFNKernel {
       if (dl.n != d_) Fail("the down light weight has " + std::to_string(dl.n) + " rows; D = " + std::to_string(d_));
       CheckBias(in[12], d_, "down_bias");
       down_bias_.assign(static_cast<const float*>(in[12].data), static_cast<const float*>(in[12].data) + d_);
+      // skip=1: input-major (a silent neuron's column is never read); skip=0: the row-major packing
+      // and the matmul kernels (measured faster when every column is read anyway)
       down_ = ToInputMajor(dl, ChunkWords(d_));
       down_.l = l_;
-      FillInputMajor(down_, dl);
+      if (skip_)
+        FillInputMajor(down_, dl);
+      else
+        down_rows_ = std::move(dl);
     } catch (const Ort::Exception&) {
       throw;
     } catch (const std::exception& e) {
       Fail(std::string("malformed input: ") + e.what());
     }
-    isa_ = SelectIsa(false);
+    try {
+      isa_ = SelectIsa(false);
+    } catch (const std::exception& e) {
+      Fail(e.what());
+    }
+    if (isa_ == Isa::kAvx512Vnni) isa_ = Isa::kAvx512Vbmi2;  // exact float32: no int8 activations
     kern_ = isa_ == Isa::kScalar ? &FfnKernelsScalar() : &FfnKernelsAvx2();
   }
 
@@ -402,11 +412,20 @@ class FusedFFNKernel {
       }
     };
     ParFor(par, static_cast<size_t>((total + kBlock - 1) / kBlock), act);
-    // light neurons to visit per block of 16 rows
+    // skip=0: the light down product with the matmul kernels (row-major packing)
+    std::vector<float> yl_all;
+    if (!skip_ && l_ > 0) {
+      std::vector<float> al(static_cast<size_t>(m * l_));
+      for (int64_t r = 0; r < m; ++r)
+        std::memcpy(al.data() + r * l_, ud + r * f_ + h_, static_cast<size_t>(l_) * sizeof(float));
+      yl_all.resize(static_cast<size_t>(m * d_));
+      MatMul(down_rows_, al.data(), yl_all.data(), m, l_, isa_, par);
+    }
+    // skip=1: light neurons to visit per block of 16 rows
     constexpr int64_t kRowBlock = 16;
     const int64_t nblocks = (m + kRowBlock - 1) / kRowBlock;
-    std::vector<std::vector<int32_t>> active(static_cast<size_t>(nblocks));
-    for (int64_t b = 0; b < nblocks; ++b) {
+    std::vector<std::vector<int32_t>> active(static_cast<size_t>(skip_ ? nblocks : 0));
+    for (int64_t b = 0; b < static_cast<int64_t>(active.size()); ++b) {
       auto& list = active[static_cast<size_t>(b)];
       const int64_t r0 = b * kRowBlock, r1 = std::min(m, r0 + kRowBlock);
       for (int64_t j = 0; j < l_; ++j) {
@@ -424,21 +443,24 @@ class FusedFFNKernel {
       for (int64_t b = 0; b < nblocks; ++b) {
         const int64_t r0 = b * kRowBlock, nr = std::min(m, r0 + kRowBlock) - r0;
         std::fill(acc.begin(), acc.end(), 0.0f);
-        const auto& list = active[static_cast<size_t>(b)];
-        if (l_ > 0 && !list.empty())
+        if (skip_ && l_ > 0 && !active[static_cast<size_t>(b)].empty()) {
+          const auto& list = active[static_cast<size_t>(b)];
           kern_->scatter(down_, c, ud + r0 * f_ + h_, f_, nr, list.data(), static_cast<int64_t>(list.size()), skip_,
                          acc.data(), cw64);
+        }
         if (h_ > 0) kern_->dense(down_heavy_.data(), h_, ud + r0 * f_, f_, nr, yh.data() - d0, cw64, d0, d1);
         for (int64_t r = 0; r < nr; ++r) {
           float* yr = y + (r0 + r) * d_;
           for (int64_t d = d0; d < d1; ++d) {
             const float hv = h_ > 0 ? yh[static_cast<size_t>(r * cw64 + d - d0)] : 0.0f;
-            const float lv = acc[static_cast<size_t>(r * cw64 + d - d0)] * down_.scales[static_cast<size_t>(d)];
+            const float lv = !skip_ ? (l_ > 0 ? yl_all[static_cast<size_t>((r0 + r) * d_ + d)] : 0.0f)
+                                    : acc[static_cast<size_t>(r * cw64 + d - d0)] * down_.scales[static_cast<size_t>(d)];
             float out = (hv + lv) + down_bias_[static_cast<size_t>(d)];
             if (NonFinite(out)) {
               const float* ar = ud + (r0 + r) * f_;
               const float he = h_ > 0 ? ExactDense(down_heavy_.data() + d * h_, ar, h_) : 0.0f;
-              const float le = l_ > 0 ? ExactLightDown(down_, ar + h_, d, skip_) : 0.0f;
+              // skip=0: the matmul kernels already recomputed their non-finite outputs exactly
+              const float le = l_ == 0 ? 0.0f : skip_ ? ExactLightDown(down_, ar + h_, d, true) : lv;
               out = (he + le) + down_bias_[static_cast<size_t>(d)];
             }
             yr[d] = out;
@@ -455,7 +477,8 @@ class FusedFFNKernel {
   int64_t h_ = 0, l_ = 0, d_ = 0, f_ = 0;
   Proj up_, gate_;
   std::vector<float> down_heavy_, down_bias_;
-  InputMajor down_;
+  InputMajor down_;      // skip=1
+  Packed down_rows_;     // skip=0
   Isa isa_ = Isa::kScalar;
   const FfnKernels* kern_ = nullptr;
 };
