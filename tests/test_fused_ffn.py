@@ -246,3 +246,17 @@ def test_exact_export_matches_unfused(name, tmp_path):
         feeds["position_ids"] = np.arange(4, 9, dtype=np.int64)[None]
     y0, y1 = s0.run(None, feeds)[0], s1.run(None, feeds)[0]
     np.testing.assert_allclose(y1, y0, rtol=0, atol=1e-4)
+
+
+def test_unsupported_formats_keep_the_subgraph():
+    """A light format the op does not take (int4) leaves every FFN as today's subgraph, with the reason."""
+    from ffsplit_export.fused import fuse_ffns_
+    from ffsplit_export.pipeline import compress
+    from ffsplit_export.split import SplitConfig
+    from ffsplit_export.tiny import build_tiny
+
+    model, pre, _ = build_tiny("tiny-mpt")
+    res = compress(model, pre, config=SplitConfig(light_format="int4"), num_samples=4, progress=False)
+    rec = fuse_ffns_(res.model, 1)
+    assert rec["fused"] == 0 and rec["kept_subgraph"]
+    assert all("light format int4" in why for why in rec["kept_subgraph"].values())
