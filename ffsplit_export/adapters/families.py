@@ -26,7 +26,11 @@ class T5Adapter(Adapter):
                     FFNSpec(name, up=f"{name}.wi_1", gate=f"{name}.wi_0", down=f"{name}.wo", activation=act)
                 )
             else:
-                out.append(FFNSpec(name, up=f"{name}.wi", down=f"{name}.wo", activation=act))
+                out.append(
+                    FFNSpec(
+                        name, up=f"{name}.wi", down=f"{name}.wo", activation=act, act_module=f"{name}.act"
+                    )
+                )
         return out
 
 
@@ -37,7 +41,9 @@ class WhisperAdapter(Adapter):
     def find_ffns(self, model):
         act = _act(model.config, "activation_function", default="gelu")
         return [
-            FFNSpec(name, up=f"{name}.fc1", down=f"{name}.fc2", activation=act)
+            FFNSpec(
+                name, up=f"{name}.fc1", down=f"{name}.fc2", activation=act, act_module=f"{name}.activation_fn"
+            )
             for name, _ in self.modules_of_class(model, "WhisperEncoderLayer", "WhisperDecoderLayer")
         ]
 
@@ -46,7 +52,13 @@ class WhisperAdapter(Adapter):
 class MptAdapter(Adapter):
     def find_ffns(self, model):
         return [
-            FFNSpec(name, up=f"{name}.up_proj", down=f"{name}.down_proj", activation="gelu")
+            FFNSpec(
+                name,
+                up=f"{name}.up_proj",
+                down=f"{name}.down_proj",
+                activation="gelu",
+                act_module=f"{name}.act",
+            )
             for name, _ in self.modules_of_class(model, "MptMLP")
         ]
 
@@ -70,7 +82,13 @@ class BertAdapter(Adapter):
     def find_ffns(self, model):
         act = _act(model.config, "hidden_act", default="gelu")
         return [
-            FFNSpec(name, up=f"{name}.intermediate.dense", down=f"{name}.output.dense", activation=act)
+            FFNSpec(
+                name,
+                up=f"{name}.intermediate.dense",
+                down=f"{name}.output.dense",
+                activation=act,
+                act_module=f"{name}.intermediate.intermediate_act_fn",
+            )
             for name, _ in self.modules_of_class(model, "BertLayer")
         ]
 
@@ -82,7 +100,7 @@ class GPT2Adapter(Adapter):
     def find_ffns(self, model):
         act = _act(model.config, "activation_function", default="gelu_new")
         return [
-            FFNSpec(name, up=f"{name}.c_fc", down=f"{name}.c_proj", activation=act)
+            FFNSpec(name, up=f"{name}.c_fc", down=f"{name}.c_proj", activation=act, act_module=f"{name}.act")
             for name, _ in self.modules_of_class(model, "GPT2MLP")
         ]
 
@@ -92,6 +110,8 @@ class OPTAdapter(Adapter):
     def find_ffns(self, model):
         act = _act(model.config, "activation_function", default="relu")
         return [
-            FFNSpec(name, up=f"{name}.fc1", down=f"{name}.fc2", activation=act)
+            FFNSpec(
+                name, up=f"{name}.fc1", down=f"{name}.fc2", activation=act, act_module=f"{name}.activation_fn"
+            )
             for name, _ in self.modules_of_class(model, "OPTDecoderLayer")
         ]

@@ -19,6 +19,9 @@ class FFNSpec:
     down: str
     activation: str
     gate: str | None = None
+    # path of the activation module of an ungated FFN whose container also holds other layers
+    # (Whisper / OPT decoder layers): the fused op replaces up, this module and down
+    act_module: str | None = None
 
     @property
     def projections(self) -> tuple[str, ...]:

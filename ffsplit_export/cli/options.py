@@ -383,6 +383,17 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         help="with --target tensorrt and 2:4-int8: dense 2:4 weights for TensorRT's sparse tensor cores",
     )
     p.add_argument(
+        "--fused-ffn",
+        action="store_true",
+        help="ort-cpu: one ffsplit::FusedFFN node per split FFN (heavy fp32, light sparse-int8)",
+    )
+    p.add_argument(
+        "--activation-sparsity",
+        default="0",
+        help="0 (default, off) or 'exact': skip light neurons whose activation is exactly zero "
+        "(lossless; ReLU models); implies --fused-ffn",
+    )
+    p.add_argument(
         "-v", "--verbose", action="store_true", help="show PyTorch tracer warnings and optimum's messages"
     )
 
@@ -399,4 +410,6 @@ def export_options_from_args(args):
         opset=args.opset,
         nbits_accuracy_level=args.nbits_accuracy_level,
         trt_dense_24=args.trt_dense_24,
+        fused_ffn=getattr(args, "fused_ffn", False),
+        activation_sparsity=getattr(args, "activation_sparsity", "0"),
     )

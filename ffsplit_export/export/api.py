@@ -66,6 +66,8 @@ def export(
         weight_bytes=weight_bytes(model, res.model),
         **(extra or {}),
     )
+    if opts.fused_ffn or opts.skip_mode:
+        manifest["fused_ffn"] = _fuse(res.model, opts)
     if (
         str(opts.target) == "portable"
         and get_format(LightFormat.parse(config.light_format, "--light-format")).pruned
@@ -77,6 +79,19 @@ def export(
     manifest = export_split_model(res.model, pre, output, task, opts, manifest)
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest
+
+
+def _fuse(model, opts: ExportOptions) -> dict:
+    """One FusedFFN node per split FFN on ort-cpu; portable keeps standard ops (same function)."""
+    from ..fused import fuse_ffns_
+
+    if opts.target is Target.ORT_CPU:
+        return fuse_ffns_(model, opts.skip_mode)
+    return {
+        "op": None,
+        "activation_sparsity": "exact" if opts.skip_mode else 0,
+        "note": "--target portable keeps standard ops; skipping exact zeros does not change the function",
+    }
 
 
 def weight_bytes(dense_model, split_model) -> dict:

@@ -39,9 +39,19 @@ class ExportOptions:
     trt_dense_24: bool = False  # tensorrt + 2:4: dense 2:4 weights for TensorRT's sparse tensor cores
     reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
     extra_manifest: dict = field(default_factory=dict)
+    fused_ffn: bool = False  # one ffsplit::FusedFFN node per split FFN (ort-cpu)
+    activation_sparsity: str | float = 0  # 0 or "exact" (implies fused_ffn)
 
     def __post_init__(self):
         self.target = Target.parse(self.target, "--target")
+        from ..fused import parse_activation_sparsity
+
+        self.skip_mode = parse_activation_sparsity(self.activation_sparsity)
+        if (self.fused_ffn or self.skip_mode) and self.target is Target.TENSORRT:
+            raise ConfigError(
+                "--fused-ffn / --activation-sparsity exact: the fused FFN op has no TensorRT plugin yet; "
+                "use --target ort-cpu (or portable, where exact skipping changes nothing)"
+            )
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(
                 f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)"

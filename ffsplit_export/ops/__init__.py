@@ -8,6 +8,8 @@ where ``W[N, K]`` is decoded from packed constant inputs (layouts in
 
 from __future__ import annotations
 
+from ._ffn import ACTIVATIONS as FFN_ACTIVATIONS
+from ._ffn import fused_ffn_reference, skipped_fraction
 from ._spec import (
     DOMAIN,
     OPS,
@@ -23,6 +25,9 @@ from ._spec import (
 )
 
 __all__ = [
+    "FFN_ACTIVATIONS",
+    "fused_ffn_reference",
+    "skipped_fraction",
     "DOMAIN",
     "OPS",
     "SEMANTICS",

@@ -323,6 +323,10 @@ def register_schemas() -> None:
     for spec in OPS.values():
         if not defs.has(spec.name, DOMAIN):
             defs.register_schema(_schema(spec))
+    if not defs.has("FusedFFN", DOMAIN):
+        from ._ffn import schema as _ffn_schema
+
+        defs.register_schema(_ffn_schema())
 
 
 def matmulnbits_reference(
@@ -351,6 +355,9 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
             return (reference_matmul(_name, x, *weights, **attrs),)
 
         classes.append(type(spec.name, (OpRun,), {"op_domain": domain, "_run": _run}))
+    from ._ffn import reference_op_class as _ffn_op
+
+    classes.append(_ffn_op(domain))
     if include_contrib:
 
         def _run_nbits(

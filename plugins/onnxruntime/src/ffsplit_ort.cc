@@ -34,6 +34,7 @@
 #include <string>
 #include <vector>
 
+#include "ffn.h"
 #include "packed.h"
 
 namespace ffsplit {
@@ -725,6 +726,22 @@ struct SafeOp : Ort::Custom::OrtLiteCustomStruct<Op> {
 };
 
 }  // namespace
+
+// For FusedFFN (ffn.cc): its sparse int8 inputs get the SparseMatMulInt8 validation and packing.
+Packed PackSparseInt8(const ConstInput& mask, const ConstInput& values, const ConstInput& row_ptr,
+                      const ConstInput& scales, int64_t k) {
+  auto view = [](const ConstInput& c) {
+    View v;
+    v.type = static_cast<ONNXTensorElementDataType>(c.type);
+    v.shape = c.shape;
+    v.data = c.data;
+    v.count = c.count;
+    return v;
+  };
+  const View s = view(scales);
+  return PrepareBitmask(view(mask), view(values), view(row_ptr), &s, true, k).packed;
+}
+
 }  // namespace ffsplit
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
@@ -746,6 +763,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     std::lock_guard<std::mutex> lock(mu);
     Ort::CustomOpDomain domain{"ffsplit"};
     for (auto& op : ops) domain.Add(op.get());
+    domain.Add(FusedFFNCustomOp());
     Ort::UnownedSessionOptions so(options);
     so.Add(domain);
     domains.push_back(std::move(domain));
