@@ -281,3 +281,14 @@ def fused_ffn_model(inputs: list[np.ndarray], activation_kind: str, gated: bool,
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, VERSION)], ir_version=8
     )
+
+
+def _register() -> None:
+    from . import _spec
+
+    if schema not in _spec.EXTRA_SCHEMAS:
+        _spec.EXTRA_SCHEMAS.append(schema)
+        _spec.EXTRA_REFERENCE_OPS.append(reference_op_class)
+
+
+_register()

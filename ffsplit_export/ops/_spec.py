@@ -318,15 +318,22 @@ def _schema(spec: OpSpec) -> defs.OpSchema:
     return schema
 
 
+#: ops written in other modules of this package (ops/_ffn.py: FusedFFN) add their schema factory
+#: and reference-op-class factory here when imported (ops/__init__ imports them), so this module
+#: never imports them back
+EXTRA_SCHEMAS: list = []
+EXTRA_REFERENCE_OPS: list = []
+
+
 def register_schemas() -> None:
     """Register the domain's schemas with ``onnx.defs`` (idempotent)."""
     for spec in OPS.values():
         if not defs.has(spec.name, DOMAIN):
             defs.register_schema(_schema(spec))
-    if not defs.has("FusedFFN", DOMAIN):
-        from ._ffn import schema as _ffn_schema
-
-        defs.register_schema(_ffn_schema())
+    for make_schema in EXTRA_SCHEMAS:
+        schema = make_schema()
+        if not defs.has(schema.name, DOMAIN):
+            defs.register_schema(schema)
 
 
 def matmulnbits_reference(
@@ -355,9 +362,7 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
             return (reference_matmul(_name, x, *weights, **attrs),)
 
         classes.append(type(spec.name, (OpRun,), {"op_domain": domain, "_run": _run}))
-    from ._ffn import reference_op_class as _ffn_op
-
-    classes.append(_ffn_op(domain))
+    classes.extend(make_class(domain) for make_class in EXTRA_REFERENCE_OPS)
     if include_contrib:
 
         def _run_nbits(
