@@ -146,9 +146,10 @@ def default_atol(options: ExportOptions) -> float:
     if options.atol is not None:
         return options.atol
     # the max-abs check always runs on the exact float32 path (accuracy_level forced to 0), where
-    # graphs differ from PyTorch by summation order only; accuracy_level 4 is judged by relative L2
-    # error and top-1 agreement instead (validate.Tolerances)
-    return 1e-3
+    # graphs differ from PyTorch by summation order only (tiny models 2e-7; the relative part,
+    # 5e-4 x max|PyTorch|, covers deep models); accuracy_level 4 is judged by relative L2 error and
+    # top-1 agreement instead (validate.Tolerances)
+    return 1e-4
 
 
 def export_split_model(

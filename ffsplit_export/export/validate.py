@@ -50,7 +50,7 @@ class Tolerances:
     Approximate path (accuracy_level 4, int8 activations): see ``approx_rel_l2`` / ``approx_top1``.
     """
 
-    atol: float = 1e-3
+    atol: float = 1e-4
     rtol: float = 5e-4
     ref_atol: float = 1e-4
     ref_rtol: float = 5e-3
@@ -180,6 +180,7 @@ def validate_file(
     model_kwargs,
     session_factory,
     reference_ops: list | None = None,
+    seed: int = 0,
 ) -> dict:
     """The comparisons of one ONNX file (see the module docstring); raises only on a shape mismatch.
 
@@ -189,7 +190,9 @@ def validate_file(
     ORT at accuracy_level 0 vs PyTorch); with ``reference_ops`` also ``reference_evaluator``
     (max abs diff against ORT's exact-path outputs) and ``ort_max_abs``.
     """
-    inputs = config.generate_dummy_inputs(framework="pt", **input_shapes)
+    with torch.random.fork_rng(devices=[]):  # optimum draws the dummy inputs from torch's RNG
+        torch.manual_seed(seed)  # the same inputs on every run: the numbers in ffsplit.json reproduce
+        inputs = config.generate_dummy_inputs(framework="pt", **input_shapes)
     ref_inputs = config.rename_ambiguous_inputs(copy.deepcopy(inputs))
     with config.patch_model_for_export(model, model_kwargs=model_kwargs), torch.inference_mode():
         ref = _flatten(config, dict(model(**ref_inputs).items()))
@@ -245,6 +248,23 @@ def validate_file(
 # ------------------------------------------------------------------------------ the verdict
 
 
+def approx_gated_outputs(names) -> list[str]:
+    """The outputs whose relative L2 error judges an accuracy_level > 0 file: its predictions.
+
+    ``logits`` where the file has them, else every output but the KV cache (an encoder's hidden
+    states). ``present.*`` error is recorded, not judged: it reaches the predictions through the
+    next step, which the with-past validation inputs (a 16-token past) already include, and on
+    SmolLM2 it grows with depth to 0.25-0.5 relative L2 on random tokens while perplexity on held-out
+    text moves 2.7 % (59.61 -> 61.24).
+    """
+    names = list(names)
+    logits = [n for n in names if _is_logits(n)]
+    if logits:
+        return logits
+    rest = [n for n in names if not n.startswith("present")]
+    return rest or names
+
+
 def _fails(diff: float, tol: float) -> bool:
     return not diff <= tol  # NaN fails
 
@@ -260,6 +280,7 @@ def check_tolerance(
     tol = tolerances or Tolerances()
     tol = Tolerances(**{**tol.as_dict(), "atol": atol, "rtol": rtol})
     bugs, approx = [], []
+    agreeing, positions = 0.0, 0
     for fname, r in results.items():
         if "outputs" in r:
             r["tolerances"] = tol.as_dict()
@@ -283,19 +304,29 @@ def check_tolerance(
                     f"{t:.3g} ({tol.ref_atol:g} + {tol.ref_rtol:g} x max|ONNX Runtime| {ort_max.get(out, 0.0):.3g})"
                 )
         if level > 0:
-            for out, err in r.get("rel_l2", {}).items():
+            gated = approx_gated_outputs(r.get("rel_l2", {}))
+            r["approx_gated"] = gated
+            for out in gated:
+                err = r["rel_l2"][out]
                 if _fails(err, tol.approx_rel_l2):
                     approx.append(
                         f"{fname}: output {out!r}, ONNX Runtime at accuracy_level {level} vs PyTorch: "
                         f"relative L2 error {err:.3g} > {tol.approx_rel_l2:g}"
                     )
             for out, agree in r.get("top1_agreement", {}).items():
-                if _fails(tol.approx_top1, agree):
-                    n = r.get("top1_positions", {}).get(out, "?")
-                    approx.append(
-                        f"{fname}: output {out!r}, ONNX Runtime at accuracy_level {level} vs PyTorch: "
-                        f"top-1 agreement {agree:.3g} < {tol.approx_top1:g} over {n} positions"
-                    )
+                n = r.get("top1_positions", {}).get(out, 0)
+                agreeing += agree * n
+                positions += n
+    if positions:  # pooled over every file: a with-past branch alone has only batch-size positions
+        pooled = agreeing / positions
+        for r in results.values():
+            if r.get("accuracy_level", 0) > 0:
+                r["top1_agreement_all_files"] = pooled
+        if _fails(tol.approx_top1, pooled):
+            approx.append(
+                f"top-1 agreement of 'logits' at accuracy_level > 0 vs PyTorch {pooled:.3g} < "
+                f"{tol.approx_top1:g} over {positions} positions of {len(results)} file(s)"
+            )
     if bugs:
         raise ValidationError(
             "exported graphs differ from what they must compute exactly: "
@@ -305,8 +336,9 @@ def check_tolerance(
         )
     if approx:
         raise ValidationError(
-            "int8 activations (accuracy_level > 0) cost this model more accuracy than the tolerance allows "
-            "(the exact path passed, so the graph and kernels are right): "
+            "the int8-activation path (accuracy_level > 0) is further from PyTorch than its tolerance "
+            "(the exact path, accuracy_level 0, passed: the graph and weights are right; either int8 "
+            "activations cost this model that much, or the int8-activation kernel is wrong): "
             + "; ".join(approx[:8])
             + (f" (and {len(approx) - 8} more)" if len(approx) > 8 else "")
             + ". Export with --nbits-accuracy-level 0, or re-run with --no-validate to keep the files and measure "
