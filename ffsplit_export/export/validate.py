@@ -42,20 +42,30 @@ logger = logging.getLogger(__name__)
 class Tolerances:
     """What each comparison must meet (recorded in ffsplit.json and stated in every error).
 
-    Measured (max abs diff / max|reference|):
-    exact path, ORT vs PyTorch: tiny models <= 3e-6 absolute; SmolLM2-135M (30 layers,
-    logits up to ~34) 7.5e-6 dense and 1.5e-4 after SquareHead fine-tuning.
-    Reference evaluator vs ORT: tiny models <= 1e-6 absolute; SmolLM2 1.3e-5 here (AVX2) and
-    6.2e-4 in the issue-16 report, hence ``ref_rtol`` = 5e-3 (8x the worst seen).
-    Approximate path (accuracy_level 4, int8 activations): see ``approx_rel_l2`` / ``approx_top1``.
+    Measured here (seeded optimum dummy inputs; max abs diff / max|reference| unless said):
+
+    - exact path, ORT vs PyTorch: every tiny model <= 4.2e-7; SmolLM2-135M (30 layers, logits
+      up to ~34) 5e-5 dense, up to 2e-4 compressed (8 input draws); 1.4e-4 after SquareHead
+      fine-tuning (earlier measurement). Tolerance ``atol + rtol x max|PyTorch|`` = 1e-4 + 5e-4 x:
+      a sign-flipped int8 code in one light weight of tiny-llama (2.2e-3 of 0.86) fails it.
+    - reference evaluator vs ORT: every tiny model <= 4e-7; SmolLM2 5.7e-5 dense, 1.2e-4
+      compressed; 6.2e-4 in the issue-16 report (0.0208 of ~33.5). ``ref_rtol`` 2e-3 is 3x that.
+    - approximate path (accuracy_level 4: int8 activations in MatMulNBits), logits vs PyTorch:
+      tiny models relative L2 <= 0.009, top-1 >= 0.97 (four draws). SmolLM2 (sparse-int8 light, int8 heavy,
+      int4 other linears) on random dummy tokens: relative L2 0.06-0.34 and top-1 0.53-0.84 over
+      eight single draws (32 positions each), about 0.2 / 0.7 pooled over four; on held-out
+      text 0.054 / 0.91, perplexity 59.6 -> 61.2 (+2.7 %). Tolerances 0.5 / 0.5 pass that with
+      margin and fail what a broken int8 path gives (outputs scaled by 2: relative L2 1.0;
+      unrelated outputs ~1.4; top-1 near 1/vocab). They judge the approximation's sanity, not a
+      few percent of perplexity: measure that with ``ffsplit-export eval``.
     """
 
     atol: float = 1e-4
     rtol: float = 5e-4
     ref_atol: float = 1e-4
-    ref_rtol: float = 5e-3
-    approx_rel_l2: float = 0.1
-    approx_top1: float = 0.8
+    ref_rtol: float = 2e-3
+    approx_rel_l2: float = 0.5
+    approx_top1: float = 0.5
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -171,6 +181,40 @@ def _is_logits(name: str) -> bool:
     return name == "logits" or name.endswith(".logits")
 
 
+def _draw(config, model, input_shapes: dict, model_kwargs, seed: int):
+    """One set of dummy inputs (seeded) and the PyTorch outputs on them."""
+    with torch.random.fork_rng(devices=[]):  # optimum draws the dummy inputs from torch's RNG
+        torch.manual_seed(seed)  # the same inputs on every run: the numbers in ffsplit.json reproduce
+        inputs = config.generate_dummy_inputs(framework="pt", **input_shapes)
+    ref_inputs = config.rename_ambiguous_inputs(copy.deepcopy(inputs))
+    with config.patch_model_for_export(model, model_kwargs=model_kwargs), torch.inference_mode():
+        ref = _flatten(config, dict(model(**ref_inputs).items()))
+    return inputs, ref
+
+
+class _Pooled:
+    """Relative L2 error and top-1 agreement of one output, pooled over several input draws."""
+
+    def __init__(self):
+        self.err2 = self.ref2 = 0.0
+        self.agree = self.positions = 0
+
+    def add(self, got: np.ndarray, want: np.ndarray, logits: bool) -> None:
+        d = got.astype(np.float64) - want.astype(np.float64)
+        self.err2 += float(np.sum(d * d))
+        self.ref2 += float(np.sum(want.astype(np.float64) ** 2))
+        if logits and got.size:
+            self.agree += int(np.sum(np.argmax(got, axis=-1) == np.argmax(want, axis=-1)))
+            self.positions += int(np.prod(got.shape[:-1]))
+
+    def rel_l2(self) -> float:
+        if not np.isfinite(self.err2):
+            return float("nan")
+        if self.ref2 == 0.0:
+            return 0.0 if self.err2 == 0.0 else float("inf")
+        return float(np.sqrt(self.err2 / self.ref2))
+
+
 def validate_file(
     config,
     model,
@@ -181,30 +225,29 @@ def validate_file(
     session_factory,
     reference_ops: list | None = None,
     seed: int = 0,
+    approx_draws: int = 4,
 ) -> dict:
     """The comparisons of one ONNX file (see the module docstring); raises only on a shape mismatch.
 
     Keys of the result: ``outputs`` (max abs diff, ORT running the file as exported vs PyTorch),
-    ``ref_max_abs`` (max|PyTorch|), ``rel_l2`` and ``top1_agreement`` (same pair), and
-    ``accuracy_level``; for a file with accuracy_level > 0 also ``exact_outputs`` (max abs diff,
-    ORT at accuracy_level 0 vs PyTorch); with ``reference_ops`` also ``reference_evaluator``
-    (max abs diff against ORT's exact-path outputs) and ``ort_max_abs``.
+    ``ref_max_abs`` (max|PyTorch|), ``rel_l2`` and ``top1_agreement`` / ``top1_positions`` (same
+    pair), and ``accuracy_level``; for a file with accuracy_level > 0 also ``exact_outputs`` (max
+    abs diff, ORT at accuracy_level 0 vs PyTorch), and ``rel_l2`` / ``top1_agreement`` are pooled
+    over ``approx_draws`` seeded draws of the dummy inputs (random tokens scatter them: on
+    SmolLM2 logits' relative L2 error ranged 0.06-0.34 over five single draws); with
+    ``reference_ops`` also ``reference_evaluator`` (max abs diff against ORT's exact-path outputs)
+    and ``ort_max_abs``.
     """
-    with torch.random.fork_rng(devices=[]):  # optimum draws the dummy inputs from torch's RNG
-        torch.manual_seed(seed)  # the same inputs on every run: the numbers in ffsplit.json reproduce
-        inputs = config.generate_dummy_inputs(framework="pt", **input_shapes)
-    ref_inputs = config.rename_ambiguous_inputs(copy.deepcopy(inputs))
-    with config.patch_model_for_export(model, model_kwargs=model_kwargs), torch.inference_mode():
-        ref = _flatten(config, dict(model(**ref_inputs).items()))
+    inputs, ref = _draw(config, model, input_shapes, model_kwargs, seed)
     level = graph_accuracy_level(onnx_path)
     sess = session_factory(onnx_path)
     in_names = [i.name for i in sess.get_inputs()]
     feeds = _ort_inputs(config, inputs, in_names)
     onnx_to_torch = {v: k for k, v in config.torch_to_onnx_output_map.items()}
     outs = sess.run(output_names, feeds)
-    del sess
     wants = []
-    result: dict = {"accuracy_level": level, "outputs": {}, "ref_max_abs": {}, "rel_l2": {}}
+    pooled = {name: _Pooled() for name in output_names}
+    result: dict = {"accuracy_level": level, "outputs": {}, "ref_max_abs": {}}
     for name, got in zip(output_names, outs):
         want = ref[onnx_to_torch.get(name, name)]
         if got.shape != want.shape:
@@ -214,10 +257,23 @@ def validate_file(
         wants.append(want)
         result["outputs"][name] = max_abs_diff(got, want)
         result["ref_max_abs"][name] = float(np.max(np.abs(want))) if want.size else 0.0
-        result["rel_l2"][name] = relative_l2(got, want)
-        if _is_logits(name):
-            result.setdefault("top1_agreement", {})[name] = top1_agreement(got, want)
-            result.setdefault("top1_positions", {})[name] = int(np.prod(got.shape[:-1]))
+        pooled[name].add(got, want, _is_logits(name))
+    if level > 0:
+        t0 = time.time()
+        for k in range(1, approx_draws):
+            more, more_ref = _draw(config, model, input_shapes, model_kwargs, seed + k)
+            for name, got in zip(output_names, sess.run(output_names, _ort_inputs(config, more, in_names))):
+                want = more_ref[onnx_to_torch.get(name, name)]
+                if got.shape == want.shape:
+                    pooled[name].add(got, want, _is_logits(name))
+        result["approx_draws"] = approx_draws
+        result["seconds_approx_draws"] = round(time.time() - t0, 2)
+    del sess
+    result["rel_l2"] = {name: p.rel_l2() for name, p in pooled.items()}
+    for name, p in pooled.items():
+        if p.positions:
+            result.setdefault("top1_agreement", {})[name] = p.agree / p.positions
+            result.setdefault("top1_positions", {})[name] = p.positions
     exact = outs
     if level > 0:
         t0 = time.time()
