@@ -145,8 +145,11 @@ def _plugin_path():
 def default_atol(options: ExportOptions) -> float:
     if options.atol is not None:
         return options.atol
-    # fp32 graphs differ from PyTorch by summation order only; int8 activations (accuracy_level 4) do not
-    return 1e-3 if options.nbits_accuracy_level == 0 else 0.5
+    # the max-abs check always runs on the exact float32 path (accuracy_level forced to 0), where
+    # graphs differ from PyTorch by summation order only (tiny models 2e-7; the relative part,
+    # 5e-4 x max|PyTorch|, covers deep models); accuracy_level 4 is judged by relative L2 error and
+    # top-1 agreement instead (validate.Tolerances)
+    return 1e-4
 
 
 def export_split_model(
@@ -213,7 +216,7 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         use_subprocess=False,
         model_kwargs=None,
     ):
-        from .validate import validate_file
+        from .validate import validate_file, validation_summary
 
         names = onnx_files_subpaths or [f"{k}.onnx" for k in models_and_onnx_configs]
         for (_sub_name, (sub_model, cfg)), outs, fname in zip(
@@ -235,15 +238,7 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
             r["seconds"] = round(time.time() - t0, 2)
             key = fname if fname not in results else f"{fname} (use_cache_branch)"
             results[key] = r
-            worst = max(r["outputs"].values(), default=0.0)
-            print(
-                f"validated {key}: max |ONNX Runtime - PyTorch| over {len(r['outputs'])} outputs = {worst:.3g}"
-                + (
-                    f"; reference evaluator {max(r['reference_evaluator'].values(), default=0.0):.3g}"
-                    if "reference_evaluator" in r
-                    else ""
-                )
-            )
+            print(f"validated {key}: " + validation_summary(r))
 
     for m in model.modules():
         if isinstance(m, NM24Linear):
@@ -282,6 +277,9 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
             model.config._name_or_path = source
     if preprocessor is not None:
         preprocessor.save_pretrained(out)
+    from .run_hint import add_run_hints  # the one-line fix for running ffsplit nodes, inside each graph
+
+    add_run_hints(out, options.target)
     if options.validate and options.target is Target.TENSORRT:
         for name, r in _check_tensorrt_graphs(out).items():
             results.setdefault(name, {}).update(r)
