@@ -78,12 +78,6 @@ def _scales_of(w: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None) ->
     return torch.where(amax > 0, amax / float(grid.qmax), torch.ones_like(amax))
 
 
-def _round(col: torch.Tensor, scale: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int codes, their float64 values) of a float64 column on float32 ``scale`` (as the packers round)."""
-    code = torch.clamp(torch.round(col.to(torch.float32) / scale), -qmax, qmax)
-    return code, (code * scale).to(torch.float64)
-
-
 def prepare_hessian(w: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(float64 damped Hessian, dead-column mask): columns no calibration token used are zeroed in
     ``w`` (in place) and get a unit diagonal; then ``damp`` x mean(diag) is added to the diagonal."""
@@ -170,6 +164,10 @@ def obs_compress(
             scales = torch.ones(n, -(-k // grid.group_size), dtype=torch.float32)
             # a group must lie inside one block: blocks are whole groups
             block_size = max(1, block_size // grid.group_size) * grid.group_size
+    if not dynamic and (keep is not None or (nm is None and sparsity == 0)):
+        # nothing is chosen per block: the lazy block only trades in-loop updates for one GEMM per
+        # block (exact either way); 32 columns was the fastest on CPU (same codes as 128)
+        block_size = min(block_size, 32)
     h, _dead = prepare_hessian(w, hessian, damp)
 
     perm = None
@@ -199,17 +197,19 @@ def obs_compress(
                 if per_row:
                     idx = torch.topk(sal, per_row, dim=1, largest=False).indices
                     prune_b.scatter_(1, idx, True)
+        codes_b = torch.zeros(n, c1 - c0, dtype=torch.float32) if grid is not None else None
+        pruning = keep is not None or nm is not None or sparsity > 0
         for j in range(c1 - c0):
             col = wb[:, j]
-            d = hb[j, j]
             if keep is None and nm is not None and j % nm[1] == 0:
                 grp = wb[:, j : j + nm[1]] ** 2 / torch.diag(hb)[j : j + nm[1]][None, :] ** 2
                 drop = grp.shape[1] - nm[0]
                 if drop > 0:
                     idx = torch.topk(grp, drop, dim=1, largest=False).indices
                     prune_b[:, j : j + nm[1]].scatter_(1, idx, True)
+            kept = (~prune_b[:, j]).to(torch.float32) if pruning else None
             if grid is None:
-                q = col.clone()
+                q = col * kept.to(col.dtype) if pruning else col.clone()
             else:
                 if dynamic:
                     gs = grid.group_size
@@ -222,14 +222,18 @@ def obs_compress(
                     s = scales[:, (c0 + j) // gs]
                 else:
                     s = elem_scale[:, c0 + j]
-                code, q = _round(col, s, grid.qmax)
-                code[prune_b[:, j]] = 0
-                codes[:, c0 + j] = code.to(torch.int8)
-            q[prune_b[:, j]] = 0.0
-            e = (col - q) / d
-            wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
+                # the packers' rounding: float32 division, half to even, clamp to the symmetric range
+                code = torch.round(col.to(torch.float32) / s).clamp_(-grid.qmax, grid.qmax)
+                if pruning:
+                    code.mul_(kept)
+                codes_b[:, j] = code
+                q = (code * s).to(col.dtype)
+            e = (col - q).div_(hb[j, j])
+            wb[:, j:].addr_(e, hb[j, j:], alpha=-1)
             wb[:, j] = q
             err[:, j] = e
+        if codes is not None:
+            codes[:, c0:c1] = codes_b.to(torch.int8)
         w[:, c0:c1] = wb
         out_keep[:, c0:c1] = ~prune_b
         w[:, c1:] -= err @ hinv[c0:c1, c1:]
@@ -341,13 +345,18 @@ def gptq_masked(
     """GPTQ of the kept entries of a pruned weight, the mask fixed, every weight's scale fixed
     (``scale_matrix`` [N, K], from the pruned weight as the round-to-nearest packer computes it).
 
-    With ``original`` (the weight before a SparseGPT pass that chose ``keep`` in natural column
-    order) the pass starts from it in the same order and block size: the joint prune-and-quantize
-    pass, which zeroes the pruned entries and rounds the survivors column by column, compensating
-    both errors. Otherwise (a mask from Wanda or magnitude: pruned without compensation) it starts
-    from ``w_pruned`` and may use activation order.
+    ``original`` is the weight before a SparseGPT pass that chose ``keep`` (natural column order).
+    Without activation order the pass then starts from it in the same order and block size: the
+    joint prune-and-quantize pass of SparseGPT, which zeroes the pruned entries and rounds the
+    survivors column by column, compensating both errors in one loop. With activation order
+    (``options.act_order``, the default) it starts from the SparseGPT-updated ``w_pruned`` and
+    visits the columns by decreasing ``H_kk``: the pruning error was compensated by the SparseGPT
+    pass, the rounding error (and the re-zeroing of pruned entries it spills into) by this one.
+    On SmolLM2-135M's FFNs (three layers, 50 % and 75 %) the second was the lower layer output
+    error for int4 grids in 10 of 12 cases; for int8 the two agree to 3 digits. A mask from Wanda
+    or magnitude (no compensation) starts from ``w_pruned`` the same way.
     """
-    joint = original is not None
+    joint = original is not None and not options.act_order
     return obs_compress(
         original if joint else w_pruned * keep,
         hessian,
@@ -356,5 +365,5 @@ def gptq_masked(
         keep=keep,
         block_size=options.block_size,
         damp=options.damp,
-        act_order=False if joint else options.act_order,
+        act_order=options.act_order,
     )

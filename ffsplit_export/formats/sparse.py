@@ -2,7 +2,8 @@
 
 Pruning keeps the top ``1 - light_sparsity`` of every row by Wanda or magnitude score, or runs
 SparseGPT on the calibration Hessian; int8 values are round-to-nearest, or with ``--quantizer gptq``
-GPTQ's codes (with SparseGPT: one joint prune-and-quantize pass). ``ort-cpu`` and ``tensorrt`` run the ``ffsplit`` sparse
+GPTQ's codes of the survivors (with SparseGPT both errors are compensated: see
+:func:`.gptq.gptq_masked`). ``ort-cpu`` and ``tensorrt`` run the ``ffsplit`` sparse
 ops; ``portable`` stores the weight densely (int8 via MatMulNBits, fp32 via MatMul).
 """
 
@@ -63,8 +64,9 @@ class SparseLinear(CompressedLinear):
 
 def quantize_pruned(weight, w2, keep, hessian, config, grid: Grid, scales: torch.Tensor, scale_matrix=None):
     """GPTQ codes of the kept entries (mask fixed) on the per-weight scales ``scale_matrix`` (default:
-    ``scales`` per row / group of ``grid``): with SparseGPT the joint prune-and-quantize pass from the
-    original ``weight``, otherwise GPTQ of the pruned ``w2``."""
+    ``scales`` per row / group of ``grid``): after SparseGPT the joint prune-and-quantize pass from
+    the original ``weight`` (or, with activation order, GPTQ of its updated ``w2``); after Wanda or
+    magnitude pruning GPTQ of the pruned ``w2``. See :func:`.gptq.gptq_masked`."""
     if scale_matrix is None:
         scale_matrix = element_scales(scales, grid, weight.shape[1])
     joint = config.prune_method is PruneMethod.SPARSEGPT
