@@ -135,6 +135,13 @@ def _stack(name: str, masks: dict) -> str:
     return "decoder" if "decoder" in name.split(".") else "encoder"
 
 
+def _linear_stack(name: str, masks: dict) -> str:
+    """The token mask of a linear layer outside the FFNs: lm_head / proj_out read the decoder."""
+    if "default" in masks:
+        return "default"
+    return "encoder" if "encoder" in name.split(".") else "decoder"
+
+
 class _StopForward(Exception):
     """Raised by the ``stop_after`` hook to end a calibration forward pass early."""
 
@@ -223,6 +230,76 @@ def calibrate(
                 f"FFN {st.name} saw no calibration token; check that the samples are not empty"
             )
     return stats
+
+
+@torch.no_grad()
+def linear_hessians(
+    model: nn.Module,
+    batches: list[Batch],
+    names: list[str],
+    progress: bool = True,
+    stop_after: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """The input Hessian ``X^T X`` (float64, over non-padding tokens) of each named linear layer.
+
+    Layers that read the same input tensor (attention's q / k / v projections) share one
+    accumulated matrix. ``stop_after`` ends each forward pass once that module has run.
+    """
+    if not batches:
+        raise CalibrationError("no calibration batch; pass --calibration PATH or use the built-in sample")
+    sums: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}  # layer -> the layer whose matrix it shares
+    current: dict = {}
+    seen: list[tuple[torch.Tensor, str]] = []  # this batch's input tensors and who accumulated them
+    handles = []
+
+    def hook(_m, args, name):
+        x = args[0]
+        for t, owner in seen:
+            if t is x:
+                alias.setdefault(name, owner)
+                return
+        seen.append((x, name))
+        mask = current.get(_linear_stack(name, current))
+        t = x.detach().double()
+        rows = (
+            t[mask] if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape) else None
+        )
+        rows = t.reshape(-1, t.shape[-1]) if rows is None else rows
+        h = rows.T @ rows
+        sums[name] = sums[name] + h if name in sums else h
+
+    for name in names:
+        handles.append(get_module(model, name).register_forward_pre_hook(lambda m, a, n=name: hook(m, a, n)))
+    if stop_after is not None:
+
+        def stop(_m, _args, _out):
+            raise _StopForward
+
+        handles.append(get_module(model, stop_after).register_forward_hook(stop))
+    was_training = model.training
+    model.eval()
+    try:
+        for b in tqdm(batches, desc="calibrate linears", disable=not progress, unit="batch"):
+            current.clear()
+            current.update(b.masks)
+            seen.clear()
+            try:
+                model(**b.inputs)
+            except _StopForward:
+                pass
+    finally:
+        seen.clear()
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    out = {}
+    for name in names:
+        owner = alias.get(name, name)
+        if owner not in sums:
+            raise CalibrationError(f"linear layer {name} saw no calibration token; check the samples")
+        out[name] = sums[owner]
+    return out
 
 
 def stats_to_json(stats: dict[str, FFNStats]) -> dict:

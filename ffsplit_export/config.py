@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 from .errors import ConfigError
 from .formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
+from .formats.names import Quantizer
 from .formats.packing import EXPORT_INT4_GROUP_SIZES
 
 
@@ -31,6 +32,7 @@ class CompressionConfig:
     selection: str = "score"
     sequential: bool = False
     group_size: int = 128
+    quantizer: str = "rtn"
     other_linear: str = "fp32"
     embedding: str = "fp32"
     calibration: str | None = None
@@ -45,6 +47,7 @@ class CompressionConfig:
         norm(self, "heavy_format", str(HeavyFormat.parse(self.heavy_format, "--heavy-format")))
         norm(self, "prune_method", str(PruneMethod.parse(self.prune_method, "--prune-method")))
         norm(self, "embedding", str(EmbeddingFormat.parse(self.embedding, "--embedding")))
+        norm(self, "quantizer", str(Quantizer.parse(self.quantizer, "--quantizer")))
         pruning.check_fraction(self.light_sparsity, "--light-sparsity")
         norm(self, "other_linear", str(OtherLinearFormat.parse(self.other_linear, "--other-linear")))
         if self.group_size not in EXPORT_INT4_GROUP_SIZES:
@@ -67,6 +70,7 @@ class CompressionConfig:
             prune_method=self.prune_method,
             heavy_format=self.heavy_format,
             group_size=self.group_size,
+            quantizer=self.quantizer,
         )
 
     def compress_kwargs(self) -> dict:
@@ -96,6 +100,7 @@ class CompressionConfig:
             prune_method=str(split.prune_method),
             heavy_format=str(split.heavy_format),
             group_size=split.group_size,
+            quantizer=str(split.quantizer),
             **kwargs,
         )
 
@@ -135,6 +140,7 @@ class CompressionConfig:
             selection=args.heavy_selection,
             sequential=args.sequential,
             group_size=args.group_size,
+            quantizer=getattr(args, "quantizer", "rtn"),
             other_linear=args.other_linear,
             embedding=args.embedding,
             calibration=args.calibration,

@@ -9,12 +9,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import find_ffns
-from .calibrate import calibrate, make_batches
+from .calibrate import calibrate, linear_hessians, make_batches
 from .data.calibration import load_samples
 from .errors import ConfigError
-from .formats import EmbeddingFormat, get_format
+from .formats import EmbeddingFormat, OtherLinearFormat, get_format
 from .plan import plan_budget, plan_fraction
-from .split import SplitConfig, SplitReport, quantize_embeddings_, quantize_other_linears_, split_ffn_
+from .split import (
+    SplitConfig,
+    SplitReport,
+    other_linear_names,
+    quantize_embeddings_,
+    quantize_other_linears_,
+    split_ffn_,
+)
 
 
 @dataclass
@@ -56,8 +63,11 @@ def compress(
     The heavy set is ``heavy_fraction`` of every FFN (default 0.1) or, with ``size_budget``,
     allocated across layers under that byte budget. With ``sequential`` the light parts are
     pruned FFN by FFN, each from statistics of the model whose earlier FFNs are already
-    compressed (as in SparseGPT's layer-wise procedure); the heavy sets still come from
-    the original model.
+    compressed (as in SparseGPT's layer-wise procedure), and the other linear layers are
+    quantized in model order between them (with GPTQ, each from its input Hessian on the
+    partly compressed model); the heavy sets still come from the original model. With
+    ``config.quantizer`` gptq every integer weight gets GPTQ's codes (from the Hessians of
+    the same calibration pass, or of the partly compressed model when ``sequential``).
     """
     cfg = config or SplitConfig()
     EmbeddingFormat.parse(embedding, "--embedding")  # bad values fail before calibration
@@ -67,25 +77,62 @@ def compress(
     if batches is None:
         samples = load_samples(model, calibration, num_samples)
         batches = make_batches(model, preprocessor, samples, batch_size=batch_size, max_length=max_length)
-    need_h = str(cfg.prune_method) == "sparsegpt" and get_format(cfg.light_format).pruned
+    gptq = str(cfg.quantizer) == "gptq"
+    other_fmt = get_format(OtherLinearFormat.parse(other_linear, "--other-linear"))
+    quantize_others = not other_fmt.keeps_original
+    need_h = (str(cfg.prune_method) == "sparsegpt" and get_format(cfg.light_format).pruned) or (
+        gptq and (get_format(cfg.light_format).gptq or get_format(cfg.heavy_format).gptq)
+    )
     if stats is None or (need_h and next(iter(stats.values())).hessian_x is None):
         stats = calibrate(model, batches, specs, hessians=need_h, progress=progress)
     if size_budget is not None:
         plan = plan_budget(model, specs, stats, cfg, size_budget)
     else:
         plan = plan_fraction(stats, 0.1 if heavy_fraction is None else heavy_fraction, selection, seed)
+    others = other_linear_names(model, specs) if quantize_others else []
+    other_h = gptq and other_fmt.gptq
     target = model if inplace else copy.deepcopy(model)
+
+    def quantize_others_(names, stop_after=None) -> dict:
+        hs = linear_hessians(target, batches, names, False, stop_after) if other_h and names else None
+        return quantize_other_linears_(
+            target, other_linear, cfg.group_size, specs, config=cfg, hessians=hs, names=names
+        )
+
     if sequential:
-        infos = []
+        # FFN by FFN in model order, each from the statistics of the model whose earlier layers
+        # are already compressed; the other linears registered before an FFN go first
+        order = {name: i for i, (name, _) in enumerate(target.named_modules())}
+        infos, parts, done = [], [], 0
         for spec in tqdm(specs, desc="sequential split", disable=not progress, unit="ffn"):
+            first = min(order[p] for p in spec.projections)
+            before = [o for o in others[done:] if order[o] < first]
+            if before:
+                parts.append(quantize_others_(before, stop_after=spec.up))
+                done += len(before)
             st = calibrate(target, batches, [spec], hessians=need_h, progress=False, stop_after=spec.down)
             infos += split_ffn_(target, plan, cfg, st, [spec], progress=False).ffns
+        if others[done:]:
+            parts.append(quantize_others_(others[done:]))
         report = SplitReport(infos, cfg.to_dict())
+        other = _merge_other(other_linear, parts)
     else:
+        hs = linear_hessians(model, batches, others, progress) if other_h and others else None
         report = split_ffn_(target, plan, cfg, stats, specs, progress=progress)
-    other = quantize_other_linears_(target, other_linear, cfg.group_size, specs)
+        other = quantize_other_linears_(
+            target, other_linear, cfg.group_size, specs, config=cfg, hessians=hs, names=others
+        )
     emb = quantize_embeddings_(target, embedding)
     return CompressResult(target, report, other, plan, stats, batches, emb)
+
+
+def _merge_other(fmt: str, parts: list[dict]) -> dict:
+    """One ``quantize_other_linears_`` summary of several calls."""
+    out = {"format": str(fmt), "layers": 0, "dense_bytes": 0, "bytes": 0}
+    for p in parts:
+        for key in ("layers", "dense_bytes", "bytes"):
+            out[key] += p[key]
+    return out
 
 
 def model_output(model, batch) -> torch.Tensor:

@@ -10,7 +10,7 @@ reproduces the original up to float32 summation order.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from .formats import (
     pruning,
 )
 from .formats.lowrank import lowrank_rank  # noqa: F401 - re-exported (plan, callers)
+from .formats.names import Quantizer
 from .formats.packing import EXPORT_INT4_GROUP_SIZES
 from .linear import CompressedLinear
 
@@ -44,8 +45,19 @@ class SplitConfig:
     prune_method: PruneMethod | str = PruneMethod.WANDA
     heavy_format: HeavyFormat | str = HeavyFormat.FP32
     group_size: int = 128  # int4 group size (light int4 and --other-linear int4)
+    quantizer: Quantizer | str = Quantizer.RTN  # how int codes are chosen: round-to-nearest or GPTQ
+    # the OBS pass (GPTQ, and SparseGPT's damping and block size): relative damping of diag(H),
+    # columns per lazy block, GPTQ's activation order (static groups; the layout does not change)
+    gptq_damp: float = 0.01
+    gptq_block_size: int = 128
+    gptq_act_order: bool = True
 
     def __post_init__(self):
+        self.quantizer = Quantizer.parse(self.quantizer, "--quantizer")
+        if not (isinstance(self.gptq_damp, (int, float)) and 0.0 <= self.gptq_damp < 1.0):
+            raise ConfigError(f"gptq_damp={self.gptq_damp!r} is out of range; use 0 <= damp < 1 (e.g. 0.01)")
+        if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
+            raise ConfigError(f"gptq_block_size={self.gptq_block_size!r}; use a whole number >= 1 (e.g. 128)")
         self.light_format = LightFormat.parse(self.light_format, "--light-format")
         self.heavy_format = HeavyFormat.parse(self.heavy_format, "--heavy-format")
         self.prune_method = PruneMethod.parse(self.prune_method, "--prune-method")
@@ -168,8 +180,9 @@ def make_light(w: torch.Tensor, bias, cfg: SplitConfig, x_norm=None, hessian=Non
     return get_format(cfg.light_format).compress(w, bias, x_norm=x_norm, hessian=hessian, config=cfg)
 
 
-def make_heavy(w: torch.Tensor, bias, fmt: HeavyFormat) -> CompressedLinear:
-    return get_format(HeavyFormat.parse(fmt, "--heavy-format")).compress(w, bias)
+def make_heavy(w: torch.Tensor, bias, fmt: HeavyFormat, cfg: SplitConfig | None = None, hessian=None):
+    """Compress one heavy weight (``cfg`` and the input ``hessian`` matter to quantized formats under GPTQ)."""
+    return get_format(HeavyFormat.parse(fmt, "--heavy-format")).compress(w, bias, hessian=hessian, config=cfg)
 
 
 def _dense_nbytes(*weights_and_biases) -> int:
@@ -226,15 +239,13 @@ def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
             raise ConfigError(f"{path} has {w.shape[0]} outputs but {spec.down} has {n_neurons} inputs")
         dense += _dense_nbytes(w, b)
         pick = lambda t, i: None if t is None else t[i]  # noqa: E731
-        hv = make_heavy(w[hidx], pick(b, hidx), cfg.heavy_format) if nh else None
-        lt = (
-            make_light(w[lidx], pick(b, lidx), cfg, x_norm, None if st is None else st.hessian_x)
-            if nl
-            else None
-        )
+        h_x = None if st is None else st.hessian_x
+        hv = make_heavy(w[hidx], pick(b, hidx), cfg.heavy_format, cfg, h_x) if nh else None
+        lt = make_light(w[lidx], pick(b, lidx), cfg, x_norm, h_x) if nl else None
         set_module(model, path, SplitLinear("out", hv, lt, nh))
 
-    hv = make_heavy(w_down[:, hidx], None, cfg.heavy_format) if nh else None
+    h_h = None if st is None or st.hessian_act is None or not nh else st.hessian_act[hidx][:, hidx]
+    hv = make_heavy(w_down[:, hidx], None, cfg.heavy_format, cfg, h_h) if nh else None
     lt = None
     if nl:
         h_a = None if st is None or st.hessian_act is None else st.hessian_act[lidx][:, lidx]
@@ -264,17 +275,11 @@ def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
 # ------------------------------------------------------------------------------ other linears
 
 
-def quantize_other_linears_(
-    model: nn.Module, fmt: OtherLinearFormat | str, group_size: int = 128, specs: list[FFNSpec] | None = None
-) -> dict:
-    """Weight-quantize every linear layer outside the FFNs (attention, lm_head) as MatMulNBits."""
-    fmt = OtherLinearFormat.parse(fmt, "--other-linear")
-    qf = get_format(fmt)
-    if qf.keeps_original:
-        return {"format": str(fmt), "layers": 0, "dense_bytes": 0, "bytes": 0}
+def other_linear_names(model: nn.Module, specs: list[FFNSpec] | None = None) -> list[str]:
+    """The linear layers outside the FFNs (attention, lm_head), in registration order."""
     specs = specs if specs is not None else find_ffns(model)
     skip = {p for s in specs for p in s.projections}
-    targets = [
+    return [
         name
         for name, m in model.named_modules()
         if name
@@ -282,11 +287,33 @@ def quantize_other_linears_(
         and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
         and not any(name.startswith(p + ".") for p in skip)
     ]
-    cfg = _GroupSize(group_size)
+
+
+def quantize_other_linears_(
+    model: nn.Module,
+    fmt: OtherLinearFormat | str,
+    group_size: int = 128,
+    specs: list[FFNSpec] | None = None,
+    *,
+    config: SplitConfig | None = None,
+    hessians: dict | None = None,
+    names: list[str] | None = None,
+) -> dict:
+    """Weight-quantize every linear layer outside the FFNs (attention, lm_head) as MatMulNBits.
+
+    With ``config.quantizer`` gptq, ``hessians`` maps each layer name to its input Hessian
+    (:func:`ffsplit_export.calibrate.linear_hessians`); ``names`` limits the pass to those layers.
+    """
+    fmt = OtherLinearFormat.parse(fmt, "--other-linear")
+    qf = get_format(fmt)
+    if qf.keeps_original:
+        return {"format": str(fmt), "layers": 0, "dense_bytes": 0, "bytes": 0}
+    targets = names if names is not None else other_linear_names(model, specs)
+    cfg = _GroupSize(group_size) if config is None else replace(config, group_size=group_size)
     dense = packed = 0
     for name in targets:
         w, b = linear_weight(get_module(model, name))
-        q = qf.compress(w, b, config=cfg)
+        q = qf.compress(w, b, hessian=(hessians or {}).get(name), config=cfg)
         dense += _dense_nbytes(w, b)
         packed += qf.nbytes(q) + (0 if b is None else b.numel() * 4)
         set_module(model, name, q)
@@ -329,3 +356,4 @@ class _GroupSize:
     """The part of :class:`SplitConfig` the other-linear formats read."""
 
     group_size: int
+    quantizer: str = "rtn"

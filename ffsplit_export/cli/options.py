@@ -251,6 +251,7 @@ def check_export(path: Path) -> dict:
 def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by analyze / export / eval / recover (the table of DESIGN.md)."""
     from ..formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod
+    from ..formats.names import Quantizer
 
     p.add_argument("--task", default="auto", help="optimum task name, or auto (default)")
     g = p.add_mutually_exclusive_group()
@@ -306,6 +307,12 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--group-size", type=group_size, default=128, help="int4 group size: 32, 64, 128 (default)"
+    )
+    p.add_argument(
+        "--quantizer",
+        type=format_name(Quantizer),
+        default="rtn",
+        help="rtn (default: round-to-nearest), gptq (error-compensated codes from the calibration Hessians)",
     )
     p.add_argument(
         "--heavy-selection",

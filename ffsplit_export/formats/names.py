@@ -68,3 +68,10 @@ class Target(_NamedEnum):
     ORT_CPU = "ort-cpu"
     PORTABLE = "portable"
     TENSORRT = "tensorrt"
+
+
+class Quantizer(_NamedEnum):
+    """How quantized codes are chosen (``--quantizer``): round-to-nearest, or GPTQ's error compensation."""
+
+    RTN = "rtn"
+    GPTQ = "gptq"

@@ -2,7 +2,8 @@
 
 Light ``int8`` / ``int4``, heavy ``int8`` and ``--other-linear int8`` / ``int4``. int8 is
 symmetric per output channel (stored in blocks of 128), int4 symmetric per group of
-``group_size`` input channels. ``ort-cpu`` and ``portable`` emit MatMulNBits; TensorRT has
+``group_size`` input channels. The codes are round-to-nearest, or GPTQ's (``--quantizer gptq``,
+:mod:`.gptq`) on the same grid. ``ort-cpu`` and ``portable`` emit MatMulNBits; TensorRT has
 no MatMulNBits, so those targets are rejected up front (direct callers get a dense MatMul).
 """
 
@@ -14,6 +15,7 @@ import torch
 from ..errors import ConfigError
 from . import packing
 from ._module import CompressedLinear, as_tensor, matmulnbits_node
+from .gptq import GPTQOptions, Grid, gptq_dense, wants_gptq
 from .names import HeavyFormat, LightFormat, OtherLinearFormat, Target
 from .registry import WeightFormat, dense_matmul, register_format
 
@@ -60,11 +62,21 @@ class _NBits(WeightFormat):
     targets = frozenset({Target.ORT_CPU, Target.PORTABLE})
     target_need = "ONNX Runtime's MatMulNBits"
     quantizes = True
+    gptq = True
 
     def block_size(self, config) -> int:  # noqa: ARG002
         return 128
 
+    def grid(self, config) -> Grid:
+        """The packer's grid: int8 one scale per row, int4 one per block of columns."""
+        return Grid(8) if self.bits == 8 else Grid(4, self.block_size(config))
+
     def compress(self, weight, bias=None, *, x_norm=None, hessian=None, config=None):  # noqa: ARG002
+        if wants_gptq(config, hessian, f"this {self.role} {self.name} weight"):
+            r = gptq_dense(weight, hessian, self.grid(config), GPTQOptions.of(config))
+            m = NBitsLinear(r.codes.numpy(), r.scales.numpy(), self.bits, self.block_size(config), bias)
+            m.format = self
+            return m
         return self.pack_weight(weight, None, bias, self.block_size(config))
 
     def pack_weight(self, w, mask, bias, group_size):  # noqa: ARG002

@@ -12,9 +12,10 @@ import torch
 
 from . import packing
 from ._module import CompressedLinear, as_tensor, custom_node, int8_matmulnbits_node
+from .gptq import Grid, wants_gptq
 from .names import LightFormat
 from .registry import WeightFormat, register_format
-from .sparse import prune_keep
+from .sparse import prune_keep, quantize_pruned, row_scales_int8
 
 
 class NM24Linear(CompressedLinear):
@@ -24,10 +25,12 @@ class NM24Linear(CompressedLinear):
     op_type = "Sparse24MatMulInt8"
     format_name = "2:4-int8"
 
-    def __init__(self, weight: torch.Tensor, keep: torch.Tensor, bias=None):
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor, bias=None, codes=None):
+        """``codes`` = (int8 q [N, K] in the 2:4 pattern, float32 row scales [N]) chosen elsewhere
+        (GPTQ); default: round-to-nearest of ``weight`` on the kept positions."""
         super().__init__(weight.shape[1], weight.shape[0], bias)
         w = (weight.detach().float() * keep).cpu().numpy()
-        q, s = packing.quantize_int8_per_channel(w)
+        q, s = packing.quantize_int8_per_channel(w) if codes is None else codes
         p = packing.pack_nm24(q)
         self.register_buffer("values", as_tensor(p.values))
         self.register_buffer("meta", as_tensor(p.meta))
@@ -61,10 +64,18 @@ class NM24Int8(WeightFormat):
     pruned = True
     structured = True
     quantizes = True
+    gptq = True
 
     def compress(self, weight, bias=None, *, x_norm=None, hessian=None, config=None):
+        gptq = wants_gptq(config, hessian, f"this light {self.name} weight")
         w2, keep = prune_keep(weight, config, x_norm, hessian, structured=True)
-        return self.pack_weight(w2, keep, bias, 128)
+        if not gptq:
+            return self.pack_weight(w2, keep, bias, 128)
+        s = row_scales_int8(w2, keep)
+        r = quantize_pruned(weight, w2, keep, hessian, config, Grid(8), s)
+        m = NM24Linear(r.weight, keep, bias, codes=(r.codes.numpy(), s.numpy()))
+        m.format = self
+        return m
 
     def pack_weight(self, w, mask, bias, group_size):  # noqa: ARG002
         m = NM24Linear(w, mask, bias)

@@ -72,6 +72,7 @@ class WeightFormat:
     pruned: ClassVar[bool] = False  # unstructured or N:M sparse (needs pruning statistics)
     structured: ClassVar[bool] = False  # N:M structured sparsity
     keeps_original: ClassVar[bool] = False  # the layer stays as it is (fp32 other linears / embedding)
+    gptq: ClassVar[bool] = False  # integer codes that --quantizer gptq chooses (compress reads the Hessian)
 
     # singletons: copying a model (deepcopy) keeps the registered instance
     def __copy__(self):

@@ -1,7 +1,9 @@
 """Unstructured sparse formats: ``sparse-int8`` and ``sparse-fp32`` (bitmask + values + row_ptr).
 
 Pruning keeps the top ``1 - light_sparsity`` of every row by Wanda or magnitude score, or runs
-SparseGPT on the calibration Hessian. ``ort-cpu`` and ``tensorrt`` run the ``ffsplit`` sparse
+SparseGPT on the calibration Hessian; int8 values are round-to-nearest, or with ``--quantizer gptq``
+GPTQ's codes of the survivors (with SparseGPT both errors are compensated: see
+:func:`.gptq.gptq_masked`). ``ort-cpu`` and ``tensorrt`` run the ``ffsplit`` sparse
 ops; ``portable`` stores the weight densely (int8 via MatMulNBits, fp32 via MatMul).
 """
 
@@ -13,6 +15,7 @@ import torch
 from ..errors import ConfigError
 from . import packing, pruning
 from ._module import CompressedLinear, as_tensor, custom_node, int8_matmulnbits_node
+from .gptq import GPTQOptions, Grid, element_scales, gptq_masked, wants_gptq
 from .names import LightFormat, PruneMethod
 from .registry import WeightFormat, dense_matmul, register_format
 
@@ -20,12 +23,14 @@ from .registry import WeightFormat, dense_matmul, register_format
 class SparseLinear(CompressedLinear):
     """Unstructured sparse weight: bitmask + values (int8 with per-row scales, or float32)."""
 
-    def __init__(self, weight: torch.Tensor, keep: torch.Tensor, int8: bool, bias=None):
+    def __init__(self, weight: torch.Tensor, keep: torch.Tensor, int8: bool, bias=None, codes=None):
+        """``codes`` = (int8 q [N, K], float32 row scales [N]) chosen elsewhere (GPTQ); default:
+        round-to-nearest of ``weight`` on the kept positions."""
         super().__init__(weight.shape[1], weight.shape[0], bias)
         w = (weight.detach().float() * keep).cpu().numpy()
         keep_np = keep.cpu().numpy().astype(bool)
         if int8:
-            q, s = packing.quantize_int8_per_channel(w)
+            q, s = packing.quantize_int8_per_channel(w) if codes is None else codes
             p = packing.pack_bitmask(q, keep_np)
             self.register_buffer("scales", as_tensor(s))
             self.packed_names = ("mask", "values", "row_ptr", "scales")
@@ -57,6 +62,25 @@ class SparseLinear(CompressedLinear):
         return torch.from_numpy(keep.astype(bool))
 
 
+def quantize_pruned(weight, w2, keep, hessian, config, grid: Grid, scales: torch.Tensor, scale_matrix=None):
+    """GPTQ codes of the kept entries (mask fixed) on the per-weight scales ``scale_matrix`` (default:
+    ``scales`` per row / group of ``grid``): after SparseGPT the joint prune-and-quantize pass from
+    the original ``weight`` (or, with activation order, GPTQ of its updated ``w2``); after Wanda or
+    magnitude pruning GPTQ of the pruned ``w2``. See :func:`.gptq.gptq_masked`."""
+    if scale_matrix is None:
+        scale_matrix = element_scales(scales, grid, weight.shape[1])
+    joint = config.prune_method is PruneMethod.SPARSEGPT
+    return gptq_masked(
+        w2, keep, hessian, grid, scale_matrix, GPTQOptions.of(config), original=weight if joint else None
+    )
+
+
+def row_scales_int8(w2: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The per-row int8 scales that round-to-nearest packing of the pruned weight uses."""
+    _, s = packing.quantize_int8_per_channel((w2.detach().float() * keep).cpu().numpy())
+    return torch.from_numpy(s)
+
+
 def prune_keep(w, config, x_norm, hessian, structured: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(possibly updated weight, keep mask) of ``w`` under ``config``'s pruning method and sparsity."""
     from .sparsegpt import sparsegpt_prune
@@ -65,7 +89,15 @@ def prune_keep(w, config, x_norm, hessian, structured: bool) -> tuple[torch.Tens
     if method is PruneMethod.SPARSEGPT:
         if hessian is None:
             raise ConfigError("--prune-method sparsegpt needs calibration statistics with Hessians")
-        return sparsegpt_prune(w, hessian, config.light_sparsity, nm=(2, 4) if structured else None)
+        o = GPTQOptions.of(config)
+        return sparsegpt_prune(
+            w,
+            hessian,
+            config.light_sparsity,
+            nm=(2, 4) if structured else None,
+            block_size=o.block_size,
+            damp=o.damp,
+        )
     if method is PruneMethod.WANDA and x_norm is not None:
         score = pruning.wanda_score(w, x_norm)
     else:
@@ -80,8 +112,15 @@ class _Sparse(WeightFormat):
     op_type = ""
 
     def compress(self, weight, bias=None, *, x_norm=None, hessian=None, config=None):
+        gptq = self.int8 and wants_gptq(config, hessian, f"this light {self.name} weight")
         w2, keep = prune_keep(weight, config, x_norm, hessian, structured=False)
-        return self.pack_weight(w2, keep, bias, 128)
+        if not gptq:
+            return self.pack_weight(w2, keep, bias, 128)
+        s = row_scales_int8(w2, keep)
+        r = quantize_pruned(weight, w2, keep, hessian, config, Grid(8), s)
+        m = SparseLinear(r.weight, keep, int8=True, bias=bias, codes=(r.codes.numpy(), s.numpy()))
+        m.format = self
+        return m
 
     def pack_weight(self, w, mask, bias, group_size):  # noqa: ARG002
         m = SparseLinear(w, mask, int8=self.int8, bias=bias)
@@ -129,6 +168,7 @@ class SparseInt8(_Sparse):
 
     op_type = "SparseMatMulInt8"
     quantizes = True
+    gptq = True
 
     def bytes_per_weight(self, config=None) -> float:
         return (1.0 - config.light_sparsity) + 0.125

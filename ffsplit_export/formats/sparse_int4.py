@@ -3,7 +3,8 @@
 About 3 bits per weight at 50 % sparsity (1 mask bit + 4 bits per kept weight + a 32-bit scale
 per ``group_size`` kept weights). Compression prunes with the configured method (magnitude /
 Wanda / SparseGPT, :func:`.sparse.prune_keep`), then quantizes the survivors round-to-nearest,
-symmetric, per group of ``--group-size`` kept values of a row (in column order).
+symmetric, per group of ``--group-size`` kept values of a row (in column order); with
+``--quantizer gptq`` the same scales, and GPTQ's codes (with SparseGPT: the joint pass).
 
 Targets: ``ort-cpu`` runs ``ffsplit::SparseMatMulInt4``. ``portable`` stores the decoded weight
 as a dense float32 MatMul: the group scales follow kept values, not column blocks, so neither
@@ -19,9 +20,10 @@ import torch
 
 from . import packing
 from ._module import CompressedLinear, as_tensor, custom_node
+from .gptq import Grid, wants_gptq
 from .names import LightFormat, Target
 from .registry import WeightFormat, dense_matmul, register_format
-from .sparse import prune_keep
+from .sparse import prune_keep, quantize_pruned
 
 OP_TYPE = "SparseMatMulInt4"
 
@@ -92,6 +94,7 @@ class SparseInt4(WeightFormat):
 
     pruned = True
     quantizes = True
+    gptq = True
     targets = frozenset({Target.ORT_CPU, Target.PORTABLE})
     target_need = "the SparseMatMulInt4 kernel (ONNX Runtime plugin; no Triton kernel yet)"
 
@@ -100,8 +103,21 @@ class SparseInt4(WeightFormat):
         return 32 if config is None else int(config.group_size)
 
     def compress(self, weight, bias=None, *, x_norm=None, hessian=None, config=None):
+        gptq = wants_gptq(config, hessian, "this light sparse-int4 weight")
         w2, keep = prune_keep(weight, config, x_norm, hessian, structured=False)
-        return self.pack_weight(w2, keep, bias, self.group_size(config))
+        gs = self.group_size(config)
+        if not gptq:
+            return self.pack_weight(w2, keep, bias, gs)
+        # the scales of round-to-nearest packing of the pruned weight, fixed; GPTQ picks the codes
+        keep_np = keep.cpu().numpy().astype(bool)
+        q0, scales = packing.quantize_sparse_int4((w2.float() * keep).cpu().numpy(), keep_np, gs)
+        smat = torch.from_numpy(
+            packing.sparse_int4_scale_matrix(packing.pack_sparse_int4(q0, keep_np, scales, gs))
+        )
+        r = quantize_pruned(weight, w2, keep, hessian, config, Grid(4), None, scale_matrix=smat)
+        m = SparseInt4Linear(packing.pack_sparse_int4(r.codes.numpy(), keep_np, scales, gs), bias)
+        m.format = self
+        return m
 
     def pack_weight(self, w, mask, bias, group_size):
         if mask is None:
