@@ -548,6 +548,16 @@ def init_processes(device=None, backend: str | None = None) -> Processes:
     return Processes(dist.get_rank(), dist.get_world_size(), local, backend, owned=True, wait_group=wait)
 
 
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """The global batch (``--train-batch-size``) must split evenly over the processes."""
+    if world_size > 1 and batch_size % world_size:
+        raise ConfigError(
+            f"the global batch of {batch_size} sequences (--train-batch-size) does not split "
+            f"evenly over {world_size} processes; use a multiple of {world_size} "
+            f"(e.g. {world_size * max(1, round(batch_size / world_size))}) or another --nproc_per_node"
+        )
+
+
 def _rows(batch: Batch) -> int:
     for v in batch.inputs.values():
         if isinstance(v, torch.Tensor) and v.dim() >= 1:
@@ -842,13 +852,8 @@ def recover(
     for p in list(teacher.parameters()) + list(student.parameters()):
         p.requires_grad_(False)
     batches = training_batches(teacher, preprocessor, data, cfg)  # Whisper: the teacher transcribes
-    if procs.active and cfg.batch_size % procs.world_size and not _prebuilt(data):
-        raise ConfigError(
-            f"the global batch of {cfg.batch_size} sequences (--train-batch-size) does not split "
-            f"evenly over {procs.world_size} processes; use a multiple of {procs.world_size} "
-            f"(e.g. {procs.world_size * max(1, round(cfg.batch_size / procs.world_size))}) or "
-            "another --nproc_per_node"
-        )
+    if not _prebuilt(data):  # batches given as they are may have any size: shards may be uneven
+        check_global_batch(cfg.batch_size, procs.world_size)
     modules = make_trainable_(student, cfg.train_other_linear)
     student.to(dev)
     if procs.active:
