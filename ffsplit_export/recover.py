@@ -716,8 +716,10 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
     params = [p for p in _params(modules)]
+    if not write and not any(_is_dtensor(p) for p in params):
+        return  # nothing to gather: the writing rank holds the same whole tensors
+    tensors: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         for pname, p in m.named_parameters(recurse=False):
             if p.requires_grad:

@@ -35,6 +35,7 @@ def run(
     stop_after: int | None = None,
     batch_size: int = 4,
     fsdp: bool = False,
+    model: str = "tiny-llama",
 ) -> dict:
     from ffsplit_export.calibrate import make_batches
     from ffsplit_export.models.loading import load_model
@@ -43,7 +44,7 @@ def run(
     from ffsplit_export.split import SplitConfig
 
     torch.manual_seed(0)
-    teacher, pre, _ = load_model("tiny-llama")
+    teacher, pre, _ = load_model(model)
     res = compress(
         teacher,
         pre,
@@ -51,6 +52,9 @@ def run(
         batches=make_batches(teacher, pre, TEXT, batch_size=4, max_length=32),
         progress=False,
     )
+    data = TEXT  # a causal LM: cut into SEQ_LEN blocks
+    if teacher.config.is_encoder_decoder:  # padded batches of 3: uneven shards (2 + 1 rows)
+        data = make_batches(teacher, pre, TEXT[:-2], batch_size=3, max_length=32)
     rows: list[dict] = []
 
     def on_step(row):
@@ -63,7 +67,7 @@ def run(
         rep = recover(
             teacher,
             res.model,
-            TEXT,
+            data,
             preprocessor=pre,
             steps=STEPS,
             lr=3e-3,
@@ -100,5 +104,6 @@ if __name__ == "__main__":
     ap.add_argument("--stop-after", type=int)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--fsdp", action="store_true")
+    ap.add_argument("--model", default="tiny-llama")
     a = ap.parse_args()
-    run(a.out, a.checkpoint_dir, a.stop_after, a.batch_size, a.fsdp)
+    run(a.out, a.checkpoint_dir, a.stop_after, a.batch_size, a.fsdp, a.model)
