@@ -892,7 +892,7 @@ def recover(
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(
-            student, device_ids=[dev.index] if dev.type == "cuda" else None, **_NO_BUFFER_SYNC
+            student, device_ids=[dev.index] if dev.type == "cuda" else None, **_ddp_no_buffer_sync()
         )
     procs.barrier()  # every rank has read the checkpoint before rank 0 may replace it
     history: list[dict] = []
@@ -969,14 +969,21 @@ def recover(
 
 
 _KEYS = ("loss", "task", "squarehead", "kd")
-# masks are synced once when DDP starts, not before every forward (they change only between steps,
-# identically on every rank); torch 2.13 renamed broadcast_buffers
-_NO_BUFFER_SYNC = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers"
-    in __import__("inspect").signature(nn.parallel.DistributedDataParallel).parameters
-    else {"broadcast_buffers": False}
-)
+
+
+def _ddp_no_buffer_sync() -> dict:
+    """DDP keyword that stops the buffer (mask) broadcast before every forward.
+
+    Masks change only between steps, identically on every rank. torch 2.13 renamed
+    ``broadcast_buffers`` to ``forward_sync_buffers`` (which still syncs once at the start).
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def _prebuilt(data) -> bool:
