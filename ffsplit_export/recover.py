@@ -13,6 +13,13 @@ Loss = ``task_loss_weight`` * next-token cross-entropy
      + ``squarehead_weight`` * sum over blocks of mean((h_s - h_t)^2) / mean(h_t^2)
      + ``kd_logits_weight`` * KL(teacher || student) on the logits,
 all over non-padding tokens.
+
+Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) the same loop runs with
+PyTorch distributed data parallel (gloo on CPU, NCCL on GPU) or, with ``fsdp=True``, with
+FSDP2 (``fully_shard``) over the trainable linears: each rank takes its rows of the same
+global batch, the loss normalisers (token counts, teacher energies) are summed over the
+ranks so the gradient equals the one-process gradient, and only rank 0 writes checkpoints
+(full tensors, so they resume on any number of ranks).
 """
 
 from __future__ import annotations
@@ -42,7 +49,10 @@ __all__ = [
     "TrainableLinear",
     "make_trainable_",
     "pack_trainable_",
+    "Processes",
+    "init_processes",
     "recover",
+    "shard_batch",
     "squarehead_loss",
 ]
 
@@ -201,7 +211,13 @@ class TrainableLinear(nn.Module):
     @torch.no_grad()
     def apply_mask_(self) -> None:
         if self.mask is not None:
-            self.weight.mul_(self.mask)
+            mask = self.mask
+            if _is_dtensor(self.weight):  # FSDP: this rank's rows of the mask (sliced here, no traffic)
+                from torch.distributed.tensor import distribute_tensor
+
+                w = self.weight
+                mask = distribute_tensor(mask, w.device_mesh, w.placements, src_data_rank=None)
+            self.weight.mul_(mask)
 
     @torch.no_grad()
     def set_sparsity_(self, sparsity: float) -> None:
@@ -311,13 +327,29 @@ def _targets_of(batch: Batch, is_seq2seq: bool) -> tuple[torch.Tensor, str]:
     return batch.inputs["input_ids"], "default"
 
 
-def compute_losses(student, teacher, batch: Batch, cfg: RecoverConfig) -> dict[str, torch.Tensor]:
-    """Task, SquareHead and logit-KL losses of one batch (student with grad, teacher without)."""
+def compute_losses(
+    student,
+    teacher,
+    batch: Batch,
+    cfg: RecoverConfig,
+    *,
+    procs: Processes | None = None,
+    forward=None,
+    live: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Task, SquareHead and logit-KL losses of one batch (student with grad, teacher without).
+
+    With ``procs`` of more than one rank, ``batch`` is this rank's rows of the global batch and
+    ``forward`` the wrapped student (DDP); see :func:`_sharded_losses`. ``live=False``: this
+    rank has no rows in this step (``batch`` is a stand-in row that contributes nothing).
+    """
     is_s2s = bool(getattr(student.config, "is_encoder_decoder", False))
     kwargs = dict(batch.inputs, output_hidden_states=True, use_cache=False, return_dict=True)
     with torch.no_grad():
         t_out = teacher(**kwargs)
-    s_out = student(**kwargs)
+    s_out = (forward or student)(**kwargs)
+    if procs is not None and procs.active:
+        return _sharded_losses(s_out, t_out, batch, cfg, procs, is_s2s, live)
     ids, key = _targets_of(batch, is_s2s)
     mask = _token_mask(batch, key, ids[..., None])
     losses: dict[str, torch.Tensor] = {}
@@ -350,6 +382,263 @@ def compute_losses(student, teacher, batch: Batch, cfg: RecoverConfig) -> dict[s
         + cfg.kd_logits_weight * losses["kd"]
     )
     return losses
+
+
+def _sharded_losses(s_out, t_out, batch: Batch, cfg: RecoverConfig, procs, is_s2s: bool, live: bool):
+    """The losses of :func:`compute_losses` when each rank holds some rows of the global batch.
+
+    Every loss of the global batch is a ratio whose denominator does not depend on the
+    student (token counts, teacher energies ``sum h_t^2``). Those denominators are summed over
+    the ranks (one all-reduce) and each rank returns ``world_size * (its numerator) / (global
+    denominator)``: the mean over ranks, which DDP and FSDP take of the gradients, is then the
+    gradient of the one-process loss of the whole batch, also for uneven or padded shards.
+    """
+    ids, key = _targets_of(batch, is_s2s)
+    mask = _token_mask(batch, key, ids[..., None])
+    if not live:
+        mask = torch.zeros_like(mask)
+    tgt_mask = mask[:, 1:] & mask[:, :-1]
+    groups = []  # (student blocks, teacher blocks, token mask) per stack
+    if cfg.squarehead_weight > 0:
+        for (hs, k), (ht, _) in zip(
+            _hidden_groups(s_out, batch, key), _hidden_groups(t_out, batch, key), strict=True
+        ):
+            m = _token_mask(batch, k, hs[0])
+            groups.append((hs, ht, m if live else torch.zeros_like(m)))
+    dens = [(ht_l**2 * m[..., None].to(ht_l.dtype)).sum() for _, ht, m in groups for ht_l in ht]
+    totals = torch.stack([tgt_mask.sum().double(), mask.sum().double()] + [d.detach().double() for d in dens])
+    procs.all_reduce_sum(totals)
+    totals = totals.tolist()
+    w = float(procs.world_size)
+    zero = s_out.logits.new_zeros(())
+    losses: dict[str, torch.Tensor] = {}
+    logits = s_out.logits[:, :-1].float()
+    if cfg.task_loss_weight > 0 and totals[0] > 0:
+        ce = F.cross_entropy(logits[tgt_mask], ids[:, 1:][tgt_mask], reduction="sum")
+        losses["task"] = ce * (w / totals[0])
+    else:
+        losses["task"] = zero
+    sq, i = zero, 2
+    for hs, ht, m in groups:
+        for hs_l, ht_l in zip(hs, ht, strict=True):
+            num = ((hs_l - ht_l) ** 2 * m[..., None].to(hs_l.dtype)).sum()
+            sq = sq + num * (w / max(totals[i], 1e-12))
+            i += 1
+    losses["squarehead"] = sq
+    if cfg.kd_logits_weight > 0 and totals[1] > 0:
+        tl = t_out.logits.float()[mask]
+        sl = s_out.logits.float()[mask]
+        kl = F.kl_div(F.log_softmax(sl, -1), F.log_softmax(tl, -1), log_target=True, reduction="sum")
+        losses["kd"] = kl * (w / totals[1])
+    else:
+        losses["kd"] = zero
+    losses["loss"] = (
+        cfg.task_loss_weight * losses["task"]
+        + cfg.squarehead_weight * losses["squarehead"]
+        + cfg.kd_logits_weight * losses["kd"]
+    )
+    if not live:  # keep the graph (DDP / FSDP expect every gradient), contribute nothing
+        losses = {k: v + 0.0 * s_out.logits.sum() for k, v in losses.items()}
+    return losses
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+@dataclass
+class Processes:
+    """The processes :func:`recover` trains in: one, or the group ``torchrun`` launched."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+    owned: bool = field(default=False, repr=False)  # init_processes() created the group
+    wait_group: object = field(default=None, repr=False)  # gloo group with a long timeout
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def wait_for_main(self) -> None:
+        """Every rank waits here while rank 0 exports (a gloo barrier with a 24 h timeout)."""
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.wait_group) if self.wait_group is not None else dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group, if :func:`init_processes` created it."""
+        if self.active and self.owned:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {name}={v!r} is not an integer; launch with torchrun"
+        ) from None
+
+
+def init_processes(device=None, backend: str | None = None) -> Processes:
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe, once.
+
+    Reads ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+    ``WORLD_SIZE`` unset or 1 gives the single process. ``backend``: ``gloo`` or ``nccl``;
+    default nccl for a CUDA ``device`` (each rank on ``cuda:LOCAL_RANK``), else gloo. A group
+    somebody else initialised is used as it is.
+    """
+    local = _env_int("LOCAL_RANK", 0)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return Processes(dist.get_rank(), dist.get_world_size(), local, str(dist.get_backend()))
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return Processes()
+    if not dist.is_available():
+        raise ConfigError(f"WORLD_SIZE={world} but this PyTorch has no torch.distributed; run one process")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise ConfigError(
+            f"WORLD_SIZE={world} but {', '.join(missing)} not set; launch with "
+            "`torchrun --nproc_per_node N` (or `accelerate launch`), or unset WORLD_SIZE"
+        )
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise ConfigError(f"backend {backend!r} is not supported; use gloo (CPU) or nccl (CUDA)")
+    if backend == "nccl":
+        if not torch.cuda.is_available() or local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"backend nccl needs a CUDA device for LOCAL_RANK={local} "
+                f"({torch.cuda.device_count()} visible); use --backend gloo / --device cpu"
+            )
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+    else:
+        dist.init_process_group("gloo")
+    from datetime import timedelta
+
+    wait = dist.new_group(backend="gloo", timeout=timedelta(hours=24))
+    return Processes(dist.get_rank(), dist.get_world_size(), local, backend, owned=True, wait_group=wait)
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """The global batch (``--train-batch-size``) must split evenly over the processes."""
+    if world_size > 1 and batch_size % world_size:
+        raise ConfigError(
+            f"the global batch of {batch_size} sequences (--train-batch-size) does not split "
+            f"evenly over {world_size} processes; use a multiple of {world_size} "
+            f"(e.g. {world_size * max(1, round(batch_size / world_size))}) or another --nproc_per_node"
+        )
+
+
+def _rows(batch: Batch) -> int:
+    for v in batch.inputs.values():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            return int(v.shape[0])
+    raise ConfigError("a training batch has no tensor input; pass calibration batches or text")
+
+
+def shard_batch(batch: Batch, rank: int, world_size: int) -> tuple[Batch, bool]:
+    """This rank's contiguous rows of a global batch, and whether it has any.
+
+    Rows ``[n*rank//W, n*(rank+1)//W)``, so the ranks together hold the global batch in its
+    order. A rank left without rows (a last batch smaller than the world) gets row 0 as a
+    stand-in and ``False``; :func:`compute_losses` then counts nothing from it.
+    """
+    n = _rows(batch)
+    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    live = hi > lo
+    if not live:
+        lo, hi = 0, 1
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n:
+            return v[lo:hi]
+        return v
+
+    return Batch(
+        {k: cut(v) for k, v in batch.inputs.items()}, {k: cut(v) for k, v in (batch.masks or {}).items()}
+    ), live
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly FSDP-sharded) one; a collective for a DTensor."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _place(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out like ``like`` (this rank's shard of it when ``like`` is a DTensor)."""
+    if _is_dtensor(like):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(
+            t.to(like.device_mesh.device_type), like.device_mesh, like.placements, src_data_rank=None
+        )
+    return t.to(like.device)
+
+
+def _check_same_models(procs: Processes, teacher: nn.Module, modules: dict, dev) -> None:
+    """Every rank must have built the same teacher and student (same model, seed, data)."""
+    with torch.no_grad():
+        sums = torch.stack(
+            [
+                sum((p.double().sum() for p in teacher.parameters()), torch.zeros((), dtype=torch.float64)),
+                sum((p.double().sum() for p in _params(modules)), torch.zeros((), dtype=torch.float64)),
+            ]
+        ).to(dev)
+    import torch.distributed as dist
+
+    hi, lo = sums.clone(), sums.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    if not torch.equal(hi, lo):
+        raise ConfigError(
+            "the ranks built different teacher / student models; run the same command (model, "
+            "calibration data, seed) on every rank"
+        )
+
+
+def _unshard_(modules: dict[str, TrainableLinear]) -> None:
+    """FSDP: give every trainable module its whole parameters back (all ranks take part)."""
+    for m in modules.values():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if _is_dtensor(p):
+                m.register_parameter(name, nn.Parameter(p.full_tensor().detach(), requires_grad=False))
 
 
 # ------------------------------------------------------------------------------ data
@@ -410,33 +699,63 @@ def _order(n: int, step: int, seed: int) -> int:
 
 
 def save_checkpoint(
-    path: Path, modules: dict[str, TrainableLinear], opt: torch.optim.Optimizer, step: int, cfg: RecoverConfig
+    path: Path,
+    modules: dict[str, TrainableLinear],
+    opt: torch.optim.Optimizer,
+    step: int,
+    cfg: RecoverConfig,
+    *,
+    write: bool = True,
+    world_size: int = 1,
 ) -> None:
-    """Trainable weights, masks and Adam state as safetensors (atomic replace)."""
+    """Trainable weights, masks and Adam state as safetensors (atomic replace).
+
+    The tensors are whole (FSDP shards are gathered first, so with FSDP every rank calls this
+    and only the one with ``write`` writes): the file resumes on any number of processes. The
+    data position is the step (the batch order is a function of seed and step).
+    """
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
     params = [p for p in _params(modules)]
+    if not write and not any(_is_dtensor(p) for p in params):
+        return  # nothing to gather: the writing rank holds the same whole tensors
+    tensors: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         for pname, p in m.named_parameters(recurse=False):
             if p.requires_grad:
-                tensors[f"param/{name}/{pname}"] = p.detach().cpu().contiguous()
+                tensors[f"param/{name}/{pname}"] = _full(p.detach()).cpu().contiguous()
         if m.mask is not None:
             tensors[f"mask/{name}"] = m.mask.cpu().to(torch.uint8).contiguous()
     for i, p in enumerate(params):
         st = opt.state.get(p, {})
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"opt/{i}/{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
-    meta = {"step": str(step), "modules": json.dumps(sorted(modules)), "config": json.dumps(asdict(cfg))}
+                tensors[f"opt/{i}/{k}"] = _full(v.detach()).cpu().contiguous()
+    if not write:
+        return
+    meta = {
+        "step": str(step),
+        "modules": json.dumps(sorted(modules)),
+        "config": json.dumps(asdict(cfg)),
+        "world_size": str(world_size),  # informational: the file resumes on any number of ranks
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, modules: dict[str, TrainableLinear], opt: torch.optim.Optimizer) -> int:
-    """Restore a :func:`save_checkpoint` file; returns the step to continue from."""
+def load_checkpoint(
+    path: Path,
+    modules: dict[str, TrainableLinear],
+    opt: torch.optim.Optimizer,
+    cfg: RecoverConfig | None = None,
+) -> int:
+    """Restore a :func:`save_checkpoint` file; returns the step to continue from.
+
+    Works on any number of processes (each rank reads the whole file and keeps its FSDP shard).
+    With ``cfg``, the global batch size and seed must be those the file was written with.
+    """
     from safetensors import safe_open
 
     try:
@@ -451,15 +770,23 @@ def load_checkpoint(path: Path, modules: dict[str, TrainableLinear], opt: torch.
         raise ConfigError(
             f"checkpoint {str(path)!r} is of another model or split; delete it or pass resume=False"
         )
+    saved = json.loads(meta.get("config", "{}"))
+    for key, flag in (("batch_size", "--train-batch-size"), ("seed", "--seed")):
+        if cfg is not None and key in saved and saved[key] != getattr(cfg, key):
+            raise ConfigError(
+                f"checkpoint {str(path)!r} was written with {key}={saved[key]} (the global batch "
+                f"order), this run has {getattr(cfg, key)}; pass {flag} {saved[key]}, or --no-resume"
+            )
     with torch.no_grad():
         for name, m in modules.items():
             for pname, p in m.named_parameters(recurse=False):
                 if p.requires_grad:
-                    p.copy_(tensors[f"param/{name}/{pname}"].to(p.device))
+                    p.copy_(_place(tensors[f"param/{name}/{pname}"], p))
             if m.mask is not None:
                 m.mask.copy_(tensors[f"mask/{name}"].bool().to(m.mask.device))
     for i, p in enumerate(_params(modules)):
-        st = {k.split("/", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt/{i}/")}
+        st = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt/{i}/")}
+        st = {k: v if k == "step" else _place(v, p) for k, v in st.items()}
         if st:
             if "step" in st:
                 st["step"] = st["step"].cpu()  # Adam keeps its step counter on the CPU
@@ -486,6 +813,9 @@ def recover(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
+    fsdp: bool = False,
+    backend: str | None = None,
+    on_step=None,
     **options,
 ) -> RecoverReport:
     """Fine-tune ``student`` towards ``teacher`` in place; its compressed modules are re-packed at the end.
@@ -494,18 +824,49 @@ def recover(
     waveforms (then ``preprocessor`` is needed). ``plan`` (``CompressResult.plan``) is needed
     for gradual sparsity, to find the teacher values of pruned weights. ``options`` are :class:`RecoverConfig` fields
     (``steps``, ``lr``, ``squarehead_weight``, ...), used when ``config`` is None.
+
+    Launched by ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), every rank calls this
+    with the same arguments: the process group is joined (:func:`init_processes`, ``backend``
+    gloo / nccl), ``config.batch_size`` is the global batch (each rank trains on its rows of
+    it), gradients are averaged by DistributedDataParallel, or with ``fsdp=True`` the
+    trainable linears are sharded with FSDP2 ``fully_shard``; only rank 0 writes checkpoints
+    and shows progress, and every rank returns the same report and the same trained student.
+    ``on_step(row)`` is called on every rank after each step (and its checkpoint) with that
+    step's losses; an exception it raises stops the run there.
     """
     if config is not None and options:
         raise ConfigError(f"pass either config= or keyword options, not both (got {sorted(options)})")
     cfg = config or RecoverConfig.from_kwargs(**options)
     dev = torch.device(device) if device is not None else next(student.parameters()).device
+    procs = init_processes(dev, backend)
+    if procs.active and dev.type == "cuda":
+        dev = torch.device("cuda", procs.local_rank)  # one GPU per rank
+    gradual = cfg.gradual_start_sparsity is not None
+    sharded = fsdp and procs.active
+    if sharded and gradual:
+        raise ConfigError(
+            "--fsdp cannot grow masks gradually (it needs whole weights); drop --fsdp (DDP) "
+            "or --gradual-start"
+        )
+    progress = progress and procs.is_main
     teacher.to(dev).eval()
     student.to(dev).eval()  # eval: no dropout; gradients flow all the same
     for p in list(teacher.parameters()) + list(student.parameters()):
         p.requires_grad_(False)
     batches = training_batches(teacher, preprocessor, data, cfg)  # Whisper: the teacher transcribes
+    if not _prebuilt(data):  # batches given as they are may have any size: shards may be uneven
+        check_global_batch(cfg.batch_size, procs.world_size)
     modules = make_trainable_(student, cfg.train_other_linear)
     student.to(dev)
+    if procs.active:
+        _check_same_models(procs, teacher, modules, dev)
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(dev.type, (procs.world_size,))
+        for m in modules.values():
+            fully_shard(m, mesh=mesh)  # each rank keeps 1/world of every weight and its Adam state
     params = _params(modules)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = cfg.warmup
@@ -516,7 +877,6 @@ def recover(
         t = (step - warm) / max(1, cfg.steps - warm)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
-    gradual = cfg.gradual_start_sparsity is not None
     if gradual:
         if plan is None:
             raise ConfigError("gradual sparsity needs plan= (CompressResult.plan) to restore pruned weights")
@@ -524,9 +884,17 @@ def recover(
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     start = 0
     if ckpt is not None and resume and ckpt.is_file():
-        start = load_checkpoint(ckpt, modules, opt)
+        start = load_checkpoint(ckpt, modules, opt, cfg)
     elif gradual:
         _set_gradual(modules, cfg, 0)
+    forward = student
+    if procs.active and not sharded:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(
+            student, device_ids=[dev.index] if dev.type == "cuda" else None, **_ddp_no_buffer_sync()
+        )
+    procs.barrier()  # every rank has read the checkpoint before rank 0 may replace it
     history: list[dict] = []
     t0 = time.time()
     bar = tqdm(
@@ -541,12 +909,22 @@ def recover(
         for step in bar:
             if gradual and step <= cfg.gradual_end_step and step % cfg.gradual_every == 0 and step > 0:
                 _set_gradual(modules, cfg, step)
-            batch = _to(batches[_order(len(batches), step, cfg.seed)], dev)
-            losses = compute_losses(student, teacher, batch, cfg)
-            if not torch.isfinite(losses["loss"]):
-                raise ConfigError(
-                    f"the loss became {float(losses['loss'])} at step {step}; lower lr={cfg.lr}"
+            batch = batches[_order(len(batches), step, cfg.seed)]
+            if procs.active:
+                batch, live = shard_batch(batch, procs.rank, procs.world_size)
+                losses = compute_losses(
+                    student, teacher, _to(batch, dev), cfg, procs=procs, forward=forward, live=live
                 )
+                # the global values (each rank holds world_size * its share) for the log
+                shown = torch.stack([losses[k].detach().float() for k in _KEYS])
+                procs.all_reduce_sum(shown)
+                shown = dict(zip(_KEYS, (shown / procs.world_size).tolist(), strict=True))
+            else:
+                losses = compute_losses(student, teacher, _to(batch, dev), cfg)
+                shown = None
+            loss_value = float(losses["loss"].detach()) if shown is None else shown["loss"]
+            if not math.isfinite(loss_value):
+                raise ConfigError(f"the loss became {loss_value} at step {step}; lower lr={cfg.lr}")
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if cfg.grad_clip is not None:
@@ -556,19 +934,27 @@ def recover(
             opt.step()
             for m in modules.values():
                 m.apply_mask_()
-            row = {k: float(v.detach()) for k, v in losses.items()}
+            row = {k: float(v.detach()) for k, v in losses.items()} if shown is None else dict(shown)
             row["step"] = step
             history.append(row)
             bar.set_postfix(
                 loss=f"{row['loss']:.4f}", sq=f"{row['squarehead']:.4f}", task=f"{row['task']:.3f}"
             )
             if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-                save_checkpoint(ckpt, modules, opt, step + 1, cfg)
+                save_checkpoint(
+                    ckpt, modules, opt, step + 1, cfg, write=procs.is_main, world_size=procs.world_size
+                )
+            if on_step is not None:
+                on_step(dict(row))
     finally:
         bar.close()
+    del forward
     if gradual:
         _set_gradual(modules, cfg, cfg.steps)  # the target masks, whatever happened
     n_params = sum(p.numel() for p in params)
+    if sharded:
+        _unshard_(modules)
+    procs.barrier()
     pack_trainable_(student)
     student.eval()
     return RecoverReport(
@@ -580,6 +966,28 @@ def recover(
         history,
         None if ckpt is None else str(ckpt),
     )
+
+
+_KEYS = ("loss", "task", "squarehead", "kd")
+
+
+def _ddp_no_buffer_sync() -> dict:
+    """DDP keyword that stops the buffer (mask) broadcast before every forward.
+
+    Masks change only between steps, identically on every rank. torch 2.13 renamed
+    ``broadcast_buffers`` to ``forward_sync_buffers`` (which still syncs once at the start).
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _prebuilt(data) -> bool:
+    return isinstance(data, (list, tuple)) and bool(data) and all(isinstance(b, Batch) for b in data)
 
 
 def _set_gradual(modules: dict[str, TrainableLinear], cfg: RecoverConfig, step: int) -> None:

@@ -68,17 +68,34 @@ def add_recover_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-dir", default=None, help="safetensors checkpoints here; re-running resumes")
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     g.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    g.add_argument(
+        "--backend",
+        choices=("gloo", "nccl"),
+        default=None,
+        help="under torchrun: the process-group backend (default nccl on cuda, gloo on cpu)",
+    )
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the trained weights and Adam state over the ranks (FSDP2) "
+        "instead of replicating them (DDP)",
+    )
 
 
 def run_recover(args) -> int:
-    """One-shot compression, SquareHead recovery, export: ``export()`` with recovery as its hook."""
+    """One-shot compression, SquareHead recovery, export: ``export()`` with recovery as its hook.
+
+    Under ``torchrun`` / ``accelerate launch`` every rank compresses the model the same way and
+    trains on its share of each global batch; rank 0 alone writes checkpoints and the export
+    while the others wait.
+    """
     import torch
 
     from ..calibrate import modality
     from ..config import CompressionConfig
     from ..data.calibration import load_samples
     from ..export.api import export
-    from ..recover import RecoverConfig, recover
+    from ..recover import RecoverConfig, check_global_batch, init_processes, recover
 
     config = CompressionConfig.from_args(args)
     rcfg = RecoverConfig(
@@ -96,6 +113,13 @@ def run_recover(args) -> int:
     options = export_options_from_args(args)
     if args.device != "cpu" and not torch.cuda.is_available() and args.device.startswith("cuda"):
         raise ConfigError(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if Path(args.output).exists() and not options.overwrite:  # every rank stops, not only rank 0
+        raise ConfigError(
+            f"output {args.output!r} exists; pass --overwrite to replace it, or choose another directory"
+        )
+    procs = init_processes(args.device, args.backend)
+    check_global_batch(rcfg.batch_size, procs.world_size)  # before the ranks load anything
+    quiet = args.quiet or not procs.is_main
 
     def train(teacher, res, pre) -> dict:
         source = args.train_data or args.calibration
@@ -115,10 +139,14 @@ def run_recover(args) -> int:
             device=args.device,
             checkpoint_dir=args.checkpoint_dir,
             resume=not args.no_resume,
-            progress=not args.quiet,
+            progress=not quiet,
+            fsdp=args.fsdp,
+            backend=args.backend,
         )
         teacher.cpu()
         res.model.cpu()
+        if not procs.is_main:
+            return {}
         print(
             f"recover: {report.steps - report.start_step} steps in {report.seconds:.0f} s; loss "
             f"{report.mean_loss(first=10):.4f} (first 10) -> {report.mean_loss(last=10):.4f} (last 10)"
@@ -130,20 +158,34 @@ def run_recover(args) -> int:
                 "seconds": report.seconds,
                 "loss_first10": report.mean_loss(first=10),
                 "loss_last10": report.mean_loss(last=10),
+                "losses": [r["loss"] for r in report.history],  # per step run
+                "processes": procs.world_size,
+                "fsdp": bool(args.fsdp and procs.active),
             }
         }
 
     t0 = time.time()
-    export(
-        args.model,
-        args.output,
-        task=args.task,
-        config=config,
-        options=options,
-        before_export=train,
-        progress=not args.quiet,
-    )
-    print(f"wrote the recovered export to {args.output} ({time.time() - t0:.0f} s in all)")
+    try:
+        if procs.is_main:
+            export(
+                args.model,
+                args.output,
+                task=args.task,
+                config=config,
+                options=options,
+                before_export=train,
+                progress=not args.quiet,
+            )
+            print(f"wrote the recovered export to {args.output} ({time.time() - t0:.0f} s in all)")
+        else:  # the same model and compression as export() builds on rank 0, then training only
+            from ..models.loading import load_model
+            from ..pipeline import compress
+
+            model, pre, _ = load_model(args.model, args.task)
+            train(model, compress(model, pre, **config.compress_kwargs(), progress=False), pre)
+        procs.wait_for_main()
+    finally:
+        procs.close()
     return 0
 
 
