@@ -232,6 +232,17 @@ class FusedFFNKernel {
     if (skip != 0 && skip != 1) Fail("skip must be 0 (compute all) or 1 (exact), got " + std::to_string(skip));
     gated_ = gated == 1;
     skip_ = skip == 1;
+    {
+      float t = 0.0f;
+      if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "threshold", &t)) {
+        api.ReleaseStatus(st);
+        t = 0.0f;
+      }
+      if (!std::isfinite(t) || t < 0.0f)
+        Fail("threshold must be a finite float >= 0, got " + std::to_string(t));
+      if (t > 0.0f && !skip_) Fail("threshold > 0 needs skip=1 (thresholds skip light neurons)");
+      threshold_ = t;
+    }
     const size_t want = gated_ ? 19 : 13;
     if (ki.GetInputCount() != want)
       Fail("with gated=" + std::to_string(gated) + " the op takes " + std::to_string(want) + " inputs, got " +
@@ -403,12 +414,20 @@ class FusedFFNKernel {
     constexpr int64_t kBlock = 2048;
     float* ud = u.data();
     const float* gd = g.data();
+    const float thr = threshold_;
     auto act = [&](size_t t) {
       const int64_t i0 = static_cast<int64_t>(t) * kBlock, i1 = std::min(total, i0 + kBlock);
+      // calibrated skipping (thr > 0): a light neuron with |act(gate)| or |act(up)| <= thr is silent
       if (gated_) {
-        for (int64_t i = i0; i < i1; ++i) ud[i] = static_cast<float>(ActOf(act_, gd[i])) * ud[i];
+        for (int64_t i = i0; i < i1; ++i) {
+          const float s = static_cast<float>(ActOf(act_, gd[i]));
+          ud[i] = thr > 0.0f && i % f_ >= h_ && std::fabs(s) <= thr ? 0.0f : s * ud[i];
+        }
       } else {
-        for (int64_t i = i0; i < i1; ++i) ud[i] = static_cast<float>(ActOf(act_, ud[i]));
+        for (int64_t i = i0; i < i1; ++i) {
+          const float s = static_cast<float>(ActOf(act_, ud[i]));
+          ud[i] = thr > 0.0f && i % f_ >= h_ && std::fabs(s) <= thr ? 0.0f : s;
+        }
       }
     };
     ParFor(par, static_cast<size_t>((total + kBlock - 1) / kBlock), act);
@@ -474,6 +493,7 @@ class FusedFFNKernel {
   std::string name_;
   Act act_ = Act::kRelu;
   bool gated_ = false, skip_ = false;
+  float threshold_ = 0.0f;  // skip=1: light neurons with |act| <= threshold_ are skipped too
   int64_t h_ = 0, l_ = 0, d_ = 0, f_ = 0;
   Proj up_, gate_;
   std::vector<float> down_heavy_, down_bias_;
