@@ -137,8 +137,8 @@ class FusedFFN(nn.Module):
 
     def set_threshold(self, threshold: float) -> None:
         """The op's ``threshold`` attribute, rounded to float32 as the node stores it."""
-        from .ops._ffn import check_threshold
         from .errors import FormatError
+        from .ops._ffn import check_threshold
 
         try:
             self.threshold = check_threshold(threshold, self.skip)
