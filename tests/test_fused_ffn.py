@@ -245,12 +245,13 @@ def _quantile_threshold(x, ins, act, gated, q):
 @pytest.mark.parametrize("gated", [0, 1])
 @pytest.mark.parametrize("act", ACTS)
 def test_kernel_threshold_matches_reference(isa, gated, act, monkeypatch):
-    """threshold > 0: ONNX Runtime equals the NumPy reference at M = 1 and M = 16, and the skipping
-    really changes the output (the thresholded neurons are gone)."""
+    """threshold > 0: ONNX Runtime equals the NumPy reference at M = 1, 3 (gated: the decode path that
+    reads up rows of live neurons only) and 16, also with NaN / inf in X, and the skipping really
+    changes the output (the thresholded neurons are gone)."""
     rng = np.random.default_rng([gated, ACTS.index(act), 21])
     d, f, h = 72, 203, 21
     ins = random_ffn_inputs(rng, d, f, h, 0.5, bool(gated))
-    xs = {m: rng.standard_normal((m, d)).astype(np.float32) for m in (1, 16)}
+    xs = {m: rng.standard_normal((m, d)).astype(np.float32) for m in (1, 3, 16)}
     q = 0.7 if act == "relu" else 0.4  # relu: above its ~0.5 exact zeros
     t = _quantile_threshold(xs[16], ins, act, gated, q)
     assert t > 0
@@ -260,7 +261,9 @@ def test_kernel_threshold_matches_reference(isa, gated, act, monkeypatch):
         if "not supported by this CPU" in str(e):
             pytest.skip(f"{isa} not supported here")
         raise
-    for m, x in xs.items():
+    bad = xs[3].copy()
+    bad[1, 5], bad[2, 7] = np.nan, np.inf
+    for m, x in [*xs.items(), (3, bad)]:
         ref = fused_ffn_reference(x, *ins, activation_kind=act, gated=gated, skip=1, threshold=t)
         _close(sess.run(None, {"X": x})[0], ref)
         frac = skipped_fraction(x, *ins, activation_kind=act, gated=gated, threshold=t)
