@@ -228,6 +228,13 @@ def test_bad_activation_sparsity_cli(bad, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_eval_activation_sparsity_needs_compress(capsys):
+    from ffsplit_export.cli import main
+
+    assert main(["eval", "tiny-llama", "--pytorch", "--activation-sparsity", "0.4"]) == 2
+    assert "--compress" in capsys.readouterr().err
+
+
 def _quantile_threshold(x, ins, act, gated, q):
     """A threshold that skips about a fraction q of the light neurons of x (from the reference's s)."""
     from ffsplit_export.ops._ffn import activation
