@@ -1,4 +1,4 @@
-"""One ``ffsplit::FusedFFN`` node per split FFN (``--fused-ffn``, ``--activation-sparsity exact``).
+"""One ``ffsplit::FusedFFN`` node per split FFN (``--fused-ffn``, ``--activation-sparsity exact | F``).
 
 :func:`fuse_ffns_` replaces each split FFN whose parts the op carries (heavy ``fp32``, light
 ``sparse-int8``, an activation the op knows) by a :class:`FusedFFN` module: gated FFNs (Llama,
@@ -8,13 +8,25 @@ In PyTorch the module computes exactly what the op computes (the split modules, 
 and ``exact`` skipping, which changes nothing but the bytes read: a zero activation contributes
 nothing). At ONNX export with ``--target ort-cpu`` it becomes one node; other FFNs keep today's
 subgraph and the report says why.
+
+``--activation-sparsity F`` (0 < F < 1): per FFN one threshold ``t`` on the light neurons' silence
+score ``s`` (``act(gate)`` for gated FFNs, CATS-style: a skipped neuron costs neither its up row nor
+its down column; ``act(up)`` otherwise, saving the down half), calibrated by
+:func:`calibrate_thresholds_` as the F-quantile of ``|s|`` over the calibration tokens, so that a
+fraction F of (token, light neuron) pairs is skipped on average. A light neuron with
+``|s| <= t`` contributes nothing, in prefill and decode alike; heavy neurons are always computed.
+The module and the op apply the same rule (the op's ``threshold`` attribute).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .adapters import FFNSpec, find_ffns
 from .errors import ConfigError
@@ -32,17 +44,37 @@ ACTIVATION_KINDS = {
 SKIP_MODES = {"0": 0, "off": 0, "exact": 1}
 
 
-def parse_activation_sparsity(value) -> int:
-    """``--activation-sparsity``: 0 / off (no skipping) or ``exact`` (skip exact zeros) -> skip mode."""
+class ActivationSparsity(NamedTuple):
+    """A parsed ``--activation-sparsity``: the op's skip mode and the calibrated fraction (0 = none)."""
+
+    skip: int  # 0 off, 1 skip (exact zeros, and |s| <= threshold when fraction > 0)
+    fraction: float  # target fraction of light neurons skipped per token (calibrated thresholds)
+
+    @property
+    def label(self) -> str | float:
+        """What the manifest records: 0, ``"exact"`` or the fraction."""
+        return self.fraction if self.fraction > 0 else ("exact" if self.skip else 0)
+
+
+def parse_activation_sparsity(value) -> ActivationSparsity:
+    """``--activation-sparsity``: 0 / off, ``exact`` (skip exact zeros) or a fraction 0 < F < 1 of light
+    neurons to skip per token (thresholds calibrated per layer)."""
     key = str(value).strip().lower()
-    if key in ("0.0", "0"):
-        key = "0"
     if key in SKIP_MODES:
-        return SKIP_MODES[key]
-    raise ConfigError(
-        f"--activation-sparsity={value!r}: only 0 (off) and 'exact' (skip light neurons whose activation "
-        "is exactly zero) are implemented; calibrated thresholds (a fraction 0..1) are not yet"
+        return ActivationSparsity(SKIP_MODES[key], 0.0)
+    fix = (
+        "use 0 (off), 'exact' (skip light neurons whose activation is exactly zero; ReLU models) or a "
+        "fraction 0 < F < 1 of light neurons to skip per token, e.g. 0.4"
     )
+    try:
+        frac = float(key)
+    except ValueError:
+        raise ConfigError(f"--activation-sparsity={value!r} is not a number or 'exact'; {fix}") from None
+    if frac == 0.0:
+        return ActivationSparsity(0, 0.0)
+    if not (0.0 < frac < 1.0):  # also NaN
+        raise ConfigError(f"--activation-sparsity={value!r} is out of range; {fix}")
+    return ActivationSparsity(1, frac)
 
 
 class Passthrough(nn.Module):
@@ -86,10 +118,32 @@ def _split_apply(p: SplitLinear, x: torch.Tensor) -> torch.Tensor:
 class FusedFFN(nn.Module):
     """``down(act(gate(x)) * up(x))`` or ``down(act(up(x)))`` over split projections, as one op."""
 
-    def __init__(self, up: SplitLinear, down: SplitLinear, gate: SplitLinear | None, kind: str, skip: int):
+    def __init__(
+        self,
+        up: SplitLinear,
+        down: SplitLinear,
+        gate: SplitLinear | None,
+        kind: str,
+        skip: int,
+        threshold: float = 0.0,
+        name: str = "",
+    ):
         super().__init__()
         self.up, self.down, self.gate = up, down, gate
-        self.kind, self.skip = kind, int(skip)
+        self.kind, self.skip, self.name = kind, int(skip), name
+        self.threshold = 0.0
+        self.set_threshold(threshold)
+        self._recorder = None  # calibrate_thresholds_: called with the light silence scores
+
+    def set_threshold(self, threshold: float) -> None:
+        """The op's ``threshold`` attribute, rounded to float32 as the node stores it."""
+        from .errors import FormatError
+        from .ops._ffn import check_threshold
+
+        try:
+            self.threshold = check_threshold(threshold, self.skip)
+        except FormatError as e:
+            raise ConfigError(f"FFN {self.name or '?'}: {e}") from e
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002
         if torch.onnx.is_in_onnx_export():
@@ -100,7 +154,19 @@ class FusedFFN(nn.Module):
         """What the split modules compute (their non-export arithmetic, so it also runs under the
         exporter's tracer without nesting their custom-op functions)."""
         u = _split_apply(self.up, x)
-        a = _act(self.kind, _split_apply(self.gate, x)) * u if self.gate is not None else _act(self.kind, u)
+        pre = _split_apply(self.gate, x) if self.gate is not None else u
+        s = _act(self.kind, pre)
+        a = s * u if self.gate is not None else s
+        if self._recorder is None and self.threshold <= 0:
+            return _split_apply(self.down, a)
+        h = self.up.n_heavy
+        # the silence score as the op computes it: the activation in float64, rounded to float32
+        s_light = _act(self.kind, pre[..., h:].double()).float().abs()
+        if self._recorder is not None:
+            self._recorder(self, s_light, a[..., h:])
+        if self.threshold > 0:
+            a_light = torch.where(s_light <= self.threshold, torch.zeros_like(a[..., h:]), a[..., h:])
+            a = torch.cat([a[..., :h], a_light], dim=-1)
         return _split_apply(self.down, a)
 
     def onnx_inputs(self) -> list[torch.Tensor]:
@@ -167,6 +233,7 @@ class _FusedFn(torch.autograd.Function):
             activation_s=module.kind,
             gated_i=int(module.gate is not None),
             skip_i=module.skip,
+            **({"threshold_f": module.threshold} if module.threshold > 0 else {}),
         )
         try:  # element type and rank of X; the sizes come from the pinning Reshape
             y.setType(x.type().with_sizes([None] * x.type().dim()))
@@ -193,8 +260,20 @@ def why_not_fusable(model: nn.Module, spec: FFNSpec) -> str | None:
     return None
 
 
-def fuse_ffns_(model: nn.Module, skip: int = 0, specs: list[FFNSpec] | None = None) -> dict:
-    """Replace every fusable split FFN of ``model`` in place; returns the manifest's record."""
+def fuse_ffns_(
+    model: nn.Module,
+    skip: int | ActivationSparsity = 0,
+    specs: list[FFNSpec] | None = None,
+    batches: list | None = None,
+    progress: bool = False,
+) -> dict:
+    """Replace every fusable split FFN of ``model`` in place; returns the manifest's record.
+
+    ``skip`` is the op's skip mode or a parsed ``--activation-sparsity``; with a fraction > 0 the
+    thresholds are calibrated on ``batches`` (:func:`calibrate_thresholds_`) and every FFN must be
+    fusable (an FFN left as a subgraph would silently skip nothing).
+    """
+    sp = skip if isinstance(skip, ActivationSparsity) else ActivationSparsity(int(skip), 0.0)
     specs = specs if specs is not None else find_ffns(model)
     fused, kept = [], {}
     for spec in specs:
@@ -205,7 +284,7 @@ def fuse_ffns_(model: nn.Module, skip: int = 0, specs: list[FFNSpec] | None = No
         kind = ACTIVATION_KINDS[spec.activation]
         up, down = get_module(model, spec.up), get_module(model, spec.down)
         gate = get_module(model, spec.gate) if spec.gate is not None else None
-        module = FusedFFN(up, down, gate, kind, skip)
+        module = FusedFFN(up, down, gate, kind, sp.skip, name=spec.name)
         if gate is not None:
             set_module(model, spec.name, module)
         else:
@@ -213,9 +292,121 @@ def fuse_ffns_(model: nn.Module, skip: int = 0, specs: list[FFNSpec] | None = No
             set_module(model, spec.act_module, Passthrough())
             set_module(model, spec.down, Passthrough())
         fused.append(spec.name)
-    return {
+    record = {
         "op": "ffsplit::FusedFFN",
-        "activation_sparsity": "exact" if skip else 0,
+        "activation_sparsity": sp.label,
         "fused": len(fused),
         "kept_subgraph": kept,
+    }
+    if sp.fraction > 0:
+        if kept:
+            first = next(iter(kept.items()))
+            raise ConfigError(
+                f"--activation-sparsity={sp.fraction}: {len(kept)} FFN(s) cannot be fused ({first[0]}: "
+                f"{first[1]}), so their light neurons would never be skipped; use --heavy-format fp32 and "
+                "--light-format sparse-int8, or --activation-sparsity 0 / exact"
+            )
+        if not batches:
+            raise ConfigError("--activation-sparsity F needs calibration batches to set the thresholds")
+        record.update(calibrate_thresholds_(model, batches, sp.fraction, progress=progress))
+    return record
+
+
+def fused_modules(model: nn.Module) -> list[FusedFFN]:
+    return [m for m in model.modules() if isinstance(m, FusedFFN)]
+
+
+def _token_mask(module: FusedFFN, masks: dict, like: torch.Tensor):
+    from .calibrate import _stack
+
+    if not masks:
+        return None
+    mask = masks.get(_stack(module.name, masks))
+    if mask is not None and like.dim() == 3 and tuple(like.shape[:2]) == tuple(mask.shape):
+        return mask
+    return None
+
+
+@torch.no_grad()
+def _run_batches(model: nn.Module, batches: list, recorder, desc: str, progress: bool) -> None:
+    mods = fused_modules(model)
+    current: dict = {}
+
+    def rec(module, s_light, a_light):
+        recorder(module, s_light, a_light, _token_mask(module, current, s_light))
+
+    for m in mods:
+        m._recorder = rec
+    was_training = model.training
+    model.eval()
+    try:
+        for b in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+            current.clear()
+            current.update(b.masks)
+            model(**b.inputs)
+    finally:
+        for m in mods:
+            m._recorder = None
+        model.train(was_training)
+
+
+def calibrate_thresholds_(
+    model: nn.Module,
+    batches: list,
+    fraction: float,
+    max_values: int = 1_000_000,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Set every FusedFFN's threshold to the ``fraction``-quantile of its light neurons' ``|s|`` over
+    the non-padding calibration tokens (a seeded subsample of at most ``max_values`` values per FFN),
+    with thresholds off; then run the batches again with the thresholds on and count the fraction of
+    (token, light neuron) pairs really skipped (exact zeros included; later layers see the earlier
+    layers' skipping). Returns the manifest's record of both, per FFN."""
+    mods = fused_modules(model)
+    if not mods:
+        raise ConfigError("no fused FFN to calibrate; --activation-sparsity F needs --fused-ffn's op")
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"activation sparsity fraction {fraction!r}; use 0 < F < 1")
+    per_batch = max(4096, max_values // max(1, len(batches)))
+    gen = torch.Generator().manual_seed(seed)
+    values: dict[int, list[torch.Tensor]] = {id(m): [] for m in mods}
+
+    def collect(module, s_light, _a, mask):
+        v = (s_light[mask] if mask is not None else s_light).reshape(-1)
+        if v.numel() > per_batch:
+            v = v[torch.randint(v.numel(), (per_batch,), generator=gen)]
+        values[id(module)].append(v.float())
+
+    for m in mods:
+        m.set_threshold(0.0)
+    _run_batches(model, batches, collect, "activation thresholds", progress)
+    thresholds, at_calibration = {}, {}
+    for m in mods:
+        v = torch.cat(values.pop(id(m)))
+        if v.numel() == 0:
+            raise ConfigError(f"FFN {m.name}: no light neuron activation seen during calibration")
+        k = max(1, int(np.ceil(fraction * v.numel())))
+        t = float(torch.kthvalue(v, k).values)
+        m.set_threshold(t if np.isfinite(t) else 0.0)
+        thresholds[m.name] = m.threshold
+        at_calibration[m.name] = float((v <= m.threshold).double().mean())
+    counts = {id(m): [0, 0] for m in mods}
+
+    def count(module, s_light, a_light, mask):
+        skipped = (a_light == 0) | (s_light <= module.threshold)
+        if mask is not None:
+            skipped = skipped[mask]
+        c = counts[id(module)]
+        c[0] += int(skipped.sum())
+        c[1] += skipped.numel()
+
+    _run_batches(model, batches, count, "skipped fraction", progress)
+    applied = {m.name: counts[id(m)][0] / max(1, counts[id(m)][1]) for m in mods}
+    return {
+        "thresholds": thresholds,
+        "threshold_on": "|act(gate)| (gated FFNs) or |act(up)| of the light neurons, per FFN",
+        "skipped_fraction": applied,
+        "skipped_fraction_mean": float(np.mean(list(applied.values()))),
+        "skipped_fraction_quantile": at_calibration,
     }

@@ -53,6 +53,8 @@ class Manifest(dict):
                 **kw,
                 "target": str(options.target),
                 "nbits_accuracy_level": options.nbits_accuracy_level,
+                "fused_ffn": bool(getattr(options, "fused_ffn", False)),
+                "activation_sparsity": getattr(getattr(options, "sparsity", None), "label", 0),
             },
             light_format=str(split.light_format),
             trt_sparse_weights=bool(options.trt_dense_24),

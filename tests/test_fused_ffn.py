@@ -173,10 +173,9 @@ def test_reference_evaluator_runs_the_op():
 def test_module_computes_the_op(name):
     """The PyTorch FusedFFN module (what validation compares with) equals the NumPy reference of the
     node it exports, and the fused model equals the split model it replaces."""
-    from ffsplit_export.models.tiny import build_tiny
-
     from ffsplit_export.adapters import find_ffns
     from ffsplit_export.fused import FusedFFN, fuse_ffns_
+    from ffsplit_export.models.tiny import build_tiny
     from ffsplit_export.pipeline import compress
 
     model, pre, _ = build_tiny(name)
@@ -204,11 +203,182 @@ def test_module_computes_the_op(name):
 def test_bad_activation_sparsity():
     from ffsplit_export.export.core import ExportOptions
 
-    with pytest.raises(ConfigError, match="calibrated thresholds"):
-        ExportOptions(activation_sparsity="0.4")
+    for bad in ("-0.1", "1", "1.5", "abc", "nan", ""):
+        with pytest.raises(ConfigError, match="--activation-sparsity") as e:
+            ExportOptions(activation_sparsity=bad)
+        assert "\n" not in str(e.value) and "0 < F < 1" in str(e.value)
     with pytest.raises(ConfigError, match="TensorRT"):
         ExportOptions(target="tensorrt", fused_ffn=True)
+    with pytest.raises(ConfigError, match="--target ort-cpu"):
+        ExportOptions(target="portable", activation_sparsity="0.4")
     assert ExportOptions(activation_sparsity="exact").skip_mode == 1
+    opts = ExportOptions(activation_sparsity="0.4")
+    assert opts.skip_mode == 1 and opts.sparsity.fraction == 0.4 and opts.sparsity.label == 0.4
+    assert ExportOptions(activation_sparsity="0.0").skip_mode == 0
+
+
+@pytest.mark.parametrize("bad", ["-0.2", "1.0", "abc"])
+def test_bad_activation_sparsity_cli(bad, tmp_path, capsys):
+    """The CLI prints one line and exits 2 before loading anything."""
+    from ffsplit_export.cli import main
+
+    assert main(["export", "tiny-llama", str(tmp_path / "out"), "--activation-sparsity", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--activation-sparsity" in err and err.count("\n") == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_activation_sparsity_needs_compress(capsys):
+    from ffsplit_export.cli import main
+
+    assert main(["eval", "tiny-llama", "--pytorch", "--activation-sparsity", "0.4"]) == 2
+    assert "--compress" in capsys.readouterr().err
+
+
+def _quantile_threshold(x, ins, act, gated, q):
+    """A threshold that skips about a fraction q of the light neurons of x (from the reference's s)."""
+    from ffsplit_export.ops._ffn import activation
+    from ffsplit_export.ops._spec import reference_matmul
+
+    h = ins[0].shape[0]
+    lin = (ins[12], ins[13], ins[14:18]) if gated else (ins[0], ins[1], ins[2:6])
+    pre = reference_matmul("SparseMatMulInt8", x.reshape(-1, x.shape[-1]), *lin[2]) + lin[1][h:]
+    s = np.abs(activation(act, pre).astype(np.float32))
+    return float(np.quantile(s, q))
+
+
+@needs_plugin
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("gated", [0, 1])
+@pytest.mark.parametrize("act", ACTS)
+def test_kernel_threshold_matches_reference(isa, gated, act, monkeypatch):
+    """threshold > 0: ONNX Runtime equals the NumPy reference at M = 1, 3 (gated: the decode path that
+    reads up rows of live neurons only) and 16, also with NaN / inf in X, and the skipping really
+    changes the output (the thresholded neurons are gone)."""
+    rng = np.random.default_rng([gated, ACTS.index(act), 21])
+    d, f, h = 72, 203, 21
+    ins = random_ffn_inputs(rng, d, f, h, 0.5, bool(gated))
+    xs = {m: rng.standard_normal((m, d)).astype(np.float32) for m in (1, 3, 16)}
+    q = 0.7 if act == "relu" else 0.4  # relu: above its ~0.5 exact zeros
+    t = _quantile_threshold(xs[16], ins, act, gated, q)
+    assert t > 0
+    try:
+        sess = _session(fused_ffn_model(ins, act, gated, 1, t), isa, monkeypatch)
+    except Exception as e:  # an ISA this CPU lacks
+        if "not supported by this CPU" in str(e):
+            pytest.skip(f"{isa} not supported here")
+        raise
+    bad = xs[3].copy()
+    bad[1, 5], bad[2, 7] = np.nan, np.inf
+    for m, x in [*xs.items(), (3, bad)]:
+        ref = fused_ffn_reference(x, *ins, activation_kind=act, gated=gated, skip=1, threshold=t)
+        _close(sess.run(None, {"X": x})[0], ref)
+        frac = skipped_fraction(x, *ins, activation_kind=act, gated=gated, threshold=t)
+        if m == 16:
+            assert q - 0.01 <= frac <= q + 0.05, frac  # the q-quantile of these very rows
+            full = fused_ffn_reference(x, *ins, activation_kind=act, gated=gated, skip=0)
+            assert np.abs(full - ref).max() > 1e-4  # thresholding is not a no-op
+
+
+@needs_plugin
+@pytest.mark.parametrize(
+    "kw,msg",
+    [({"skip": 1, "threshold": -0.5}, "threshold must be"), ({"skip": 0, "threshold": 0.5}, "needs skip=1")],
+)
+def test_bad_threshold_fails_at_creation(kw, msg):
+    from onnx import helper
+
+    from ffsplit_export.errors import FormatError
+
+    rng = np.random.default_rng(19)
+    ins = random_ffn_inputs(rng, 16, 48, 8, 0.5, False)
+    model = fused_ffn_model(ins, "gelu", 0, 0)
+    node = model.graph.node[0]
+    del node.attribute[:]
+    node.attribute.extend(
+        [helper.make_attribute(k, v) for k, v in {"activation": "gelu", "gated": 0, **kw}.items()]
+    )
+    with pytest.raises(Exception, match=msg):
+        _session(model)
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    with pytest.raises(FormatError, match="threshold"):
+        fused_ffn_reference(x, *ins, activation_kind="gelu", gated=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def calibrated_04():
+    """Tiny models compressed, fused and calibrated for 40 % activation sparsity (cached per module)."""
+    from ffsplit_export.fused import fuse_ffns_, parse_activation_sparsity
+    from ffsplit_export.models.tiny import build_tiny
+    from ffsplit_export.pipeline import compress
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, pre, _ = build_tiny(name)
+            res = compress(model, pre, num_samples=16, progress=False)
+            rec = fuse_ffns_(res.model, parse_activation_sparsity("0.4"), batches=res.batches)
+            cache[name] = (res, rec)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mpt", "tiny-t5-gated", "tiny-whisper", "tiny-t5"])
+def test_calibrated_fraction(name, calibrated_04):
+    """On the calibration data, the thresholds skip 0.4 of the light neurons per FFN: within 0.01 at
+    calibration (the quantile, thresholds off), within 0.03 with every layer's thresholds on (later
+    layers see earlier skipping; measured 0.399-0.405). ReLU (tiny-t5) has more exact zeros than 0.4:
+    its thresholds are 0 (exact skipping) and it skips its zero fraction (measured 0.53-0.55)."""
+    res, rec = calibrated_04(name)
+    assert rec["fused"] == len(rec["thresholds"]) > 0
+    for ffn, frac in rec["skipped_fraction"].items():
+        if name == "tiny-t5":
+            assert rec["thresholds"][ffn] == 0.0 and frac >= 0.4
+        else:
+            assert rec["thresholds"][ffn] > 0
+            assert abs(rec["skipped_fraction_quantile"][ffn] - 0.4) <= 0.01
+            assert abs(frac - 0.4) <= 0.03, (ffn, frac)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mpt"])
+def test_module_threshold_matches_reference_and_kernel(name, calibrated_04):
+    """PyTorch module (what validation, eval and recover compute) == NumPy reference == ONNX Runtime,
+    with the calibrated thresholds, at M = 1 and M = 16, on the FFN's calibration inputs."""
+    from ffsplit_export.fused import fused_modules
+
+    res, _ = calibrated_04(name)
+    mods = fused_modules(res.model)
+    xs = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: xs.setdefault(mod.name, args[0].detach())) for m in mods
+    ]
+    with torch.no_grad():
+        res.model(**res.batches[0].inputs)
+    for hk in hooks:
+        hk.remove()
+    for m in mods:
+        assert m.threshold > 0 and m.skip == 1
+        x_all = xs[m.name].reshape(-1, m.up_in_features())
+        ins = [t.numpy() for t in m.onnx_inputs()]
+        gated = int(m.gate is not None)
+        sess = None
+        if not _MISSING:
+            sess = _session(fused_ffn_model(ins, m.kind, gated, 1, m.threshold))
+        for rows in (1, 16):
+            x = x_all[:rows].contiguous()
+            ref = fused_ffn_reference(
+                x.numpy(), *ins, activation_kind=m.kind, gated=gated, skip=1, threshold=m.threshold
+            )
+            with torch.no_grad():
+                np.testing.assert_allclose(m(x).numpy(), ref, rtol=0, atol=1e-5)  # measured <= 3e-8
+            if sess is not None:
+                _close(sess.run(None, {"X": x.numpy()})[0], ref)
+        frac = skipped_fraction(
+            x_all.numpy(), *ins, activation_kind=m.kind, gated=gated, threshold=m.threshold
+        )
+        assert 0.2 < frac < 0.6  # calibrated to 0.4 over all batches; one batch is close
 
 
 @needs_plugin
@@ -251,9 +421,8 @@ def test_exact_export_matches_unfused(name, tmp_path):
 
 def test_unsupported_formats_keep_the_subgraph():
     """A light format the op does not take (int4) leaves every FFN as today's subgraph, with the reason."""
-    from ffsplit_export.models.tiny import build_tiny
-
     from ffsplit_export.fused import fuse_ffns_
+    from ffsplit_export.models.tiny import build_tiny
     from ffsplit_export.pipeline import compress
     from ffsplit_export.split import SplitConfig
 
@@ -262,3 +431,39 @@ def test_unsupported_formats_keep_the_subgraph():
     rec = fuse_ffns_(res.model, 1)
     assert rec["fused"] == 0 and rec["kept_subgraph"]
     assert all("light format int4" in why for why in rec["kept_subgraph"].values())
+
+
+@needs_plugin
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-whisper"])
+def test_threshold_export_validates(name, tmp_path):
+    """``export --activation-sparsity 0.4``: every FFN one FusedFFN node whose ``threshold`` is the
+    manifest's; the export's own validation (ONNX Runtime vs the thresholded PyTorch model) passed."""
+    import onnx
+
+    from ffsplit_export.export.api import export
+    from ffsplit_export.export.core import ExportOptions
+
+    man = export(
+        name,
+        tmp_path / "out",
+        options=ExportOptions(activation_sparsity="0.4"),
+        num_samples=8,
+        progress=False,
+    )
+    rec = man["fused_ffn"]
+    assert rec["activation_sparsity"] == 0.4 and man["options"]["activation_sparsity"] == 0.4
+    assert rec["fused"] == len(rec["thresholds"]) and not rec["kept_subgraph"]
+    assert abs(rec["skipped_fraction_mean"] - 0.4) <= 0.03
+    want = sorted(np.float32(t) for t in rec["thresholds"].values())
+    onnx_file = "model.onnx" if name == "tiny-llama" else "encoder_model.onnx"
+    g = onnx.load(tmp_path / "out" / onnx_file, load_external_data=False).graph
+    got = [
+        np.float32(a.f)
+        for n in g.node
+        if n.op_type == "FusedFFN"
+        for a in n.attribute
+        if a.name == "threshold"
+    ]
+    assert got and all(t in want for t in got)
+    assert man["validation"]

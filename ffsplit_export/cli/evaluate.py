@@ -203,6 +203,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compress", action="store_true", help="with --pytorch: evaluate the one-shot compressed model"
     )
+    p.add_argument(
+        "--activation-sparsity",
+        default="0",
+        help="with --pytorch --compress: 0 (off), 'exact' or a fraction 0 < F < 1 of light neurons skipped "
+        "per token (fused FFNs, thresholds calibrated as export does)",
+    )
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--text",
@@ -290,10 +296,28 @@ def run_eval(args) -> int:
         if _is_export(name):
             name = _export_manifest(name)["source_model"]
         model, pre, task = load_model(name, args.task)
+        from ..fused import parse_activation_sparsity
+
+        sparsity = parse_activation_sparsity(args.activation_sparsity)
+        if sparsity.skip and not args.compress:
+            raise ConfigError(
+                f"--activation-sparsity={args.activation_sparsity} applies to the compressed model; add "
+                "--pytorch --compress (an export folder carries its own thresholds)"
+            )
         if args.compress:
             from ..pipeline import compress
 
-            model = compress(model, pre, **compress_kwargs(args)).model
+            res = compress(model, pre, **compress_kwargs(args))
+            model = res.model
+            if sparsity.skip:
+                from ..fused import fuse_ffns_
+
+                rec = fuse_ffns_(model, sparsity, batches=res.batches, progress=not args.quiet)
+                if sparsity.fraction:
+                    print(
+                        f"activation sparsity {sparsity.fraction}: {rec['skipped_fraction_mean']:.3f} of the light "
+                        "neurons skipped on the calibration data"
+                    )
         model_type = model.config.model_type
     speech = args.speech or (args.text is None and model_type == "whisper")
     t0 = time.time()

@@ -397,8 +397,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--activation-sparsity",
         default="0",
-        help="0 (default, off) or 'exact': skip light neurons whose activation is exactly zero "
-        "(lossless; ReLU models); implies --fused-ffn",
+        help="0 (default, off), 'exact' (skip light neurons whose activation is exactly zero; lossless, "
+        "ReLU models) or a fraction 0 < F < 1 of light neurons skipped per token (per-layer thresholds on "
+        "|act(gate)| or |act(up)| calibrated on the calibration data; ort-cpu); implies --fused-ffn",
     )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="show PyTorch tracer warnings and optimum's messages"

@@ -67,7 +67,7 @@ def export(
         **(extra or {}),
     )
     if opts.fused_ffn or opts.skip_mode:
-        manifest["fused_ffn"] = _fuse(res.model, opts)
+        manifest["fused_ffn"] = _fuse(res.model, opts, res.batches, progress)
     if (
         str(opts.target) == "portable"
         and get_format(LightFormat.parse(config.light_format, "--light-format")).pruned
@@ -81,15 +81,16 @@ def export(
     return manifest
 
 
-def _fuse(model, opts: ExportOptions) -> dict:
-    """One FusedFFN node per split FFN on ort-cpu; portable keeps standard ops (same function)."""
+def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> dict:
+    """One FusedFFN node per split FFN on ort-cpu (thresholds calibrated on ``batches`` for
+    ``--activation-sparsity F``); portable keeps standard ops (same function)."""
     from ..fused import fuse_ffns_
 
     if opts.target is Target.ORT_CPU:
-        return fuse_ffns_(model, opts.skip_mode)
+        return fuse_ffns_(model, opts.sparsity, batches=batches, progress=progress)
     return {
         "op": None,
-        "activation_sparsity": "exact" if opts.skip_mode else 0,
+        "activation_sparsity": opts.sparsity.label,
         "note": "--target portable keeps standard ops; skipping exact zeros does not change the function",
     }
 

@@ -40,17 +40,23 @@ class ExportOptions:
     reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
     extra_manifest: dict = field(default_factory=dict)
     fused_ffn: bool = False  # one ffsplit::FusedFFN node per split FFN (ort-cpu)
-    activation_sparsity: str | float = 0  # 0 or "exact" (implies fused_ffn)
+    activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
 
     def __post_init__(self):
         self.target = Target.parse(self.target, "--target")
         from ..fused import parse_activation_sparsity
 
-        self.skip_mode = parse_activation_sparsity(self.activation_sparsity)
+        self.sparsity = parse_activation_sparsity(self.activation_sparsity)
+        self.skip_mode = self.sparsity.skip
         if (self.fused_ffn or self.skip_mode) and self.target is Target.TENSORRT:
             raise ConfigError(
-                "--fused-ffn / --activation-sparsity exact: the fused FFN op has no TensorRT plugin yet; "
+                "--fused-ffn / --activation-sparsity: the fused FFN op has no TensorRT plugin yet; "
                 "use --target ort-cpu (or portable, where exact skipping changes nothing)"
+            )
+        if self.sparsity.fraction > 0 and self.target is not Target.ORT_CPU:
+            raise ConfigError(
+                f"--activation-sparsity={self.activation_sparsity}: calibrated thresholds run in the "
+                f"ffsplit::FusedFFN op, which --target {self.target} does not have; use --target ort-cpu"
             )
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(

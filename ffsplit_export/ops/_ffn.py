@@ -17,7 +17,9 @@ as :mod:`ffsplit_export.split` orders them. Inputs (``D`` = model width)::
 Attributes: ``activation`` (``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``), ``gated`` (0/1),
 ``skip`` (0: every light neuron's down column is used; 1 = ``exact``: a light neuron whose
 activation is exactly zero for a row contributes nothing to that row, its down column is not
-read).
+read), ``threshold`` (float32 >= 0, default 0; a value > 0 needs skip=1: calibrated activation
+sparsity, CATS-style: a light neuron whose |act(gate)| (gated) or |act(up)| (ungated) is
+<= threshold for a row is skipped for that row too).
 """
 
 from __future__ import annotations
@@ -95,7 +97,19 @@ def _light_down(a_l: np.ndarray, d: int, light, skip: bool) -> np.ndarray:
         return out.astype(np.float32)
 
 
-def fused_ffn_reference(x, *inputs, activation_kind: str = "relu", gated: int = 0, skip: int = 0):
+def check_threshold(threshold, skip: int) -> float:
+    """The ``threshold`` attribute as float32 (finite, >= 0, > 0 only with skip=1)."""
+    t = np.float32(threshold)
+    if not np.isfinite(t) or t < 0:
+        raise FormatError(f"FusedFFN threshold={threshold!r} must be a finite float >= 0")
+    if t > 0 and skip != 1:
+        raise FormatError(f"FusedFFN threshold={threshold!r} needs skip=1 (thresholds skip light neurons)")
+    return float(t)
+
+
+def fused_ffn_reference(
+    x, *inputs, activation_kind: str = "relu", gated: int = 0, skip: int = 0, threshold: float = 0.0
+):
     """NumPy reference of ``ffsplit::FusedFFN`` (see :data:`FFN_SEMANTICS`)."""
     from ._spec import reference_matmul
 
@@ -105,6 +119,7 @@ def fused_ffn_reference(x, *inputs, activation_kind: str = "relu", gated: int = 
         )
     if gated not in (0, 1) or skip not in (0, 1):
         raise FormatError(f"FusedFFN gated={gated} skip={skip}: both must be 0 or 1")
+    t = np.float32(check_threshold(threshold, skip))
     want = 19 if gated else 13
     if len(inputs) != want - 1 or any(t is None for t in inputs):
         raise FormatError(f"FusedFFN with gated={gated} takes {want} inputs, got {len(inputs) + 1}")
@@ -129,10 +144,14 @@ def fused_ffn_reference(x, *inputs, activation_kind: str = "relu", gated: int = 
         g = project(ins[12], ins[13], ins[14:18], "gate")
         if g.shape[1] != f:
             raise FormatError(f"FusedFFN gate has {g.shape[1]} neurons, up has {f}")
+        s = activation(activation_kind, g).astype(np.float32)
         with np.errstate(all="ignore"):
-            a = activation(activation_kind, g).astype(np.float32) * u
+            a = s * u
     else:
-        a = activation(activation_kind, u).astype(np.float32)
+        a = s = activation(activation_kind, u).astype(np.float32)
+    if t > 0:  # thresholded light neurons contribute nothing (a := 0, then skipped as exact zeros)
+        a = a.copy()
+        a[:, h:][np.abs(s[:, h:]) <= t] = 0.0
     if down_h.ndim != 2 or down_h.shape != (d, h):
         raise FormatError(
             f"FusedFFN down_heavy must be float32 [{d}, {h}], got {down_h.dtype} {down_h.shape}"
@@ -144,8 +163,11 @@ def fused_ffn_reference(x, *inputs, activation_kind: str = "relu", gated: int = 
     return y.reshape(*x.shape[:-1], d).astype(np.float32)
 
 
-def skipped_fraction(x, *inputs, activation_kind: str = "relu", gated: int = 0) -> float:
-    """Fraction of (row, light neuron) pairs whose activation is exactly zero (skipped by skip=1)."""
+def skipped_fraction(
+    x, *inputs, activation_kind: str = "relu", gated: int = 0, threshold: float = 0.0
+) -> float:
+    """Fraction of (row, light neuron) pairs that skip=1 skips: activation exactly zero, or (threshold
+    > 0) |act(gate)| / |act(up)| <= threshold."""
     from ._spec import reference_matmul
 
     x2 = np.asarray(x, np.float32).reshape(-1, np.asarray(x).shape[-1])
@@ -153,10 +175,13 @@ def skipped_fraction(x, *inputs, activation_kind: str = "relu", gated: int = 0) 
     ul = reference_matmul("SparseMatMulInt8", x2, *inputs[2:6]) + np.asarray(inputs[1])[h:]
     if gated:
         gl = reference_matmul("SparseMatMulInt8", x2, *inputs[14:18]) + np.asarray(inputs[13])[h:]
-        a = activation(activation_kind, gl) * ul
+        sl = activation(activation_kind, gl).astype(np.float32)
+        a = sl * ul
     else:
-        a = activation(activation_kind, ul)
-    return float((a == 0).mean()) if a.size else 0.0
+        a = sl = activation(activation_kind, ul).astype(np.float32)
+    t = np.float32(check_threshold(threshold, 1))
+    skipped = (a == 0) | ((np.abs(sl) <= t) if t > 0 else False)
+    return float(skipped.mean()) if a.size else 0.0
 
 
 def schema() -> defs.OpSchema:
@@ -208,6 +233,12 @@ def schema() -> defs.OpSchema:
                 "1: skip light neurons whose activation is 0",
                 required=False,
             ),
+            A(
+                "threshold",
+                defs.OpSchema.AttrType.FLOAT,
+                "with skip=1: also skip light neurons with |act(gate)| (gated) or |act(up)| <= threshold",
+                required=False,
+            ),
         ],
     )
 
@@ -215,10 +246,17 @@ def schema() -> defs.OpSchema:
 def reference_op_class(domain: str):
     from onnx.reference.op_run import OpRun
 
-    def _run(self, x, *inputs, activation=None, gated=None, skip=None):
+    def _run(self, x, *inputs, activation=None, gated=None, skip=None, threshold=None):
         act = activation.decode() if isinstance(activation, bytes) else activation
         return (
-            fused_ffn_reference(x, *inputs, activation_kind=act, gated=int(gated or 0), skip=int(skip or 0)),
+            fused_ffn_reference(
+                x,
+                *inputs,
+                activation_kind=act,
+                gated=int(gated or 0),
+                skip=int(skip or 0),
+                threshold=float(threshold or 0.0),
+            ),
         )
 
     return type("FusedFFN", (OpRun,), {"op_domain": domain, "_run": _run})
@@ -255,7 +293,9 @@ def random_ffn_inputs(
     return out
 
 
-def fused_ffn_model(inputs: list[np.ndarray], activation_kind: str, gated: bool, skip: int):
+def fused_ffn_model(
+    inputs: list[np.ndarray], activation_kind: str, gated: bool, skip: int, threshold: float = 0.0
+):
     """A one-node ONNX model ``Y = FusedFFN(X, *inputs)`` with the weights as initializers."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -270,6 +310,7 @@ def fused_ffn_model(inputs: list[np.ndarray], activation_kind: str, gated: bool,
         activation=activation_kind,
         gated=int(gated),
         skip=int(skip),
+        **({"threshold": float(threshold)} if threshold else {}),
     )
     graph = helper.make_graph(
         [node],

@@ -158,6 +158,39 @@ float ExactDense(const float* w, const float* x, int64_t k) {
   return static_cast<float>(s);
 }
 
+// one output of the SparseMatMulInt8 contract in float64 (the non-finite recompute of RowsOf)
+float ExactSparseRow(const Packed& p, const float* xr, int64_t n) {
+  const uint64_t* mrow = p.mask.data() + n * p.words;
+  int64_t vi = p.row_ptr[static_cast<size_t>(n)];
+  const double s = p.scales[static_cast<size_t>(n)];
+  double acc = 0.0;
+  for (int64_t w = 0; w < p.words; ++w) {
+    uint64_t bits = mrow[w];
+    while (bits) {
+      const int64_t col = w * 64 + __builtin_ctzll(bits);
+      bits &= bits - 1;
+      acc += static_cast<double>(xr[col]) * (static_cast<double>(p.values_i8[static_cast<size_t>(vi)]) * s);
+      ++vi;
+    }
+  }
+  return static_cast<float>(acc);
+}
+
+// y[r * p.n + n] for the light rows n in [n0, n1) with the ISA's row-dot kernel, non-finite
+// outputs recomputed exactly (as dispatch.cc does for the whole matrix)
+void RowsOf(const Packed& p, const float* x, float* y, int64_t m, int64_t k, int64_t n0, int64_t n1, Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512Vnni:
+    case Isa::kAvx512Vbmi2: avx512vbmi2::RowDot(p, x, y, m, k, n0, n1); break;
+    case Isa::kAvx512: avx512::RowDot(p, x, y, m, k, n0, n1); break;
+    case Isa::kAvx2: avx2::RowDot(p, x, y, m, k, n0, n1); break;
+    default: scalar::Rows(p, x, y, m, k, n0, n1); break;
+  }
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t n = n0; n < n1; ++n)
+      if (!std::isfinite(y[r * p.n + n])) y[r * p.n + n] = ExactSparseRow(p, x + r * k, n);
+}
+
 // the light down output d of one activation row a_l[L], by the reference's rules
 float ExactLightDown(const InputMajor& w, const float* a_l, int64_t d, bool skip) {
   const int64_t cw = w.chunk_words, c = d / (cw * 64), p = d % (cw * 64), wi = p / 64, bit = p % 64;
@@ -232,6 +265,17 @@ class FusedFFNKernel {
     if (skip != 0 && skip != 1) Fail("skip must be 0 (compute all) or 1 (exact), got " + std::to_string(skip));
     gated_ = gated == 1;
     skip_ = skip == 1;
+    {
+      float t = 0.0f;
+      if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "threshold", &t)) {
+        api.ReleaseStatus(st);
+        t = 0.0f;
+      }
+      if (!std::isfinite(t) || t < 0.0f)
+        Fail("threshold must be a finite float >= 0, got " + std::to_string(t));
+      if (t > 0.0f && !skip_) Fail("threshold > 0 needs skip=1 (thresholds skip light neurons)");
+      threshold_ = t;
+    }
     const size_t want = gated_ ? 19 : 13;
     if (ki.GetInputCount() != want)
       Fail("with gated=" + std::to_string(gated) + " the op takes " + std::to_string(want) + " inputs, got " +
@@ -372,8 +416,24 @@ class FusedFFNKernel {
   }
 
   // u[M, F] = concat(x @ heavy.T, light(x)) + bias
-  void Project(const Proj& p, const float* x, float* u, float* ul, int64_t m, const Parallel& par) const {
-    if (l_ > 0) MatMul(p.light, x, ul, m, d_, isa_, par);
+  // rows: when given, only these light rows (ascending) are computed (the others of ul / u are unused)
+  void Project(const Proj& p, const float* x, float* u, float* ul, int64_t m, const Parallel& par,
+               const std::vector<int32_t>* rows = nullptr) const {
+    if (l_ > 0 && rows == nullptr) MatMul(p.light, x, ul, m, d_, isa_, par);
+    if (l_ > 0 && rows != nullptr && !rows->empty()) {
+      constexpr size_t kPer = 64;  // listed rows per task; contiguous runs go to the kernel together
+      const size_t count = rows->size();
+      auto light = [&](size_t t) {
+        const size_t i0 = t * kPer, i1 = std::min(count, i0 + kPer);
+        for (size_t i = i0; i < i1;) {
+          size_t e = i + 1;
+          while (e < i1 && (*rows)[e] == (*rows)[e - 1] + 1) ++e;
+          RowsOf(p.light, x, ul, m, d_, (*rows)[i], (*rows)[e - 1] + 1, isa_);
+          i = e;
+        }
+      };
+      ParFor(par, (count + kPer - 1) / kPer, light);
+    }
     constexpr int64_t kRows = 32;
     const int64_t tasks = (h_ + kRows - 1) / kRows;
     auto heavy = [&](size_t t) {
@@ -393,22 +453,66 @@ class FusedFFNKernel {
 
   void Run(const float* x, float* y, int64_t m, const Parallel& par) const {
     std::vector<float> u(static_cast<size_t>(m * f_)), ul(static_cast<size_t>(m * l_)), g;
-    Project(up_, x, u.data(), ul.data(), m, par);
+    const float thr = threshold_;
+    // gated, thresholds, few rows (decode): CATS order. The gate first; a light neuron silent
+    // (|act(gate)| <= threshold) in every row costs neither its up row nor its down column.
+    constexpr int64_t kCatsMaxM = 4;
+    const bool cats = gated_ && thr > 0.0f && l_ > 0 && m <= kCatsMaxM;
+    std::vector<float> sl;
     if (gated_) {
       g.resize(static_cast<size_t>(m * f_));
       Project(gate_, x, g.data(), ul.data(), m, par);
+    }
+    if (cats) {
+      sl.resize(static_cast<size_t>(m * l_));
+      std::vector<uint8_t> live(static_cast<size_t>(l_), 0);
+      constexpr int64_t kNeurons = 1024;
+      auto silence = [&](size_t t) {
+        const int64_t j0 = static_cast<int64_t>(t) * kNeurons, j1 = std::min(l_, j0 + kNeurons);
+        for (int64_t r = 0; r < m; ++r)
+          for (int64_t j = j0; j < j1; ++j) {
+            const float sv = static_cast<float>(ActOf(act_, g[static_cast<size_t>(r * f_ + h_ + j)]));
+            sl[static_cast<size_t>(r * l_ + j)] = sv;
+            if (!(std::fabs(sv) <= thr)) live[static_cast<size_t>(j)] = 1;
+          }
+      };
+      ParFor(par, static_cast<size_t>((l_ + kNeurons - 1) / kNeurons), silence);
+      std::vector<int32_t> rows;
+      for (int64_t j = 0; j < l_; ++j)
+        if (live[static_cast<size_t>(j)]) rows.push_back(static_cast<int32_t>(j));
+      Project(up_, x, u.data(), ul.data(), m, par, &rows);
+    } else {
+      Project(up_, x, u.data(), ul.data(), m, par);
     }
     // activation (in place in u), in parallel blocks
     const int64_t total = m * f_;
     constexpr int64_t kBlock = 2048;
     float* ud = u.data();
     const float* gd = g.data();
+    const float* sd = sl.data();
     auto act = [&](size_t t) {
       const int64_t i0 = static_cast<int64_t>(t) * kBlock, i1 = std::min(total, i0 + kBlock);
-      if (gated_) {
-        for (int64_t i = i0; i < i1; ++i) ud[i] = static_cast<float>(ActOf(act_, gd[i])) * ud[i];
+      // calibrated skipping (thr > 0): a light neuron with |act(gate)| or |act(up)| <= thr is silent
+      if (cats) {  // light: act(gate) from the silence pass; an unread up row is never multiplied
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = i / f_, n = i % f_;
+          if (n < h_) {
+            ud[i] = static_cast<float>(ActOf(act_, gd[i])) * ud[i];
+          } else {
+            const float s = sd[r * l_ + n - h_];
+            ud[i] = std::fabs(s) <= thr ? 0.0f : s * ud[i];
+          }
+        }
+      } else if (gated_) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const float s = static_cast<float>(ActOf(act_, gd[i]));
+          ud[i] = thr > 0.0f && i % f_ >= h_ && std::fabs(s) <= thr ? 0.0f : s * ud[i];
+        }
       } else {
-        for (int64_t i = i0; i < i1; ++i) ud[i] = static_cast<float>(ActOf(act_, ud[i]));
+        for (int64_t i = i0; i < i1; ++i) {
+          const float s = static_cast<float>(ActOf(act_, ud[i]));
+          ud[i] = thr > 0.0f && i % f_ >= h_ && std::fabs(s) <= thr ? 0.0f : s;
+        }
       }
     };
     ParFor(par, static_cast<size_t>((total + kBlock - 1) / kBlock), act);
@@ -474,6 +578,7 @@ class FusedFFNKernel {
   std::string name_;
   Act act_ = Act::kRelu;
   bool gated_ = false, skip_ = false;
+  float threshold_ = 0.0f;  // skip=1: light neurons with |act| <= threshold_ are skipped too
   int64_t h_ = 0, l_ = 0, d_ = 0, f_ = 0;
   Proj up_, gate_;
   std::vector<float> down_heavy_, down_bias_;
