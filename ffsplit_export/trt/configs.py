@@ -93,6 +93,9 @@ class KernelSpec:
 
 _SCALARS = {"M": "i32", "N": "i32", "K": "i32"}
 
+#: rows of row_ptr SparseMatMulInt4's kernel sums per step to find its block's first group scale
+INT4_ROW_CHUNK = 256
+
 
 def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8") -> KernelSpec:
     """The spec of ``op_type``; ``row_ptr_dtype`` is ``i64`` (on-disk layout) or ``i32``
@@ -129,6 +132,25 @@ def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8"
         return KernelSpec(
             op_type, "sparse_bitmask_matmul_kernel", sig, fixed, f"row_ptr_{row_ptr_dtype}{wide}"
         )
+    if op_type == "SparseMatMulInt4":
+        sig = {
+            "x_ptr": "*fp32",
+            "mask_ptr": f"*{byte_elems}",
+            "values_ptr": f"*{byte_elems}",  # nibble stream: bytes, or one byte per int32 (parser)
+            "row_ptr_ptr": f"*{row_ptr_dtype}",
+            "scales_ptr": "*fp32",
+            **_SCALARS,
+            "MASK_STRIDE": "i32",
+            "GROUP_SIZE": "i32",
+            "y_ptr": "*fp32",
+        }
+        return KernelSpec(
+            op_type,
+            "sparse_int4_matmul_kernel",
+            sig,
+            {"ROW_CHUNK": INT4_ROW_CHUNK},
+            f"row_ptr_{row_ptr_dtype}{wide}",
+        )
     if op_type == "Sparse24MatMulInt8":
         sig = {
             "x_ptr": "*fp32",
@@ -143,11 +165,11 @@ def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8"
         return KernelSpec(op_type, "sparse24_matmul_kernel", sig, {}, f"nm24{wide}")
     raise ConfigError(
         f"no Triton kernel for op {op_type!r}; kernels exist for SparseMatMulInt8, SparseMatMulFP32, "
-        "Sparse24MatMulInt8"
+        "SparseMatMulInt4, Sparse24MatMulInt8"
     )
 
 
-OP_TYPES = ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8")
+OP_TYPES = ("SparseMatMulInt8", "SparseMatMulFP32", "SparseMatMulInt4", "Sparse24MatMulInt8")
 
 
 def all_specs() -> list[KernelSpec]:
@@ -160,6 +182,9 @@ def all_specs() -> list[KernelSpec]:
         kernel_spec("SparseMatMulFP32", "i64"),
         kernel_spec("SparseMatMulFP32", "i32"),
         kernel_spec("SparseMatMulFP32", "i64", "i32"),
+        kernel_spec("SparseMatMulInt4", "i64"),
+        kernel_spec("SparseMatMulInt4", "i32"),
+        kernel_spec("SparseMatMulInt4", "i64", "i32"),
         kernel_spec("Sparse24MatMulInt8"),
         kernel_spec("Sparse24MatMulInt8", byte_elems="i32"),
     ]
