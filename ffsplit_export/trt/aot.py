@@ -127,7 +127,7 @@ def compile_kernel(spec: KernelSpec, cfg: TileConfig, arch: int | None = None) -
         src,
         target=target,
         options={
-            "num_warps": cfg.num_warps,
+            "num_warps": spec.num_warps(cfg),
             "num_stages": cfg.num_stages,
             "ptx_version": PTX_VERSION,
             "enable_fp_fusion": True,

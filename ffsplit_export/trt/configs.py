@@ -83,6 +83,13 @@ class KernelSpec:
     signature: dict[str, str]
     fixed_constexprs: dict[str, object]
     variant: str  # short label of the index dtype variant
+    #: warps = the config's x this (SparseMatMulInt4 decodes two gathers per weight: with the
+    #: configs' warps ptxas spills, e.g. 156 B at prefill_m32 on sm_80, 40 B at prefill_m64 on sm_90)
+    warps_factor: int = 1
+
+    def num_warps(self, cfg: TileConfig) -> int:
+        """Warps to compile ``cfg`` with (the launch's block is 32 x this)."""
+        return cfg.num_warps * self.warps_factor
 
     def full_signature(self) -> dict[str, str]:
         sig = dict(self.signature)
@@ -150,6 +157,7 @@ def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8"
             sig,
             {"ROW_CHUNK": INT4_ROW_CHUNK},
             f"row_ptr_{row_ptr_dtype}{wide}",
+            warps_factor=1,
         )
     if op_type == "Sparse24MatMulInt8":
         sig = {

@@ -120,14 +120,19 @@ def sparse_int4_matmul_kernel(
     for r0 in range(0, n0, ROW_CHUNK):
         r = r0 + rc
         r_ok = r < n0
-        lo = tl.load(row_ptr_ptr + r, mask=r_ok, other=0).to(tl.int64)
-        hi = tl.load(row_ptr_ptr + r + 1, mask=r_ok, other=0).to(tl.int64)
-        before += (hi - lo + GROUP_SIZE - 1) // GROUP_SIZE
+        lo = tl.load(row_ptr_ptr + r, mask=r_ok, other=0)
+        hi = tl.load(row_ptr_ptr + r + 1, mask=r_ok, other=0)
+        # a row holds at most K values: count and quotient in int32 (64-bit division is a call)
+        before += (((hi - lo).to(tl.int32) + GROUP_SIZE - 1) // GROUP_SIZE).to(tl.int64)
     base = tl.load(row_ptr_ptr + rn64, mask=n_ok, other=0).to(tl.int64)
     end = tl.load(row_ptr_ptr + rn64 + 1, mask=n_ok, other=0).to(tl.int64)
-    ngrp = (end - base + GROUP_SIZE - 1) // GROUP_SIZE
+    ngrp = (((end - base).to(tl.int32) + GROUP_SIZE - 1) // GROUP_SIZE).to(tl.int64)
     gbase = tl.sum(before, axis=0) + tl.cumsum(ngrp, axis=0) - ngrp  # gp[n] of every row of the block
-    seen = tl.zeros([BLOCK_N], dtype=tl.int64)  # values consumed so far in each row
+    # per-row pointers, so the [BLOCK_N, BLOCK_K] tiles below hold int32 offsets (registers)
+    vrow = values_ptr + (base >> 1)  # byte of the row's first code
+    odd = (base & 1).to(tl.int32)  # whether that code is the byte's high nibble
+    srow = scales_ptr + gbase
+    seen = tl.zeros([BLOCK_N], dtype=tl.int32)  # values consumed so far in each row
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     rb = tl.arange(0, BLOCK_K // 8)
     rk = tl.arange(0, BLOCK_K)
@@ -141,13 +146,13 @@ def sparse_int4_matmul_kernel(
         bits3 = (mbytes[:, :, None] >> shifts[None, None, :]) & 1  # LSB first
         bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
         kept = bits != 0
-        rank = seen[:, None] + (tl.cumsum(bits, axis=1) - bits).to(tl.int64)  # rank within the row
-        idx = base[:, None] + rank  # index of the value in the nibble stream
-        byte = tl.load(values_ptr + (idx >> 1), mask=kept, other=0).to(tl.int32) & 255
-        code = (((byte >> ((idx & 1) * 4).to(tl.int32)) & 15) ^ 8) - 8
-        s = tl.load(scales_ptr + gbase[:, None] + rank // GROUP_SIZE, mask=kept, other=0.0)
+        rank = seen[:, None] + tl.cumsum(bits, axis=1) - bits  # rank within the row
+        local = odd[:, None] + rank  # nibble index from the row's first byte
+        byte = tl.load(vrow[:, None] + (local >> 1), mask=kept, other=0).to(tl.int32) & 255
+        code = (((byte >> ((local & 1) * 4)) & 15) ^ 8) - 8
+        s = tl.load(srow[:, None] + rank // GROUP_SIZE, mask=kept, other=0.0)
         w = code.to(tl.float32) * s
-        seen += tl.sum(bits, axis=1).to(tl.int64)
+        seen += tl.sum(bits, axis=1)
         kk = k0 + rk
         x = tl.load(
             x_ptr + rm64[:, None] * K + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0
@@ -264,7 +269,7 @@ def launch(op_type, x, *weights, config=None, out=None, byte_elems="u8", group_s
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
         sparse_int4_matmul_kernel[grid](
             x2, mask_b, values_b, row_ptr.contiguous(), scales.contiguous(), m, n, k, mask_b.shape[1],
-            int(group_size), y, num_warps=cfg.num_warps, **cfg.constexprs(), **spec.fixed_constexprs,
+            int(group_size), y, num_warps=spec.num_warps(cfg), **cfg.constexprs(), **spec.fixed_constexprs,
         )  # fmt: skip
     else:
         values, meta, scales = weights
