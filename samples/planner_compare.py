@@ -94,7 +94,15 @@ def main() -> None:
         t0 = time.time()
         cands = default_candidates(cfg, formats)
         mp = plan_measured(
-            model, specs, stats, batches, cfg, budget, candidates=cands, max_tokens=args.max_tokens, progress=True
+            model,
+            specs,
+            stats,
+            batches,
+            cfg,
+            budget,
+            candidates=cands,
+            max_tokens=args.max_tokens,
+            progress=True,
         )
         secs = time.time() - t0
         planned = copy.deepcopy(model)

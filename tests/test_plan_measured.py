@@ -134,7 +134,14 @@ def test_compress_budget_mode_uses_the_measured_planner(tiny_calibrated):
     assert res.report.bytes <= 0.35 * res.report.dense_bytes
     assert {f.light_format for f in res.report.ffns} <= set(planner_formats(FIXED))
     proxy = compress(
-        model, pre, config=FIXED, size_budget=0.35, stats=stats, batches=batches, progress=False, planner="proxy"
+        model,
+        pre,
+        config=FIXED,
+        size_budget=0.35,
+        stats=stats,
+        batches=batches,
+        progress=False,
+        planner="proxy",
     )
     assert proxy.planner is None and {f.light_format for f in proxy.report.ffns} == {"sparse-int8"}
     with pytest.raises(ConfigError, match="--planner"):
@@ -146,7 +153,10 @@ def test_candidate_grid_and_formats():
     # sparse-int8 runs on every target, so only formats that do too are offered by default
     assert {c.light_format for c in cands} == {"sparse-int8", "sparse-int4"}
     assert Candidate(0.1, "sparse-int8", 0.5) in cands
-    assert {c.light_format for c in default_candidates(FIXED, ["int4", "sparse-int8"])} == {"int4", "sparse-int8"}
+    assert {c.light_format for c in default_candidates(FIXED, ["int4", "sparse-int8"])} == {
+        "int4",
+        "sparse-int8",
+    }
     assert len({c for c in default_candidates(FIXED, ["int4"])}) == 6  # int4 does not prune: heavy only
     with pytest.raises(ConfigError, match="--planner-formats"):
         planner_formats(FIXED, ["int3"])

@@ -83,13 +83,19 @@ class KernelSpec:
     signature: dict[str, str]
     fixed_constexprs: dict[str, object]
     variant: str  # short label of the index dtype variant
-    #: warps = the config's x this (SparseMatMulInt4 decodes two gathers per weight: with the
-    #: configs' warps ptxas spills, e.g. 156 B at prefill_m32 on sm_80, 40 B at prefill_m64 on sm_90)
-    warps_factor: int = 1
+    #: BLOCK_K of the tl.dot configs when not 0, and ptxas' register limit when not 0:
+    #: SparseMatMulInt4 decodes two gathers per weight; with the configs' 32-column chunks
+    #: ptxas spilled (up to 156 B at prefill_m32 on sm_80) and, unasked, capped the decode
+    #: configs at 96 registers with a 4 B spill; 16 columns and maxnreg 255 spill nothing
+    dot_block_k: int = 0
+    maxnreg: int = 0
 
-    def num_warps(self, cfg: TileConfig) -> int:
-        """Warps to compile ``cfg`` with (the launch's block is 32 x this)."""
-        return cfg.num_warps * self.warps_factor
+    def constexprs(self, cfg: TileConfig) -> dict:
+        """The compile-time constants of ``cfg`` for this kernel."""
+        c = {**cfg.constexprs(), **self.fixed_constexprs}
+        if cfg.use_dot and self.dot_block_k:
+            c["BLOCK_K"] = self.dot_block_k
+        return c
 
     def full_signature(self) -> dict[str, str]:
         sig = dict(self.signature)
@@ -157,7 +163,8 @@ def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8"
             sig,
             {"ROW_CHUNK": INT4_ROW_CHUNK},
             f"row_ptr_{row_ptr_dtype}{wide}",
-            warps_factor=1,
+            dot_block_k=16,
+            maxnreg=255,
         )
     if op_type == "Sparse24MatMulInt8":
         sig = {

@@ -150,7 +150,8 @@ def sparse_int4_matmul_kernel(
         local = odd[:, None] + rank  # nibble index from the row's first byte
         byte = tl.load(vrow[:, None] + (local >> 1), mask=kept, other=0).to(tl.int32) & 255
         code = (((byte >> ((local & 1) * 4)) & 15) ^ 8) - 8
-        s = tl.load(srow[:, None] + rank // GROUP_SIZE, mask=kept, other=0.0)
+        grp = (rank.to(tl.uint32) // GROUP_SIZE.to(tl.uint32)).to(tl.int32)  # unsigned: cheaper
+        s = tl.load(srow[:, None] + grp, mask=kept, other=0.0)
         w = code.to(tl.float32) * s
         seen += tl.sum(bits, axis=1)
         kk = k0 + rk
@@ -269,7 +270,7 @@ def launch(op_type, x, *weights, config=None, out=None, byte_elems="u8", group_s
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
         sparse_int4_matmul_kernel[grid](
             x2, mask_b, values_b, row_ptr.contiguous(), scales.contiguous(), m, n, k, mask_b.shape[1],
-            int(group_size), y, num_warps=spec.num_warps(cfg), **cfg.constexprs(), **spec.fixed_constexprs,
+            int(group_size), y, num_warps=cfg.num_warps, **spec.constexprs(cfg),
         )  # fmt: skip
     else:
         values, meta, scales = weights
