@@ -160,3 +160,42 @@ def test_candidate_grid_and_formats():
     assert len({c for c in default_candidates(FIXED, ["int4"])}) == 6  # int4 does not prune: heavy only
     with pytest.raises(ConfigError, match="--planner-formats"):
         planner_formats(FIXED, ["int3"])
+
+
+def test_config_and_target_checks(tmp_path):
+    from ffsplit_export.config import CompressionConfig
+    from ffsplit_export.export.api import export
+
+    cc = CompressionConfig(size_budget=0.3, planner_formats="int4, sparse-int8")
+    assert cc.planner == "measured" and cc.compress_kwargs()["planner_formats"] == ["int4", "sparse-int8"]
+    assert CompressionConfig.from_dict(cc.to_dict()) == cc
+    with pytest.raises(ConfigError, match="--planner"):
+        CompressionConfig(planner="best")
+    with pytest.raises(ConfigError, match="--planner-formats"):
+        CompressionConfig(planner_formats="int3")
+    # int4 (MatMulNBits) does not run on TensorRT: refused before any work is done
+    with pytest.raises(ConfigError, match="int4.*--target tensorrt"):
+        export("tiny-llama", tmp_path / "out", config=cc, options=_trt_options())
+
+
+def _trt_options():
+    from ffsplit_export.export.core import ExportOptions
+
+    return ExportOptions(target="tensorrt")
+
+
+@pytest.mark.slow
+def test_cli_export_with_measured_planner(tmp_path):
+    import json
+
+    from ffsplit_export.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["export", "tiny-llama", str(out), "--size-budget", "0.35", "--num-samples", "8", "--quiet"])
+    assert rc == 0
+    man = json.loads((out / "ffsplit.json").read_text())
+    assert man["planner"]["planner"] == "measured"
+    assert man["ffn"]["ffn_bytes"] <= 0.35 * man["ffn"]["ffn_dense_bytes"]
+    assert [f["light_format"] for f in man["ffn"]["ffns"]] == [
+        r["light_format"] for r in man["planner"]["layers"]
+    ]

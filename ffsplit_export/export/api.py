@@ -49,6 +49,11 @@ def export(
         config.other_linear,
         config.embedding,
     )
+    if config.size_budget is not None and config.planner == "measured" and config.planner_formats:
+        for name in config.planner_formats.split(","):  # formats the measured planner may pick
+            check_target_format(
+                Target.parse(opts.target, "--target"), LightFormat.parse(name, "--planner-formats")
+            )
     out = Path(output)
     if out.exists() and not opts.overwrite:
         raise ConfigError(
