@@ -13,7 +13,7 @@ from .calibrate import calibrate, linear_hessians, make_batches
 from .data.calibration import load_samples
 from .errors import ConfigError
 from .formats import EmbeddingFormat, OtherLinearFormat, get_format
-from .plan import PLANNERS, default_candidates, plan_budget, plan_fraction, plan_measured
+from .plan import PLANNERS, default_candidates, hessian_saliency, plan_budget, plan_fraction, plan_measured
 from .split import (
     SplitConfig,
     SplitReport,
@@ -93,22 +93,29 @@ def compress(
     if measured:
         cands = default_candidates(cfg, planner_formats)
         lights = [get_format(f) for f in dict.fromkeys(c.light_format for c in cands)]
-    need_h = (str(cfg.prune_method) == "sparsegpt" and any(f.pruned for f in lights)) or (
-        gptq and (any(f.gptq for f in lights) or get_format(cfg.heavy_format).gptq)
+    need_h = (
+        (str(cfg.prune_method) == "sparsegpt" and any(f.pruned for f in lights))
+        or (gptq and (any(f.gptq for f in lights) or get_format(cfg.heavy_format).gptq))
+        or selection == "hessian"
     )
     if stats is None or (need_h and next(iter(stats.values())).hessian_x is None):
         stats = calibrate(model, batches, specs, hessians=need_h, progress=progress)
+    scores = None
+    if selection == "hessian":
+        scores = {s.name: hessian_saliency(model, s, stats[s.name], cfg.gptq_damp) for s in specs}
     layer_cfgs, planned = None, None
     if measured:
         mp = plan_measured(
             model, specs, stats, batches, cfg, size_budget, candidates=cands, selection=selection,
-            seed=seed, progress=progress,
+            seed=seed, progress=progress, scores=scores,
         )  # fmt: skip
         plan, layer_cfgs, planned = mp.heavy, mp.configs, mp.to_dict()
     elif size_budget is not None:
         plan = plan_budget(model, specs, stats, cfg, size_budget)
     else:
-        plan = plan_fraction(stats, 0.1 if heavy_fraction is None else heavy_fraction, selection, seed)
+        plan = plan_fraction(
+            stats, 0.1 if heavy_fraction is None else heavy_fraction, selection, seed, scores
+        )
     others = other_linear_names(model, specs) if quantize_others else []
     other_h = gptq and other_fmt.gptq
     target = model if inplace else copy.deepcopy(model)

@@ -23,10 +23,16 @@ from .formats import HeavyFormat, get_format
 from .formats.pruning import check_fraction
 from .split import SplitConfig, get_module, linear_weight, lowrank_rank, make_light, split_modules
 
-SELECTIONS = ("score", "act_norm", "random")
+SELECTIONS = ("score", "act_norm", "hessian", "random")
 
 
-def _ranking(st: FFNStats, selection: str, rng: np.random.Generator) -> np.ndarray:
+def _ranking(st: FFNStats, selection: str, rng: np.random.Generator, scores=None) -> np.ndarray:
+    if selection == "hessian":
+        if scores is None or st.name not in scores:
+            raise ConfigError(
+                "heavy selection 'hessian' needs the saliencies of hessian_saliency() (calibration Hessians)"
+            )
+        return np.argsort(-scores[st.name].numpy(), kind="stable")
     if selection == "score":
         return np.argsort(-st.score.numpy(), kind="stable")
     if selection == "act_norm":
@@ -37,17 +43,45 @@ def _ranking(st: FFNStats, selection: str, rng: np.random.Generator) -> np.ndarr
 
 
 def plan_fraction(
-    stats: dict[str, FFNStats], fraction: float, selection: str = "score", seed: int = 0
+    stats: dict[str, FFNStats], fraction: float, selection: str = "score", seed: int = 0, scores=None
 ) -> dict[str, np.ndarray]:
-    """The top ``fraction`` of neurons of every FFN (by score; or by activation norm, or random)."""
+    """The top ``fraction`` of neurons of every FFN (by score; or by activation norm, by the
+    Hessian saliencies ``scores`` of :func:`hessian_saliency`, or random)."""
     fraction = check_fraction(fraction, "--heavy-fraction")
     rng = np.random.default_rng(seed)
     plan = {}
     for name, st in stats.items():
         n = st.act_sq.numel()
         k = int(round(fraction * n))
-        plan[name] = np.sort(_ranking(st, selection, rng)[:k])
+        plan[name] = np.sort(_ranking(st, selection, rng, scores)[:k])
     return plan
+
+
+@torch.no_grad()
+def hessian_saliency(model, spec: FFNSpec, st: FFNStats, damp: float = 0.01) -> torch.Tensor:
+    """Per neuron: the OBS saliency ``w^2 / [H^-1]_kk`` summed over the neuron's weights (its rows
+    of up / gate with the FFN-input Hessian, its column of down with the activation Hessian), the
+    error a neuron's weights cause when removed, to first order; float64 [F]."""
+    if st.hessian_x is None or st.hessian_act is None:
+        raise ConfigError(
+            "heavy selection 'hessian' needs calibration Hessians (calibrate(..., hessians=True))"
+        )
+
+    def inv_diag(h: torch.Tensor) -> torch.Tensor:
+        h = h.double().clone()
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.mean(torch.diag(h))
+        return torch.diag(torch.cholesky_inverse(torch.linalg.cholesky(h)))
+
+    dx, da = inv_diag(st.hessian_x), inv_diag(st.hessian_act)
+    w_down, _ = linear_weight(get_module(model, spec.down))
+    sal = (w_down.double() ** 2 / da[None, :]).sum(0)
+    for path in (spec.gate, spec.up):
+        if path is not None:
+            w, _ = linear_weight(get_module(model, path))
+            sal += (w.double() ** 2 / dx[None, :]).sum(1)
+    return sal
 
 
 # ------------------------------------------------------------------------------ bytes
@@ -308,13 +342,14 @@ def measure_layer(
     candidates: list[Candidate],
     selection: str = "score",
     seed: int = 0,
+    scores=None,
 ) -> LayerMeasure:
     """Compress ``spec`` with every candidate (exactly as the split does) and measure the relative
     squared error ``||y - y_ref||^2 / ||y_ref||^2`` of the FFN output on the inputs ``x``; bytes
     are the packed modules' bytes (:meth:`SplitLinear.nbytes`, the format registry's)."""
     y_ref = ffn_forward(model, spec, x)
     ref = float((y_ref.double() ** 2).sum())
-    order = _ranking(st, selection, np.random.default_rng(seed))
+    order = _ranking(st, selection, np.random.default_rng(seed), scores)
     n = order.size
     nbytes, errs, dense = [], [], 0
     for c in candidates:
@@ -425,6 +460,7 @@ def plan_measured(
     seed: int = 0,
     measures: list[LayerMeasure] | None = None,
     progress: bool = False,
+    scores=None,
 ) -> MeasuredPlan:
     """Allocate (heavy fraction, light format, light sparsity) per FFN under ``budget`` (FFN bytes
     as a fraction of dense fp32) by measured FFN output error on calibration inputs.
@@ -442,7 +478,9 @@ def plan_measured(
         cands = candidates if candidates is not None else default_candidates(config, formats)
         xs = ffn_inputs(model, specs, batches, max_tokens, seed)
         measures = [
-            measure_layer(model, spec, stats[spec.name], xs[spec.name], config, cands, selection, seed)
+            measure_layer(
+                model, spec, stats[spec.name], xs[spec.name], config, cands, selection, seed, scores
+            )
             for spec in tqdm(specs, desc="measure candidates", disable=not progress, unit="ffn")
         ]
     dense = sum(lm.dense_bytes for lm in measures)
@@ -451,7 +489,7 @@ def plan_measured(
     heavy, configs, rows = {}, {}, []
     for spec, lm, i in zip(specs, measures, picks):
         c = lm.candidates[i]
-        order = _ranking(stats[spec.name], selection, np.random.default_rng(seed))
+        order = _ranking(stats[spec.name], selection, np.random.default_rng(seed), scores)
         heavy[spec.name] = np.sort(order[: int(round(c.heavy_fraction * order.size))]).astype(np.int64)
         configs[spec.name] = c.config(config)
         rows.append(
@@ -481,6 +519,7 @@ __all__ = [
     "allocate",
     "default_candidates",
     "ffn_inputs",
+    "hessian_saliency",
     "lowrank_rank",
     "measure_layer",
     "measured_error",

@@ -199,3 +199,37 @@ def test_cli_export_with_measured_planner(tmp_path):
     assert [f["light_format"] for f in man["ffn"]["ffns"]] == [
         r["light_format"] for r in man["planner"]["layers"]
     ]
+
+
+def test_hessian_saliency_selection(tiny_calibrated):
+    """The OBS saliency of a neuron is the sum over its weights of w^2 / [H^-1]_kk (checked against
+    a float64 inverse), and 'hessian' selection takes the top neurons by it."""
+    from ffsplit_export.plan import hessian_saliency
+    from ffsplit_export.split import get_module, linear_weight
+
+    model, pre, _, batches, stats = tiny_calibrated("tiny-llama", hessians=True)
+    spec = find_ffns(model)[0]
+    st = stats[spec.name]
+    sal = hessian_saliency(model, spec, st, damp=0.01)
+
+    def inv_diag(h):
+        h = h.double() + torch.eye(h.shape[0], dtype=torch.float64) * 0.01 * torch.mean(
+            torch.diag(h.double())
+        )
+        return torch.diag(torch.linalg.inv(h))
+
+    dx, da = inv_diag(st.hessian_x), inv_diag(st.hessian_act)
+    j = 3
+    want = sum(
+        float((linear_weight(get_module(model, p))[0][j].double() ** 2 / dx).sum())
+        for p in (spec.gate, spec.up)
+    ) + float((linear_weight(get_module(model, spec.down))[0][:, j].double() ** 2 / da[j]).sum())
+    assert float(sal[j]) == pytest.approx(want, rel=1e-6)
+    res = compress(
+        model, pre, config=FIXED, heavy_fraction=0.1, selection="hessian", stats=stats, batches=batches,
+        progress=False,
+    )  # fmt: skip
+    top = np.sort(np.argsort(-sal.numpy(), kind="stable")[: round(0.1 * sal.numel())])
+    assert np.array_equal(res.plan[spec.name], top)
+    with pytest.raises(ConfigError, match="hessian"):
+        plan_fraction(stats, 0.1, "hessian")
