@@ -233,3 +233,25 @@ def test_hessian_saliency_selection(tiny_calibrated):
     assert np.array_equal(res.plan[spec.name], top)
     with pytest.raises(ConfigError, match="hessian"):
         plan_fraction(stats, 0.1, "hessian")
+
+
+def test_export_default_planner_formats_follow_the_target(tmp_path, monkeypatch):
+    """Without --planner-formats, export offers the planner the formats that run on --target."""
+    import ffsplit_export.export.api as api
+    from ffsplit_export.config import CompressionConfig
+    from ffsplit_export.export.core import ExportOptions
+
+    seen = {}
+
+    def stop(*_a, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop after compress arguments")
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: (None, None, "text-generation"))
+    monkeypatch.setattr(api, "compress", stop)
+    cc = CompressionConfig(size_budget=0.3)
+    for target, want in (("ort-cpu", ["sparse-int8", "sparse-int4", "int8", "int4"]),
+                         ("tensorrt", ["sparse-int8", "sparse-int4"])):  # fmt: skip
+        with pytest.raises(RuntimeError, match="stop"):
+            api.export("tiny-llama", tmp_path / target, config=cc, options=ExportOptions(target=target))
+        assert seen["planner_formats"] == want

@@ -277,8 +277,8 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--planner-formats",
         default=None,
-        help="comma list of light formats the measured planner may pick (default: the ones that run on "
-        "every target --light-format runs on, e.g. sparse-int8,sparse-int4)",
+        help="comma list of light formats the measured planner may pick (default: --light-format and those "
+        "of sparse-int8, sparse-int4, int8, int4 that run on --target)",
     )
     p.add_argument(
         "--light-format",
