@@ -48,6 +48,18 @@ ROWS = {
         "score",
         dict(group_size=128, heavy_format="int8"),
     ),
+    "h1g64": (
+        "heavy 1% int8 (hessian) + int4 g64 gptq",
+        0.01,
+        "hessian",
+        dict(group_size=64, heavy_format="int8"),
+    ),
+    "h3g64": (
+        "heavy 3% int8 (hessian) + int4 g64 gptq",
+        0.03,
+        "hessian",
+        dict(group_size=64, heavy_format="int8"),
+    ),
     "f1": (
         "heavy 1% fp16 (hessian) + int4 g128 gptq",
         0.01,

@@ -44,6 +44,8 @@ POINTS = {
         dict(light_format="sparse-int4", heavy_format="int8", group_size=32),
     ),
     "s75": ("heavy 0.1 fp32 + sparse-int8@0.75 wanda", dict(light_format="sparse-int8", light_sparsity=0.75)),
+    # uniform (no heavy set): what the measured planner mostly picks at the CLI default's bytes
+    "int8u": ("heavy 0 + int8 (MatMulNBits)", dict(light_format="int8"), 0.0),
 }
 
 
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--output", default="samples/results/planner_compare")
     ap.add_argument("--points", default="default,int4")
     ap.add_argument("--formats", default="sparse-int8,sparse-int4,int8,int4")
+    ap.add_argument("--fixed-only", action="store_true", help="only the fixed rows (no planner)")
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--max-chars", type=int, default=8000)
     ap.add_argument("--threads", type=int, default=1)
@@ -79,10 +82,11 @@ def main() -> None:
         (out / "results.json").write_text(json.dumps({"dense_ppl": dense, "rows": rows}, indent=1))
 
     for key in [p for p in args.points.split(",") if p]:
-        label, split = POINTS[key]
+        label, split, *hf = POINTS[key]
+        hf = hf[0] if hf else 0.1
         cfg = SplitConfig(**split)
         fixed = copy.deepcopy(model)
-        rep = split_ffn_(fixed, plan_fraction(stats, 0.1), cfg, stats, specs, progress=False)
+        rep = split_ffn_(fixed, plan_fraction(stats, hf), cfg, stats, specs, progress=False)
         budget = rep.bytes / rep.dense_bytes
         err_fixed = sum(measured_error(fixed, specs, xs, model))
         rows.append(
@@ -91,6 +95,9 @@ def main() -> None:
         )  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
         del fixed
+        if args.fixed_only:
+            save()
+            continue
         t0 = time.time()
         cands = default_candidates(cfg, formats)
         mp = plan_measured(
