@@ -192,6 +192,8 @@ def plan_summary(plan: dict[str, np.ndarray], stats: dict[str, FFNStats]) -> dic
 # ------------------------------------------------------------------------------ measured planner
 
 PLANNERS = ("measured", "proxy")
+#: what the measured planner minimises (see :func:`plan_measured`)
+OBJECTIVES = ("relative", "absolute")
 #: heavy fractions and light sparsities the measured planner tries by default
 PLANNER_HEAVY_FRACTIONS = (0.0, 0.01, 0.03, 0.1, 0.2, 0.3)
 PLANNER_SPARSITIES = (0.5, 0.7, 0.85)
@@ -330,6 +332,10 @@ class LayerMeasure:
     candidates: list[Candidate]
     bytes: list[int]
     errors: list[float]
+    ref_sq: float = 1.0  # ||y_ref||^2 of the sampled inputs (the relative errors' denominator)
+
+    def weighted(self, weight: float) -> LayerMeasure:
+        return dataclasses.replace(self, errors=[e * weight for e in self.errors])
 
 
 @torch.no_grad()
@@ -358,7 +364,7 @@ def measure_layer(
         y = ffn_forward(model, spec, x, parts)
         nbytes.append(int(sum(m.nbytes() for m in parts.values())))
         errs.append(float(((y - y_ref).double() ** 2).sum()) / max(ref, 1e-30))
-    return LayerMeasure(spec.name, dense, list(candidates), nbytes, errs)
+    return LayerMeasure(spec.name, dense, list(candidates), nbytes, errs, ref / max(1, x.shape[0]))
 
 
 def allocate(layers: list[LayerMeasure], budget_bytes: float, grid: int = 20000) -> list[int]:
@@ -424,6 +430,8 @@ class MeasuredPlan:
     budget_bytes: float
     dense_bytes: int
     layers: list[dict] = field(default_factory=list)
+    objective: str = "relative"
+    measures: list[LayerMeasure] = field(default_factory=list, repr=False)  # reuse: plan_measured(measures=)
 
     @property
     def bytes(self) -> int:
@@ -441,6 +449,8 @@ class MeasuredPlan:
             "dense_bytes": self.dense_bytes,
             "size_ratio": self.bytes / self.dense_bytes if self.dense_bytes else 1.0,
             "summed_relative_error": self.error,
+            "objective": self.objective,
+            "objective_value": float(sum(r["objective"] for r in self.layers)),
             "layers": self.layers,
         }
 
@@ -461,6 +471,7 @@ def plan_measured(
     measures: list[LayerMeasure] | None = None,
     progress: bool = False,
     scores=None,
+    objective: str = "relative",
 ) -> MeasuredPlan:
     """Allocate (heavy fraction, light format, light sparsity) per FFN under ``budget`` (FFN bytes
     as a fraction of dense fp32) by measured FFN output error on calibration inputs.
@@ -468,8 +479,11 @@ def plan_measured(
     Every candidate of every FFN is compressed as the split would compress it (heavy set = top
     neurons by ``selection``; the light format's pruning and quantizer, ``config.quantizer`` included)
     and run on up to ``max_tokens`` sampled calibration inputs of that FFN (from the original model);
-    :func:`allocate` then minimises the summed relative output error under the byte budget.
-    ``measures`` (from an earlier call) skips the measurement.
+    :func:`allocate` then minimises the summed output error under the byte budget: ``objective``
+    relative sums ``||dy||^2 / ||y||^2`` per FFN (every layer weighs the same); absolute sums
+    ``||dy||^2`` per token (normalised by the mean ``||y||^2``), so FFNs with large outputs (the
+    perturbation they add to the residual stream) weigh more. ``measures`` (from an earlier call,
+    :attr:`MeasuredPlan.measures`) skips the measurement.
     """
     from tqdm.auto import tqdm
 
@@ -483,11 +497,15 @@ def plan_measured(
             )
             for spec in tqdm(specs, desc="measure candidates", disable=not progress, unit="ffn")
         ]
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"planner objective {objective!r} is unknown; use one of {list(OBJECTIVES)}")
     dense = sum(lm.dense_bytes for lm in measures)
     target = budget * dense
-    picks = allocate(measures, target)
+    mean_ref = float(np.mean([lm.ref_sq for lm in measures])) or 1.0
+    weights = [1.0 if objective == "relative" else lm.ref_sq / mean_ref for lm in measures]
+    picks = allocate([lm.weighted(w) for lm, w in zip(measures, weights)], target)
     heavy, configs, rows = {}, {}, []
-    for spec, lm, i in zip(specs, measures, picks):
+    for spec, lm, i, wt in zip(specs, measures, picks, weights):
         c = lm.candidates[i]
         order = _ranking(stats[spec.name], selection, np.random.default_rng(seed), scores)
         heavy[spec.name] = np.sort(order[: int(round(c.heavy_fraction * order.size))]).astype(np.int64)
@@ -495,9 +513,10 @@ def plan_measured(
         rows.append(
             {"name": spec.name, "choice": c.label, "heavy_fraction": c.heavy_fraction,
              "light_format": c.light_format, "light_sparsity": c.light_sparsity,
-             "bytes": lm.bytes[i], "dense_bytes": lm.dense_bytes, "error": lm.errors[i]}
+             "bytes": lm.bytes[i], "dense_bytes": lm.dense_bytes, "error": lm.errors[i],
+             "objective": lm.errors[i] * wt}
         )  # fmt: skip
-    return MeasuredPlan(heavy, configs, target, dense, rows)
+    return MeasuredPlan(heavy, configs, target, dense, rows, objective, measures)
 
 
 def measured_error(model, specs: list[FFNSpec], xs: dict[str, torch.Tensor], reference) -> list[float]:
@@ -516,6 +535,7 @@ __all__ = [
     "SELECTIONS",
     "Candidate",
     "MeasuredPlan",
+    "OBJECTIVES",
     "allocate",
     "default_candidates",
     "ffn_inputs",

@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--points", default="default,int4")
     ap.add_argument("--formats", default="sparse-int8,sparse-int4,int8,int4")
     ap.add_argument("--fixed-only", action="store_true", help="only the fixed rows (no planner)")
+    ap.add_argument("--objectives", default="relative,absolute", help="planner objectives, one row each")
+    ap.add_argument("--no-proxy", action="store_true", help="skip the proxy planner row")
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--max-chars", type=int, default=8000)
     ap.add_argument("--threads", type=int, default=1)
@@ -112,17 +114,24 @@ def main() -> None:
             progress=True,
         )
         secs = time.time() - t0
-        planned = copy.deepcopy(model)
-        rep_p = split_ffn_(planned, mp.heavy, cfg, stats, specs, progress=False, layer_configs=mp.configs)
-        err_plan = sum(measured_error(planned, specs, xs, model))
-        rows.append(
-            dict(point=key, name=f"measured planner at {budget:.4f} ({len(cands)} candidates/FFN)",
-                 ppl=ppl_of(planned), ffn_bytes=rep_p.bytes, ffn_ratio=rep_p.bytes / rep_p.dense_bytes,
-                 summed_rel_error=err_plan, plan_seconds=round(secs, 1),
-                 choices=[r["choice"] for r in mp.layers])
-        )  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
-        del planned
+        for objective in args.objectives.split(","):
+            if objective != mp.objective:
+                mp = plan_measured(model, specs, stats, batches, cfg, budget, measures=mp.measures,
+                                   objective=objective)  # fmt: skip
+            planned = copy.deepcopy(model)
+            rep_p = split_ffn_(planned, mp.heavy, cfg, stats, specs, progress=False, layer_configs=mp.configs)
+            err_plan = sum(measured_error(planned, specs, xs, model))
+            rows.append(
+                dict(point=key, name=f"measured planner ({objective}) at {budget:.4f} ({len(cands)} cand./FFN)",
+                     ppl=ppl_of(planned), ffn_bytes=rep_p.bytes, ffn_ratio=rep_p.bytes / rep_p.dense_bytes,
+                     summed_rel_error=err_plan, plan_seconds=round(secs, 1),
+                     choices=[r["choice"] for r in mp.layers])
+            )  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+            del planned
+        if args.no_proxy:
+            save()
+            continue
         res = compress(
             model, pre, config=cfg, size_budget=budget, planner="proxy", stats=stats, batches=batches,
             progress=False,

@@ -125,6 +125,21 @@ def test_plan_meets_budget_and_beats_fixed_fraction(name, tiny_calibrated):
     err_fixed = sum(measured_error(fixed, specs, xs, model))
     assert err_plan == pytest.approx(mp.error, rel=1e-6)
     assert err_plan <= err_fixed * (1 + 1e-9), (err_plan, err_fixed)
+    # the absolute objective (errors weighted by each FFN's output energy), from the same measurements
+    ma = plan_measured(
+        model, specs, stats, batches, FIXED, budget, measures=mp.measures, objective="absolute"
+    )
+    planned_a = copy.deepcopy(model)
+    rep_a = split_ffn_(planned_a, ma.heavy, FIXED, stats, specs, progress=False, layer_configs=ma.configs)
+    assert rep_a.bytes <= rep_fixed.bytes and ma.objective == "absolute"
+    ref = np.array([lm.ref_sq for lm in mp.measures])
+    w = ref / ref.mean()
+    abs_plan = float(np.dot(w, measured_error(planned_a, specs, xs, model)))
+    abs_fixed = float(np.dot(w, measured_error(fixed, specs, xs, model)))
+    assert abs_plan == pytest.approx(ma.to_dict()["objective_value"], rel=1e-6)
+    assert abs_plan <= abs_fixed * (1 + 1e-9), (abs_plan, abs_fixed)
+    with pytest.raises(ConfigError, match="objective"):
+        plan_measured(model, specs, stats, batches, FIXED, budget, measures=mp.measures, objective="l1")
 
 
 def test_compress_budget_mode_uses_the_measured_planner(tiny_calibrated):
