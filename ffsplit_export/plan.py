@@ -471,7 +471,7 @@ def plan_measured(
     measures: list[LayerMeasure] | None = None,
     progress: bool = False,
     scores=None,
-    objective: str = "relative",
+    objective: str = "absolute",
 ) -> MeasuredPlan:
     """Allocate (heavy fraction, light format, light sparsity) per FFN under ``budget`` (FFN bytes
     as a fraction of dense fp32) by measured FFN output error on calibration inputs.
@@ -483,7 +483,9 @@ def plan_measured(
     relative sums ``||dy||^2 / ||y||^2`` per FFN (every layer weighs the same); absolute sums
     ``||dy||^2`` per token (normalised by the mean ``||y||^2``), so FFNs with large outputs (the
     perturbation they add to the residual stream) weigh more. ``measures`` (from an earlier call,
-    :attr:`MeasuredPlan.measures`) skips the measurement.
+    :attr:`MeasuredPlan.measures`) skips the measurement. Default absolute: on SmolLM2 it gave
+    perplexity 13.7 (relative 16.8) at 0.2446 of dense FFN bytes and 35.1 (relative 51.9) at 0.1345
+    (samples/planner_compare.py).
     """
     from tqdm.auto import tqdm
 

@@ -115,7 +115,7 @@ def main() -> None:
         )
         secs = time.time() - t0
         for objective in args.objectives.split(","):
-            if objective != mp.objective:
+            if objective != mp.objective:  # same measurements, other objective
                 mp = plan_measured(model, specs, stats, batches, cfg, budget, measures=mp.measures,
                                    objective=objective)  # fmt: skip
             planned = copy.deepcopy(model)

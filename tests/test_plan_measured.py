@@ -113,7 +113,9 @@ def test_plan_meets_budget_and_beats_fixed_fraction(name, tiny_calibrated):
     fixed = copy.deepcopy(model)
     rep_fixed = split_ffn_(fixed, plan_fraction(stats, 0.1), FIXED, stats, specs, progress=False)
     budget = rep_fixed.bytes / rep_fixed.dense_bytes
-    mp = plan_measured(model, specs, stats, batches, FIXED, budget, candidates=CANDS, max_tokens=256)
+    mp = plan_measured(
+        model, specs, stats, batches, FIXED, budget, candidates=CANDS, max_tokens=256, objective="relative"
+    )
     planned = copy.deepcopy(model)
     rep = split_ffn_(planned, mp.heavy, FIXED, stats, specs, progress=False, layer_configs=mp.configs)
     # the budget holds on the split model, and the plan's bytes are the split's bytes
