@@ -40,6 +40,8 @@ class CompressionConfig:
     batch_size: int = 8
     max_length: int = 128
     seed: int = 0
+    planner: str = "measured"  # with size_budget: measured (plan_measured) or proxy (plan_budget)
+    planner_formats: str | None = None  # comma list of light formats the measured planner may pick
 
     def __post_init__(self):
         norm = object.__setattr__
@@ -58,6 +60,17 @@ class CompressionConfig:
             raise ConfigError("--size-budget and --heavy-fraction are alternatives; pass only one of them")
         if self.heavy_fraction is not None:
             pruning.check_fraction(self.heavy_fraction, "--heavy-fraction")
+        if self.planner not in ("measured", "proxy"):
+            raise ConfigError(f"--planner {self.planner!r} is unknown; use measured or proxy")
+        if self.planner_formats is not None:
+            names = [f.strip() for f in str(self.planner_formats).split(",") if f.strip()]
+            if not names:
+                raise ConfigError("--planner-formats is empty; name light formats, e.g. sparse-int8,int4")
+            norm(
+                self,
+                "planner_formats",
+                ",".join(str(LightFormat.parse(f, "--planner-formats")) for f in names),
+            )
         # num_samples / batch_size / max_length are checked where they are used (CalibrationError)
 
     def split_config(self):
@@ -88,6 +101,8 @@ class CompressionConfig:
             max_length=self.max_length,
             seed=self.seed,
             sequential=self.sequential,
+            planner=self.planner,
+            planner_formats=None if self.planner_formats is None else self.planner_formats.split(","),
         )
 
     @classmethod
@@ -148,6 +163,8 @@ class CompressionConfig:
             batch_size=args.batch_size,
             max_length=args.max_length,
             seed=args.seed,
+            planner=getattr(args, "planner", "measured"),
+            planner_formats=getattr(args, "planner_formats", None),
         )
 
 

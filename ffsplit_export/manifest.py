@@ -63,6 +63,8 @@ class Manifest(dict):
             embedding=result.embedding,
             weight_bytes=weight_bytes,
         )
+        if getattr(result, "planner", None):
+            m["planner"] = result.planner  # the measured planner's per-FFN choices, bytes, errors
         m.update(extra)
         m["compression_config"] = config.to_dict()
         return m

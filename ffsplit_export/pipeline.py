@@ -13,7 +13,7 @@ from .calibrate import calibrate, linear_hessians, make_batches
 from .data.calibration import load_samples
 from .errors import ConfigError
 from .formats import EmbeddingFormat, OtherLinearFormat, get_format
-from .plan import plan_budget, plan_fraction
+from .plan import PLANNERS, default_candidates, hessian_saliency, plan_budget, plan_fraction, plan_measured
 from .split import (
     SplitConfig,
     SplitReport,
@@ -35,6 +35,7 @@ class CompressResult:
     embedding: dict = field(
         default_factory=lambda: {"format": "fp32", "tables": 0, "dense_bytes": 0, "bytes": 0}
     )
+    planner: dict | None = None  # the measured planner's choices and measurements (budget mode)
 
 
 def compress(
@@ -57,11 +58,16 @@ def compress(
     inplace: bool = False,
     sequential: bool = False,
     progress: bool = True,
+    planner: str = "measured",
+    planner_formats: list[str] | None = None,
 ) -> CompressResult:
     """Calibrate, plan and split ``model`` (a copy unless ``inplace``).
 
     The heavy set is ``heavy_fraction`` of every FFN (default 0.1) or, with ``size_budget``,
-    allocated across layers under that byte budget. With ``sequential`` the light parts are
+    allocated across layers under that byte budget: ``planner`` measured (default) picks heavy
+    fraction, light format (among ``planner_formats``) and light sparsity per FFN by measured FFN
+    output error (:func:`ffsplit_export.plan.plan_measured`), proxy moves single neurons by a
+    score^2 proxy keeping ``config``'s light format. With ``sequential`` the light parts are
     pruned FFN by FFN, each from statistics of the model whose earlier FFNs are already
     compressed (as in SparseGPT's layer-wise procedure), and the other linear layers are
     quantized in model order between them (with GPTQ, each from its input Hessian on the
@@ -80,15 +86,36 @@ def compress(
     gptq = str(cfg.quantizer) == "gptq"
     other_fmt = get_format(OtherLinearFormat.parse(other_linear, "--other-linear"))
     quantize_others = not other_fmt.keeps_original
-    need_h = (str(cfg.prune_method) == "sparsegpt" and get_format(cfg.light_format).pruned) or (
-        gptq and (get_format(cfg.light_format).gptq or get_format(cfg.heavy_format).gptq)
+    if planner not in PLANNERS:
+        raise ConfigError(f"--planner {planner!r} is unknown; use one of {list(PLANNERS)}")
+    measured = size_budget is not None and planner == "measured"
+    lights = [get_format(cfg.light_format)]
+    if measured:
+        cands = default_candidates(cfg, planner_formats)
+        lights = [get_format(f) for f in dict.fromkeys(c.light_format for c in cands)]
+    need_h = (
+        (str(cfg.prune_method) == "sparsegpt" and any(f.pruned for f in lights))
+        or (gptq and (any(f.gptq for f in lights) or get_format(cfg.heavy_format).gptq))
+        or selection == "hessian"
     )
     if stats is None or (need_h and next(iter(stats.values())).hessian_x is None):
         stats = calibrate(model, batches, specs, hessians=need_h, progress=progress)
-    if size_budget is not None:
+    scores = None
+    if selection == "hessian":
+        scores = {s.name: hessian_saliency(model, s, stats[s.name], cfg.gptq_damp) for s in specs}
+    layer_cfgs, planned = None, None
+    if measured:
+        mp = plan_measured(
+            model, specs, stats, batches, cfg, size_budget, candidates=cands, selection=selection,
+            seed=seed, progress=progress, scores=scores,
+        )  # fmt: skip
+        plan, layer_cfgs, planned = mp.heavy, mp.configs, mp.to_dict()
+    elif size_budget is not None:
         plan = plan_budget(model, specs, stats, cfg, size_budget)
     else:
-        plan = plan_fraction(stats, 0.1 if heavy_fraction is None else heavy_fraction, selection, seed)
+        plan = plan_fraction(
+            stats, 0.1 if heavy_fraction is None else heavy_fraction, selection, seed, scores
+        )
     others = other_linear_names(model, specs) if quantize_others else []
     other_h = gptq and other_fmt.gptq
     target = model if inplace else copy.deepcopy(model)
@@ -111,19 +138,19 @@ def compress(
                 parts.append(quantize_others_(before, stop_after=spec.up))
                 done += len(before)
             st = calibrate(target, batches, [spec], hessians=need_h, progress=False, stop_after=spec.down)
-            infos += split_ffn_(target, plan, cfg, st, [spec], progress=False).ffns
+            infos += split_ffn_(target, plan, cfg, st, [spec], progress=False, layer_configs=layer_cfgs).ffns
         if others[done:]:
             parts.append(quantize_others_(others[done:]))
         report = SplitReport(infos, cfg.to_dict())
         other = _merge_other(other_linear, parts)
     else:
         hs = linear_hessians(model, batches, others, progress) if other_h and others else None
-        report = split_ffn_(target, plan, cfg, stats, specs, progress=progress)
+        report = split_ffn_(target, plan, cfg, stats, specs, progress=progress, layer_configs=layer_cfgs)
         other = quantize_other_linears_(
             target, other_linear, cfg.group_size, specs, config=cfg, hessians=hs, names=others
         )
     emb = quantize_embeddings_(target, embedding)
-    return CompressResult(target, report, other, plan, stats, batches, emb)
+    return CompressResult(target, report, other, plan, stats, batches, emb, planned)
 
 
 def _merge_other(fmt: str, parts: list[dict]) -> dict:

@@ -196,11 +196,13 @@ def split_ffn_(
     stats: dict | None = None,
     specs: list[FFNSpec] | None = None,
     progress: bool = True,
+    layer_configs: dict[str, SplitConfig] | None = None,
 ) -> SplitReport:
     """Split every FFN of ``model`` in place.
 
     ``heavy`` maps each FFN name to the indices of its heavy neurons (from :mod:`plan`);
-    ``stats`` (from :func:`ffsplit_export.calibrate.calibrate`) feeds Wanda and SparseGPT.
+    ``stats`` (from :func:`ffsplit_export.calibrate.calibrate`) feeds Wanda and SparseGPT;
+    ``layer_configs`` (FFN name -> config, from the measured planner) overrides ``config`` per FFN.
     """
     cfg = config or SplitConfig()
     specs = specs if specs is not None else find_ffns(model)
@@ -211,11 +213,16 @@ def split_ffn_(
                 f"the plan has no heavy set for FFN {spec.name!r}; re-run the planner on this model"
             )
         st = (stats or {}).get(spec.name)
-        infos.append(_split_one(model, spec, np.asarray(heavy[spec.name], dtype=np.int64), cfg, st))
+        lcfg = (layer_configs or {}).get(spec.name, cfg)
+        infos.append(_split_one(model, spec, np.asarray(heavy[spec.name], dtype=np.int64), lcfg, st))
     return SplitReport(infos, cfg.to_dict())
 
 
-def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st) -> FFNSplitInfo:
+def split_modules(
+    model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
+) -> tuple[dict[str, SplitLinear], int]:
+    """The split projections of one FFN (path -> :class:`SplitLinear`; the model is not changed)
+    and the FFN's dense fp32 bytes. The planner measures candidates with it."""
     w_down, b_down = linear_weight(get_module(model, spec.down))
     n_neurons = w_down.shape[1]
     if heavy_idx.size and (
@@ -230,6 +237,7 @@ def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
     dense = _dense_nbytes(w_down, b_down)
     x_norm = None if st is None else st.x_norm
     a_norm = None if st is None else st.act_norm
+    out: dict[str, SplitLinear] = {}
 
     for path in (spec.gate, spec.up):
         if path is None:
@@ -242,7 +250,7 @@ def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
         h_x = None if st is None else st.hessian_x
         hv = make_heavy(w[hidx], pick(b, hidx), cfg.heavy_format, cfg, h_x) if nh else None
         lt = make_light(w[lidx], pick(b, lidx), cfg, x_norm, h_x) if nl else None
-        set_module(model, path, SplitLinear("out", hv, lt, nh))
+        out[path] = SplitLinear("out", hv, lt, nh)
 
     h_h = None if st is None or st.hessian_act is None or not nh else st.hessian_act[hidx][:, hidx]
     hv = make_heavy(w_down[:, hidx], None, cfg.heavy_format, cfg, h_h) if nh else None
@@ -250,8 +258,17 @@ def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st
     if nl:
         h_a = None if st is None or st.hessian_act is None else st.hessian_act[lidx][:, lidx]
         lt = make_light(w_down[:, lidx], None, cfg, None if a_norm is None else a_norm[lidx], h_a)
-    split_down = SplitLinear("in", hv, lt, nh, b_down)
-    set_module(model, spec.down, split_down)
+    out[spec.down] = SplitLinear("in", hv, lt, nh, b_down)
+    return out, int(dense)
+
+
+def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st) -> FFNSplitInfo:
+    n_neurons = linear_weight(get_module(model, spec.down))[0].shape[1]
+    parts, dense = split_modules(model, spec, heavy_idx, cfg, st)
+    for path, m in parts.items():
+        set_module(model, path, m)
+    hidx = torch.from_numpy(np.sort(heavy_idx))
+    nh = hidx.numel()
 
     nbytes = sum(get_module(model, p).nbytes() for p in spec.projections)
     lights = [get_module(model, p).light for p in spec.projections]

@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-OPS = ["SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8"]
+OPS = ["SparseMatMulInt8", "SparseMatMulFP32", "SparseMatMulInt4", "Sparse24MatMulInt8"]
+INT4_GROUP = 16  # SparseMatMulInt4's group_size attribute in these cases
 SHAPES = [(1, 33, 72), (5, 40, 200), (17, 24, 130)]  # (M, N, K); K not a multiple of 32 or 8
 ATOL, RTOL = 1e-5, 1e-5  # fp32 accumulate vs float64 reference; measured <= 4e-6
 
@@ -31,6 +32,10 @@ def _weights(op_type, n, k, rng):
         p = packing.pack_nm24(q)
         return (p.values, p.meta, s)
     w[rng.random((n, k)) < 0.6] = 0
+    if op_type == "SparseMatMulInt4":
+        q, s = packing.quantize_sparse_int4(w, w != 0, INT4_GROUP)
+        p = packing.pack_sparse_int4(q, w != 0, s, INT4_GROUP)
+        return (p.mask, p.values, p.row_ptr, p.scales)
     if op_type == "SparseMatMulInt8":
         q, s = packing.quantize_int8_per_channel(w)
         p = packing.pack_bitmask(q)
@@ -48,11 +53,12 @@ def _worker(op_type: str) -> None:
     from ffsplit_export.trt.layout import parser_widened
 
     rng = np.random.default_rng(7)
+    attrs = {"group_size": INT4_GROUP} if op_type == "SparseMatMulInt4" else {}
     for m, n, k in SHAPES:
         weights = _weights(op_type, n, k, rng)
         wide = parser_widened(op_type, *weights)
         x = rng.standard_normal((m, k)).astype(np.float32)
-        ref = reference_matmul(op_type, x, *weights)
+        ref = reference_matmul(op_type, x, *weights, **attrs)
         for cfg in CONFIGS:
             y = launch(
                 op_type,
@@ -60,6 +66,7 @@ def _worker(op_type: str) -> None:
                 *(torch.from_numpy(a) for a in wide),
                 config=cfg,
                 byte_elems="i32",
+                **attrs,
             )
             err = float(np.abs(y.numpy() - ref).max())
             print(
@@ -109,7 +116,12 @@ def test_parser_widened_and_specs():
     assert spec.signature["mask_ptr"] == "*i32" and spec.variant == "row_ptr_i64_wide"
     assert kernel_spec("Sparse24MatMulInt8", byte_elems="i32").signature["meta_ptr"] == "*i32"
     assert kernel_spec("SparseMatMulFP32").signature["mask_ptr"] == "*u8"
-    assert len({(sp.op_type, sp.variant) for sp in all_specs()}) == len(all_specs()) == 8
+    assert len({(sp.op_type, sp.variant) for sp in all_specs()}) == len(all_specs()) == 11
+    # the nibble stream is UINT8 on disk, so the parser widens it like the mask
+    wide4 = kernel_spec("SparseMatMulInt4", "i64", "i32").signature
+    assert wide4["mask_ptr"] == wide4["values_ptr"] == "*i32"
+    m4, v4, r4, s4 = parser_widened("SparseMatMulInt4", *_weights("SparseMatMulInt4", 6, 20, rng))
+    assert m4.dtype == v4.dtype == np.int32 and r4.dtype == np.int64 and s4.dtype == np.float32
     with pytest.raises(ConfigError, match="byte_elems"):
         kernel_spec("SparseMatMulInt8", byte_elems="u16")
 

@@ -268,6 +268,19 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         help="target FFN bytes as a fraction of dense fp32; the planner allocates heavy neurons across layers",
     )
     p.add_argument(
+        "--planner",
+        choices=("measured", "proxy"),
+        default="measured",
+        help="with --size-budget: measured (default) picks heavy fraction, light format and sparsity per "
+        "FFN by measured FFN output error on calibration inputs; proxy moves single neurons by score^2",
+    )
+    p.add_argument(
+        "--planner-formats",
+        default=None,
+        help="comma list of light formats the measured planner may pick (default: --light-format and those "
+        "of sparse-int8, sparse-int4, int8, int4 that run on --target)",
+    )
+    p.add_argument(
         "--light-format",
         type=format_name(LightFormat),
         default="sparse-int8",

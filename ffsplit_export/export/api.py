@@ -49,6 +49,18 @@ def export(
         config.other_linear,
         config.embedding,
     )
+    if config.size_budget is not None and config.planner == "measured":
+        target = Target.parse(opts.target, "--target")
+        if config.planner_formats:  # formats the measured planner may pick must run on the target
+            for name in config.planner_formats.split(","):
+                check_target_format(target, LightFormat.parse(name, "--planner-formats"))
+        else:  # by default: --light-format and the planner's formats that run on this target
+            from ..plan import PLANNER_FORMATS
+
+            names = dict.fromkeys([config.light_format, *PLANNER_FORMATS])
+            config = config.replace(
+                planner_formats=",".join(n for n in names if get_format(n).supports(target))
+            )
     out = Path(output)
     if out.exists() and not opts.overwrite:
         raise ConfigError(

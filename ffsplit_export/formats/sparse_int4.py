@@ -10,7 +10,8 @@ Targets: ``ort-cpu`` runs ``ffsplit::SparseMatMulInt4``. ``portable`` stores the
 as a dense float32 MatMul: the group scales follow kept values, not column blocks, so neither
 MatMulNBits int4 nor int8 (one scale per block of columns) can hold the weight exactly; the
 dense product reproduces the op's output (float32 summation order only) at 4 bytes per weight.
-``tensorrt`` is not supported (no Triton kernel yet): the registry rejects it.
+``tensorrt`` runs the same node (plus the plugin attributes) on the Triton kernel of
+:mod:`ffsplit_export.trt.kernels` (``group_size`` becomes a plugin field).
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class SparseInt4(WeightFormat):
     pruned = True
     quantizes = True
     gptq = True
-    targets = frozenset({Target.ORT_CPU, Target.PORTABLE})
-    target_need = "the SparseMatMulInt4 kernel (ONNX Runtime plugin; no Triton kernel yet)"
+    targets = frozenset({Target.ORT_CPU, Target.PORTABLE, Target.TENSORRT})
+    target_need = "the SparseMatMulInt4 kernel (ONNX Runtime plugin or TensorRT Triton plugin)"
 
     @staticmethod
     def group_size(config) -> int:
@@ -145,6 +146,9 @@ class SparseInt4(WeightFormat):
         return {n: getattr(p, n) for n in module.packed_names}
 
     def emit_ort_cpu(self, g, x, module, buffers):
+        return custom_node(g, OP_TYPE, x, *buffers, group_size_i=module.group_size)
+
+    def emit_tensorrt(self, g, x, module, buffers):
         return custom_node(g, OP_TYPE, x, *buffers, group_size_i=module.group_size)
 
     def emit_portable(self, g, x, module, buffers):  # noqa: ARG002

@@ -120,19 +120,18 @@ def compile_kernel(spec: KernelSpec, cfg: TileConfig, arch: int | None = None) -
     if key in _CACHE:
         return _CACHE[key]
     fn = getattr(kernels, spec.kernel)
-    constexprs = {**cfg.constexprs(), **spec.fixed_constexprs}
+    constexprs = spec.constexprs(cfg)
     src = triton.compiler.ASTSource(fn=fn, signature=spec.full_signature(), constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32) if arch is not None else None
-    ck = triton.compile(
-        src,
-        target=target,
-        options={
-            "num_warps": cfg.num_warps,
-            "num_stages": cfg.num_stages,
-            "ptx_version": PTX_VERSION,
-            "enable_fp_fusion": True,
-        },
-    )
+    options = {
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "ptx_version": PTX_VERSION,
+        "enable_fp_fusion": True,
+    }
+    if spec.maxnreg:
+        options["maxnreg"] = spec.maxnreg
+    ck = triton.compile(src, target=target, options=options)
     name = ck.metadata.name
     ptx, removed = strip_unused_trailing_params(ck.asm["ptx"], name)
     out = CompiledKernel(
@@ -179,6 +178,7 @@ def compile_all(
                         "function": ck.name,
                         "variant": spec.variant,
                         "config": cfg.as_dict(),
+                        "block_k": spec.constexprs(cfg)["BLOCK_K"],
                         "arch": f"sm_{arch}",
                         "ptx": f"{stem}.ptx",
                         "cubin": cubin_path.name,

@@ -83,6 +83,19 @@ class KernelSpec:
     signature: dict[str, str]
     fixed_constexprs: dict[str, object]
     variant: str  # short label of the index dtype variant
+    #: BLOCK_K of the tl.dot configs when not 0, and ptxas' register limit when not 0:
+    #: SparseMatMulInt4 decodes two gathers per weight; with the configs' 32-column chunks
+    #: ptxas spilled (up to 156 B at prefill_m32 on sm_80) and, unasked, capped the decode
+    #: configs at 96 registers with a 4 B spill; 16 columns and maxnreg 255 spill nothing
+    dot_block_k: int = 0
+    maxnreg: int = 0
+
+    def constexprs(self, cfg: TileConfig) -> dict:
+        """The compile-time constants of ``cfg`` for this kernel."""
+        c = {**cfg.constexprs(), **self.fixed_constexprs}
+        if cfg.use_dot and self.dot_block_k:
+            c["BLOCK_K"] = self.dot_block_k
+        return c
 
     def full_signature(self) -> dict[str, str]:
         sig = dict(self.signature)
@@ -92,6 +105,9 @@ class KernelSpec:
 
 
 _SCALARS = {"M": "i32", "N": "i32", "K": "i32"}
+
+#: rows of row_ptr SparseMatMulInt4's kernel sums per step to find its block's first group scale
+INT4_ROW_CHUNK = 256
 
 
 def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8") -> KernelSpec:
@@ -129,6 +145,27 @@ def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8"
         return KernelSpec(
             op_type, "sparse_bitmask_matmul_kernel", sig, fixed, f"row_ptr_{row_ptr_dtype}{wide}"
         )
+    if op_type == "SparseMatMulInt4":
+        sig = {
+            "x_ptr": "*fp32",
+            "mask_ptr": f"*{byte_elems}",
+            "values_ptr": f"*{byte_elems}",  # nibble stream: bytes, or one byte per int32 (parser)
+            "row_ptr_ptr": f"*{row_ptr_dtype}",
+            "scales_ptr": "*fp32",
+            **_SCALARS,
+            "MASK_STRIDE": "i32",
+            "GROUP_SIZE": "i32",
+            "y_ptr": "*fp32",
+        }
+        return KernelSpec(
+            op_type,
+            "sparse_int4_matmul_kernel",
+            sig,
+            {"ROW_CHUNK": INT4_ROW_CHUNK},
+            f"row_ptr_{row_ptr_dtype}{wide}",
+            dot_block_k=16,
+            maxnreg=255,
+        )
     if op_type == "Sparse24MatMulInt8":
         sig = {
             "x_ptr": "*fp32",
@@ -143,11 +180,11 @@ def kernel_spec(op_type: str, row_ptr_dtype: str = "i64", byte_elems: str = "u8"
         return KernelSpec(op_type, "sparse24_matmul_kernel", sig, {}, f"nm24{wide}")
     raise ConfigError(
         f"no Triton kernel for op {op_type!r}; kernels exist for SparseMatMulInt8, SparseMatMulFP32, "
-        "Sparse24MatMulInt8"
+        "SparseMatMulInt4, Sparse24MatMulInt8"
     )
 
 
-OP_TYPES = ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8")
+OP_TYPES = ("SparseMatMulInt8", "SparseMatMulFP32", "SparseMatMulInt4", "Sparse24MatMulInt8")
 
 
 def all_specs() -> list[KernelSpec]:
@@ -160,6 +197,9 @@ def all_specs() -> list[KernelSpec]:
         kernel_spec("SparseMatMulFP32", "i64"),
         kernel_spec("SparseMatMulFP32", "i32"),
         kernel_spec("SparseMatMulFP32", "i64", "i32"),
+        kernel_spec("SparseMatMulInt4", "i64"),
+        kernel_spec("SparseMatMulInt4", "i32"),
+        kernel_spec("SparseMatMulInt4", "i64", "i32"),
         kernel_spec("Sparse24MatMulInt8"),
         kernel_spec("Sparse24MatMulInt8", byte_elems="i32"),
     ]

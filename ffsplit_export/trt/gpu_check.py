@@ -38,6 +38,7 @@ TINY_CASES = [
     ("tiny-whisper", "sparse-int8", {}, False),
     ("tiny-mpt", "sparse-int8", {}, False),
     ("tiny-mpt", "sparse-fp32", {"light_format": "sparse-fp32"}, False),
+    ("tiny-mpt", "sparse-int4", {"light_format": "sparse-int4"}, False),
     ("tiny-mpt", "2:4-int8 plugin", {"light_format": "2:4-int8"}, False),
     ("tiny-mpt", "2:4-int8 dense gemm", {"light_format": "2:4-int8"}, True),
 ]

@@ -82,6 +82,87 @@ def sparse_bitmask_matmul_kernel(
 
 
 @triton.jit
+def sparse_int4_matmul_kernel(
+    x_ptr,
+    mask_ptr,
+    values_ptr,
+    row_ptr_ptr,
+    scales_ptr,
+    M,
+    N,
+    K,
+    MASK_STRIDE,
+    GROUP_SIZE,
+    y_ptr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    ROW_CHUNK: tl.constexpr,
+):
+    """Bitmask sparse int4 W: the i-th kept value overall is nibble i of ``values`` (low nibble
+    first, two's complement); the r-th kept value of row n is scaled by
+    ``scales[gp[n] + r // GROUP_SIZE]`` with gp[n] = sum over rows < n of ceil(count / GROUP_SIZE).
+    gp is not an input, so each program sums it over the rows before its block (ROW_CHUNK rows
+    of row_ptr per step, from L2) and scans it within the block."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    rn = n0 + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    m_ok = rm < M
+    rn64 = rn.to(tl.int64)
+    rm64 = rm.to(tl.int64)
+    # groups of the rows before this block
+    rc = tl.arange(0, ROW_CHUNK)
+    before = tl.zeros([ROW_CHUNK], dtype=tl.int64)
+    for r0 in range(0, n0, ROW_CHUNK):
+        r = r0 + rc
+        r_ok = r < n0
+        lo = tl.load(row_ptr_ptr + r, mask=r_ok, other=0)
+        hi = tl.load(row_ptr_ptr + r + 1, mask=r_ok, other=0)
+        # a row holds at most K values: count and quotient in int32 (64-bit division is a call)
+        before += (((hi - lo).to(tl.int32) + GROUP_SIZE - 1) // GROUP_SIZE).to(tl.int64)
+    base = tl.load(row_ptr_ptr + rn64, mask=n_ok, other=0).to(tl.int64)
+    end = tl.load(row_ptr_ptr + rn64 + 1, mask=n_ok, other=0).to(tl.int64)
+    ngrp = (((end - base).to(tl.int32) + GROUP_SIZE - 1) // GROUP_SIZE).to(tl.int64)
+    gbase = tl.sum(before, axis=0) + tl.cumsum(ngrp, axis=0) - ngrp  # gp[n] of every row of the block
+    # per-row pointers, so the [BLOCK_N, BLOCK_K] tiles below hold int32 offsets (registers)
+    vrow = values_ptr + (base >> 1)  # byte of the row's first code
+    odd = (base & 1).to(tl.int32)  # whether that code is the byte's high nibble
+    srow = scales_ptr + gbase
+    seen = tl.zeros([BLOCK_N], dtype=tl.int32)  # values consumed so far in each row
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    rb = tl.arange(0, BLOCK_K // 8)
+    rk = tl.arange(0, BLOCK_K)
+    shifts = tl.arange(0, 8)
+    for k0 in range(0, K, BLOCK_K):
+        byte_col = k0 // 8 + rb
+        byte_ok = n_ok[:, None] & (byte_col[None, :] * 8 < K)
+        mbytes = tl.load(
+            mask_ptr + rn64[:, None] * MASK_STRIDE + byte_col[None, :], mask=byte_ok, other=0
+        ).to(tl.int32)
+        bits3 = (mbytes[:, :, None] >> shifts[None, None, :]) & 1  # LSB first
+        bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
+        kept = bits != 0
+        rank = seen[:, None] + tl.cumsum(bits, axis=1) - bits  # rank within the row
+        local = odd[:, None] + rank  # nibble index from the row's first byte
+        byte = tl.load(vrow[:, None] + (local >> 1), mask=kept, other=0).to(tl.int32) & 255
+        code = (((byte >> ((local & 1) * 4)) & 15) ^ 8) - 8
+        grp = (rank.to(tl.uint32) // GROUP_SIZE.to(tl.uint32)).to(tl.int32)  # unsigned: cheaper
+        s = tl.load(srow[:, None] + grp, mask=kept, other=0.0)
+        w = code.to(tl.float32) * s
+        seen += tl.sum(bits, axis=1)
+        kk = k0 + rk
+        x = tl.load(
+            x_ptr + rm64[:, None] * K + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K), other=0.0
+        )
+        acc = _mma(acc, x, w, USE_DOT)
+    tl.store(y_ptr + rm64[:, None] * N + rn64[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def sparse24_matmul_kernel(
     x_ptr,
     values_ptr,
@@ -132,13 +213,15 @@ def sparse24_matmul_kernel(
     tl.store(y_ptr + rm64[:, None] * N + rn64[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def launch(op_type, x, *weights, config=None, out=None, byte_elems="u8"):
+def launch(op_type, x, *weights, config=None, out=None, byte_elems="u8", group_size=None):
     """Run ``op_type`` on torch tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     ``x`` is float32 [..., K]; ``weights`` are the op's packed inputs as torch tensors in
     the on-disk layout or its int32 view (:func:`ffsplit_export.trt.layout.device_weights`);
-    byte tensors are reinterpreted, never copied. ``byte_elems="i32"``: mask / meta hold one
-    byte value per int32 element (:func:`ffsplit_export.trt.layout.parser_widened`).
+    byte tensors are reinterpreted, never copied. ``byte_elems="i32"``: mask / meta (and
+    SparseMatMulInt4's nibble bytes) hold one byte value per int32 element
+    (:func:`ffsplit_export.trt.layout.parser_widened`). ``group_size``: SparseMatMulInt4's
+    attribute.
     """
     import torch
 
@@ -171,6 +254,23 @@ def launch(op_type, x, *weights, config=None, out=None, byte_elems="u8"):
         sparse_bitmask_matmul_kernel[grid](
             x2, mask_b, values_t, row_ptr.contiguous(), scales, m, n, k, mask_b.shape[1], y,
             HAS_SCALES=scales is not None, num_warps=cfg.num_warps, **cfg.constexprs(),
+        )  # fmt: skip
+    elif spec.kernel == "sparse_int4_matmul_kernel":
+        mask, values, row_ptr, scales = weights[:4]
+        if group_size is None or int(group_size) < 8:
+            raise FormatError(f"{op_type}: needs group_size >= 8 (the node attribute), got {group_size!r}")
+        n = mask.shape[0]
+        if byte_elems == "i32":
+            mask_b = mask.contiguous().reshape(n, -1)
+            values_b = values.contiguous().reshape(-1)
+        else:
+            mask_b = as_bytes(mask).reshape(n, -1)
+            values_b = as_bytes(values).reshape(-1)
+        y = out if out is not None else torch.empty((m, n), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+        sparse_int4_matmul_kernel[grid](
+            x2, mask_b, values_b, row_ptr.contiguous(), scales.contiguous(), m, n, k, mask_b.shape[1],
+            int(group_size), y, num_warps=cfg.num_warps, **spec.constexprs(cfg),
         )  # fmt: skip
     else:
         values, meta, scales = weights

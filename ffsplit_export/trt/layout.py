@@ -46,6 +46,9 @@ def device_weights(op_type: str, *weights: np.ndarray) -> tuple[np.ndarray, ...]
         mask, values, row_ptr, *rest = weights
         vals = bytes_as_int32_rows(values) if values.dtype.itemsize == 1 else values
         return (bytes_as_int32_rows(mask), vals, row_ptr_as_int32(row_ptr), *rest)
+    if op_type == "SparseMatMulInt4":
+        mask, values, row_ptr, scales = weights
+        return (bytes_as_int32_rows(mask), bytes_as_int32_rows(values), row_ptr_as_int32(row_ptr), scales)
     if op_type == "Sparse24MatMulInt8":
         values, meta, scales = weights
         return (bytes_as_int32_rows(values), bytes_as_int32_rows(meta), scales)
@@ -60,7 +63,7 @@ def parser_widened(op_type: str, *weights: np.ndarray) -> tuple[np.ndarray, ...]
     def widen(a):
         return a.astype(np.int32) if a.dtype == np.uint8 else a
 
-    if op_type not in ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8"):
+    if op_type not in ("SparseMatMulInt8", "SparseMatMulFP32", "SparseMatMulInt4", "Sparse24MatMulInt8"):
         raise FormatError(f"unknown op {op_type!r}")
     return tuple(widen(np.asarray(a)) for a in weights)
 

@@ -1,8 +1,8 @@
 """TensorRT plugins of the ``ffsplit`` ops, written with ``tensorrt.plugin`` (quickly
 deployable plugins) and ahead-of-time-compiled Triton kernels.
 
-Importing this module registers ``ffsplit::SparseMatMulInt8``, ``ffsplit::SparseMatMulFP32``
-and ``ffsplit::Sparse24MatMulInt8`` in TensorRT's plugin registry; it needs ``tensorrt``
+Importing this module registers ``ffsplit::SparseMatMulInt8``, ``ffsplit::SparseMatMulFP32``,
+``ffsplit::SparseMatMulInt4`` (attribute ``group_size``) and ``ffsplit::Sparse24MatMulInt8`` in TensorRT's plugin registry; it needs ``tensorrt``
 (10.12+ / 11, with ``tensorrt.plugin.aot_impl``) and ``triton``. The engine embeds the
 kernel, so running a built engine needs no Python.
 
@@ -149,6 +149,38 @@ def _sparse_fp32_aot(x, mask, values, row_ptr, outputs, tactic):
     return _launch(spec, config_for_tactic(tactic), x, mask.shape_expr[0], [stride])
 
 
+# --------------------------------------------------------------------------- SparseMatMulInt4
+
+
+@trtp.register(f"{NAMESPACE}::SparseMatMulInt4")
+def _sparse_int4_desc(
+    x: trtp.TensorDesc,
+    mask: trtp.TensorDesc,
+    values: trtp.TensorDesc,
+    row_ptr: trtp.TensorDesc,
+    scales: trtp.TensorDesc,
+    group_size: int,
+) -> tuple[trtp.TensorDesc]:
+    return (_out_like_x(x, mask.shape_expr[0]),)
+
+
+@trtp.autotune(f"{NAMESPACE}::SparseMatMulInt4")
+def _sparse_int4_tune(x, mask, values, row_ptr, scales, outputs) -> list:
+    # values is UINT8 on disk, so the parser widens it too (INT32, one byte per element)
+    return _combos(
+        "FP32, UINT8, UINT8, INT64, FP32, FP32",
+        "FP32, INT32, INT32, INT32, FP32, FP32",
+        "FP32, INT32, INT32, INT64, FP32, FP32",
+    )
+
+
+@trtp.aot_impl(f"{NAMESPACE}::SparseMatMulInt4")
+def _sparse_int4_aot(x, mask, values, row_ptr, scales, group_size, outputs, tactic):
+    elems, stride = _bitmask_layout(mask, row_ptr)
+    spec = kernel_spec("SparseMatMulInt4", _row_ptr_variant(row_ptr), elems)
+    return _launch(spec, config_for_tactic(tactic), x, mask.shape_expr[0], [stride, int(group_size)])
+
+
 # --------------------------------------------------------------------------- Sparse24MatMulInt8
 
 
@@ -177,7 +209,8 @@ def _nm24_aot(x, values, meta, scales, outputs, tactic):
 
 
 PLUGIN_IDS = tuple(
-    f"{NAMESPACE}::{op}" for op in ("SparseMatMulInt8", "SparseMatMulFP32", "Sparse24MatMulInt8")
+    f"{NAMESPACE}::{op}"
+    for op in ("SparseMatMulInt8", "SparseMatMulFP32", "SparseMatMulInt4", "Sparse24MatMulInt8")
 )
 
 __all__ = ["NAMESPACE", "PLUGIN_IDS", "TACTICS", "VERSION", "np"]
