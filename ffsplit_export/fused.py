@@ -41,7 +41,7 @@ def parse_activation_sparsity(value) -> int:
         return SKIP_MODES[key]
     raise ConfigError(
         f"--activation-sparsity={value!r}: only 0 (off) and 'exact' (skip light neurons whose activation "
-        "is exactly zero) are implemented; calibrated thresholds (a fraction 0..1) are not yet"
+        "is exactly zero) are implemented, calibrated thresholds (a fraction 0..1) are not yet; use 0 or exact"
     )
 
 
