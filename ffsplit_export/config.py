@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 
-from .errors import ConfigError
+from .errors import CalibrationError, ConfigError
 from .formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
 from .formats.names import Quantizer
 from .formats.packing import EXPORT_INT4_GROUP_SIZES
@@ -71,7 +71,14 @@ class CompressionConfig:
                 "planner_formats",
                 ",".join(str(LightFormat.parse(f, "--planner-formats")) for f in names),
             )
-        # num_samples / batch_size / max_length are checked where they are used (CalibrationError)
+        if self.size_budget is not None:
+            pruning.check_fraction(self.size_budget, "--size-budget")
+        for name in ("num_samples", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CalibrationError(f"--{name.replace('_', '-')}={value!r}; use a whole number >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed={self.seed!r}; use a whole number >= 0")
 
     def split_config(self):
         """The internal per-FFN :class:`~ffsplit_export.split.SplitConfig` (built only here)."""
@@ -108,16 +115,26 @@ class CompressionConfig:
     @classmethod
     def from_split_config(cls, split, **kwargs) -> CompressionConfig:
         """A SplitConfig plus ``compress()`` keyword arguments (the pre-0.2 Python API)."""
-        split = split if split is not None else _default_split()
-        return cls(
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown compression option(s) {unknown}; known: {sorted(known)}")
+        given = split is not None
+        split = split if given else _default_split()
+        base = dict(
             light_format=str(split.light_format),
             light_sparsity=split.light_sparsity,
             prune_method=str(split.prune_method),
             heavy_format=str(split.heavy_format),
             group_size=split.group_size,
             quantizer=str(split.quantizer),
-            **kwargs,
         )
+        twice = sorted(set(base) & set(kwargs)) if given else []
+        if twice:
+            raise ConfigError(
+                f"{twice} given both in the SplitConfig and as keyword arguments; pass each once"
+            )
+        return cls(**{**base, **kwargs})
 
     def replace(self, **changes) -> CompressionConfig:
         return dataclasses.replace(self, **changes)

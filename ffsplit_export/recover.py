@@ -115,7 +115,8 @@ class RecoverConfig:
         g0, g1 = self.gradual_start_sparsity, self.gradual_end_step
         need(
             (g0 is None) == (g1 is None),
-            "gradual sparsity needs both gradual_start_sparsity and gradual_end_step (or neither)",
+            "gradual sparsity needs both gradual_start_sparsity and gradual_end_step (--gradual-start and "
+            "--gradual-end-step); pass both or neither",
         )
         if g0 is not None:
             need(

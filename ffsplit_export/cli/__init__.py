@@ -21,7 +21,7 @@ from .options import (
 
 
 def build_parser() -> OneLineParser:
-    from . import bench, evaluate, export, tools, trt
+    from . import bench, deploy, evaluate, export, tools, trt
 
     parser = OneLineParser(
         prog="ffsplit-export",
@@ -32,9 +32,7 @@ def build_parser() -> OneLineParser:
     export.add_commands(sub)
     tools.add_commands(sub)
     trt.add_commands(sub)
-    from ..deploy.commands import add_commands as add_deploy
-
-    add_deploy(sub)  # triton-repo
+    deploy.add_commands(sub)  # triton-repo
     evaluate.add_commands(sub)
     bench.add_commands(sub)
     return parser

@@ -25,8 +25,10 @@ from .options import (
     device,
     export_options_from_args,
     fraction,
+    new_file_or_dir,
     nonnegative_float,
     one_of,
+    output_file,
     positive_float,
     positive_int,
     text_source,
@@ -65,7 +67,12 @@ def add_recover_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--gradual-end-step", type=positive_int, default=None, help="... and reach the target at this step"
     )
-    g.add_argument("--checkpoint-dir", default=None, help="safetensors checkpoints here; re-running resumes")
+    g.add_argument(
+        "--checkpoint-dir",
+        type=new_file_or_dir,
+        default=None,
+        help="safetensors checkpoints here; re-running resumes",
+    )
     g.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     g.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, cuda:1, ...")
     g.add_argument(
@@ -229,7 +236,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         default="cpu",
         help="ONNX Runtime provider: cpu (default), cuda, tensorrt",
     )
-    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.add_argument("--json", type=output_file, default=None, help="also write the result to this JSON file")
 
 
 def _context_length(text: str) -> int:
@@ -278,6 +285,16 @@ def run_eval(args) -> int:
     from ..eval import evaluate as ev
 
     on_export = _is_export(args.model) and not args.pytorch
+    if args.stride > args.context_length:
+        raise ConfigError(
+            f"--stride {args.stride} is longer than --context-length {args.context_length}: tokens between "
+            "windows would never be scored; use a stride <= the context length"
+        )
+    if args.compress and not args.pytorch:
+        raise ConfigError(
+            "--compress applies to the PyTorch model only; pass --pytorch --compress, or evaluate the "
+            "export without --compress"
+        )
     if on_export:
         from ..runtime import load
 

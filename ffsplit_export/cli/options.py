@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,10 +22,24 @@ ISA_NAMES = ("auto", "scalar", "avx2", "avx512", "avx512vbmi2", "avx512vnni")
 PROVIDERS = ("cpu", "cuda", "tensorrt")
 
 
+# argparse takes "-1e-4", "-inf" or "-nan" for an option (its own pattern knows only "-1" and "-.5") and
+# then says "expected one argument": every negative number is a value, so its type check names it
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|inf(inity)?|nan)$", re.I)
+# words with which a message already says what to do; argparse's own messages get a pointer to --help
+_FIX_WORDS = ("use ", "pass ", "choose", "--help", "leave it out", "re-run", "install", "build")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (``prog: error: ...``), exit code 2."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
+
     def error(self, message: str):
+        message = " ".join(message.split())  # one line, whatever argparse or a type check wrote
+        if not any(w in message for w in _FIX_WORDS):
+            message += f"; see `{self.prog} --help`"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -203,6 +218,27 @@ def new_file_or_dir(text: str) -> str:
     return text
 
 
+def output_file(text: str) -> str:
+    """A file to write (a JSON result): anything but an existing folder."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; pass a file path")
+    return text
+
+
+def activation_sparsity(text: str) -> str:
+    """``--activation-sparsity``: 0 or exact (the text itself, checked by the one parser in fused)."""
+    from ..errors import ConfigError
+    from ..fused import parse_activation_sparsity
+
+    try:
+        parse_activation_sparsity(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: " + str(e).removeprefix(f"--activation-sparsity={text!r}: ")
+        ) from None
+    return text
+
+
 def existing_dir(text: str) -> str:
     path = Path(text)
     if not path.exists():
@@ -369,7 +405,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model", help="built-in name (tiny-t5, smollm2-135m, whisper-tiny.en, ...), model dir or hub id"
     )
-    p.add_argument("output", help="output directory (written atomically)")
+    p.add_argument("output", type=new_file_or_dir, help="output directory (written atomically)")
     add_compress_arguments(p)
     p.add_argument(
         "--target",
@@ -409,6 +445,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--activation-sparsity",
+        type=activation_sparsity,
         default="0",
         help="0 (default, off), 'exact' (skip light neurons whose activation is exactly zero; lossless, "
         "ReLU models) or a fraction 0 < F < 1 of light neurons skipped per token (per-layer thresholds on "

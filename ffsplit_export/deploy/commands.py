@@ -1,29 +1,9 @@
-"""CLI wiring of the deployment commands: ``triton-repo`` and ``generate --runtime genai``."""
+"""Runners of the deployment commands: ``triton-repo`` (options in :mod:`ffsplit_export.cli.deploy`) and
+``generate --runtime genai``."""
 
 from __future__ import annotations
 
 import argparse
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "triton-repo",
-        help="a Triton Inference Server model repository of an export (config.pbtxt per ONNX file)",
-    )
-    p.add_argument("output", help="a directory written by `ffsplit-export export`")
-    p.add_argument("repo", help="the model repository to write")
-    p.add_argument(
-        "--mount",
-        default=None,
-        help="where REPO will be on the server (for the library path in model_operations); default: REPO here",
-    )
-    p.add_argument("--prefix", default="", help="prefix of every model name (default: the ONNX file's name)")
-    p.add_argument(
-        "--max-batch-size", type=int, default=8, help="for graphs Triton may batch (default 8; 0 = off)"
-    )
-    p.add_argument("--instances", type=int, default=1, help="instance_group count (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing REPO")
-    p.set_defaults(func=run_triton_repo)
 
 
 def run_triton_repo(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..config import CompressionConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedModelError
 from ..formats import LightFormat, Target, get_format
 from ..manifest import Manifest
 from ..models.loading import load_model
@@ -61,12 +61,9 @@ def export(
             config = config.replace(
                 planner_formats=",".join(n for n in names if get_format(n).supports(target))
             )
-    out = Path(output)
-    if out.exists() and not opts.overwrite:
-        raise ConfigError(
-            f"output {str(out)!r} exists; pass --overwrite to replace it, or choose another directory"
-        )
+    check_export_request(config, opts, output)
     model, pre, task = load_model(model_name_or_path, task)
+    check_task(model, task)
     res = compress(model, pre, **config.compress_kwargs(), progress=progress)
     extra = before_export(model, res, pre) if before_export is not None else None
     manifest = Manifest.build(
@@ -91,6 +88,50 @@ def export(
     manifest = export_split_model(res.model, pre, output, task, opts, manifest)
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest
+
+
+def check_export_request(config: CompressionConfig, opts: ExportOptions, output: str | Path) -> None:
+    """Every check of the options and OUTPUT that needs no model: run before anything is loaded."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {str(out)!r} is an existing file; choose a directory path")
+    if out.exists() and not opts.overwrite:
+        raise ConfigError(
+            f"output {str(out)!r} exists; pass --overwrite to replace it, or choose another directory"
+        )
+    light = LightFormat.parse(config.light_format, "--light-format")
+    if opts.trt_dense_24 and str(light) != "2:4-int8":
+        raise ConfigError(
+            f"--trt-dense-24 applies to the 2:4-int8 light format, not {light}; use --light-format 2:4-int8, "
+            "or leave --trt-dense-24 out"
+        )
+    if (opts.fused_ffn or opts.skip_mode) and opts.target is Target.ORT_CPU:
+        if str(light) != "sparse-int8" or str(config.heavy_format) != "fp32":
+            raise ConfigError(
+                f"--fused-ffn / --activation-sparsity exact: the fused op takes light sparse-int8 and heavy fp32, "
+                f"not light {light} / heavy {config.heavy_format}; use --light-format sparse-int8 --heavy-format "
+                "fp32, or leave --fused-ffn out"
+            )
+
+
+def check_task(model, task: str) -> None:
+    """A task that optimum cannot export for this model is rejected before calibration, naming the tasks."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (fills optimum's task registry)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        TasksManager.get_exporter_config_constructor(
+            exporter="onnx", model=model, task=task, library_name="transformers"
+        )
+    except ValueError as e:
+        if "support task" not in str(e):
+            return  # another problem: optimum's export reports it in full
+        raise UnsupportedModelError(
+            f"--task {task!r}: {str(e).splitlines()[0].rstrip('.')}; pass one of those as --task, or leave "
+            "--task out (auto)"
+        ) from None
+    except KeyError:
+        return  # a model type optimum does not know: its export reports it
 
 
 def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> dict:

@@ -58,6 +58,17 @@ class ExportOptions:
                 f"--activation-sparsity={self.activation_sparsity}: calibrated thresholds run in the "
                 f"ffsplit::FusedFFN op, which --target {self.target} does not have; use --target ort-cpu"
             )
+        if self.atol is not None and (
+            isinstance(self.atol, bool)
+            or not isinstance(self.atol, (int, float))
+            or not 0.0 <= float(self.atol) < float("inf")
+        ):
+            raise ConfigError(f"--atol={self.atol!r}; use a finite number >= 0, or None for the default")
+        if self.trt_dense_24 and self.target is not Target.TENSORRT:
+            raise ConfigError(
+                f"--trt-dense-24 applies to --target tensorrt, not {self.target}; pass --target tensorrt, "
+                "or leave --trt-dense-24 out"
+            )
         if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
             raise ConfigError(
                 f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)"

@@ -94,7 +94,7 @@ def _model_files(ct2_dir: Path) -> list[Path]:
         return parts
     raise MissingResourceError(
         f"no CTranslate2 weights in {ct2_dir}: expected {single} (or model.bin.part1, model.bin.part2, ...); "
-        "point ct2_dir at a CTranslate2 Whisper model directory"
+        "pass a CTranslate2 Whisper model directory as ct2_dir"
     )
 
 

@@ -112,6 +112,11 @@ def _load_transformers(name_or_path: str, task: str | None):
             f"model {name_or_path!r} is a file; pass a transformers model directory, a hub id, or a "
             f"built-in name ({', '.join(builtin_names())})"
         )
+    if local and not (Path(name_or_path) / "config.json").is_file():
+        raise UnsupportedModelError(
+            f"model directory {name_or_path!r} has no config.json; pass a transformers model directory "
+            f"(save_pretrained output), a hub id, or a built-in name ({', '.join(builtin_names())})"
+        )
     if not local:
         try:  # already in the local cache: load it from there, no request at all
             return _load_from(name_or_path, task, local_files_only=True)

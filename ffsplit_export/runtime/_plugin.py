@@ -101,7 +101,14 @@ def session_options(**options: Any) -> onnxruntime.SessionOptions:
                 "intra_op_num_threads, inter_op_num_threads, graph_optimization_level, execution_mode, "
                 "log_severity_level, enable_profiling"
             )
-        setattr(so, name, value)
+        try:
+            setattr(so, name, value)
+        except (TypeError, ValueError) as e:
+            kind = type(getattr(so, name)).__name__
+            raise ConfigError(
+                f"session_options({name}={value!r}): onnxruntime wants a {kind} there; pass e.g. "
+                f"{name}={getattr(so, name)!r}"
+            ) from e
     path = plugin_path()
     try:
         so.register_custom_ops_library(str(path))
