@@ -185,7 +185,6 @@ ROWS: list[tuple[str, str, bool]] = [
     ("export tiny-llama existing", "existing", False),
     # ------------------------------------------------------------ export: contradictory combinations
     (f"{E} --target tensorrt --light-format int4", "int4", False),
-    (f"{E} --target tensorrt --light-format sparse-int4", "sparse-int4", False),
     (f"{E} --target tensorrt --other-linear int4", "int4", False),
     (f"{E} --target tensorrt --embedding int8", "int8", False),
     (f"{E} --target tensorrt --fused-ffn", "--fused-ffn", False),

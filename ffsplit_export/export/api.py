@@ -14,6 +14,7 @@ from ..models.loading import load_model
 from ..pipeline import compress
 from ..split import SplitConfig
 from .core import ExportOptions, check_target_format, export_split_model
+from .lock import output_lock
 
 
 def export(
@@ -62,30 +63,31 @@ def export(
                 planner_formats=",".join(n for n in names if get_format(n).supports(target))
             )
     check_export_request(config, opts, output)
-    model, pre, task = load_model(model_name_or_path, task)
-    check_task(model, task)
-    res = compress(model, pre, **config.compress_kwargs(), progress=progress)
-    extra = before_export(model, res, pre) if before_export is not None else None
-    manifest = Manifest.build(
-        source_model=model_name_or_path,
-        model_type=model.config.model_type,
-        config=config,
-        result=res,
-        options=opts,
-        weight_bytes=weight_bytes(model, res.model),
-        **(extra or {}),
-    )
-    if opts.fused_ffn or opts.skip_mode:
-        manifest["fused_ffn"] = _fuse(res.model, opts, res.batches, progress)
-    if (
-        str(opts.target) == "portable"
-        and get_format(LightFormat.parse(config.light_format, "--light-format")).pruned
-    ):
-        manifest["note"] = (
-            "--target portable stores sparse light weights densely (int8 via MatMulNBits): "
-            "compressed on disk, but no sparse speed-up; use --target ort-cpu for that"
+    with output_lock(output):  # one export per OUTPUT; a killed export's leftovers are removed
+        model, pre, task = load_model(model_name_or_path, task)
+        check_task(model, task)
+        res = compress(model, pre, **config.compress_kwargs(), progress=progress)
+        extra = before_export(model, res, pre) if before_export is not None else None
+        manifest = Manifest.build(
+            source_model=model_name_or_path,
+            model_type=model.config.model_type,
+            config=config,
+            result=res,
+            options=opts,
+            weight_bytes=weight_bytes(model, res.model),
+            **(extra or {}),
         )
-    manifest = export_split_model(res.model, pre, output, task, opts, manifest)
+        if opts.fused_ffn or opts.skip_mode:
+            manifest["fused_ffn"] = _fuse(res.model, opts, res.batches, progress)
+        if (
+            str(opts.target) == "portable"
+            and get_format(LightFormat.parse(config.light_format, "--light-format")).pruned
+        ):
+            manifest["note"] = (
+                "--target portable stores sparse light weights densely (int8 via MatMulNBits): "
+                "compressed on disk, but no sparse speed-up; use --target ort-cpu for that"
+            )
+        manifest = export_split_model(res.model, pre, output, task, opts, manifest)
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest
 

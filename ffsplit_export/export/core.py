@@ -190,6 +190,15 @@ def export_split_model(
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output {str(output)!r} is a file; choose a directory path")
     output.parent.mkdir(parents=True, exist_ok=True)
+    from .lock import output_lock
+
+    with output_lock(output):
+        return _export_locked(model, preprocessor, output, task, options, manifest)
+
+
+def _export_locked(
+    model, preprocessor, output: Path, task: str, options: ExportOptions, manifest: dict
+) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         results = _export_into(model, preprocessor, tmp, task, options)
