@@ -24,6 +24,7 @@ from ..errors import ConfigError, ExportError, FFSplitError, ValidationError
 from ..formats import LightFormat, Target, check_target
 from ..linear import NM24Linear, export_target
 from ..manifest import MANIFEST, MANIFEST_VERSION, Manifest  # noqa: F401  (re-exported)
+from .validate import all_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +340,7 @@ def _check_tensorrt_graphs(out: Path) -> dict:
     res = {}
     for path in sorted(out.glob("*.onnx")):
         m = onnx.load(str(path), load_external_data=False)
-        nodes = list(_all_nodes(m.graph))
+        nodes = list(all_nodes(m.graph))
         plugins = [n for n in nodes if n.domain == TRT_PLUGIN_DOMAIN and n.op_type in OPS]
         for n in plugins:
             why = check_plugin_node(n)
@@ -354,17 +355,6 @@ def _check_tensorrt_graphs(out: Path) -> dict:
             )
         res[path.name] = {"plugin_nodes": len(plugins), "checked": "structure only (no TensorRT here)"}
     return res
-
-
-def _all_nodes(graph):
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _all_nodes(g)
 
 
 def _file_summary(out: Path) -> dict:

@@ -15,6 +15,7 @@ import onnx
 
 from ..formats import Target
 from ..ops import DOMAIN
+from .validate import all_nodes
 
 HINT_KEY = "ffsplit.how_to_run"
 
@@ -37,18 +38,7 @@ def run_hint(target: Target, library: str = "libffsplit_ort.so") -> str:
 def _uses_domain(model: onnx.ModelProto, domain: str) -> bool:
     if any(o.domain == domain for o in model.opset_import):
         return True
-    stack = [model.graph]
-    while stack:
-        g = stack.pop()
-        for n in g.node:
-            if n.domain == domain:
-                return True
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    stack.append(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    stack.extend(a.graphs)
-    return False
+    return any(n.domain == domain for n in all_nodes(model.graph))
 
 
 def add_run_hints(folder: Path, target: Target, library: str = "libffsplit_ort.so") -> list[str]:

@@ -107,19 +107,20 @@ def top1_agreement(got: np.ndarray, want: np.ndarray) -> float:
 # ------------------------------------------------------------------------------ accuracy_level
 
 
-def _all_nodes(graph):
+def all_nodes(graph):
+    """Every node of ``graph`` and of its subgraphs (If / Loop / Scan bodies)."""
     for n in graph.node:
         yield n
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(a.g)
+                yield from all_nodes(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    yield from _all_nodes(g)
+                    yield from all_nodes(g)
 
 
 def _accuracy_level_attrs(model: onnx.ModelProto):
-    for n in _all_nodes(model.graph):
+    for n in all_nodes(model.graph):
         for a in n.attribute:
             if a.name == "accuracy_level" and a.type == onnx.AttributeProto.INT:
                 yield a
