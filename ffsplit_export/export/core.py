@@ -36,7 +36,7 @@ class ExportOptions:
     overwrite: bool = False
     atol: float | None = None
     opset: int | None = None
-    nbits_accuracy_level: int = 0
+    nbits_accuracy_level: int | None = None  # None: the preset's (export()), else 0
     trt_dense_24: bool = False  # tensorrt + 2:4: dense 2:4 weights for TensorRT's sparse tensor cores
     reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
     extra_manifest: dict = field(default_factory=dict)
@@ -70,7 +70,7 @@ class ExportOptions:
                 f"--trt-dense-24 applies to --target tensorrt, not {self.target}; pass --target tensorrt, "
                 "or leave --trt-dense-24 out"
             )
-        if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
+        if self.nbits_accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise ConfigError(
                 f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)"
             )
@@ -277,7 +277,7 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
     # (local, still empty) output folder while it exports, and restore the name afterwards.
     model.config._name_or_path = source if source and Path(source).is_dir() else str(out)
     with (
-        export_target(options.target, options.nbits_accuracy_level),
+        export_target(options.target, options.nbits_accuracy_level or 0),
         _optimum_patched(options.target, sessions, validator),
     ):
         try:
