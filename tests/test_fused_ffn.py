@@ -454,6 +454,7 @@ def test_threshold_export_validates(name, tmp_path):
         options=ExportOptions(activation_sparsity="0.4"),
         num_samples=8,
         progress=False,
+        preset="none",  # the fused op's formats (sparse-int8 light, fp32 heavy), not balanced's int4
     )
     rec = man["fused_ffn"]
     assert rec["activation_sparsity"] == 0.4 and man["options"]["activation_sparsity"] == 0.4

@@ -133,8 +133,11 @@ def check_export_request(config: CompressionConfig, opts: ExportOptions, output:
         if str(light) != "sparse-int8" or str(config.heavy_format) != "fp32":
             raise ConfigError(
                 f"--fused-ffn / --activation-sparsity exact: the fused op takes light sparse-int8 and heavy fp32, "
-                f"not light {light} / heavy {config.heavy_format}; use --light-format sparse-int8 --heavy-format "
-                "fp32, or leave --fused-ffn out"
+                f"not light {light} / heavy {config.heavy_format}"
+                + (f" (set by --preset {config.preset})" if config.preset else "")
+                + "; use --light-format sparse-int8 --heavy-format fp32"
+                + (" (or --preset none)" if config.preset else "")
+                + ", or leave --fused-ffn / --activation-sparsity out"
             )
 
 

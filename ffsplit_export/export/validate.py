@@ -250,6 +250,7 @@ def validate_file(
     reference_ops: list | None = None,
     seed: int = 0,
     approx_draws: int = 4,
+    exact_draws: int = 3,
 ) -> dict:
     """The comparisons of one ONNX file (see the module docstring); raises only on a shape mismatch.
 
@@ -261,19 +262,31 @@ def validate_file(
     SmolLM2 logits' relative L2 error ranged 0.06-0.34 over five single draws); with
     ``reference_ops`` also ``reference_evaluator`` (max abs diff against ORT's exact-path outputs)
     and ``ort_max_abs``.
+
+    The exact-path difference (``outputs`` at accuracy_level 0, ``exact_outputs`` above it) is the
+    median over ``exact_draws`` seeded draws, each draw's in ``exact_outputs_per_draw``: a wrong
+    weight or kernel moves the outputs on every input, while float32 rounding is amplified by a
+    deep model on a few inputs only (SmolLM2, 30 layers: 1 of 30 padding draws gave 0.0373 where
+    the others gave 6.5e-5..8.3e-3, and the same draw gave 0.0356 with stock ONNX ops in place of
+    ours, ``--target portable``), so one unlucky draw is no false alarm.
     """
-    inputs, ref = _draw(config, model, input_shapes, model_kwargs, seed)
+    draws = [_draw(config, model, input_shapes, model_kwargs, seed)]
+    inputs, ref = draws[0]
     level = graph_accuracy_level(onnx_path)
     sess = session_factory(onnx_path)
     in_names = [i.name for i in sess.get_inputs()]
     feeds = _ort_inputs(config, inputs, in_names)
     onnx_to_torch = {v: k for k, v in config.torch_to_onnx_output_map.items()}
+
+    def wanted(ref_outputs: dict, name: str) -> np.ndarray:
+        return ref_outputs[onnx_to_torch.get(name, name)]
+
     outs = sess.run(output_names, feeds)
     wants = []
     pooled = {name: _Pooled() for name in output_names}
     result: dict = {"accuracy_level": level, "outputs": {}, "ref_max_abs": {}}
     for name, got in zip(output_names, outs):
-        want = ref[onnx_to_torch.get(name, name)]
+        want = wanted(ref, name)
         if got.shape != want.shape:
             raise ValidationError(
                 f"{onnx_path.name}: output {name!r} has shape {got.shape}, PyTorch gives {want.shape}"
@@ -282,33 +295,52 @@ def validate_file(
         result["outputs"][name] = max_abs_diff(got, want)
         result["ref_max_abs"][name] = float(np.max(np.abs(want))) if want.size else 0.0
         pooled[name].add(got, want, _is_logits(name))
+    n_draws = max(exact_draws, approx_draws if level > 0 else 1)
+    t0 = time.time()
+    draws += [_draw(config, model, input_shapes, model_kwargs, seed + k) for k in range(1, n_draws)]
     if level > 0:
-        t0 = time.time()
-        for k in range(1, approx_draws):
-            more, more_ref = _draw(config, model, input_shapes, model_kwargs, seed + k)
+        for more, more_ref in draws[1:approx_draws]:
             for name, got in zip(output_names, sess.run(output_names, _ort_inputs(config, more, in_names))):
-                want = more_ref[onnx_to_torch.get(name, name)]
+                want = wanted(more_ref, name)
                 if got.shape == want.shape:
                     pooled[name].add(got, want, _is_logits(name))
         result["approx_draws"] = approx_draws
         result["seconds_approx_draws"] = round(time.time() - t0, 2)
-    del sess
     result["rel_l2"] = {name: p.rel_l2() for name, p in pooled.items()}
     for name, p in pooled.items():
         if p.positions:
             result.setdefault("top1_agreement", {})[name] = p.agree / p.positions
             result.setdefault("top1_positions", {})[name] = p.positions
-    exact = outs
+
+    # the exact path on exact_draws draws: the file itself at level 0, a level-0 copy above it
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=".validate-exact-", dir=onnx_path.parent) as tmp:
+        exact_sess = None
+        if level > 0:
+            exact_sess = session_factory(_exact_copy(onnx_path, Path(tmp)))
+            exact = exact_sess.run(output_names, feeds)
+        else:
+            exact = outs
+        per_draw = [{name: max_abs_diff(got, want) for name, got, want in zip(output_names, exact, wants)}]
+        if exact_draws > 1:
+            for more, more_ref in draws[1:exact_draws]:
+                got_all = (exact_sess or sess).run(output_names, _ort_inputs(config, more, in_names))
+                per_draw.append(
+                    {
+                        name: max_abs_diff(got, wanted(more_ref, name))
+                        for name, got in zip(output_names, got_all)
+                        if got.shape == wanted(more_ref, name).shape
+                    }
+                )
+        del exact_sess, sess
+    median = {name: float(np.median([d.get(name, np.nan) for d in per_draw])) for name in output_names}
+    result["exact_outputs_per_draw"] = per_draw
     if level > 0:
-        t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix=".validate-exact-", dir=onnx_path.parent) as tmp:
-            sess = session_factory(_exact_copy(onnx_path, Path(tmp)))
-            exact = sess.run(output_names, feeds)
-            del sess
-        result["exact_outputs"] = {
-            name: max_abs_diff(got, want) for name, got, want in zip(output_names, exact, wants)
-        }
-        result["seconds_exact_path"] = round(time.time() - t0, 2)
+        result["exact_outputs"] = median
+    else:
+        result["outputs"] = median
+    result["exact_draws"] = len(per_draw)
+    result["seconds_exact_path"] = round(time.time() - t0, 2)
     if reference_ops is not None:
         from onnx.reference import ReferenceEvaluator
 
