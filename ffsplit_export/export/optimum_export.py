@@ -10,15 +10,27 @@ whole process, which another thread's optimum export would see:
   instance attribute, so only our export's configs are affected) that runs with our sessions;
 - optimum's validation is turned off with its public ``do_validation=False`` and ours runs on
   the same configs, file names and input shapes afterwards.
+
+One thing cannot be scoped: torch's TorchScript ONNX exporter keeps process-global state
+(``GLOBALS.in_onnx_export``; a second ``torch.onnx.export`` started while one runs fails with
+"GLOBALS.in_onnx_export must be False"). Each config's model patcher, which optimum enters
+around ``torch.onnx.export``, therefore also holds :data:`TORCH_EXPORT_LOCK`, so ffsplit exports
+in threads of one process take turns for that step only. Other code that runs
+``torch.onnx.export`` in a thread next to an ffsplit export can hold the same lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["export_with_optimum"]
+__all__ = ["TORCH_EXPORT_LOCK", "export_with_optimum"]
+
+#: held around every torch.onnx.export of an ffsplit export (see the module docstring)
+TORCH_EXPORT_LOCK = threading.RLock()
 
 
 def _submodels_and_configs(model, task: str) -> dict:
@@ -80,6 +92,20 @@ def _fix_dynamic_axes(session_factory) -> Callable:
     return fix
 
 
+def _locked_patcher(original: Callable) -> Callable:
+    """A ``patch_model_for_export`` method whose context also holds :data:`TORCH_EXPORT_LOCK`."""
+
+    def patch(self, model, model_kwargs=None):
+        @contextlib.contextmanager
+        def held():
+            with TORCH_EXPORT_LOCK, original(model, model_kwargs=model_kwargs) as patched:
+                yield patched
+
+        return held()
+
+    return patch
+
+
 def _unfixed(self, *args, **kwargs) -> None:
     """TensorRT graphs with plugin nodes cannot run in ONNX Runtime's CPU provider: no fix."""
     return None
@@ -117,6 +143,7 @@ def export_with_optimum(
     fix = _fix_dynamic_axes(session_factory) if run_graphs else _unfixed
     for _m, cfg in models_and_configs.values():
         cfg.fix_dynamic_axes = types.MethodType(fix, cfg)
+        cfg.patch_model_for_export = types.MethodType(_locked_patcher(cfg.patch_model_for_export), cfg)
     # the names optimum's export returns (read before post-processing may change the configs)
     named_outputs = [list(cfg.outputs.keys()) for _m, cfg in models_and_configs.values()]
     input_shapes = dict(DEFAULT_DUMMY_SHAPES)  # what onnx_export_from_model uses with no shape kwargs
