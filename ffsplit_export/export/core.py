@@ -135,7 +135,9 @@ def default_atol(options: ExportOptions) -> float:
     # graphs differ from PyTorch by summation order only (tiny models 2e-7; the relative part,
     # 5e-4 x max|PyTorch|, covers deep models); accuracy_level 4 is judged by relative L2 error and
     # top-1 agreement instead (validate.Tolerances)
-    return 1e-4
+    from .validate import Tolerances
+
+    return Tolerances.atol
 
 
 def export_split_model(

@@ -327,7 +327,7 @@ def _fails(diff: float, tol: float) -> bool:
 
 
 def check_tolerance(
-    results: dict, atol: float, rtol: float = 5e-4, tolerances: Tolerances | None = None
+    results: dict, atol: float, rtol: float = Tolerances.rtol, tolerances: Tolerances | None = None
 ) -> dict:
     """Raise ValidationError when a comparison of :func:`validate_file` is past its tolerance.
 
