@@ -428,7 +428,10 @@ def add_preset_argument(p: argparse.ArgumentParser) -> None:
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``ffsplit-export export`` and ``optimum-cli export ffsplit``."""
+    from ..export.validate import Tolerances
     from ..formats import Target
+
+    tol = Tolerances()
 
     p.add_argument(
         "model", help="built-in name (tiny-t5, smollm2-135m, whisper-tiny.en, ...), model dir or hub id"
@@ -448,7 +451,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--atol",
         type=nonnegative_float,
         default=None,
-        help="validation tolerance, plus 5e-4 x max|reference| (default 1e-3; 0.5 with int8 compute)",
+        help=(
+            f"validation tolerance: |ONNX Runtime - PyTorch| <= ATOL + {tol.rtol:g} x max|PyTorch| on the "
+            f"exact float32 path (default {tol.atol:g}); int8 compute (--nbits-accuracy-level 4) is also "
+            f"judged by relative L2 error <= {tol.approx_rel_l2:g} and top-1 agreement >= {tol.approx_top1:g}"
+        ),
     )
     p.add_argument(
         "--opset",
