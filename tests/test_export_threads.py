@@ -87,7 +87,14 @@ def test_concurrent_exports_do_not_interfere(tmp_path, monkeypatch):
             barrier.abort()
 
     def ffsplit(model, out):
-        export(model, out, options=ExportOptions(reference_check=False), num_samples=4, progress=False)
+        export(
+            model,
+            out,
+            options=ExportOptions(reference_check=False),
+            num_samples=4,
+            progress=False,
+            preset="none",
+        )
 
     def plain():
         model, _pre, task = build_tiny("tiny-bert")

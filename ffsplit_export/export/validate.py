@@ -52,7 +52,7 @@ class Tolerances:
       a sign-flipped int8 code in one light weight of tiny-llama (2.2e-3 of 0.86) fails it.
       Judged on the median of 3 seeded draws (optimum's dummy tokens, past and padding): over 30
       single draws SmolLM2 (sparse-int8 light) gave 6.5e-5..8.3e-3 and once 0.0373 (1.1e-3 of
-      32.6, the same with stock ONNX ops); the median of draws 0-2 is 3.6e-3.
+      32.6, the same with stock ONNX ops).
     - reference evaluator vs ORT: every tiny model <= 4e-7; SmolLM2 5.7e-5 dense, 1.2e-4
       compressed; 6.2e-4 in the issue-16 report (0.0208 of ~33.5). ``ref_rtol`` 2e-3 is 3x that.
     - approximate path (accuracy_level 4: int8 activations in MatMulNBits), logits vs PyTorch:
