@@ -142,16 +142,18 @@ def _load_from(name_or_path: str, task: str | None, local_files_only: bool):
         ) from e
     if task is None:
         task = _task_from_config(config)
+    what = "processor" if config.model_type == "whisper" else "tokenizer"
     try:
+        if local_files_only and Path(name_or_path).is_dir() and not _has_tokenizer_files(Path(name_or_path)):
+            # checked before transformers tries: without sentencepiece, a T5 folder with no tokenizer
+            # files fails inside transformers' slow->fast conversion with an AttributeError
+            raise OSError("no tokenizer.json, tokenizer_config.json or *.model file in it")
         if config.model_type == "whisper":
             pre = AutoProcessor.from_pretrained(name_or_path, **kw)
         else:
             pre = AutoTokenizer.from_pretrained(name_or_path, **kw)
-    except (OSError, ValueError, TypeError) as e:
-        what = "processor" if config.model_type == "whisper" else "tokenizer"
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         detail = _first_line(e)
-        if local_files_only and Path(name_or_path).is_dir() and not _has_tokenizer_files(Path(name_or_path)):
-            detail = "no tokenizer.json, tokenizer_config.json or *.model file in it"
         raise UnsupportedModelError(
             f"model {name_or_path!r} has a config but no usable {what} ({detail}); save the "
             "tokenizer / processor of the model into that directory (tokenizer.save_pretrained(DIR)), or "
