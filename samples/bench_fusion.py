@@ -132,7 +132,15 @@ def main() -> None:
             if p.name != args.onnx and (p.suffix in (".onnx_data", ".data") or p.name.endswith(".onnx.data")):
                 shutil.copy(p, fused.parent / p.name)
         t0 = time.time()
-        stats = fuse_graph(unfused, fused)
+        cfg = json.loads((args.export / "config.json").read_text())
+        heads = cfg.get("num_attention_heads")
+        stats = fuse_graph(
+            unfused,
+            fused,
+            num_heads=heads,
+            kv_num_heads=cfg.get("num_key_value_heads") or heads,
+            max_positions=cfg.get("max_position_embeddings"),
+        )
         fuse_s = time.time() - t0
         variants = {"unfused": unfused, "fused": fused}
         for e in args.extra:

@@ -182,11 +182,16 @@ def _is_logits(name: str) -> bool:
     return name == "logits" or name.endswith(".logits")
 
 
-def _draw(config, model, input_shapes: dict, model_kwargs, seed: int):
-    """One set of dummy inputs (seeded) and the PyTorch outputs on them."""
+def _draw(config, model, input_shapes: dict, model_kwargs, seed: int, full_attention_mask: bool = False):
+    """One set of dummy inputs (seeded) and the PyTorch outputs on them.
+
+    ``full_attention_mask``: no padding (the fused attention's contract, export/fusion.py).
+    """
     with torch.random.fork_rng(devices=[]):  # optimum draws the dummy inputs from torch's RNG
         torch.manual_seed(seed)  # the same inputs on every run: the numbers in ffsplit.json reproduce
         inputs = config.generate_dummy_inputs(framework="pt", **input_shapes)
+    if full_attention_mask and "attention_mask" in inputs:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
     ref_inputs = config.rename_ambiguous_inputs(copy.deepcopy(inputs))
     with config.patch_model_for_export(model, model_kwargs=model_kwargs), torch.inference_mode():
         ref = _flatten(config, dict(model(**ref_inputs).items()))
@@ -227,6 +232,8 @@ def validate_file(
     reference_ops: list | None = None,
     seed: int = 0,
     approx_draws: int = 4,
+    full_attention_mask: bool = False,
+    reference_path: Path | None = None,
 ) -> dict:
     """The comparisons of one ONNX file (see the module docstring); raises only on a shape mismatch.
 
@@ -237,9 +244,11 @@ def validate_file(
     over ``approx_draws`` seeded draws of the dummy inputs (random tokens scatter them: on
     SmolLM2 logits' relative L2 error ranged 0.06-0.34 over five single draws); with
     ``reference_ops`` also ``reference_evaluator`` (max abs diff against ORT's exact-path outputs)
-    and ``ort_max_abs``.
+    and ``ort_max_abs``. ``full_attention_mask`` replaces the drawn (padded) attention mask by ones;
+    ``reference_path`` is the graph the reference evaluator runs instead of ``onnx_path`` (the
+    unfused graph of a file the fusion pass rewrote into contrib ops it has no reference for).
     """
-    inputs, ref = _draw(config, model, input_shapes, model_kwargs, seed)
+    inputs, ref = _draw(config, model, input_shapes, model_kwargs, seed, full_attention_mask)
     level = graph_accuracy_level(onnx_path)
     sess = session_factory(onnx_path)
     in_names = [i.name for i in sess.get_inputs()]
@@ -262,7 +271,7 @@ def validate_file(
     if level > 0:
         t0 = time.time()
         for k in range(1, approx_draws):
-            more, more_ref = _draw(config, model, input_shapes, model_kwargs, seed + k)
+            more, more_ref = _draw(config, model, input_shapes, model_kwargs, seed + k, full_attention_mask)
             for name, got in zip(output_names, sess.run(output_names, _ort_inputs(config, more, in_names))):
                 want = more_ref[onnx_to_torch.get(name, name)]
                 if got.shape == want.shape:
@@ -290,7 +299,7 @@ def validate_file(
         from onnx.reference import ReferenceEvaluator
 
         t0 = time.time()
-        ev = ReferenceEvaluator(str(onnx_path), new_ops=reference_ops)
+        ev = ReferenceEvaluator(str(reference_path or onnx_path), new_ops=reference_ops)
         ev_outs = ev.run(output_names, feeds)
         result["reference_evaluator"] = {
             name: max_abs_diff(np.asarray(a), b) for name, a, b in zip(output_names, ev_outs, exact)
