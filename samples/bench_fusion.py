@@ -45,8 +45,11 @@ def _session(path: Path, threads: int, profile_prefix: str | None = None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _feeds(sess, n_new: int, past: int, seed: int = 0) -> dict:
-    """Inputs of one call: ``n_new`` tokens after ``past`` cached ones, batch 1."""
+def _feeds(sess, n_new: int, past: int, seed: int = 0, head_dim: int = 64) -> dict:
+    """Inputs of one call: ``n_new`` tokens after ``past`` cached ones, batch 1.
+
+    ``head_dim`` fills a symbolic last cache dimension (the GenAI builder names it kv_cache_dim).
+    """
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in sess.get_inputs():
@@ -57,17 +60,18 @@ def _feeds(sess, n_new: int, past: int, seed: int = 0) -> dict:
         elif i.name == "position_ids":
             feeds[i.name] = np.arange(past, past + n_new, dtype=np.int64)[None]
         elif i.name.startswith("past_key_values."):
-            heads, head_dim = int(i.shape[1]), int(i.shape[3])
+            heads = int(i.shape[1])
+            dim = i.shape[3] if isinstance(i.shape[3], int) else head_dim
             dtype = np.float16 if "float16" in i.type else np.float32
-            feeds[i.name] = rng.standard_normal((1, heads, past, head_dim)).astype(dtype)
+            feeds[i.name] = rng.standard_normal((1, heads, past, dim)).astype(dtype)
         else:
             raise SystemExit(f"unexpected input {i.name!r} {i.type} {i.shape}")
     return feeds
 
 
-def _profile(path: Path, threads: int, past: int, steps: int, work: Path) -> dict:
+def _profile(path: Path, threads: int, past: int, steps: int, work: Path, head_dim: int) -> dict:
     sess = _session(path, threads, str(work / f"prof-{path.parent.name}-{path.stem}"))
-    feeds = _feeds(sess, 1, past)
+    feeds = _feeds(sess, 1, past, head_dim=head_dim)
     for _ in range(3):
         sess.run(None, feeds)
     t0 = time.perf_counter()
@@ -148,8 +152,9 @@ def main() -> None:
             variants[name] = Path(path)
 
         sessions = {k: _session(p, args.threads) for k, p in variants.items()}
-        dec = {k: _feeds(s, 1, args.past) for k, s in sessions.items()}
-        pre = {k: _feeds(s, args.prompt, 0) for k, s in sessions.items()}
+        hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        dec = {k: _feeds(s, 1, args.past, head_dim=hd) for k, s in sessions.items()}
+        pre = {k: _feeds(s, args.prompt, 0, head_dim=hd) for k, s in sessions.items()}
         for k, s in sessions.items():  # warm-up
             s.run(None, dec[k])
             s.run(None, pre[k])
@@ -165,7 +170,9 @@ def main() -> None:
                 s.run(None, pre[k])
                 prefill[k].append((time.perf_counter() - t0) * 1e3)
         del sessions
-        profiles = {k: _profile(p, args.threads, args.past, args.profile_steps, work) for k, p in variants.items()}
+        profiles = {
+            k: _profile(p, args.threads, args.past, args.profile_steps, work, hd) for k, p in variants.items()
+        }
     finally:
         keep = work
     result = {
