@@ -265,6 +265,12 @@ def fuse_graph(
 
     src, dst = Path(src), Path(dst)
     proto = onnx.load(str(src), load_external_data=True)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in proto.graph.node for a in n.attribute):
+        # optimum's merged seq2seq decoders (If with two subgraphs): ONNX Runtime's fusions walk the
+        # main graph only and would cut the branches' outputs; such a file stays as exported
+        if src.resolve() != dst.resolve():
+            onnx.save_model(proto, str(dst))
+        return {"skipped": "control-flow subgraphs (If/Loop): not fused"}
     external = any(
         t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(src), load_external_data=False).graph.initializer
     )
@@ -306,10 +312,15 @@ def fuse_graph(
             f"{src.name}: the fusion pass changed ffsplit / MatMulNBits nodes; this is a bug, "
             "export with --no-fuse-attention"
         )
-    stats = {op: after.get(op, 0) for op in FUSED_OPS}
+    stats = {op: after.get(op, 0) - before.get(op, 0) for op in FUSED_OPS}
     stats.update(nodes_before=sum(before.values()), nodes_after=sum(after.values()))
     if reasons:
         stats["attention_not_fused"] = reasons
+    if not any(stats[op] for op in FUSED_OPS):  # nothing matched: the file stays as exported
+        stats["nodes_after"] = stats["nodes_before"]
+        if src.resolve() != dst.resolve():
+            onnx.save_model(onnx.load(str(src), load_external_data=True), str(dst))
+        return stats
     dst.parent.mkdir(parents=True, exist_ok=True)
     if external or out.ByteSize() > 2**31 - 2**26:
         data = dst.name + "_data"
