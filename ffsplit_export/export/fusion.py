@@ -241,6 +241,32 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
     return FusionGroupQueryAttention()
 
 
+def _remove_identity_casts(model) -> int:
+    """Drop Cast nodes whose input already has the target type (types from ONNX shape inference).
+
+    ONNX Runtime's own ``remove_useless_cast_nodes`` uses symbolic shape inference, which stops at
+    our ffsplit nodes; onnx's inference carries their output types (set at export) through.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model.model)
+    except Exception as e:  # onnx raises its own error types; no types, no removal
+        logger.debug("onnx shape inference failed (%s): Cast nodes kept", e)
+        return 0
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({t.name: t.data_type for t in g.initializer})
+    outputs = {o.name for o in model.model.graph.output}
+    removed = 0
+    for node in [n for n in model.model.graph.node if n.op_type == "Cast"]:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if to is None or types.get(node.input[0]) != to or node.output[0] in outputs:
+            continue
+        model.replace_input_of_all_nodes(node.output[0], node.input[0])
+        model.remove_node(node)
+        removed += 1
+    return removed
+
+
 def fuse_graph(
     src: str | Path,
     dst: str | Path,
@@ -279,13 +305,27 @@ def fuse_graph(
     model = OnnxModel(proto)
     stats: dict = {}
     # optimum's RMSNorm casts float32 to float32 around the norm; the norm fusion expects them gone
-    model.remove_useless_cast_nodes()
-    fusions = [FusionSimplifiedLayerNormalization(model), None, FusionRotaryEmbeddings(model)]
-    for i, fusion in enumerate(fusions):
-        if fusion is None:  # built after the plain norms exist (it searches for them)
-            fusion = FusionSkipSimplifiedLayerNormalization(model)
-        fusion.apply()
-        model.prune_graph()
+    _remove_identity_casts(model)
+    FusionSimplifiedLayerNormalization(model).apply()
+    model.prune_graph()
+    skip = FusionSkipSimplifiedLayerNormalization(model)  # checks the residual Add's shapes ...
+    if skip.shape_infer_helper is None:
+        # ... by symbolic shape inference, which stops at our ffsplit nodes (no schema): then the
+        # Add's two computed inputs are taken as [B, S, hidden] (a transformer residual) unchecked;
+        # the export's validation runs the result
+
+        class Unchecked(FusionSkipSimplifiedLayerNormalization):
+            def __init__(self):
+                super(FusionSkipSimplifiedLayerNormalization, self).__init__(  # the plain SkipLayerNorm one
+                    model, "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", shape_infer=False
+                )
+
+        skip = Unchecked()
+        stats["skip_norm_shapes"] = "unchecked (symbolic shape inference stops at custom ops)"
+    skip.apply()
+    model.prune_graph()
+    FusionRotaryEmbeddings(model).apply()
+    model.prune_graph()
     reasons: dict = {}
     if attention and num_heads and kv_num_heads:
         gqa = _group_query_attention_fusion(model, int(num_heads), int(kv_num_heads))
@@ -312,7 +352,7 @@ def fuse_graph(
             f"{src.name}: the fusion pass changed ffsplit / MatMulNBits nodes; this is a bug, "
             "export with --no-fuse-attention"
         )
-    stats = {op: after.get(op, 0) - before.get(op, 0) for op in FUSED_OPS}
+    stats = {**{op: after.get(op, 0) - before.get(op, 0) for op in FUSED_OPS}, **stats}
     stats.update(nodes_before=sum(before.values()), nodes_after=sum(after.values()))
     if reasons:
         stats["attention_not_fused"] = reasons
