@@ -205,7 +205,9 @@ def main() -> None:
     args.output.write_text(json.dumps(result, indent=1))
 
     base = result["variants"]["unfused"]["decode_ms"]
-    print(f"\n{args.export} (past {args.past}, prompt {args.prompt}, {args.threads} threads, load {os.getloadavg()[0]:.1f})")
+    print(
+        f"\n{args.export} (past {args.past}, prompt {args.prompt}, {args.threads} threads, load {os.getloadavg()[0]:.1f})"
+    )
     print(f"| variant | decode ms/token | vs unfused | prefill ms ({args.prompt} tok) | graph nodes |")
     print("| --- | --- | --- | --- | --- |")
     for k, v in result["variants"].items():
@@ -215,11 +217,15 @@ def main() -> None:
         )
     for k, v in result["variants"].items():
         p = v["profile"]
-        print(f"\nprofile {k}: node time {p['node_ms_per_token']:.2f} ms/token (wall {p['wall_ms_per_token_profiled']:.2f})")
+        print(
+            f"\nprofile {k}: node time {p['node_ms_per_token']:.2f} ms/token (wall {p['wall_ms_per_token_profiled']:.2f})"
+        )
         print("| op type | ms/token | % | nodes/token |")
         print("| --- | --- | --- | --- |")
         for r in p["ops"][:14]:
-            print(f"| {r['op']} | {r['ms_per_token']:.3f} | {r['percent']:.1f} | {r['nodes_per_token']:.0f} |")
+            print(
+                f"| {r['op']} | {r['ms_per_token']:.3f} | {r['percent']:.1f} | {r['nodes_per_token']:.0f} |"
+            )
     print(f"\nwrote {args.output}")
 
 

@@ -181,7 +181,9 @@ def test_no_match_leaves_graph_as_exported(name, tmp_path):
     m = _export(name, tmp_path / "on")
     _export(name, tmp_path / "off", fuse_attention=False)
     stats = m["graph_fusion"]["model.onnx"]
-    assert not any(stats[op] for op in ("GroupQueryAttention", "SimplifiedLayerNormalization", "RotaryEmbedding"))
+    assert not any(
+        stats[op] for op in ("GroupQueryAttention", "SimplifiedLayerNormalization", "RotaryEmbedding")
+    )
     assert stats["nodes_after"] == stats["nodes_before"]
     assert (tmp_path / "on" / "model.onnx").read_bytes() == (tmp_path / "off" / "model.onnx").read_bytes()
 

@@ -76,7 +76,9 @@ class ExportOptions:
         if self.fuse_attention is None:
             self.fuse_attention = self.target is Target.ORT_CPU
         elif not isinstance(self.fuse_attention, bool):
-            raise ConfigError(f"fuse_attention={self.fuse_attention!r}; use True, False or None (on for ort-cpu)")
+            raise ConfigError(
+                f"fuse_attention={self.fuse_attention!r}; use True, False or None (on for ort-cpu)"
+            )
         elif self.fuse_attention and self.target is not Target.ORT_CPU:
             raise ConfigError(
                 f"fuse_attention applies to --target ort-cpu, not {self.target}; leave it out or use ort-cpu"
@@ -256,10 +258,24 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         use_subprocess=False,
         model_kwargs=None,
     ):
-        pending.append((models_and_onnx_configs, onnx_named_outputs, output_dir, onnx_files_subpaths, input_shapes, model_kwargs))
+        pending.append(
+            (
+                models_and_onnx_configs,
+                onnx_named_outputs,
+                output_dir,
+                onnx_files_subpaths,
+                input_shapes,
+                model_kwargs,
+            )
+        )
 
     def run_validation(
-        models_and_onnx_configs, onnx_named_outputs, output_dir, onnx_files_subpaths, input_shapes, model_kwargs
+        models_and_onnx_configs,
+        onnx_named_outputs,
+        output_dir,
+        onnx_files_subpaths,
+        input_shapes,
+        model_kwargs,
     ):
         from .validate import validate_file, validation_summary
 

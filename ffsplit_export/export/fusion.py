@@ -36,7 +36,12 @@ from ..errors import ExportError
 
 logger = logging.getLogger(__name__)
 
-FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "GroupQueryAttention")
+FUSED_OPS = (
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "RotaryEmbedding",
+    "GroupQueryAttention",
+)
 _KEEP_DOMAINS = ("ffsplit",)
 _KEEP_OPS = ("MatMulNBits", "GatherBlockQuantized")
 
@@ -102,10 +107,17 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                 one = "ffsplit_gqa/one_i64"
                 axis = "ffsplit_gqa/axis1_i64"
                 m.add_initializer(numpy_helper.from_array(np.array(1, np.int64), one), self.this_graph_name)
-                m.add_initializer(numpy_helper.from_array(np.array([1], np.int64), axis), self.this_graph_name)
-                names = [f"ffsplit_gqa/{s}" for s in ("mask_sum", "seqlens_i64", "seqlens_k", "mask_shape", "total_i64", "total")]
+                m.add_initializer(
+                    numpy_helper.from_array(np.array([1], np.int64), axis), self.this_graph_name
+                )
+                names = [
+                    f"ffsplit_gqa/{s}"
+                    for s in ("mask_sum", "seqlens_i64", "seqlens_k", "mask_shape", "total_i64", "total")
+                ]
                 self.nodes_to_add += [
-                    helper.make_node("ReduceSum", ["attention_mask", axis], [names[0]], keepdims=0, name=names[0]),
+                    helper.make_node(
+                        "ReduceSum", ["attention_mask", axis], [names[0]], keepdims=0, name=names[0]
+                    ),
                     helper.make_node("Sub", [names[0], one], [names[1]], name=names[1]),
                     helper.make_node("Cast", [names[1]], [names[2]], to=TensorProto.INT32, name=names[2]),
                     helper.make_node("Shape", ["attention_mask"], [names[3]], name=names[3]),
@@ -180,7 +192,11 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                 return self._reject("q / k scale is not a constant scalar")
             q_rot = m.match_parent(q_mul, "RotaryEmbedding", 0, out_map)
             k_t = m.match_parent(k_mul, "Transpose", 0, out_map)
-            if q_rot is None or k_t is None or list(helper.get_attribute_value(k_t.attribute[0])) != [0, 1, 3, 2]:
+            if (
+                q_rot is None
+                or k_t is None
+                or list(helper.get_attribute_value(k_t.attribute[0])) != [0, 1, 3, 2]
+            ):
                 return self._reject("q is not RotaryEmbedding output or k is not transposed (0,1,3,2)")
             k_nodes = self._kv_source(k_t, 0, out_map)
             v_nodes = self._kv_source(pv, 1, out_map)
@@ -201,7 +217,11 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                 return self._reject("new K is not a RotaryEmbedding output")
             if list(k_rot.input[1:]) != list(q_rot.input[1:]):
                 return self._reject("q and k rotary use different positions or caches")
-            if any(helper.get_attribute_value(a) for a in list(q_rot.attribute) + list(k_rot.attribute) if a.name == "interleaved"):
+            if any(
+                helper.get_attribute_value(a)
+                for a in list(q_rot.attribute) + list(k_rot.attribute)
+                if a.name == "interleaved"
+            ):
                 return self._reject("interleaved rotary")
             q_in = self._projection(q_rot, out_map)
             k_in = self._projection(k_rot, out_map)
@@ -232,7 +252,20 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
             self.nodes_to_add.append(gqa)
             self.node_name_to_graph_name[name] = self.this_graph_name
             # what only this attention used goes; shared shape arithmetic is pruned afterwards
-            self.nodes_to_remove += [out_r, out_t, pv, softmax, qk, q_mul, k_mul, k_t, q_rot, k_rot, k_cat, v_cat]
+            self.nodes_to_remove += [
+                out_r,
+                out_t,
+                pv,
+                softmax,
+                qk,
+                q_mul,
+                k_mul,
+                k_t,
+                q_rot,
+                k_rot,
+                k_cat,
+                v_cat,
+            ]
             self.nodes_to_remove += [n for n in (probs, mask_add) if n is not None and n is not softmax]
             self.nodes_to_remove += [k for k in in_map.get(softmax.output[0], []) if k.op_type == "IsNaN"]
             self.nodes_to_remove += k_nodes[:-1] + v_nodes[:-1]
@@ -291,14 +324,19 @@ def fuse_graph(
 
     src, dst = Path(src), Path(dst)
     proto = onnx.load(str(src), load_external_data=True)
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in proto.graph.node for a in n.attribute):
+    if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        for n in proto.graph.node
+        for a in n.attribute
+    ):
         # optimum's merged seq2seq decoders (If with two subgraphs): ONNX Runtime's fusions walk the
         # main graph only and would cut the branches' outputs; such a file stays as exported
         if src.resolve() != dst.resolve():
             onnx.save_model(proto, str(dst))
         return {"skipped": "control-flow subgraphs (If/Loop): not fused"}
     external = any(
-        t.data_location == TensorProto.EXTERNAL for t in onnx.load(str(src), load_external_data=False).graph.initializer
+        t.data_location == TensorProto.EXTERNAL
+        for t in onnx.load(str(src), load_external_data=False).graph.initializer
     )
     before_iface, before_keep = _interface(proto.graph), _untouchable(proto.graph)
     before = Counter(n.op_type for n in proto.graph.node)
@@ -317,7 +355,10 @@ def fuse_graph(
         class Unchecked(FusionSkipSimplifiedLayerNormalization):
             def __init__(self):
                 super(FusionSkipSimplifiedLayerNormalization, self).__init__(  # the plain SkipLayerNorm one
-                    model, "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", shape_infer=False
+                    model,
+                    "SkipSimplifiedLayerNormalization",
+                    "SimplifiedLayerNormalization",
+                    shape_infer=False,
                 )
 
         skip = Unchecked()
@@ -366,7 +407,9 @@ def fuse_graph(
         data = dst.name + "_data"
         if (dst.parent / data).exists():
             (dst.parent / data).unlink()
-        onnx.save_model(out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        onnx.save_model(
+            out, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data
+        )
     else:
         onnx.save_model(out, str(dst))
     return stats
