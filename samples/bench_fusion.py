@@ -127,6 +127,10 @@ def main() -> None:
 
     from ffsplit_export.export.fusion import fuse_graph
 
+    manifest = args.export / "ffsplit.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("options", {}).get("fuse_attention"):
+        raise SystemExit(f"{args.export} is already fused: export it again with --no-fuse-attention")
+
     work = Path(tempfile.mkdtemp(prefix="bench-fusion-"))
     try:
         unfused = args.export / args.onnx
