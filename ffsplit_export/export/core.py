@@ -287,30 +287,26 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
             use_ref = ref_ops is not None and path.stat().st_size < 600 * 2**20
             # a GroupQueryAttention graph is checked on inputs it is made for (export/fusion.py): no
             # padding, and batch 1 (it takes several new tokens after a cache only at batch 1)
-            runs = [("", {})]
-            if fusion.get(fname, {}).get("GroupQueryAttention"):
-                runs = [("", {"batch_size": 1})]
-            base = fname if fname not in results else f"{fname} (use_cache_branch)"
-            for suffix, shapes in runs:
-                t0 = time.time()
-                r = validate_file(
-                    cfg,
-                    sub_model,
-                    path,
-                    outs,
-                    {**(input_shapes or {}), **shapes},
-                    model_kwargs,
-                    sessions,
-                    ref_ops if use_ref and not suffix else None,
-                    full_attention_mask=bool(shapes),
-                    reference_path=unfused.get(fname),
-                )
-                r["seconds"] = round(time.time() - t0, 2)
-                key = base + suffix
-                if shapes:
-                    r["inputs"] = {**shapes, "attention_mask": "all ones"}
-                results[key] = r
-                print(f"validated {key}: " + validation_summary(r))
+            shapes = {"batch_size": 1} if fusion.get(fname, {}).get("GroupQueryAttention") else {}
+            t0 = time.time()
+            r = validate_file(
+                cfg,
+                sub_model,
+                path,
+                outs,
+                {**(input_shapes or {}), **shapes},
+                model_kwargs,
+                sessions,
+                ref_ops if use_ref else None,
+                full_attention_mask=bool(shapes),
+                reference_path=unfused.get(fname),
+            )
+            r["seconds"] = round(time.time() - t0, 2)
+            if shapes:
+                r["inputs"] = {**shapes, "attention_mask": "all ones"}
+            key = fname if fname not in results else f"{fname} (use_cache_branch)"
+            results[key] = r
+            print(f"validated {key}: " + validation_summary(r))
 
     for m in model.modules():
         if isinstance(m, NM24Linear):
