@@ -13,7 +13,14 @@ of small kernels. This pass rewrites them into ONNX Runtime's fused CPU kernels:
   the rotary inside (``do_rotary``), fed by ``seqlens_k`` / ``total_sequence_length`` computed from
   ``attention_mask``. The graph's inputs and outputs keep their names and shapes (past and present
   KV in BNSH, as optimum writes them), so ``ORTModelForCausalLM``, the genai config and the
-  validation see the same interface.
+  validation see the same interface. This one is ours, written on ONNX Runtime's ``Fusion`` base
+  class: neither onnxscript's ``ort_fusions`` (written for the dynamo exporter's graphs; 0 matches
+  here) nor ONNX Runtime's ``FusionRotaryAttention`` match optimum's TorchScript attention. The
+  ``RotaryEmbedding`` nodes it absorbs do not remain, so a llama file counts 0 of them.
+
+What stays as exported: GPT-2 / OPT-style attention (scale computed from shapes, no rotary), MPT
+(ALiBi), Whisper and T5 attention (no rotary; T5's RMSNorm does fuse), and any file with control
+flow (optimum's merged seq2seq decoders): ONNX Runtime's fusions walk the main graph only.
 
 Our ``ffsplit`` domain nodes and ``MatMulNBits`` are never matched or changed; the pass checks that
 after fusing. The fused attention assumes what GroupQueryAttention assumes: every row's valid tokens
@@ -49,7 +56,12 @@ _KEEP_OPS = ("MatMulNBits", "GatherBlockQuantized")
 def _untouchable(graph) -> list[tuple]:
     """The nodes the pass must leave as they are: ours and the quantized matmuls / gathers."""
     return sorted(
-        (n.domain, n.op_type, tuple(n.input[1:]), n.SerializeToString(deterministic=True).__len__())
+        (
+            n.domain,
+            n.op_type,
+            tuple(n.input[1:]),  # the weights (input 0, the activation, may be renamed by a fusion)
+            tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in n.attribute)),
+        )
         for n in graph.node
         if n.domain in _KEEP_DOMAINS or n.op_type in _KEEP_OPS
     )
