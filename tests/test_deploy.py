@@ -40,6 +40,7 @@ def _export(name, out, target="ort-cpu", **kw):
 
     kw.setdefault("num_samples", 8)
     kw.setdefault("progress", False)
+    kw.setdefault("preset", "none")  # the deploy paths, not a preset's compression
     return export(name, out, options=ExportOptions(target=target, overwrite=True), **kw)
 
 

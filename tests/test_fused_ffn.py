@@ -397,7 +397,7 @@ def test_exact_export_matches_unfused(name, tmp_path):
 
     outs = {}
     for tag, opts in (("plain", ExportOptions()), ("exact", ExportOptions(activation_sparsity="exact"))):
-        man = export(name, tmp_path / tag, options=opts, num_samples=4, progress=False)
+        man = export(name, tmp_path / tag, options=opts, preset="none", num_samples=4, progress=False)
         outs[tag] = tmp_path / tag / "model.onnx"
         if tag == "exact":
             assert man["fused_ffn"]["fused"] == 2 and not man["fused_ffn"]["kept_subgraph"]
@@ -454,6 +454,7 @@ def test_threshold_export_validates(name, tmp_path):
         options=ExportOptions(activation_sparsity="0.4"),
         num_samples=8,
         progress=False,
+        preset="none",  # the fused op's formats (sparse-int8 light, fp32 heavy), not balanced's int4
     )
     rec = man["fused_ffn"]
     assert rec["activation_sparsity"] == 0.4 and man["options"]["activation_sparsity"] == 0.4

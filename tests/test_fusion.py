@@ -33,12 +33,14 @@ needs_plugin = pytest.mark.skipif(
     not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)"
 )
 KW = dict(other_linear="int4", num_samples=8, progress=False)  # light sparse-int8: ffsplit nodes stay
+PRESET = "none"  # the exact path (a preset may set accuracy_level 4)
 
 
 def _export(name, out, **opts):
     from ffsplit_export.export.api import export
 
-    return export(name, out, options=ExportOptions(target="ort-cpu", overwrite=True, **opts), **KW)
+    options = ExportOptions(target="ort-cpu", overwrite=True, **opts)
+    return export(name, out, options=options, preset=PRESET, **KW)
 
 
 def _ops(path) -> Counter:
@@ -73,7 +75,7 @@ def _torch_model():
     from ffsplit_export.pipeline import compress
 
     model, pre, _ = load_model("tiny-llama")
-    return compress(model, pre, **KW).model.eval()
+    return compress(model, pre, **KW).model.eval()  # preset "none": the fields' own defaults
 
 
 def _session(path):

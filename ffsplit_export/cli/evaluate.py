@@ -37,6 +37,7 @@ from .options import (
 
 def add_recover_arguments(p: argparse.ArgumentParser) -> None:
     add_export_arguments(p)
+    p.set_defaults(preset="none")  # recovery keeps each option's own default (sparse light part)
     g = p.add_argument_group("recovery (SquareHead)")
     g.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
     g.add_argument("--lr", type=positive_float, default=1e-4, help="peak AdamW learning rate (default 1e-4)")

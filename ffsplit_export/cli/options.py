@@ -319,23 +319,27 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--light-format",
         type=format_name(LightFormat),
-        default="sparse-int8",
-        help="sparse-int8 (default), sparse-int4, sparse-fp32, 2:4-int8, int8, int4, lowrank, dense",
+        default=None,
+        help="sparse-int8, sparse-int4, sparse-fp32, 2:4-int8, int8, int4, lowrank, dense "
+        "(default: the preset's; without one sparse-int8)",
     )
     p.add_argument(
         "--light-sparsity",
         type=fraction,
-        default=0.5,
-        help="unstructured sparsity of the light part (default 0.5)",
+        default=None,
+        help="unstructured sparsity of the light part (default: the preset's; without one 0.5)",
     )
     p.add_argument(
         "--prune-method",
         type=format_name(PruneMethod),
-        default="wanda",
-        help="magnitude, wanda (default), sparsegpt",
+        default=None,
+        help="magnitude, wanda, sparsegpt (default: the preset's; without one wanda)",
     )
     p.add_argument(
-        "--heavy-format", type=format_name(HeavyFormat), default="fp32", help="fp32 (default), fp16, int8"
+        "--heavy-format",
+        type=format_name(HeavyFormat),
+        default=None,
+        help="fp32, fp16, int8 (default: the preset's; without one fp32)",
     )
     p.add_argument(
         "--sequential",
@@ -345,23 +349,28 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--other-linear",
         type=format_name(OtherLinearFormat),
-        default="fp32",
-        help="fp32 (default), int8, int4: attention and lm_head as MatMulNBits",
+        default=None,
+        help="fp32, int8, int4: attention and lm_head as MatMulNBits (default: the preset's; without one fp32)",
     )
     p.add_argument(
         "--embedding",
         type=format_name(EmbeddingFormat),
-        default="fp32",
-        help="fp32 (default), int8: the token embedding table as block-wise int8 (GatherBlockQuantized)",
+        default=None,
+        help="fp32, int8: the token embedding table as block-wise int8 (GatherBlockQuantized; "
+        "default: the preset's; without one fp32)",
     )
     p.add_argument(
-        "--group-size", type=group_size, default=128, help="int4 group size: 32, 64, 128 (default)"
+        "--group-size",
+        type=group_size,
+        default=None,
+        help="int4 group size: 32, 64, 128 (default: the preset's; without one 128)",
     )
     p.add_argument(
         "--quantizer",
         type=format_name(Quantizer),
-        default="rtn",
-        help="rtn (default: round-to-nearest), gptq (error-compensated codes from the calibration Hessians)",
+        default=None,
+        help="rtn (round-to-nearest), gptq (error-compensated codes from the calibration Hessians) "
+        "(default: the preset's; without one rtn)",
     )
     p.add_argument(
         "--heavy-selection",
@@ -398,15 +407,38 @@ def compress_kwargs(args) -> dict:
     return dict(CompressionConfig.from_args(args).compress_kwargs(), progress=not args.quiet)
 
 
+def preset_name(text: str) -> str:
+    from ..presets import NO_PRESET, preset_names
+
+    return one_of((*preset_names(), NO_PRESET))(text)
+
+
+def add_preset_argument(p: argparse.ArgumentParser) -> None:
+    """``--preset``: a named, measured recipe (ffsplit_export.presets); explicit options override its fields."""
+    from ..presets import DEFAULT_PRESET
+
+    p.add_argument(
+        "--preset",
+        type=preset_name,
+        default=DEFAULT_PRESET,
+        help=f"accurate, balanced, fast: recipes measured on the speed/accuracy front (README); none: "
+        f"each option's own default. Options given explicitly override the preset's (default {DEFAULT_PRESET})",
+    )
+
+
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``ffsplit-export export`` and ``optimum-cli export ffsplit``."""
+    from ..export.validate import Tolerances
     from ..formats import Target
+
+    tol = Tolerances()
 
     p.add_argument(
         "model", help="built-in name (tiny-t5, smollm2-135m, whisper-tiny.en, ...), model dir or hub id"
     )
     p.add_argument("output", type=new_file_or_dir, help="output directory (written atomically)")
     add_compress_arguments(p)
+    add_preset_argument(p)
     p.add_argument(
         "--target",
         type=format_name(Target),
@@ -419,7 +451,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--atol",
         type=nonnegative_float,
         default=None,
-        help="validation tolerance, plus 5e-4 x max|reference| (default 1e-3; 0.5 with int8 compute)",
+        help=(
+            f"validation tolerance: |ONNX Runtime - PyTorch| <= ATOL + {tol.rtol:g} x max|PyTorch| on the "
+            f"exact float32 path (default {tol.atol:g}); int8 compute (--nbits-accuracy-level 4) is also "
+            f"judged by relative L2 error <= {tol.approx_rel_l2:g} and top-1 agreement >= {tol.approx_top1:g}"
+        ),
     )
     p.add_argument(
         "--opset",
@@ -430,8 +466,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--nbits-accuracy-level",
         type=accuracy_level,
-        default=0,
-        help="MatMulNBits accuracy_level: 0 = exact fp32 compute (default), 4 = int8 activations (faster)",
+        default=None,
+        help="MatMulNBits accuracy_level: 0 = exact fp32 compute, 4 = int8 activations (faster) "
+        "(default: the preset's; without one 0)",
     )
     p.add_argument(
         "--trt-dense-24",
@@ -466,14 +503,18 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def export_options_from_args(args):
     """The ExportOptions of the options that :func:`add_export_arguments` adds."""
     from ..export.core import ExportOptions
+    from ..presets import preset_accuracy_level
 
+    level = args.nbits_accuracy_level
+    if level is None:
+        level = preset_accuracy_level(getattr(args, "preset", None), args.target)
     return ExportOptions(
         target=args.target,
         validate=not args.no_validate,
         overwrite=args.overwrite,
         atol=args.atol,
         opset=args.opset,
-        nbits_accuracy_level=args.nbits_accuracy_level,
+        nbits_accuracy_level=level,
         trt_dense_24=args.trt_dense_24,
         fused_ffn=getattr(args, "fused_ffn", False),
         activation_sparsity=getattr(args, "activation_sparsity", "0"),

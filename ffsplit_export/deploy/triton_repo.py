@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
+from .._io import atomic_dir
 from ..errors import ConfigError, ExportError
 
 _TYPES = {
@@ -149,9 +149,8 @@ def write_triton_repo(
         library = bundled_library(out, manifest) if manifest.get("library") else plugin_path()
     mount = (mount or str(repo.resolve())).rstrip("/")
     repo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{repo.name}.", suffix=".partial", dir=repo.parent))
     configs = []
-    try:
+    with atomic_dir(repo, replace=True) as tmp:  # overwrite was checked above
         data_files = [p for p in out.iterdir() if p.name.endswith((".onnx_data", ".onnx.data"))]
         for f in files:
             name = _model_name(f.stem, prefix)
@@ -169,10 +168,4 @@ def write_triton_repo(
                 config_pbtxt(name, f, target, lib_path, max_batch_size, instances)
             )
             configs.append(repo / name / "config.pbtxt")
-        if repo.exists():
-            shutil.rmtree(repo)
-        tmp.rename(repo)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return configs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,25 +25,46 @@ def export(
     task: str = "auto",
     config: CompressionConfig | SplitConfig | None = None,
     options: ExportOptions | None = None,
+    preset: str | None = None,
     before_export: Callable | None = None,
     progress: bool = True,
     **compress_kwargs,
 ) -> dict:
     """The whole ``ffsplit-export export`` job; returns the written manifest (ffsplit.json).
 
-    ``config`` is a :class:`CompressionConfig` (a :class:`SplitConfig` plus ``compress()``
-    keyword arguments is still accepted). ``before_export(dense_model, result, preprocessor)``
-    runs on the compressed model before the ONNX export (``recover`` trains there) and may
-    return a dict that is added to the manifest.
+    Without ``config`` the compression is preset ``preset`` (default ``balanced``; ``accurate``,
+    ``fast``, or ``"none"`` for each field's own default; :mod:`ffsplit_export.presets`) with
+    the ``compress()`` keyword arguments laid over it, e.g. ``export(m, out, preset="fast",
+    other_linear="int8")``. ``config`` is a :class:`CompressionConfig` (e.g.
+    ``CompressionConfig.from_preset("accurate", heavy_fraction=0.2)``; a :class:`SplitConfig`
+    plus ``compress()`` keyword arguments is still accepted and uses no preset). An
+    ``options.nbits_accuracy_level`` of None takes the preset's. ``before_export(dense_model,
+    result, preprocessor)`` runs on the compressed model before the ONNX export (``recover``
+    trains there) and may return a dict that is added to the manifest.
     """
+    from ..presets import DEFAULT_PRESET, preset_accuracy_level
+
     t0 = time.time()
-    if not isinstance(config, CompressionConfig):
+    opts = options or ExportOptions()
+    if config is None:
+        config = CompressionConfig.from_preset(
+            DEFAULT_PRESET if preset is None else preset, str(opts.target), **compress_kwargs
+        )
+    elif preset is not None:
+        raise ConfigError(
+            f"pass preset={preset!r} or config=..., not both; for a preset with changes use "
+            f"CompressionConfig.from_preset({preset!r}, field=value, ...)"
+        )
+    elif not isinstance(config, CompressionConfig):
         config = CompressionConfig.from_split_config(config, **compress_kwargs)
     elif compress_kwargs:
         raise ConfigError(
             f"pass {sorted(compress_kwargs)} inside config=CompressionConfig(...), not as keyword arguments"
         )
-    opts = options or ExportOptions()
+    if opts.nbits_accuracy_level is None:
+        opts = dataclasses.replace(
+            opts, nbits_accuracy_level=preset_accuracy_level(config.preset, str(opts.target))
+        )
     check_target_format(
         Target.parse(opts.target, "--target"),
         LightFormat.parse(config.light_format, "--light-format"),
@@ -111,8 +133,11 @@ def check_export_request(config: CompressionConfig, opts: ExportOptions, output:
         if str(light) != "sparse-int8" or str(config.heavy_format) != "fp32":
             raise ConfigError(
                 f"--fused-ffn / --activation-sparsity exact: the fused op takes light sparse-int8 and heavy fp32, "
-                f"not light {light} / heavy {config.heavy_format}; use --light-format sparse-int8 --heavy-format "
-                "fp32, or leave --fused-ffn out"
+                f"not light {light} / heavy {config.heavy_format}"
+                + (f" (set by --preset {config.preset})" if config.preset else "")
+                + "; use --light-format sparse-int8 --heavy-format fp32"
+                + (" (or --preset none)" if config.preset else "")
+                + ", or leave --fused-ffn / --activation-sparsity out"
             )
 
 

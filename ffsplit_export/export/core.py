@@ -1,18 +1,16 @@
 """Optimum-based ONNX export of a split model.
 
 The split model is exported with optimum-onnx's ``onnx_export_from_model`` (its OnnxConfigs,
-model patchers and decoder merging). Three of optimum's steps need an ONNX Runtime session
-that knows our ops, so they run with our session options: the dynamic-axes fix, and the
-validation (replaced by :mod:`.validate`, which also reports the max differences).
+model patchers and decoder merging). Two of optimum's steps need an ONNX Runtime session
+that knows our ops: the dynamic-axes fix and the validation (replaced by :mod:`.validate`,
+which also reports the max differences). :mod:`.optimum_export` runs them with our sessions
+through optimum's own parameters, without patching optimum for the whole process.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ class ExportOptions:
     overwrite: bool = False
     atol: float | None = None
     opset: int | None = None
-    nbits_accuracy_level: int = 0
+    nbits_accuracy_level: int | None = None  # None: the preset's (export()), else 0
     trt_dense_24: bool = False  # tensorrt + 2:4: dense 2:4 weights for TensorRT's sparse tensor cores
     reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
     extra_manifest: dict = field(default_factory=dict)
@@ -83,7 +81,7 @@ class ExportOptions:
             raise ConfigError(
                 f"fuse_attention applies to --target ort-cpu, not {self.target}; leave it out or use ort-cpu"
             )
-        if self.nbits_accuracy_level not in (0, 1, 2, 3, 4):
+        if self.nbits_accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise ConfigError(
                 f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)"
             )
@@ -106,35 +104,6 @@ def check_target_format(
             ("embedding", embedding),
         ],
     )
-
-
-@contextlib.contextmanager
-def _optimum_patched(target: Target, session_factory, validator):
-    """Run optimum's dynamic-axes fix with our sessions and its validation through ``validator``."""
-    import onnxruntime
-    from optimum.exporters.onnx import base as onnx_base
-    from optimum.exporters.onnx import convert as onnx_convert
-
-    orig_fix = onnx_base.OnnxConfig.fix_dynamic_axes
-    orig_validate = onnx_convert.validate_models_outputs
-    orig_so = onnxruntime.SessionOptions
-
-    def fix_dynamic_axes(self, model_path, *args, **kwargs):
-        if target is Target.TENSORRT:
-            return None  # plugin nodes cannot run in ONNX Runtime's CPU provider
-        onnxruntime.SessionOptions = session_factory.options_class
-        try:
-            return orig_fix(self, model_path, *args, **kwargs)
-        finally:
-            onnxruntime.SessionOptions = orig_so
-
-    onnx_base.OnnxConfig.fix_dynamic_axes = fix_dynamic_axes
-    onnx_convert.validate_models_outputs = validator
-    try:
-        yield
-    finally:
-        onnx_base.OnnxConfig.fix_dynamic_axes = orig_fix
-        onnx_convert.validate_models_outputs = orig_validate
 
 
 class _Sessions:
@@ -180,7 +149,9 @@ def default_atol(options: ExportOptions) -> float:
     # graphs differ from PyTorch by summation order only (tiny models 2e-7; the relative part,
     # 5e-4 x max|PyTorch|, covers deep models); accuracy_level 4 is judged by relative L2 error and
     # top-1 agreement instead (validate.Tolerances)
-    return 1e-4
+    from .validate import Tolerances
+
+    return Tolerances.atol
 
 
 def export_split_model(
@@ -213,8 +184,9 @@ def export_split_model(
 def _export_locked(
     model, preprocessor, output: Path, task: str, options: ExportOptions, manifest: dict
 ) -> dict:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
-    try:
+    from .._io import atomic_dir
+
+    with atomic_dir(output, replace=True) as tmp:
         results, fusion = _export_into(model, preprocessor, tmp, task, options)
         manifest = dict(manifest)
         manifest.update(_file_summary(tmp), validation=results, target=str(options.target), task=task)
@@ -225,16 +197,10 @@ def _export_locked(
 
         manifest = finish_export_folder(tmp, manifest)
         Manifest(manifest).write(tmp)
-        _move_into_place(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
 def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptions) -> dict:
-    from optimum.exporters.onnx import onnx_export_from_model
-
     sessions = _Sessions(options.target)
     atol = default_atol(options)
     results: dict = {}
@@ -317,26 +283,27 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
     # machine without network). We save the preprocessor ourselves below, so point optimum at the
     # (local, still empty) output folder while it exports, and restore the name afterwards.
     model.config._name_or_path = source if source and Path(source).is_dir() else str(out)
-    with (
-        export_target(options.target, options.nbits_accuracy_level),
-        _optimum_patched(options.target, sessions, validator),
-    ):
+    from .optimum_export import export_with_optimum  # optimum's export, our sessions, no patching
+
+    with export_target(options.target, options.nbits_accuracy_level or 0):
         try:
-            onnx_export_from_model(
+            export_with_optimum(
                 model,
                 out,
                 task=task,
                 opset=options.opset,
-                do_validation=options.validate and ort_check,
                 atol=atol,
+                session_factory=sessions,
+                run_graphs=options.target is not Target.TENSORRT,
+                validator=validator if options.validate and ort_check else None,
             )
+        except FFSplitError:
+            raise
         except RuntimeError as e:
             cause = e.__cause__
             if isinstance(cause, FFSplitError):
                 raise cause from None
             raise ExportError(f"the ONNX export failed: {e}") from e
-        except FFSplitError:
-            raise
         except Exception as e:  # optimum / torch.onnx errors
             raise ExportError(
                 f"the ONNX export of {type(model).__name__} for task {task!r} failed: {e}"
@@ -459,18 +426,3 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             v[pkg] = None
     return v
-
-
-def _move_into_place(tmp: Path, output: Path) -> None:
-    """Rename the finished temporary directory to ``output`` (replacing it only at the very end)."""
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-        try:
-            tmp.rename(output)
-        except BaseException:
-            old.rename(output)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(output)

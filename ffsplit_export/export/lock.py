@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from .._io import partial_glob
 from ..errors import ConfigError
 
 _held: set[str] = set()  # lock paths this process holds (an export nested in an export reuses the lock)
@@ -25,10 +26,10 @@ def lock_path(output: Path) -> Path:
 
 
 def stale_partials(output: Path) -> list[Path]:
-    """Temporary folders of earlier exports to ``output`` (see export_split_model)."""
+    """Temporary folders of earlier exports to ``output`` (see :func:`ffsplit_export._io.atomic_dir`)."""
     if not output.parent.is_dir():
         return []
-    return sorted(p for p in output.parent.glob(f".{output.name}.*.partial") if p.is_dir())
+    return sorted(p for p in output.parent.glob(partial_glob(output)) if p.is_dir())
 
 
 @contextlib.contextmanager

@@ -22,8 +22,10 @@ same OnnxConfig dummy inputs and model patching, but :func:`session_options`, an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +50,9 @@ class Tolerances:
       up to ~34) 5e-5 dense, up to 2e-4 compressed (8 input draws); 1.4e-4 after SquareHead
       fine-tuning (earlier measurement). Tolerance ``atol + rtol x max|PyTorch|`` = 1e-4 + 5e-4 x:
       a sign-flipped int8 code in one light weight of tiny-llama (2.2e-3 of 0.86) fails it.
+      Judged on the median of 3 seeded draws (optimum's dummy tokens, past and padding): over 30
+      single draws SmolLM2 (sparse-int8 light) gave 6.5e-5..8.3e-3 and once 0.0373 (1.1e-3 of
+      32.6, the same with stock ONNX ops).
     - reference evaluator vs ORT: every tiny model <= 4e-7; SmolLM2 5.7e-5 dense, 1.2e-4
       compressed; 6.2e-4 in the issue-16 report (0.0208 of ~33.5). ``ref_rtol`` 2e-3 is 3x that.
     - approximate path (accuracy_level 4: int8 activations in MatMulNBits), logits vs PyTorch:
@@ -182,13 +187,34 @@ def _is_logits(name: str) -> bool:
     return name == "logits" or name.endswith(".logits")
 
 
+@contextlib.contextmanager
+def _seeded_rngs(seed: int):
+    """Seed the three RNGs optimum's dummy input generators draw from, restoring them afterwards.
+
+    Tokens and past key/values come from torch's RNG, but the attention mask's padding length
+    from Python's ``random`` and some generators' floats from NumPy's global RNG. With only torch
+    seeded, the padding changed from run to run and so did the measured difference: on SmolLM2
+    (sparse-int8 light part) the logits' max |ORT - PyTorch| ranged 6.5e-5 to 0.0373 over 30
+    padding draws, the largest past the 0.0164 tolerance.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 def _draw(config, model, input_shapes: dict, model_kwargs, seed: int, full_attention_mask: bool = False):
     """One set of dummy inputs (seeded) and the PyTorch outputs on them.
 
     ``full_attention_mask``: no padding (the fused attention's contract, export/fusion.py).
     """
-    with torch.random.fork_rng(devices=[]):  # optimum draws the dummy inputs from torch's RNG
-        torch.manual_seed(seed)  # the same inputs on every run: the numbers in ffsplit.json reproduce
+    with _seeded_rngs(seed):  # the same inputs on every run: the numbers in ffsplit.json reproduce
         inputs = config.generate_dummy_inputs(framework="pt", **input_shapes)
     if full_attention_mask and "attention_mask" in inputs:
         inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
@@ -234,6 +260,7 @@ def validate_file(
     approx_draws: int = 4,
     full_attention_mask: bool = False,
     reference_path: Path | None = None,
+    exact_draws: int = 3,
 ) -> dict:
     """The comparisons of one ONNX file (see the module docstring); raises only on a shape mismatch.
 
@@ -247,19 +274,31 @@ def validate_file(
     and ``ort_max_abs``. ``full_attention_mask`` replaces the drawn (padded) attention mask by ones;
     ``reference_path`` is the graph the reference evaluator runs instead of ``onnx_path`` (the
     unfused graph of a file the fusion pass rewrote into contrib ops it has no reference for).
+
+    The exact-path difference (``outputs`` at accuracy_level 0, ``exact_outputs`` above it) is the
+    median over ``exact_draws`` seeded draws, each draw's in ``exact_outputs_per_draw``: a wrong
+    weight or kernel moves the outputs on every input, while float32 rounding is amplified by a
+    deep model on a few inputs only (SmolLM2, 30 layers: 1 of 30 padding draws gave 0.0373 where
+    the others gave 6.5e-5..8.3e-3, and the same draw gave 0.0356 with stock ONNX ops in place of
+    ours, ``--target portable``), so one unlucky draw is no false alarm.
     """
-    inputs, ref = _draw(config, model, input_shapes, model_kwargs, seed, full_attention_mask)
+    draws = [_draw(config, model, input_shapes, model_kwargs, seed, full_attention_mask)]
+    inputs, ref = draws[0]
     level = graph_accuracy_level(onnx_path)
     sess = session_factory(onnx_path)
     in_names = [i.name for i in sess.get_inputs()]
     feeds = _ort_inputs(config, inputs, in_names)
     onnx_to_torch = {v: k for k, v in config.torch_to_onnx_output_map.items()}
+
+    def wanted(ref_outputs: dict, name: str) -> np.ndarray:
+        return ref_outputs[onnx_to_torch.get(name, name)]
+
     outs = sess.run(output_names, feeds)
     wants = []
     pooled = {name: _Pooled() for name in output_names}
     result: dict = {"accuracy_level": level, "outputs": {}, "ref_max_abs": {}}
     for name, got in zip(output_names, outs):
-        want = ref[onnx_to_torch.get(name, name)]
+        want = wanted(ref, name)
         if got.shape != want.shape:
             raise ValidationError(
                 f"{onnx_path.name}: output {name!r} has shape {got.shape}, PyTorch gives {want.shape}"
@@ -268,33 +307,55 @@ def validate_file(
         result["outputs"][name] = max_abs_diff(got, want)
         result["ref_max_abs"][name] = float(np.max(np.abs(want))) if want.size else 0.0
         pooled[name].add(got, want, _is_logits(name))
+    n_draws = max(exact_draws, approx_draws if level > 0 else 1)
+    t0 = time.time()
+    draws += [
+        _draw(config, model, input_shapes, model_kwargs, seed + k, full_attention_mask)
+        for k in range(1, n_draws)
+    ]
     if level > 0:
-        t0 = time.time()
-        for k in range(1, approx_draws):
-            more, more_ref = _draw(config, model, input_shapes, model_kwargs, seed + k, full_attention_mask)
+        for more, more_ref in draws[1:approx_draws]:
             for name, got in zip(output_names, sess.run(output_names, _ort_inputs(config, more, in_names))):
-                want = more_ref[onnx_to_torch.get(name, name)]
+                want = wanted(more_ref, name)
                 if got.shape == want.shape:
                     pooled[name].add(got, want, _is_logits(name))
         result["approx_draws"] = approx_draws
         result["seconds_approx_draws"] = round(time.time() - t0, 2)
-    del sess
     result["rel_l2"] = {name: p.rel_l2() for name, p in pooled.items()}
     for name, p in pooled.items():
         if p.positions:
             result.setdefault("top1_agreement", {})[name] = p.agree / p.positions
             result.setdefault("top1_positions", {})[name] = p.positions
-    exact = outs
+
+    # the exact path on exact_draws draws: the file itself at level 0, a level-0 copy above it
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix=".validate-exact-", dir=onnx_path.parent) as tmp:
+        exact_sess = None
+        if level > 0:
+            exact_sess = session_factory(_exact_copy(onnx_path, Path(tmp)))
+            exact = exact_sess.run(output_names, feeds)
+        else:
+            exact = outs
+        per_draw = [{name: max_abs_diff(got, want) for name, got, want in zip(output_names, exact, wants)}]
+        if exact_draws > 1:
+            for more, more_ref in draws[1:exact_draws]:
+                got_all = (exact_sess or sess).run(output_names, _ort_inputs(config, more, in_names))
+                per_draw.append(
+                    {
+                        name: max_abs_diff(got, wanted(more_ref, name))
+                        for name, got in zip(output_names, got_all)
+                        if got.shape == wanted(more_ref, name).shape
+                    }
+                )
+        del exact_sess, sess
+    median = {name: float(np.median([d.get(name, np.nan) for d in per_draw])) for name in output_names}
+    result["exact_outputs_per_draw"] = per_draw
     if level > 0:
-        t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix=".validate-exact-", dir=onnx_path.parent) as tmp:
-            sess = session_factory(_exact_copy(onnx_path, Path(tmp)))
-            exact = sess.run(output_names, feeds)
-            del sess
-        result["exact_outputs"] = {
-            name: max_abs_diff(got, want) for name, got, want in zip(output_names, exact, wants)
-        }
-        result["seconds_exact_path"] = round(time.time() - t0, 2)
+        result["exact_outputs"] = median
+    else:
+        result["outputs"] = median
+    result["exact_draws"] = len(per_draw)
+    result["seconds_exact_path"] = round(time.time() - t0, 2)
     if reference_ops is not None:
         from onnx.reference import ReferenceEvaluator
 
@@ -336,7 +397,7 @@ def _fails(diff: float, tol: float) -> bool:
 
 
 def check_tolerance(
-    results: dict, atol: float, rtol: float = 5e-4, tolerances: Tolerances | None = None
+    results: dict, atol: float, rtol: float = Tolerances.rtol, tolerances: Tolerances | None = None
 ) -> dict:
     """Raise ValidationError when a comparison of :func:`validate_file` is past its tolerance.
 

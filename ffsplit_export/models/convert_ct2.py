@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .._io import atomic_dir
 from ..errors import ConfigError, FormatError, MissingResourceError, UnsupportedModelError
 
 __all__ = ["Ct2Model", "convert_ct2", "read_ct2_model"]
@@ -377,7 +376,8 @@ def convert_ct2(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overw
 
     Writes config, generation config, ``model.safetensors``, tokenizer files and
     ``preprocessor_config.json`` into a temporary directory next to ``out_dir`` and renames it
-    into place when complete. Refuses an existing ``out_dir`` unless ``overwrite=True``.
+    into place when complete (:func:`ffsplit_export._io.atomic_dir`). Refuses an existing
+    ``out_dir`` unless ``overwrite=True``.
     """
     from transformers import WhisperFeatureExtractor
 
@@ -401,9 +401,7 @@ def convert_ct2(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overw
     sd, facts = _state_dict(ct2, source)
     model = _build_hf(sd, facts, ids, ct2_cfg)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, replace=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         _write_tokenizer(tokenizer, ids, tmp)
         WhisperFeatureExtractor(feature_size=facts["num_mel_bins"]).save_pretrained(tmp)
@@ -411,17 +409,4 @@ def convert_ct2(ct2_dir: str | os.PathLike, out_dir: str | os.PathLike, *, overw
             json.dumps({"ct2_dir": str(ct2_dir), "spec": ct2.spec, "revision": ct2.revision}, indent=1),
             encoding="utf-8",
         )
-        _umask = os.umask(0)
-        os.umask(_umask)
-        os.chmod(tmp, 0o777 & ~_umask)  # mkdtemp makes 0700; give the result the usual permissions
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / "old")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

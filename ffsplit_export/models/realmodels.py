@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from .._io import atomic_dir
 from ..errors import ConfigError, MissingResourceError
 
 __all__ = [
@@ -107,22 +106,13 @@ def _save_smollm2(out: Path) -> None:
         model = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as e:
         raise MissingResourceError(f"loading {gguf} needs the gguf package: {_INSTALL}") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        os.replace(tmp, out)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "config.json").is_file():  # lost a race with another process: fine if it finished
             raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def real_model_dir(name: str) -> Path:
@@ -140,7 +130,7 @@ def real_model_dir(name: str) -> Path:
     src = whisper_tiny_en_ct2_dir() if name == "whisper-tiny.en" else whisper_base_ct2_dir()
     try:
         convert_ct2(src, out)
-    except ConfigError:
+    except (ConfigError, OSError):  # another process converted it first
         if not (out / "config.json").is_file():  # out exists but is incomplete
             raise
     return out

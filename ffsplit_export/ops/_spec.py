@@ -351,7 +351,9 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
 
     ``include_contrib`` adds ``com.microsoft::MatMulNBits`` (int8 / int4 weights) and
     ``GatherBlockQuantized`` (int8 embedding tables);
-    ``domain`` selects the node domain (``trt.plugins`` for TensorRT graphs).
+    ``domain`` selects the node domain: ``ffsplit`` (the default, also that of ``--target
+    tensorrt`` graphs) or ``trt.plugins`` for a graph rewritten by
+    :func:`ffsplit_export.trt.onnx_nodes.set_plugin_domain`.
     """
     from onnx.reference.op_run import OpRun
 

@@ -7,6 +7,11 @@
 //   SparseMatMulInt4(X, mask, values:uint8[ceil(nnz/2)] 4-bit codes, row_ptr, scales:float[groups]),
 //     int attribute group_size (required, >= 8): a scale per group_size kept values of a row
 //     (accuracy_level 4 is accepted and computed exactly)
+//   FusedFFN(X, heavy/light up, down and gate parts...): a whole split FFN in one node; inputs,
+//     attributes (activation, gated, skip, threshold) and reference in ffsplit_export/ops/_ffn.py,
+//     kernel in ffn.cc
+// RegisterCustomOps below adds exactly these five to the ffsplit domain (tests/test_docs.py checks
+// this list against the registration and against ffsplit_export.ops).
 // Optional int attribute accuracy_level (default 0 = exact fp32 compute); 4 lets the int8-weight ops
 // quantize activations to int8 per row (as MatMulNBits accuracy_level 4): the VNNI kernels run when
 // the CPU has them. FFSPLIT_ISA (other than auto) overrides the choice for tests and debugging.

@@ -1,0 +1,146 @@
+"""Named recipes (``--preset accurate|balanced|fast``): points measured on the speed/accuracy front.
+
+A preset is a table of :class:`~ffsplit_export.config.CompressionConfig` fields plus the
+MatMulNBits ``nbits_accuracy_level`` the export ships with; an option the user gives explicitly
+overrides the preset's field. The values were chosen from ``samples/frontier.py`` on
+SmolLM2-135M (README, "The speed/accuracy front": perplexity measured through ONNX Runtime at
+the shipped accuracy level, bytes and decode speed of each, same run as ONNX Runtime's own
+quantizer and the GenAI model builder). ``balanced`` is the default of ``ffsplit-export
+export``, ``optimum-cli export ffsplit`` and :func:`ffsplit_export.export`.
+
+Core module: imports only errors (``config.py`` imports this table; ``tests/test_layers.py``).
+:meth:`CompressionConfig.from_preset` builds a preset's config.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "NO_PRESET",
+    "PRESETS",
+    "PRESET_FIELDS",
+    "preset_accuracy_level",
+    "preset_names",
+    "resolve_preset",
+]
+
+DEFAULT_PRESET = "balanced"
+NO_PRESET = "none"  # --preset none: CompressionConfig's own field defaults, accuracy level 0
+
+# the option fields a preset sets (CLI dest names = CompressionConfig / ExportOptions field names)
+PRESET_FIELDS = (
+    "light_format",
+    "light_sparsity",
+    "prune_method",
+    "heavy_fraction",
+    "heavy_format",
+    "other_linear",
+    "embedding",
+    "group_size",
+    "quantizer",
+    "nbits_accuracy_level",
+)
+
+_INT4 = {
+    "light_format": "int4",
+    "light_sparsity": 0.5,  # unused by int4 (no pruning)
+    "prune_method": "wanda",  # unused by int4
+    "heavy_fraction": 0.1,
+    "heavy_format": "int8",
+    "other_linear": "int4",
+    "embedding": "int8",
+    "quantizer": "gptq",
+    "nbits_accuracy_level": 4,
+}
+
+PRESETS = MappingProxyType(
+    {
+        "accurate": MappingProxyType(
+            {
+                "light_format": "int8",
+                "light_sparsity": 0.5,  # unused by int8
+                "prune_method": "wanda",  # unused by int8
+                "heavy_fraction": 0.1,
+                "heavy_format": "fp32",
+                "other_linear": "int8",
+                "embedding": "int8",
+                "group_size": 128,
+                "quantizer": "rtn",  # int8 round-to-nearest is already within 1 % of dense
+                "nbits_accuracy_level": 4,
+                "note": "closest to dense: FFN light part int8 (no pruning), 10 % fp32 heavy, "
+                "attention / lm_head / embedding int8",
+            }
+        ),
+        "balanced": MappingProxyType(
+            {
+                **_INT4,
+                "group_size": 32,
+                "note": "the default: GPTQ int4 (group 32) light part and attention / lm_head, "
+                "10 % int8 heavy, int8 embedding",
+            }
+        ),
+        "fast": MappingProxyType(
+            {
+                **_INT4,
+                "group_size": 128,
+                "note": "fewest bytes read per token: as balanced with int4 group 128",
+            }
+        ),
+    }
+)
+
+# a preset's fields that a target cannot carry, replaced there (TensorRT has no MatMulNBits /
+# GatherBlockQuantized): the rest of the preset stays; explicit options still win
+TARGET_OVERRIDES = MappingProxyType(
+    {
+        "tensorrt": MappingProxyType(
+            {
+                "light_format": "sparse-int8",
+                "prune_method": "sparsegpt",
+                "heavy_format": "fp16",
+                "other_linear": "fp32",
+                "embedding": "fp32",
+                "nbits_accuracy_level": 0,
+            }
+        )
+    }
+)
+
+
+def preset_names() -> tuple[str, ...]:
+    return tuple(PRESETS)
+
+
+def _check(name: str) -> None:
+    if name not in PRESETS:
+        raise ConfigError(
+            f"unknown preset {name!r}; available: {', '.join(PRESETS)}, or {NO_PRESET} "
+            "(or give the options one by one)"
+        )
+
+
+def resolve_preset(name: str | None = DEFAULT_PRESET, target: str | None = None, **explicit) -> dict:
+    """The option values of preset ``name`` with every explicit (non-None) option laid over them.
+
+    With ``target``, the preset's fields that target cannot carry are replaced first
+    (``TARGET_OVERRIDES``). ``name`` None or ``"none"``: no preset, only the explicit options.
+    Keys other than the preset fields are passed through unchanged.
+    """
+    base: dict = {}
+    if name is not None and name != NO_PRESET:
+        _check(name)
+        base = {k: v for k, v in PRESETS[name].items() if k != "note"}
+        base.update(TARGET_OVERRIDES.get(str(target), {}))
+    base.update({k: v for k, v in explicit.items() if v is not None})
+    return base
+
+
+def preset_accuracy_level(name: str | None, target: str | None = None) -> int:
+    """The MatMulNBits accuracy_level preset ``name`` ships with (0 without a preset)."""
+    if name is None or name == NO_PRESET:
+        return 0
+    return int(resolve_preset(name, target)["nbits_accuracy_level"])
