@@ -56,6 +56,7 @@ class Manifest(dict):
                 "fused_ffn": bool(getattr(options, "fused_ffn", False)),
                 "activation_sparsity": getattr(getattr(options, "sparsity", None), "label", 0),
                 "preset": config.preset,
+                "fuse_attention": bool(getattr(options, "fuse_attention", False)),
             },
             light_format=str(split.light_format),
             trt_sparse_weights=bool(options.trt_dense_24),

@@ -489,6 +489,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "|act(gate)| or |act(up)| calibrated on the calibration data; ort-cpu); implies --fused-ffn",
     )
     p.add_argument(
+        "--no-fuse-attention",
+        action="store_true",
+        help="ort-cpu: keep optimum's graph around the FFN (by default RMSNorm, rotary and attention with "
+        "the KV cache are fused into ONNX Runtime's SkipSimplifiedLayerNormalization / RotaryEmbedding / "
+        "GroupQueryAttention; the fused attention needs unpadded batches)",
+    )
+    p.add_argument(
         "-v", "--verbose", action="store_true", help="show PyTorch tracer warnings and optimum's messages"
     )
 
@@ -511,4 +518,5 @@ def export_options_from_args(args):
         trt_dense_24=args.trt_dense_24,
         fused_ffn=getattr(args, "fused_ffn", False),
         activation_sparsity=getattr(args, "activation_sparsity", "0"),
+        fuse_attention=False if getattr(args, "no_fuse_attention", False) else None,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ class ExportOptions:
     extra_manifest: dict = field(default_factory=dict)
     fused_ffn: bool = False  # one ffsplit::FusedFFN node per split FFN (ort-cpu)
     activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
+    # ort-cpu: fuse RMSNorm / rotary / attention around the FFN into ONNX Runtime contrib ops
+    # (export/fusion.py); None = on for ort-cpu, off for the other targets
+    fuse_attention: bool | None = None
 
     def __post_init__(self):
         self.target = Target.parse(self.target, "--target")
@@ -66,6 +70,16 @@ class ExportOptions:
             raise ConfigError(
                 f"--trt-dense-24 applies to --target tensorrt, not {self.target}; pass --target tensorrt, "
                 "or leave --trt-dense-24 out"
+            )
+        if self.fuse_attention is None:
+            self.fuse_attention = self.target is Target.ORT_CPU
+        elif not isinstance(self.fuse_attention, bool):
+            raise ConfigError(
+                f"fuse_attention={self.fuse_attention!r}; use True, False or None (on for ort-cpu)"
+            )
+        elif self.fuse_attention and self.target is not Target.ORT_CPU:
+            raise ConfigError(
+                f"fuse_attention applies to --target ort-cpu, not {self.target}; leave it out or use ort-cpu"
             )
         if self.nbits_accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise ConfigError(
@@ -173,9 +187,10 @@ def _export_locked(
     from .._io import atomic_dir
 
     with atomic_dir(output, replace=True) as tmp:
-        results = _export_into(model, preprocessor, tmp, task, options)
+        results, fusion = _export_into(model, preprocessor, tmp, task, options)
         manifest = dict(manifest)
         manifest.update(_file_summary(tmp), validation=results, target=str(options.target), task=task)
+        manifest["graph_fusion"] = fusion
         manifest.update(options.extra_manifest)
         manifest["versions"] = _versions()
         from ..deploy import finish_export_folder  # bundled library, genai_config.json, model card
@@ -190,6 +205,7 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
     atol = default_atol(options)
     results: dict = {}
     ref_ops = None
+    pending: list = []  # optimum's validation calls, run after the fusion pass
     # a tensorrt graph without plugin nodes (2:4 as dense Gemm) runs in ONNX Runtime: validate it
     ort_check = options.target is not Target.TENSORRT or not _emits_plugin_nodes(model, options)
     if options.validate and ort_check and options.reference_check:
@@ -208,26 +224,52 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         use_subprocess=False,
         model_kwargs=None,
     ):
+        pending.append(
+            (
+                models_and_onnx_configs,
+                onnx_named_outputs,
+                output_dir,
+                onnx_files_subpaths,
+                input_shapes,
+                model_kwargs,
+            )
+        )
+
+    def run_validation(
+        models_and_onnx_configs,
+        onnx_named_outputs,
+        output_dir,
+        onnx_files_subpaths,
+        input_shapes,
+        model_kwargs,
+    ):
         from .validate import validate_file, validation_summary
 
         names = onnx_files_subpaths or [f"{k}.onnx" for k in models_and_onnx_configs]
         for (_sub_name, (sub_model, cfg)), outs, fname in zip(
             models_and_onnx_configs.items(), onnx_named_outputs, names
         ):
-            t0 = time.time()
             path = Path(output_dir) / fname
             use_ref = ref_ops is not None and path.stat().st_size < 600 * 2**20
+            # a GroupQueryAttention graph is checked on inputs it is made for (export/fusion.py): no
+            # padding, and batch 1 (it takes several new tokens after a cache only at batch 1)
+            shapes = {"batch_size": 1} if fusion.get(fname, {}).get("GroupQueryAttention") else {}
+            t0 = time.time()
             r = validate_file(
                 cfg,
                 sub_model,
                 path,
                 outs,
-                input_shapes or {},
+                {**(input_shapes or {}), **shapes},
                 model_kwargs,
                 sessions,
                 ref_ops if use_ref else None,
+                full_attention_mask=bool(shapes),
+                reference_path=unfused.get(fname),
             )
             r["seconds"] = round(time.time() - t0, 2)
+            if shapes:
+                r["inputs"] = {**shapes, "attention_mask": "all ones"}
             key = fname if fname not in results else f"{fname} (use_cache_branch)"
             results[key] = r
             print(f"validated {key}: " + validation_summary(r))
@@ -268,6 +310,13 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
             ) from e
         finally:
             model.config._name_or_path = source
+    fusion: dict = {"enabled": bool(options.fuse_attention)}
+    unfused: dict = {}
+    with tempfile.TemporaryDirectory(prefix=".unfused-", dir=out) as keep:
+        if options.fuse_attention:
+            fusion.update(_fuse_files(model, out, Path(keep) if ref_ops is not None else None, unfused))
+        for call in pending:
+            run_validation(*call)
     if preprocessor is not None:
         preprocessor.save_pretrained(out)
     from .run_hint import add_run_hints  # the one-line fix for running ffsplit nodes, inside each graph
@@ -284,7 +333,43 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
                 "no ONNX file was validated; this is a bug, re-run with --no-validate to inspect"
             )
         check_tolerance(results, atol)
-    return results
+    return results, fusion
+
+
+def _fuse_files(model, out: Path, keep: Path | None, unfused: dict) -> dict:
+    """Run the fusion pass (export/fusion.py) on every ONNX file in ``out``, in place.
+
+    With ``keep``, each file's unfused graph is saved there first (the NumPy reference evaluator has
+    no contrib ops, so it checks the unfused graph) and its path recorded in ``unfused``.
+    """
+    from .fusion import fuse_graph
+
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    stats = {}
+    for path in sorted(out.glob("*.onnx")):
+        if keep is not None and path.stat().st_size < 600 * 2**20:  # the reference check's limit
+            m = onnx.load(str(path), load_external_data=True)
+            copy = keep / path.name
+            onnx.save_model(m, str(copy), save_as_external_data=True, location=path.name + "_data")
+            unfused[path.name] = copy
+            del m
+        try:
+            stats[path.name] = fuse_graph(
+                path,
+                path,
+                num_heads=heads,
+                kv_num_heads=kv_heads,
+                max_positions=getattr(cfg, "max_position_embeddings", None),
+            )
+        except FFSplitError:
+            raise
+        except Exception as e:  # onnxruntime.transformers' fusions raise plain exceptions
+            raise ExportError(
+                f"the graph fusion pass failed on {path.name}: {e}; export with --no-fuse-attention"
+            ) from e
+    return stats
 
 
 def _emits_plugin_nodes(model, options: ExportOptions) -> bool:

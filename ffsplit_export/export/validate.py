@@ -209,10 +209,15 @@ def _seeded_rngs(seed: int):
             np.random.set_state(np_state)
 
 
-def _draw(config, model, input_shapes: dict, model_kwargs, seed: int):
-    """One set of dummy inputs (seeded) and the PyTorch outputs on them."""
+def _draw(config, model, input_shapes: dict, model_kwargs, seed: int, full_attention_mask: bool = False):
+    """One set of dummy inputs (seeded) and the PyTorch outputs on them.
+
+    ``full_attention_mask``: no padding (the fused attention's contract, export/fusion.py).
+    """
     with _seeded_rngs(seed):  # the same inputs on every run: the numbers in ffsplit.json reproduce
         inputs = config.generate_dummy_inputs(framework="pt", **input_shapes)
+    if full_attention_mask and "attention_mask" in inputs:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
     ref_inputs = config.rename_ambiguous_inputs(copy.deepcopy(inputs))
     with config.patch_model_for_export(model, model_kwargs=model_kwargs), torch.inference_mode():
         ref = _flatten(config, dict(model(**ref_inputs).items()))
@@ -253,6 +258,8 @@ def validate_file(
     reference_ops: list | None = None,
     seed: int = 0,
     approx_draws: int = 4,
+    full_attention_mask: bool = False,
+    reference_path: Path | None = None,
     exact_draws: int = 3,
 ) -> dict:
     """The comparisons of one ONNX file (see the module docstring); raises only on a shape mismatch.
@@ -264,7 +271,9 @@ def validate_file(
     over ``approx_draws`` seeded draws of the dummy inputs (random tokens scatter them: on
     SmolLM2 logits' relative L2 error ranged 0.06-0.34 over five single draws); with
     ``reference_ops`` also ``reference_evaluator`` (max abs diff against ORT's exact-path outputs)
-    and ``ort_max_abs``.
+    and ``ort_max_abs``. ``full_attention_mask`` replaces the drawn (padded) attention mask by ones;
+    ``reference_path`` is the graph the reference evaluator runs instead of ``onnx_path`` (the
+    unfused graph of a file the fusion pass rewrote into contrib ops it has no reference for).
 
     The exact-path difference (``outputs`` at accuracy_level 0, ``exact_outputs`` above it) is the
     median over ``exact_draws`` seeded draws, each draw's in ``exact_outputs_per_draw``: a wrong
@@ -273,7 +282,7 @@ def validate_file(
     the others gave 6.5e-5..8.3e-3, and the same draw gave 0.0356 with stock ONNX ops in place of
     ours, ``--target portable``), so one unlucky draw is no false alarm.
     """
-    draws = [_draw(config, model, input_shapes, model_kwargs, seed)]
+    draws = [_draw(config, model, input_shapes, model_kwargs, seed, full_attention_mask)]
     inputs, ref = draws[0]
     level = graph_accuracy_level(onnx_path)
     sess = session_factory(onnx_path)
@@ -300,7 +309,10 @@ def validate_file(
         pooled[name].add(got, want, _is_logits(name))
     n_draws = max(exact_draws, approx_draws if level > 0 else 1)
     t0 = time.time()
-    draws += [_draw(config, model, input_shapes, model_kwargs, seed + k) for k in range(1, n_draws)]
+    draws += [
+        _draw(config, model, input_shapes, model_kwargs, seed + k, full_attention_mask)
+        for k in range(1, n_draws)
+    ]
     if level > 0:
         for more, more_ref in draws[1:approx_draws]:
             for name, got in zip(output_names, sess.run(output_names, _ort_inputs(config, more, in_names))):
@@ -348,7 +360,7 @@ def validate_file(
         from onnx.reference import ReferenceEvaluator
 
         t0 = time.time()
-        ev = ReferenceEvaluator(str(onnx_path), new_ops=reference_ops)
+        ev = ReferenceEvaluator(str(reference_path or onnx_path), new_ops=reference_ops)
         ev_outs = ev.run(output_names, feeds)
         result["reference_evaluator"] = {
             name: max_abs_diff(np.asarray(a), b) for name, a, b in zip(output_names, ev_outs, exact)
