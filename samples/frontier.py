@@ -21,12 +21,23 @@ made by ``samples/genai_builder_env.sh``) the ONNX Runtime GenAI model builder's
 whose perplexity comes from its ONNX graph in ONNX Runtime and whose decode speed, like that of
 our exports, is also measured in onnxruntime-genai's own generation loop.
 
-Outputs under ``--output``: ``frontier.json``, ``frontier.md`` and ``<model>_front.png``
-(perplexity against decode ms/token, Pareto front drawn).
+Whisper (``--models whisper-tiny.en``, ``whisper-base``, ``tiny-whisper``): accuracy is the WER
+on the five offline LibriVox clips plus the teacher-forced perplexity of the dense PyTorch
+model's own transcripts (README protocol; ``ffsplit_export.eval.evaluate.transcribe`` /
+``transcript_perplexity`` on optimum's ``ORTModelForSpeechSeq2Seq``), speed is the seconds to
+transcribe the clips (greedy) and the median decoder call with a KV cache in that same loop
+(ms/token), interleaved and medians as above; bytes are those of the files optimum loads
+(encoder + merged decoder). ONNX Runtime's quantizer is applied to the encoder and the merged
+decoder, the tied lm_head (a Transpose inside the If branches) folded to a constant first.
+
+Outputs under ``--output``: ``<stem>.json``, ``<stem>.md`` (``--stem``, default ``frontier``) and
+``<model>_front.png`` (perplexity against decode ms/token, Pareto front drawn).
 
     python samples/frontier.py --models smollm2-135m --output samples/results/frontier \\
         --genai-python "$(samples/genai_builder_env.sh)"
     python samples/frontier.py --models tiny-llama --quick --output /tmp/front   # smoke test, < 1 min
+    python samples/frontier.py --models whisper-tiny.en --output samples/results/frontier \\
+        --work /tmp/front-work --stem whisper_tiny_en
 """
 
 from __future__ import annotations
