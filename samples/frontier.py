@@ -21,12 +21,23 @@ made by ``samples/genai_builder_env.sh``) the ONNX Runtime GenAI model builder's
 whose perplexity comes from its ONNX graph in ONNX Runtime and whose decode speed, like that of
 our exports, is also measured in onnxruntime-genai's own generation loop.
 
-Outputs under ``--output``: ``frontier.json``, ``frontier.md`` and ``<model>_front.png``
-(perplexity against decode ms/token, Pareto front drawn).
+Whisper (``--models whisper-tiny.en``, ``whisper-base``, ``tiny-whisper``): accuracy is the WER
+on the five offline LibriVox clips plus the teacher-forced perplexity of the dense PyTorch
+model's own transcripts (README protocol; ``ffsplit_export.eval.evaluate.transcribe`` /
+``transcript_perplexity`` on optimum's ``ORTModelForSpeechSeq2Seq``), speed is the seconds to
+transcribe the clips (greedy) and the median decoder call with a KV cache in that same loop
+(ms/token), interleaved and medians as above; bytes are those of the files optimum loads
+(encoder + merged decoder). ONNX Runtime's quantizer is applied to the encoder and the merged
+decoder, the tied lm_head (a Transpose inside the If branches) folded to a constant first.
+
+Outputs under ``--output``: ``<stem>.json``, ``<stem>.md`` (``--stem``, default ``frontier``) and
+``<model>_front.png`` (perplexity against decode ms/token, Pareto front drawn).
 
     python samples/frontier.py --models smollm2-135m --output samples/results/frontier \\
         --genai-python "$(samples/genai_builder_env.sh)"
     python samples/frontier.py --models tiny-llama --quick --output /tmp/front   # smoke test, < 1 min
+    python samples/frontier.py --models whisper-tiny.en --output samples/results/frontier \\
+        --work /tmp/front-work --stem whisper_tiny_en
 """
 
 from __future__ import annotations
@@ -191,33 +202,94 @@ def build_dense(m: Model, out: Path) -> Path:
     return out
 
 
+def _graphs(graph):
+    """A graph and every subgraph under it (the If branches of optimum's merged decoder)."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.g is not None and a.HasField("g"):
+                yield from _graphs(a.g)
+            for g in a.graphs:
+                yield from _graphs(g)
+
+
 def _set_level(model, level: int) -> int:
     n = 0
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
-                    break
-            else:
-                from onnx import helper
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            if node.op_type == "MatMulNBits":
+                for a in node.attribute:
+                    if a.name == "accuracy_level":
+                        a.i = level
+                        break
+                else:
+                    from onnx import helper
 
-                node.attribute.append(helper.make_attribute("accuracy_level", level))
-            n += 1
+                    node.attribute.append(helper.make_attribute("accuracy_level", level))
+                n += 1
     return n
 
 
+def _quant_files(dense: Path) -> list[str]:
+    """The ONNX files a user quantizes: model.onnx (LM), or the encoder and the decoder(s) optimum loads."""
+    if (dense / "model.onnx").exists():
+        return ["model.onnx"]
+    if (dense / "decoder_model_merged.onnx").exists():
+        return ["encoder_model.onnx", "decoder_model_merged.onnx"]
+    return sorted(f.name for f in dense.glob("*.onnx"))
+
+
+def fold_subgraph_transposes(model) -> int:
+    """``fold_weight_transposes`` for the If branches of a merged decoder: every
+    ``Transpose(top-level initializer)`` in a subgraph is replaced by one shared transposed
+    top-level initializer (both branches use the same one), so the quantizer sees the tied
+    lm_head as a constant weight. Returns the number of nodes removed."""
+    from onnx import numpy_helper
+
+    top = model.graph
+    inits = {t.name: t for t in top.initializer}
+    made: dict = {}
+    removed = 0
+    for graph in list(_graphs(top))[1:]:
+        renames = {}
+        for n in list(graph.node):
+            if n.op_type == "Transpose" and n.input[0] in inits:
+                perm = next((list(x.ints) for x in n.attribute if x.name == "perm"), None)
+                key = (n.input[0], tuple(perm or ()))
+                if key not in made:
+                    a = numpy_helper.to_array(inits[n.input[0]])
+                    name = f"{n.input[0]}_transposed{len(made)}"
+                    top.initializer.append(
+                        numpy_helper.from_array(np.ascontiguousarray(a.transpose(perm)), name)
+                    )
+                    made[key] = name
+                renames[n.output[0]] = made[key]
+                graph.node.remove(n)
+                removed += 1
+        for n in graph.node:
+            for i, x in enumerate(n.input):
+                if x in renames:
+                    n.input[i] = renames[x]
+        for o in graph.output:
+            if o.name in renames:
+                raise SystemExit(f"a folded Transpose output {o.name} is a subgraph output; cannot fold")
+    return removed
+
+
 def build_ort_quant(dense: Path, out: Path, bits: int, block: int, algo: str, level: int) -> Path:
-    """ONNX Runtime's quantizer on optimum's export, the tied lm_head untied first so it is quantized."""
-    if (out / "model.onnx").exists():
+    """ONNX Runtime's quantizer on optimum's export (each file it loads), the tied lm_head untied
+    first so it is quantized."""
+    files = _quant_files(dense)
+    if (out / files[0]).exists():
         return out
     import onnx
 
     l0 = out.with_name(out.name[: -len(f"L{level}")] + "L0") if out.name.endswith(f"L{level}") else None
-    if level != 0 and l0 is not None and (l0 / "model.onnx").exists():  # same weights, other attribute
-        qm = onnx.load(str(l0 / "model.onnx"))
-        _set_level(qm, level)
-        return _save_quant(qm, dense, out)
+    if level != 0 and l0 is not None and all((l0 / f).exists() for f in files):  # same weights
+        qms = {f: onnx.load(str(l0 / f)) for f in files}
+        for qm in qms.values():
+            _set_level(qm, level)
+        return _save_quant(qms, dense, out)
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
@@ -226,26 +298,31 @@ def build_ort_quant(dense: Path, out: Path, bits: int, block: int, algo: str, le
 
     from ffsplit_export.bench import fold_weight_transposes
 
-    model = onnx.load(str(dense / "model.onnx"))
-    fold_weight_transposes(model)
-    if algo == "HQQ":
-        cfg = HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
-    else:
-        cfg = DefaultWeightOnlyQuantConfig(block_size=block, bits=bits, accuracy_level=level)
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, accuracy_level=level, algo_config=cfg)
-    q.process()
-    qm = q.model.model if hasattr(q.model, "model") else q.model
-    _set_level(qm, level)  # HQQ's config takes no accuracy_level
-    return _save_quant(qm, dense, out)
+    qms = {}
+    for f in files:
+        model = onnx.load(str(dense / f))
+        fold_weight_transposes(model)
+        fold_subgraph_transposes(model)  # the merged decoder's tied lm_head (no-op for model.onnx)
+        if algo == "HQQ":
+            cfg = HQQWeightOnlyQuantConfig(block_size=block, bits=bits)
+        else:
+            cfg = DefaultWeightOnlyQuantConfig(block_size=block, bits=bits, accuracy_level=level)
+        q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, accuracy_level=level, algo_config=cfg)
+        q.process()
+        qm = q.model.model if hasattr(q.model, "model") else q.model
+        _set_level(qm, level)  # HQQ's config takes no accuracy_level
+        qms[f] = qm
+    return _save_quant(qms, dense, out)
 
 
-def _save_quant(qm, dense: Path, out: Path) -> Path:
+def _save_quant(qms: dict, dense: Path, out: Path) -> Path:
     import onnx
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    onnx.save_model(qm, str(tmp / "model.onnx"))
+    for f, qm in qms.items():
+        onnx.save_model(qm, str(tmp / f))
     for f in dense.iterdir():
         if f.suffix in (".json", ".txt", ".model") or f.name.startswith("tokenizer"):
             shutil.copy(f, tmp / f.name)
@@ -255,7 +332,7 @@ def _save_quant(qm, dense: Path, out: Path) -> Path:
 
 def build_ffsplit(m: Model, out: Path, opts: dict) -> Path:
     """``ffsplit-export export`` with the recipe's options (the shared calibration statistics)."""
-    if (out / "model.onnx").exists():
+    if (out / "ffsplit.json").exists():
         return out
     from ffsplit_export.config import CompressionConfig
     from ffsplit_export.export.core import ExportOptions, export_split_model
@@ -275,7 +352,7 @@ def build_ffsplit(m: Model, out: Path, opts: dict) -> Path:
         "compression_config": cfg.to_dict(),
     }
     eo = ExportOptions(validate=False, overwrite=True, nbits_accuracy_level=opts["nbits_accuracy_level"])
-    export_split_model(res.model, m.pre, out, TASK, eo, manifest)
+    export_split_model(res.model, m.pre, out, getattr(m, "task", TASK), eo, manifest)
     del res
     gc.collect()
     return out
@@ -451,6 +528,312 @@ def read_bandwidth(gib: float, repeats: int = 5) -> dict:
     return {"numpy_sum_gbs_median": statistics.median(best), "numpy_sum_gbs_best": max(best)}
 
 
+# ------------------------------------------------------------------------------ Whisper
+
+SPEECH_TASK = "automatic-speech-recognition-with-past"
+
+
+def whisper_recipes(quick: bool) -> list[Recipe]:
+    """Whisper rows: dense, ONNX Runtime's int4 (block 32 / 128, DEFAULT, accuracy_level 4) on the
+    encoder and decoder files, the old default, the presets and (full runs) Whisper candidates."""
+    from ffsplit_export.presets import PRESETS
+
+    out = [_r("dense fp32 (optimum)", "dense")]
+    for block in (32,) if quick else (32, 128):
+        out.append(
+            _r(f"ORT int4 b{block} DEFAULT L4", "ort-quant", bits=4, block=block, algo="DEFAULT", level=4)
+        )
+    if not quick:
+        out.append(_r("ORT int8 b128 DEFAULT L4", "ort-quant", bits=8, block=128, algo="DEFAULT", level=4))
+    lm = recipes(True)
+    out += [r for r in lm if r.kind == "ffsplit"]
+    if quick:
+        return out
+    acc = {k: v for k, v in PRESETS["accurate"].items() if k != "note"}
+    out += [
+        ffsplit_recipe(
+            "accurate with int8 heavy",
+            "Whisper candidate: the accurate preset with the heavy part int8 too (all int8)",
+            **{**acc, "heavy_format": "int8"},
+        ),
+        ffsplit_recipe(
+            "accurate with int4 g32 attention (GPTQ)",
+            "Whisper candidate: int8 FFN light part, fp32 heavy, other linears GPTQ int4 group 32",
+            **{**acc, "other_linear": "int4", "group_size": 32, "quantizer": "gptq"},
+        ),
+    ]
+    return list(dict.fromkeys(out))
+
+
+class SpeechModel:
+    """A Whisper source model: the five offline clips, the dense model's own transcripts (the
+    reference of the dense-transcript perplexity) and the audio calibration statistics."""
+
+    def __init__(self, name: str, work: Path, quick: bool):
+        from ffsplit_export.calibrate import calibrate, make_batches
+        from ffsplit_export.data.calibration import load_samples
+        from ffsplit_export.data.evaldata import librispeech_clips
+        from ffsplit_export.eval.evaluate import transcribe
+        from ffsplit_export.models.loading import load_model
+
+        self.name = name
+        self.model, self.pre, self.task = load_model(name)
+        self.src = work / "src"
+        if not (self.src / "config.json").exists():
+            self.model.save_pretrained(self.src)
+            self.pre.save_pretrained(self.src)
+        self.clips = librispeech_clips(2 if quick else None)
+        hyps = transcribe(self.model, self.pre, self.clips)
+        self.dense_clips = [(a, h) for (a, _), h in zip(self.clips, hyps)]
+        self._samples = lambda: load_samples(self.model, None, 4 if quick else 16)
+        self._make_batches, self._calibrate = make_batches, calibrate
+        self._stats = None
+
+    def calibration(self) -> tuple[dict, list]:
+        if self._stats is None:
+            self.batches = self._make_batches(self.model, self.pre, self._samples(), batch_size=8)
+            self._stats = self._calibrate(self.model, self.batches, hessians=True, progress=False)
+        return self._stats, self.batches
+
+
+def build_dense_speech(m: SpeechModel, out: Path) -> Path:
+    if not (out / "encoder_model.onnx").exists():
+        from optimum.exporters.onnx import main_export
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        main_export(str(m.src), tmp, task=SPEECH_TASK, do_validation=False)
+        tmp.rename(out)
+    return out
+
+
+def speech_files(path: Path) -> list[Path]:
+    """The ONNX files optimum's ORTModelForSpeechSeq2Seq loads from an export (merged decoder
+    when there is one)."""
+    if (path / "decoder_model_merged.onnx").exists():
+        names = ["encoder_model.onnx", "decoder_model_merged.onnx"]
+    else:
+        names = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+    return [path / n for n in names if (path / n).exists()]
+
+
+def speech_bytes(path: Path) -> dict:
+    """File bytes of the files loaded (with external data) and decoder weight bytes read per token."""
+    from ffsplit_export.bench import weight_bytes
+
+    files = speech_files(path)
+    total = 0
+    for f in files:
+        total += f.stat().st_size
+        for d in (f.with_name(f.name + "_data"), f.with_name(f.name + ".data")):
+            total += d.stat().st_size if d.exists() else 0
+    dec = weight_bytes(files[-1])
+    return {"file_bytes": total, "decoder_weight_bytes_per_token": dec["weight_bytes_per_token"]}
+
+
+def load_speech(path: Path, threads: int):
+    """optimum's ORTModelForSpeechSeq2Seq with the ffsplit library registered (ffsplit_export.runtime)."""
+    from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
+
+    from ffsplit_export.runtime import session_options
+
+    so = session_options(intra_op_num_threads=threads, inter_op_num_threads=1)
+    return ORTModelForSpeechSeq2Seq.from_pretrained(path, session_options=so, use_cache=True)
+
+
+def timed_transcribe(model, pre, clips) -> tuple[list[str], float, list[float]]:
+    """(transcripts, seconds for all clips, seconds of every decoder call that had a KV cache)."""
+    from ffsplit_export.eval.evaluate import transcribe
+
+    steps: list[float] = []
+    decs = [d for d in (model.decoder, getattr(model, "decoder_with_past", None)) if d is not None]
+    originals = [d.forward for d in decs]
+
+    def wrap(fwd):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            out = fwd(*a, **kw)
+            if kw.get("past_key_values") is not None:
+                steps.append(time.perf_counter() - t0)
+            return out
+
+        return timed
+
+    for d, fwd in zip(decs, originals):
+        d.forward = wrap(fwd)
+    try:
+        t0 = time.perf_counter()
+        hyps = transcribe(model, pre, clips)
+        secs = time.perf_counter() - t0
+    finally:
+        for d, fwd in zip(decs, originals):
+            d.forward = fwd
+    return hyps, secs, steps
+
+
+def is_speech(name: str) -> bool:
+    """Whisper models (real or tiny) take the speech path."""
+    return "whisper" in name
+
+
+def run_whisper(name: str, args, work: Path) -> dict:
+    from ffsplit_export.eval.evaluate import transcript_perplexity, word_error_rate
+
+    load0 = loadavg()
+    work.mkdir(parents=True, exist_ok=True)
+    m = SpeechModel(name, work, args.quick)
+    dense = build_dense_speech(m, work / "dense")
+    variants: list[tuple[Recipe, Path]] = []
+    for rec in whisper_recipes(args.quick):
+        if args.only and not any(s in rec.name for s in args.only):
+            continue
+        slug = "".join(c if c.isalnum() else "-" for c in rec.name)[:80]
+        t0 = time.time()
+        o = rec.opts
+        if rec.kind == "dense":
+            p = dense
+        elif rec.kind == "ort-quant":
+            p = build_ort_quant(dense, work / slug, o["bits"], o["block"], o["algo"], o["level"])
+        else:
+            p = build_ffsplit(m, work / slug, o)
+        _log(f"{name}: built {rec.name} in {time.time() - t0:.0f} s")
+        variants.append((rec, p))
+    refs = [r for _, r in m.clips]
+    rows = []
+    secs = {rec.name: [] for rec, _ in variants}
+    steps = {rec.name: [] for rec, _ in variants}
+    for rec, p in variants:
+        t0 = time.time()
+        model = load_speech(p, args.threads)
+        timed_transcribe(model, m.pre, m.clips[:1])  # warm-up
+        hyps, t, st = timed_transcribe(model, m.pre, m.clips)  # also the first timed run
+        secs[rec.name].append(t)
+        steps[rec.name].append(1e3 * statistics.median(st) if st else float("nan"))
+        wer = word_error_rate(refs, hyps)
+        tppl = transcript_perplexity(model, m.pre, m.dense_clips).perplexity
+        del model
+        _log(
+            f"{name}: {rec.name}: WER {wer.wer:.4f} ({wer.substitutions + wer.deletions + wer.insertions} words), transcript ppl {tppl:.4f} "
+            f"({time.time() - t0:.0f} s)"
+        )
+        rows.append(
+            {
+                "name": rec.name,
+                "kind": rec.kind,
+                "options": rec.opts,
+                "note": rec.note,
+                "path": str(p),
+                "wer": wer.wer,
+                "word_errors": wer.substitutions + wer.deletions + wer.insertions,
+                "words": wer.num_words,
+                "transcripts": hyps,
+                "transcript_perplexity": tppl,
+                **speech_bytes(p),
+            }
+        )
+    gc.collect()
+    # speed: A B C ... A B C ..., one model alive at a time, a warm-up transcription of one clip
+    # first; the accuracy pass above (the same order) is the first of the --runs runs
+    for r in range(1, args.runs):
+        for rec, p in variants:
+            model = load_speech(p, args.threads)
+            timed_transcribe(model, m.pre, m.clips[:1])
+            _, t, st = timed_transcribe(model, m.pre, m.clips)
+            secs[rec.name].append(t)
+            steps[rec.name].append(1e3 * statistics.median(st) if st else float("nan"))
+            del model
+        _log(
+            f"{name}: run {r + 1}/{args.runs}: "
+            + ", ".join(f"{k[:24]} {v[-1]:.2f} s" for k, v in secs.items())
+        )
+    for row in rows:
+        n = row["name"]
+        row.update(
+            transcribe_s=statistics.median(secs[n]),
+            transcribe_runs=secs[n],
+            decode_ms=statistics.median(steps[n]),
+            decode_runs=steps[n],
+        )
+    front = set(pareto_front([(r["decode_ms"], r["transcript_perplexity"]) for r in rows]))
+    for i, r in enumerate(rows):
+        r["on_front"] = i in front
+    return {"rows": rows, "load_start": load0, "load_end": loadavg(), "kind": "speech"}
+
+
+def plot_speech(model: str, rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"dense": ("k", "*"), "ort-quant": ("tab:red", "s"), "ffsplit": ("tab:blue", "o")}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for kind, (c, mk) in style.items():
+        pts = [r for r in rows if r["kind"] == kind]
+        if pts:
+            ax.scatter(
+                [r["decode_ms"] for r in pts],
+                [r["transcript_perplexity"] for r in pts],
+                c=c,
+                marker=mk,
+                s=45,
+                label=kind,
+            )
+    front = [rows[i] for i in pareto_front([(r["decode_ms"], r["transcript_perplexity"]) for r in rows])]
+    ax.plot(
+        [r["decode_ms"] for r in front],
+        [r["transcript_perplexity"] for r in front],
+        "g--",
+        lw=1.2,
+        label="Pareto front",
+    )
+    for r in rows:
+        ax.annotate(
+            f"{r['name']} ({r['word_errors']} err)",
+            (r["decode_ms"], r["transcript_perplexity"]),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("decoder ms/token (ONNX Runtime, median)")
+    ax.set_ylabel("dense-transcript perplexity (lower is better)")
+    ax.set_title(f"{model}: accuracy vs decode speed (labels: word errors on the clips)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown_speech(result: dict, model: str) -> str:
+    block = result["models"][model]
+    rows = block["rows"]
+    dense = next(r for r in rows if r["kind"] == "dense")
+    lines = [
+        f"### {model}",
+        "",
+        f"{result['threads']} threads; {result['runs']} runs, variants interleaved, medians; load average "
+        f"{block['load_start']} -> {block['load_end']}. WER on {dense['words']} reference words of "
+        f"{len(dense['transcripts'])} offline LibriVox clips; dense-transcript perplexity: the reference "
+        "transcripts are the dense PyTorch model's own greedy ones. Shared machine: re-take the speed "
+        "columns on an idle one.",
+        "",
+        "| recipe | on front | WER (word errors) | dense-transcript ppl (x dense) | file MiB | "
+        f"decoder read MiB/token | transcribe s ({len(dense['transcripts'])} clips) | decoder ms/token | x dense |",
+        "| --- | :-: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {'yes' if r['on_front'] else ''} | {100 * r['wer']:.2f} % ({r['word_errors']}) | "
+            f"{r['transcript_perplexity']:.4f} (x{r['transcript_perplexity'] / dense['transcript_perplexity']:.3f}) | "
+            f"{r['file_bytes'] / 2**20:.1f} | {r['decoder_weight_bytes_per_token'] / 2**20:.1f} | "
+            f"{r['transcribe_s']:.2f} | {r['decode_ms']:.2f} | {dense['decode_ms'] / r['decode_ms']:.2f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ the front
 
 
@@ -525,6 +908,9 @@ def plot(model: str, rows: list[dict], path: Path) -> Path:
 def markdown(result: dict) -> str:
     lines = []
     for model, block in result["models"].items():
+        if block.get("kind") == "speech":
+            lines.append(markdown_speech(result, model))
+            continue
         rows = block["rows"]
         dense = next(r for r in rows if r["kind"] == "dense")
         bw = result["bandwidth"]
@@ -670,7 +1056,13 @@ def run_model(name: str, args, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2-135m")
+    ap.add_argument(
+        "--models",
+        default="smollm2-135m",
+        help="comma-separated: smollm2-135m, whisper-tiny.en, whisper-base, or a tiny model (tiny-llama, "
+        "tiny-whisper)",
+    )
+    ap.add_argument("--stem", default="frontier", help="file name of the JSON and markdown outputs")
     ap.add_argument("--output", default="samples/results/frontier")
     ap.add_argument("--work", default=None, help="exports cache (default: OUTPUT/work)")
     ap.add_argument("--quick", action="store_true", help="few recipes, short text, few runs (smoke test)")
@@ -716,15 +1108,19 @@ def main(argv: list[str] | None = None) -> dict:
         "models": {},
     }
     for name in args.models.split(","):
-        result["models"][name] = run_model(name, args, work / name)
+        if is_speech(name):
+            result["models"][name] = run_whisper(name, args, work / name)
+            plot_speech(name, result["models"][name]["rows"], out / f"{name}_front.png")
+        else:
+            result["models"][name] = run_model(name, args, work / name)
+            plot(name, result["models"][name]["rows"], out / f"{name}_front.png")
         bw2 = read_bandwidth(args.bandwidth_gib or (0.0625 if q else 1.0))
-        result["bandwidth"] = {k: max(bw[k], bw2[k]) for k in bw}
-        (out / "frontier.json").write_text(json.dumps(result, indent=1))
-        plot(name, result["models"][name]["rows"], out / f"{name}_front.png")
+        result["bandwidth"] = {k: max(bw[k], bw2[k]) for k in result.get("bandwidth", bw)}
+        (out / f"{args.stem}.json").write_text(json.dumps(result, indent=1))
     result["bandwidth"] = result.get("bandwidth", bw)
-    (out / "frontier.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.stem}.json").write_text(json.dumps(result, indent=1))
     text = markdown(result)
-    (out / "frontier.md").write_text(text)
+    (out / f"{args.stem}.md").write_text(text)
     print(text)
     return result
 

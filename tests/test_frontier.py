@@ -85,3 +85,72 @@ def test_quick_run_on_tiny_llama(tmp_path):
     png = out / "tiny-llama_front.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| preset balanced |" in (out / "frontier.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_run_on_tiny_whisper(tmp_path):
+    import onnx
+    import torch
+
+    from ffsplit_export.data import evaldata
+    from ffsplit_export.errors import MissingResourceError
+    from ffsplit_export.eval.evaluate import transcribe, transcript_perplexity
+    from ffsplit_export.models.tiny import build_tiny
+
+    try:
+        clips = evaldata.librispeech_clips(2)
+    except MissingResourceError as e:
+        pytest.skip(str(e))
+    fr = _frontier()
+    out = tmp_path / "out"
+    fr.main(
+        [
+            "--models",
+            "tiny-whisper",
+            "--quick",
+            "--output",
+            str(out),
+            "--stem",
+            "whisper",
+            "--runs",
+            "1",
+            "--threads",
+            "1",
+            "--bandwidth-gib",
+            "0.01",
+        ]
+    )
+    data = json.loads((out / "whisper.json").read_text())
+    rows = data["models"]["tiny-whisper"]["rows"]
+    names = [r["name"] for r in rows]
+    assert names[0] == "dense fp32 (optimum)" and "ORT int4 b32 DEFAULT L4" in names
+    assert {"preset accurate", "preset balanced", "preset fast"} <= set(names)
+    words = len(" ".join(r for _, r in clips).split())
+    for r in rows:
+        assert 0 <= r["wer"] and r["words"] == words and len(r["transcripts"]) == 2
+        assert math.isfinite(r["transcript_perplexity"]) and r["transcript_perplexity"] > 1
+        assert r["transcribe_s"] > 0 and r["decode_ms"] > 0 and r["file_bytes"] > 0
+    # the dense row (float32 graphs in ONNX Runtime) scores the dense transcripts as PyTorch does
+    model, pre, _ = build_tiny("tiny-whisper")
+    torch.manual_seed(0)
+    hyps = transcribe(model, pre, clips)
+    ref = transcript_perplexity(model, pre, [(a, h) for (a, _), h in zip(clips, hyps)]).perplexity
+    assert rows[0]["transcript_perplexity"] == pytest.approx(ref, rel=1e-4)
+    by = {r["name"]: r for r in rows}
+    q = by["ORT int4 b32 DEFAULT L4"]
+    assert q["file_bytes"] < rows[0]["file_bytes"]
+    # the tied lm_head was untied inside the merged decoder's branches, so it is 4-bit too
+    dec = onnx.load(str(Path(q["path"]) / "decoder_model_merged.onnx"))
+    vocab = model.config.vocab_size
+    nbits = [
+        n
+        for g in fr._graphs(dec.graph)
+        for n in g.node
+        if n.op_type == "MatMulNBits" and any(a.name == "N" and a.i == vocab for a in n.attribute)
+    ]
+    assert nbits and all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nbits)
+    front = set(fr.pareto_front([(r["decode_ms"], r["transcript_perplexity"]) for r in rows]))
+    assert front and {i for i, r in enumerate(rows) if r["on_front"]} == front
+    png = out / "tiny-whisper_front.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| preset balanced |" in (out / "whisper.md").read_text()
