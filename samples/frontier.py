@@ -402,12 +402,14 @@ def perplexity(path: Path, kind: str, text: str, tokenizer, threads: int) -> flo
     from optimum.onnxruntime import ORTModelForCausalLM
 
     model = ORTModelForCausalLM.from_pretrained(path, session_options=so, use_cache=True)
+    # never past the model's positions (a fused GroupQueryAttention's rotary cache stops there)
+    ctx = min(CTX, int(getattr(model.config, "max_position_embeddings", CTX) or CTX))
 
     def logits_fn(ids):
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
-    return _perplexity(logits_fn, tokenizer, text, CTX, CTX).perplexity
+    return _perplexity(logits_fn, tokenizer, text, ctx, ctx).perplexity
 
 
 class GenAIGraph:
