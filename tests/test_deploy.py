@@ -346,7 +346,7 @@ def test_export_is_quiet_unless_verbose(tmp_path):
     quiet = subprocess.run(base + [str(tmp_path / "a")], capture_output=True, text=True, env=env, timeout=600)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "TracerWarning" not in quiet.stderr and "Found different candidate" not in quiet.stderr
-    assert "exported tiny-mpt" in quiet.stdout and "validation:" in quiet.stdout
+    assert "exported tiny-mpt" in quiet.stdout and "validation passed" in quiet.stdout
     loud = subprocess.run(
         base + [str(tmp_path / "b"), "-v"], capture_output=True, text=True, env=env, timeout=600
     )

@@ -33,13 +33,32 @@ def run_export(args) -> int:
         f"{wb['compressed'] / 2**20:.2f} MiB ({wb['ratio']:.3f}); ONNX files {onnx_total / 2**20:.2f} MiB"
     )
     if manifest.get("validation"):
+        results = manifest["validation"].values()
+        # the exact path (accuracy_level 0) is what max abs difference judges; int8-activation files
+        # (accuracy_level 4) are judged by relative L2 error and top-1 agreement, not by that number
         worst = max(
-            (max(r.get("outputs", {}).values(), default=0.0) for r in manifest["validation"].values()),
+            (
+                max(
+                    r.get("exact_outputs" if r.get("accuracy_level", 0) else "outputs", {}).values(),
+                    default=0.0,
+                )
+                for r in results
+            ),
             default=0.0,
         )
-        print(
-            f"validation: max |ONNX Runtime - PyTorch| = {worst:.3g} over {len(manifest['validation'])} files"
+        line = (
+            f"validation passed over {len(manifest['validation'])} files: exact path max |ONNX Runtime - "
+            f"PyTorch| = {worst:.3g}"
         )
+        approx = [r for r in results if r.get("accuracy_level", 0)]
+        if approx:
+            rel = max(
+                (r["rel_l2"].get(n, 0.0) for r in approx for n in r.get("approx_gated", r.get("rel_l2", {}))),
+                default=0.0,
+            )
+            top1 = min((min(r.get("top1_agreement", {}).values(), default=1.0) for r in approx), default=1.0)
+            line += f"; accuracy_level 4: relative L2 <= {rel:.3g}, top-1 agreement {top1:.3g}"
+        print(line)
     if manifest.get("note"):
         print("note:", manifest["note"])
     if getattr(args, "json", False):
