@@ -10,6 +10,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def plugin_built() -> bool:
+    """Whether the ffsplit ONNX Runtime library can be found (``from conftest import needs_plugin``)."""
+    from ffsplit_export.errors import PluginNotFoundError
+    from ffsplit_export.runtime import plugin_path
+
+    try:
+        plugin_path()
+        return True
+    except PluginNotFoundError:
+        return False
+
+
+needs_plugin = pytest.mark.skipif(
+    not plugin_built(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)"
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_calibrated():
     """(model, preprocessor, task, batches, stats) per tiny model name, computed once per session."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_plugin
 
 from ffsplit_export._io import apply_default_modes, atomic_dir, process_umask
 from ffsplit_export.export.lock import stale_partials
@@ -108,19 +109,8 @@ def test_replace_and_refuse(tmp_path):
 # --------------------------------------------------------------------------- users of atomic_dir
 
 
-def _plugin_ok() -> bool:
-    from ffsplit_export.errors import PluginNotFoundError
-    from ffsplit_export.runtime import plugin_path
-
-    try:
-        plugin_path()
-        return True
-    except PluginNotFoundError:
-        return False
-
-
 @pytest.mark.slow  # a full optimum export (still run by .ci/run)
-@pytest.mark.skipif(not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)")
+@needs_plugin
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_export_folder_modes(tmp_path, mask):
     from ffsplit_export.export import ExportOptions, export

@@ -12,26 +12,13 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-
-from ffsplit_export.errors import PluginNotFoundError
+from conftest import needs_plugin
 
 DECODERS = ["tiny-llama", "tiny-mpt", "tiny-gpt2", "tiny-opt"]
 PROMPTS = [[5, 70, 80, 90, 100, 33, 2], [40, 41, 42], [200, 17, 99, 150, 150, 7, 8, 9, 10, 11]]
 
 
-def _plugin_ok() -> bool:
-    try:
-        from ffsplit_export.runtime import plugin_path
-
-        plugin_path()
-        return True
-    except PluginNotFoundError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(
-    not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)"
-)
+pytestmark = needs_plugin
 
 
 def _export(name, out, target="ort-cpu", **kw):

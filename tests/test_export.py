@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import needs_plugin
 
 from ffsplit_export.config import CompressionConfig
-from ffsplit_export.errors import CalibrationError, ConfigError, PluginNotFoundError
+from ffsplit_export.errors import CalibrationError, ConfigError
 from ffsplit_export.export import ExportOptions, export
 from ffsplit_export.manifest import Manifest
 from ffsplit_export.split import SplitConfig
@@ -33,21 +34,6 @@ CASES = [
     ("tiny-opt", {"model.onnx"}),
     ("tiny-bert", {"model.onnx"}),
 ]
-
-
-def _plugin_ok() -> bool:
-    try:
-        from ffsplit_export.runtime import plugin_path
-
-        plugin_path()
-        return True
-    except PluginNotFoundError:
-        return False
-
-
-needs_plugin = pytest.mark.skipif(
-    not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)"
-)
 
 
 def _export(name, out, target="ort-cpu", **kw):

@@ -17,22 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from ffsplit_export.errors import PluginNotFoundError
-
-
-def _plugin_ok() -> bool:
-    from ffsplit_export.runtime import plugin_path
-
-    try:
-        plugin_path()
-        return True
-    except PluginNotFoundError:
-        return False
+from conftest import needs_plugin
 
 
 @pytest.mark.slow  # three optimum exports (still run by .ci/run)
-@pytest.mark.skipif(not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)")
+@needs_plugin
 def test_concurrent_exports_do_not_interfere(tmp_path, monkeypatch):
     import onnxruntime
     import optimum.exporters.onnx as onnx_pkg

@@ -14,24 +14,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import needs_plugin
 
-from ffsplit_export.errors import ConfigError, PluginNotFoundError
+from ffsplit_export.errors import ConfigError
 from ffsplit_export.export import ExportOptions
 
-
-def _plugin_ok() -> bool:
-    try:
-        from ffsplit_export.runtime import plugin_path
-
-        plugin_path()
-        return True
-    except PluginNotFoundError:
-        return False
-
-
-needs_plugin = pytest.mark.skipif(
-    not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)"
-)
 KW = dict(other_linear="int4", num_samples=8, progress=False)  # light sparse-int8: ffsplit nodes stay
 PRESET = "none"  # the exact path (a preset may set accuracy_level 4)
 

@@ -6,29 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import needs_plugin
 
-from ffsplit_export.errors import ConfigError, PluginNotFoundError
+from ffsplit_export.errors import ConfigError
 from ffsplit_export.formats import get_format, packing
 from ffsplit_export.formats.gptq import GPTQOptions, Grid, element_scales, gptq_quantize, obs_compress
 from ffsplit_export.formats.nbits import NBitsLinear
 from ffsplit_export.formats.sparse import prune_keep
 from ffsplit_export.formats.sparsegpt import sparsegpt_prune
 from ffsplit_export.split import SplitConfig
-
-
-def _plugin_ok() -> bool:
-    from ffsplit_export.runtime import plugin_path
-
-    try:
-        plugin_path()
-        return True
-    except PluginNotFoundError:
-        return False
-
-
-needs_plugin = pytest.mark.skipif(
-    not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)"
-)
 
 
 def correlated_layer(n=96, k=256, t=2048, seed=0):

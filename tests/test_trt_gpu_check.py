@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_plugin
 
 from ffsplit_export.trt import gpu_check
 from ffsplit_export.trt.gpu_check import Row
@@ -128,19 +129,8 @@ def test_gpu_check_sh_says_no_gpu_and_exits_0():
     ]
 
 
-def _plugin_ok() -> bool:
-    from ffsplit_export.errors import PluginNotFoundError
-    from ffsplit_export.runtime import plugin_path
-
-    try:
-        plugin_path()
-        return True
-    except PluginNotFoundError:
-        return False
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)")
+@needs_plugin
 @pytest.mark.parametrize("case", gpu_check.TINY_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_reference_side_runs_on_cpu(tmp_path, case):
     """Everything gpu_check does before the GPU: the export, the feeds of every ONNX file (full

@@ -11,30 +11,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import needs_plugin
 from onnx import TensorProto, helper, numpy_helper
 
 import ffsplit_export.export.validate as V
 from ffsplit_export.config import CompressionConfig
-from ffsplit_export.errors import PluginNotFoundError, ValidationError
+from ffsplit_export.errors import ValidationError
 from ffsplit_export.export import ExportOptions, export
 from ffsplit_export.export.run_hint import HINT_KEY, add_run_hints
 from ffsplit_export.formats import Target
-
-
-def _plugin_ok() -> bool:
-    try:
-        from ffsplit_export.runtime import plugin_path
-
-        plugin_path()
-        return True
-    except PluginNotFoundError:
-        return False
-
-
-needs_plugin = pytest.mark.skipif(
-    not _plugin_ok(), reason="ffsplit ONNX Runtime library not built (scripts/setup.sh)"
-)
-
 
 # ---------------------------------------------------------------- metrics
 
