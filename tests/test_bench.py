@@ -61,6 +61,27 @@ def test_arguments_and_bad_lists():
     assert a.sparsities == [0.5, 0.9] and a.prefill == [32] and a.quick and a.func is bench_cli.run_bench
     with pytest.raises(argparse.ArgumentTypeError, match="0.5,0.75,0.9"):
         fraction_list("0.5,x")
+    a = p.parse_args(["bench", "--sparsities", "none", "--presets", "balanced,fast"])
+    assert a.sparsities == [] and a.presets == ["balanced", "fast"]
+    assert p.parse_args(["bench"]).presets == []
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "--presets", "balanced,quick"])  # not a preset
+
+
+def test_preset_variant_is_the_preset_with_rtn(tmp_path, monkeypatch):
+    """``--presets``: the preset's own export, round-to-nearest (random weights), reused when present."""
+    import ffsplit_export.export.api as api
+
+    calls = []
+    monkeypatch.setattr(
+        api, "export", lambda *a, **k: calls.append(k) or (tmp_path / "p" / "model.onnx").touch()
+    )
+    (tmp_path / "p").mkdir()
+    assert bench.export_preset(tmp_path / "m", tmp_path / "q", "fast", 4) == tmp_path / "q"
+    assert calls[0]["preset"] == "fast" and calls[0]["quantizer"] == "rtn" and calls[0]["num_samples"] == 4
+    assert calls[0]["options"].nbits_accuracy_level is None  # the preset's level
+    bench.export_preset(tmp_path / "m", tmp_path / "p", "fast", 4)
+    assert len(calls) == 1  # p/model.onnx exists: reused
 
 
 def test_table_has_a_row_per_variant():
@@ -72,6 +93,7 @@ def test_table_has_a_row_per_variant():
         "tokens_per_s": 500.0,
         "decode_speedup": {"dense": 1.0, "int8": 1.0, "int4": 1.0},
         "achieved_gbs": 1.0,
+        "bandwidth_fraction": 0.1,
         "floor_ms": 0.1,
         "prefill_ms": {"32": {"median": 3.0}},
         "prefill_speedup": {"int4": {"32": 1.0}},

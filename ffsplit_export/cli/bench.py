@@ -18,6 +18,7 @@ from .options import (
     nonnegative_int,
     positive_int,
     positive_int_list,
+    preset_list,
 )
 
 
@@ -28,6 +29,10 @@ def _output_file(text: str) -> str:
     if os.path.isdir(text):
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; pass a JSON file path")
     return text
+
+
+def _sparsities(text: str) -> list[float]:
+    return [] if text.strip().lower() == "none" else fraction_list(text)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +49,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--prefill", default="32,256", type=positive_int_list, help="prefill lengths to time")
     p.add_argument(
-        "--sparsities", default="0.5,0.75,0.9", type=fraction_list, help="ffsplit light sparsities"
+        "--sparsities",
+        default="0.5,0.75,0.9",
+        type=_sparsities,
+        help="ffsplit light sparsities (with the options below), or none",
+    )
+    p.add_argument(
+        "--presets",
+        default="",
+        type=preset_list,
+        help="also export each named preset (e.g. accurate,balanced,fast; quantizer rtn: random weights)",
     )
     p.add_argument("--light-format", type=format_name(LightFormat), default="sparse-int8")
     p.add_argument("--heavy-format", type=format_name(HeavyFormat), default="int8")

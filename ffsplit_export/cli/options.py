@@ -413,6 +413,13 @@ def preset_name(text: str) -> str:
     return one_of((*preset_names(), NO_PRESET))(text)
 
 
+def preset_list(text: str) -> list[str]:
+    """A comma list of preset names (``accurate,balanced,fast``); empty for none."""
+    from ..presets import preset_names
+
+    return [one_of(preset_names())(part) for part in (p.strip() for p in text.split(",")) if part]
+
+
 def add_preset_argument(p: argparse.ArgumentParser) -> None:
     """``--preset``: a named, measured recipe (ffsplit_export.presets); explicit options override its fields."""
     from ..presets import DEFAULT_PRESET
