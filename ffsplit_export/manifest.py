@@ -57,6 +57,7 @@ class Manifest(dict):
                 "activation_sparsity": getattr(getattr(options, "sparsity", None), "label", 0),
                 "preset": config.preset,
                 "fuse_attention": bool(getattr(options, "fuse_attention", False)),
+                "calibration_source": getattr(result, "calibration_source", None),
             },
             light_format=str(split.light_format),
             trt_sparse_weights=bool(options.trt_dense_24),

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .adapters import find_ffns
 from .calibrate import calibrate, linear_hessians, make_batches
-from .data.calibration import load_samples
+from .data.calibration import SELF_GENERATED, generates_text, load_samples, self_generated
 from .errors import ConfigError
 from .formats import EmbeddingFormat, OtherLinearFormat, get_format
 from .plan import PLANNERS, default_candidates, hessian_saliency, plan_budget, plan_fraction, plan_measured
@@ -36,6 +36,7 @@ class CompressResult:
         default_factory=lambda: {"format": "fp32", "tables": 0, "dense_bytes": 0, "bytes": 0}
     )
     planner: dict | None = None  # the measured planner's choices and measurements (budget mode)
+    calibration_source: str | None = None  # the calibration text/audio's origin (the manifest records it)
 
 
 def compress(
@@ -80,9 +81,6 @@ def compress(
     if size_budget is not None and heavy_fraction is not None:
         raise ConfigError("--size-budget and --heavy-fraction are alternatives; pass only one of them")
     specs = find_ffns(model)
-    if batches is None:
-        samples = load_samples(model, calibration, num_samples)
-        batches = make_batches(model, preprocessor, samples, batch_size=batch_size, max_length=max_length)
     gptq = str(cfg.quantizer) == "gptq"
     other_fmt = get_format(OtherLinearFormat.parse(other_linear, "--other-linear"))
     quantize_others = not other_fmt.keeps_original
@@ -98,6 +96,16 @@ def compress(
         or (gptq and (any(f.gptq for f in lights) or get_format(cfg.heavy_format).gptq))
         or selection == "hessian"
     )
+    source = "given batches" if batches is not None else (calibration or "builtin")
+    if batches is None:
+        # error compensation (GPTQ, SparseGPT, Hessian saliency) needs more tokens than the built-in
+        # sentences hold: a decoder-only LM then writes its own calibration text (self_generated)
+        if calibration is None and (need_h or (gptq and other_fmt.gptq)) and generates_text(model):
+            samples = self_generated(model, preprocessor, num_samples, max_length, seed, progress=progress)
+            source = f"{SELF_GENERATED} ({len(samples)} samples, seed {seed})"
+        else:
+            samples = load_samples(model, calibration, num_samples)
+        batches = make_batches(model, preprocessor, samples, batch_size=batch_size, max_length=max_length)
     if stats is None or (need_h and next(iter(stats.values())).hessian_x is None):
         stats = calibrate(model, batches, specs, hessians=need_h, progress=progress)
     scores = None
@@ -150,7 +158,7 @@ def compress(
             target, other_linear, cfg.group_size, specs, config=cfg, hessians=hs, names=others
         )
     emb = quantize_embeddings_(target, embedding)
-    return CompressResult(target, report, other, plan, stats, batches, emb, planned)
+    return CompressResult(target, report, other, plan, stats, batches, emb, planned, source)
 
 
 def _merge_other(fmt: str, parts: list[dict]) -> dict:

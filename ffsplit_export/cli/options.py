@@ -197,11 +197,11 @@ def data_source(text: str) -> str:
     """An existing file / folder, or one of the offline text sources (bible, fortunes, gensim)."""
     from ..data.evaldata import TEXT_SOURCES
 
-    if text in TEXT_SOURCES or Path(text).exists():
+    if text in TEXT_SOURCES or text == "builtin" or Path(text).exists():
         return text
     raise argparse.ArgumentTypeError(
         f"{text!r} does not exist; pass a text file (one sample per line), a WAV folder, a datasets "
-        f"directory, or one of {', '.join(TEXT_SOURCES)}"
+        f"directory, or one of {', '.join(TEXT_SOURCES)}, builtin"
     )
 
 
@@ -384,7 +384,9 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=(
             "text file (one sample per line), WAV folder, datasets dir, or an offline text source "
-            "(bible, fortunes, gensim: the half disjoint from eval's); default: built-in sample"
+            "(bible, fortunes, gensim: the half disjoint from eval's), or builtin (the built-in sentences); "
+            "default: decoder-only language models write their own (continuing the built-in sentences, "
+            "seeded), others use the built-in sample"
         ),
     )
     p.add_argument("--num-samples", type=positive_int, default=64, help="calibration samples (default 64)")
