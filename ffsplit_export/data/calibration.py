@@ -45,7 +45,7 @@ def self_generated(
     progress=False,
 ) -> list[str]:
     """Calibration text written by ``model`` itself: ``num_samples`` continuations (nucleus sampling,
-    top-p 0.95, seeded) of the first words of the built-in sentences, up to ``max_length`` tokens.
+    top-k 50, top-p 0.95, seeded) of the first words of the built-in sentences, up to ``max_length`` tokens.
 
     The built-in sample is about 1,100 tokens of short sentences, too few for error compensation:
     GPTQ's Hessians of the 1,536-wide down projections are then rank-deficient, and on
@@ -83,7 +83,7 @@ def self_generated(
                     do_sample=True,
                     top_p=0.95,
                     temperature=1.0,
-                    top_k=0,
+                    top_k=50,
                     max_new_tokens=n_new,
                     min_new_tokens=n_new,
                     pad_token_id=pad,
