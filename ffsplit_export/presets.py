@@ -42,6 +42,7 @@ PRESET_FIELDS = (
     "embedding",
     "group_size",
     "quantizer",
+    "int4_grid",
     "nbits_accuracy_level",
 )
 
@@ -54,6 +55,7 @@ _INT4 = {
     "other_linear": "int4",
     "embedding": "int8",
     "quantizer": "gptq",
+    "int4_grid": "symmetric",
     "nbits_accuracy_level": 4,
 }
 
@@ -70,6 +72,7 @@ PRESETS = MappingProxyType(
                 "embedding": "int8",
                 "group_size": 128,
                 "quantizer": "rtn",  # int8 round-to-nearest is already within 1 % of dense
+                "int4_grid": "symmetric",  # no int4 weights
                 "nbits_accuracy_level": 4,
                 "note": "closest to dense: FFN light part int8 (no pruning), 10 % fp32 heavy, "
                 "attention / lm_head / embedding int8",
