@@ -156,10 +156,14 @@ def test_gptq_with_zero_points_beats_round_to_nearest_and_round_trips(group, act
 
 @pytest.mark.parametrize("group", [32, 128])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_identity_hessian_gives_the_asymmetric_round_to_nearest_codes(group, act_order):
+@pytest.mark.parametrize("search", [False, True])
+def test_identity_hessian_gives_the_asymmetric_round_to_nearest_codes(group, act_order, search):
+    # nothing to compensate and equal column weights: GPTQ must pick the packer's codes and ranges
     w, _ = correlated_layer(n=40, k=200)
-    r = gptq_quantize(w, torch.eye(200), 4, group, act_order=act_order, damp=0.0, zero_point=True)
-    u, s, z = packing.quantize_int4_asymmetric(w.numpy(), group)
+    r = gptq_quantize(
+        w, torch.eye(200), 4, group, act_order=act_order, damp=0.0, zero_point=True, search=search
+    )
+    u, s, z = packing.quantize_int4_asymmetric(w.numpy(), group, search=search)
     np.testing.assert_array_equal(r.codes.numpy(), u.astype(np.int8))
     np.testing.assert_array_equal(r.scales.numpy(), s)
     np.testing.assert_array_equal(r.zeros.numpy(), z)

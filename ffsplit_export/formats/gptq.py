@@ -72,15 +72,9 @@ class Grid:
         return 0 if self.zero_point else -self.qmax
 
 
-def _asym_params(
-    g: torch.Tensor, grid: Grid, weights: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 scales, float32 zero points) of the groups ``g`` [..., G], as the packer computes them
-    (``weights``: the clipping search's per-entry error weights, broadcastable to ``g``)."""
-    wts = None if weights is None or not grid.search else weights.detach().to(torch.float32).cpu().numpy()
-    s, z = asymmetric_params(
-        g.detach().to(torch.float32).cpu().numpy(), grid.bits, search=grid.search, weights=wts
-    )
+def _asym_params(g: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 scales, float32 zero points) of the groups ``g`` [..., G], as the packer computes them."""
+    s, z = asymmetric_params(g.detach().to(torch.float32).cpu().numpy(), grid.bits, search=grid.search)
     return torch.from_numpy(s), torch.from_numpy(z.astype(np.float32))
 
 
@@ -105,17 +99,15 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def _params_of(
-    w: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None, col_weight: torch.Tensor | None = None
+    w: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(scales, zero points or None) of ``w`` as the round-to-nearest packers compute them
-    (``col_weight`` [K]: the clipping search's error weight per input column)."""
+    """(scales, zero points or None) of ``w`` as the round-to-nearest packers compute them."""
     if not grid.zero_point:
         return _scales_of(w, grid, keep), None
     w = w.to(torch.float32)
     if keep is not None:
         w = w * keep
-    cw = None if col_weight is None else _grouped(col_weight[None, :].to(torch.float32), grid.group_size)
-    return _asym_params(_grouped(w, grid.group_size), grid, cw)
+    return _asym_params(_grouped(w, grid.group_size), grid)
 
 
 def _scales_of(w: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,18 +125,6 @@ def _scales_of(w: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None) ->
         pad[:, :k] = a
         amax = pad.reshape(n, ng, grid.group_size).amax(dim=2)
     return torch.where(amax > 0, amax / float(grid.qmax), torch.ones_like(amax))
-
-
-def _search_weight(hessian: torch.Tensor, grid: Grid | None) -> torch.Tensor | None:
-    """float32 [K]: the clipping search's error weight per input column, the calibration Hessian's
-    diagonal (the energy of that input), so the search minimises the layer's output error
-    rather than the weights' (None without a search); FFSPLIT_SEARCH_WEIGHT=0 turns it off."""
-    import os
-
-    if grid is None or not grid.search or os.environ.get("FFSPLIT_SEARCH_WEIGHT", "1") == "0":
-        return None
-    d = torch.diag(hessian.detach()).to(torch.float32).clamp_min(0)
-    return d / d.mean().clamp_min(1e-30)
 
 
 def prepare_hessian(w: torch.Tensor, hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +206,7 @@ def obs_compress(
         if scale_matrix is not None:
             elem_scale = scale_matrix.detach().to(torch.float32).clone()
         elif not dynamic:
-            scales, zeros = _params_of(w, grid, keep, _search_weight(hessian, grid))
+            scales, zeros = _params_of(w, grid, keep)
             elem_scale = (
                 scales[:, None].expand(n, k)
                 if grid.group_size is None
@@ -244,7 +224,6 @@ def obs_compress(
         # block (exact either way); 32 columns was the fastest on CPU (same codes as 128)
         block_size = min(block_size, 32)
     h, _dead = prepare_hessian(w, hessian, damp)
-    search_w = _search_weight(hessian, grid) if dynamic else None
 
     perm = None
     if act_order:
@@ -295,8 +274,7 @@ def obs_compress(
                     if (c0 + j) % gs == 0:  # a new group: its scale from the current (updated) weights
                         sub = wb[:, j : j + gs].to(torch.float32) * ~prune_b[:, j : j + gs]
                         if grid.zero_point:
-                            cw = None if search_w is None else search_w[None, c0 + j : c0 + j + gs]
-                            sg, zg = _asym_params(sub, grid, cw)
+                            sg, zg = _asym_params(sub, grid)
                             scales[:, gi], zeros[:, gi] = sg, zg
                         else:
                             amax = sub.abs().amax(dim=1)

@@ -109,18 +109,15 @@ def quantize_int8_blockwise(w: np.ndarray, block_size: int) -> tuple[np.ndarray,
     return q.reshape(n, k), scales
 
 
-def asymmetric_params(
-    g: np.ndarray, bits: int = 4, *, search: bool = False, weights: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def asymmetric_params(g: np.ndarray, bits: int = 4, *, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scale and integer zero point of every block of an asymmetric grid: ``g`` [..., G] float32.
 
     The range is [min(w, 0), max(w, 0)] (zero stays exactly representable, so the zero point
     lies in [0, 2^bits - 1]); ``scale = (hi - lo) / (2^bits - 1)`` (1 where a block is all zero),
     ``zero = round(-lo / scale)``. With ``search`` both ends are shrunk by the factor of
     :data:`CLIP_RATIOS` that gives the least squared round-trip error of the block (a clipping
-    search, as HQQ-like and AWQ-style quantizers do); ``weights`` (broadcastable to ``g``, e.g. the
-    calibration Hessian's diagonal per column) weigh each entry's squared error in that search.
-    Returns float32 scales and uint8 zero points of shape ``g.shape[:-1]``.
+    search, as HQQ-like and AWQ-style quantizers do). Returns float32 scales and uint8 zero points
+    of shape ``g.shape[:-1]``.
     """
     g = np.asarray(g, np.float32)
     qmax = (1 << bits) - 1
@@ -135,8 +132,7 @@ def asymmetric_params(
         if not search:
             return s, z.astype(np.uint8)
         u = np.clip(np.rint(g / s[..., None]) + z[..., None], 0, qmax)
-        e = np.square((u - z[..., None]) * s[..., None] - g)
-        e = (e if weights is None else e * weights).sum(axis=-1)
+        e = np.square((u - z[..., None]) * s[..., None] - g).sum(axis=-1)
         if best_e is None:
             best_s, best_z, best_e = s, z, e
         else:
