@@ -272,3 +272,13 @@ def test_export_with_zero_points_validates_through_onnx_runtime(tmp_path, quanti
         if n.op_type == "MatMulNBits" and any(a.name == "bits" and a.i == 4 for a in n.attribute)
     ]
     assert int4 and all(len(n.input) == 4 and n.input[3] for n in int4)  # every int4 node carries zero_points
+
+
+@pytest.mark.parametrize("grid", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_bytes_per_weight_counts_the_zero_points(grid, group):
+    w = torch.from_numpy(skewed(16, 512))
+    cfg = SplitConfig(light_format="int4", group_size=group, int4_grid=grid)
+    fmt = get_format("int4", "light")
+    m = fmt.compress(w, None, config=cfg)
+    assert fmt.nbytes(m) == pytest.approx(fmt.bytes_per_weight(cfg) * w.numel(), rel=1e-9)

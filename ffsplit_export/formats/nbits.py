@@ -207,7 +207,8 @@ class _Int4(_NBits):
         return 128 if config is None else config.group_size
 
     def bytes_per_weight(self, config=None) -> float:
-        return 0.5 + 4.0 / self.block_size(config)
+        zero = 0.5 if int4_grid_of(config) is not Int4Grid.SYMMETRIC else 0.0  # a uint4 zero point per group
+        return 0.5 + (4.0 + zero) / self.block_size(config)
 
     def row_overhead(self, config=None) -> float:  # noqa: ARG002
         return 0.0  # the group scales are in bytes_per_weight
