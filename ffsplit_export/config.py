@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 from .errors import CalibrationError, ConfigError
 from .formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod, pruning
-from .formats.names import Quantizer
+from .formats.names import Int4Grid, Quantizer
 from .formats.packing import EXPORT_INT4_GROUP_SIZES
 from .presets import DEFAULT_PRESET, NO_PRESET, resolve_preset
 
@@ -34,6 +34,7 @@ class CompressionConfig:
     sequential: bool = False
     group_size: int = 128
     quantizer: str = "rtn"
+    int4_grid: str = "symmetric"  # int4 MatMulNBits grid: symmetric, asymmetric, asymmetric-mse
     other_linear: str = "fp32"
     embedding: str = "fp32"
     calibration: str | None = None
@@ -52,6 +53,7 @@ class CompressionConfig:
         norm(self, "prune_method", str(PruneMethod.parse(self.prune_method, "--prune-method")))
         norm(self, "embedding", str(EmbeddingFormat.parse(self.embedding, "--embedding")))
         norm(self, "quantizer", str(Quantizer.parse(self.quantizer, "--quantizer")))
+        norm(self, "int4_grid", str(Int4Grid.parse(self.int4_grid, "--int4-grid")))
         pruning.check_fraction(self.light_sparsity, "--light-sparsity")
         norm(self, "other_linear", str(OtherLinearFormat.parse(self.other_linear, "--other-linear")))
         if self.group_size not in EXPORT_INT4_GROUP_SIZES:
@@ -93,6 +95,7 @@ class CompressionConfig:
             heavy_format=self.heavy_format,
             group_size=self.group_size,
             quantizer=self.quantizer,
+            int4_grid=self.int4_grid,
         )
 
     def compress_kwargs(self) -> dict:
@@ -130,6 +133,7 @@ class CompressionConfig:
             heavy_format=str(split.heavy_format),
             group_size=split.group_size,
             quantizer=str(split.quantizer),
+            int4_grid=str(getattr(split, "int4_grid", "symmetric")),
         )
         twice = sorted(set(base) & set(kwargs)) if given else []
         if twice:
@@ -194,6 +198,7 @@ class CompressionConfig:
             sequential=args.sequential,
             group_size=args.group_size,
             quantizer=getattr(args, "quantizer", None),
+            int4_grid=getattr(args, "int4_grid", None),
             other_linear=args.other_linear,
             embedding=args.embedding,
             calibration=args.calibration,

@@ -193,6 +193,7 @@ class TrainableLinear(nn.Module):
         self.register_buffer("target_mask", st["target_mask"])  # the final mask (gradual sparsity)
         self.target_sparsity = st["target_sparsity"]
         self.group_size = st["group_size"]
+        self.int4_grid = st.get("int4_grid", "symmetric")  # int4 MatMulNBits: symmetric / asymmetric grid
         for name, t in st["params"].items():
             setattr(self, name, nn.Parameter(t if self.mask is None or name != "weight" else t * self.mask))
 

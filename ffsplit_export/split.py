@@ -29,7 +29,7 @@ from .formats import (
     pruning,
 )
 from .formats.lowrank import lowrank_rank  # noqa: F401 - re-exported (plan, callers)
-from .formats.names import Quantizer
+from .formats.names import Int4Grid, Quantizer
 from .formats.packing import EXPORT_INT4_GROUP_SIZES
 from .linear import CompressedLinear
 
@@ -46,6 +46,7 @@ class SplitConfig:
     heavy_format: HeavyFormat | str = HeavyFormat.FP32
     group_size: int = 128  # int4 group size (light int4 and --other-linear int4)
     quantizer: Quantizer | str = Quantizer.RTN  # how int codes are chosen: round-to-nearest or GPTQ
+    int4_grid: Int4Grid | str = Int4Grid.SYMMETRIC  # int4 MatMulNBits: symmetric or with zero points
     # the OBS pass (GPTQ, and SparseGPT's damping and block size): relative damping of diag(H),
     # columns per lazy block, GPTQ's activation order (static groups; the layout does not change)
     gptq_damp: float = 0.01
@@ -54,6 +55,7 @@ class SplitConfig:
 
     def __post_init__(self):
         self.quantizer = Quantizer.parse(self.quantizer, "--quantizer")
+        self.int4_grid = Int4Grid.parse(self.int4_grid, "--int4-grid")
         if not (isinstance(self.gptq_damp, (int, float)) and 0.0 <= self.gptq_damp < 1.0):
             raise ConfigError(f"gptq_damp={self.gptq_damp!r} is out of range; use 0 <= damp < 1 (e.g. 0.01)")
         if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:

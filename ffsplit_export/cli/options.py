@@ -287,7 +287,7 @@ def check_export(path: Path) -> dict:
 def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by analyze / export / eval / recover (the table of DESIGN.md)."""
     from ..formats import EmbeddingFormat, HeavyFormat, LightFormat, OtherLinearFormat, PruneMethod
-    from ..formats.names import Quantizer
+    from ..formats.names import Int4Grid, Quantizer
 
     p.add_argument("--task", default="auto", help="optimum task name, or auto (default)")
     g = p.add_mutually_exclusive_group()
@@ -371,6 +371,14 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="rtn (round-to-nearest), gptq (error-compensated codes from the calibration Hessians) "
         "(default: the preset's; without one rtn)",
+    )
+    p.add_argument(
+        "--int4-grid",
+        type=format_name(Int4Grid),
+        default=None,
+        help="int4 MatMulNBits grid: symmetric (codes -7..7), asymmetric (a uint4 zero point per group, "
+        "all 16 levels), asymmetric-mse (the same, each group's range by a clipping search) "
+        "(default: the preset's; without one symmetric)",
     )
     p.add_argument(
         "--heavy-selection",

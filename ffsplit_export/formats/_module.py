@@ -196,13 +196,13 @@ def custom_node(g, op_type: str, x, *inputs, **attrs):
     return g.op(f"{FFSPLIT_DOMAIN}::{op_type}", x, *inputs, **attrs)
 
 
-def matmulnbits_node(g, x, qweight, scales, *, k: int, n: int, bits: int, block_size: int):
-    """``com.microsoft::MatMulNBits`` (symmetric, default zero point) of packed inputs."""
+def matmulnbits_node(g, x, qweight, scales, *, k: int, n: int, bits: int, block_size: int, zero_points=None):
+    """``com.microsoft::MatMulNBits`` of packed inputs: symmetric (the op's default zero point), or
+    with ``zero_points`` (uint8, packed like B: the asymmetric int4 grid) as its fourth input."""
+    inputs = (x, qweight, scales) if zero_points is None else (x, qweight, scales, zero_points)
     return g.op(
         "com.microsoft::MatMulNBits",
-        x,
-        qweight,
-        scales,
+        *inputs,
         K_i=k,
         N_i=n,
         bits_i=bits,

@@ -16,8 +16,10 @@ One loop serves three callers:
   entries set to zero, so both the pruning and the rounding error of the survivors are compensated.
 
 The grids are exactly those of the packers in :mod:`.packing` (symmetric, codes in
-``[-qmax, qmax]``, ``scale = amax / qmax``, 1 where a group is all zero): the engine only
-chooses the codes; the scales are computed as the round-to-nearest packers compute them (per
+``[-qmax, qmax]``, ``scale = amax / qmax``, 1 where a group is all zero; or, with
+``Grid.zero_point``, MatMulNBits' asymmetric grid: unsigned codes in ``[0, 2^bits - 1]``,
+a scale and an integer zero point per group from :func:`.packing.asymmetric_params`, optionally
+with its clipping search): the engine only chooses the codes; the scales are computed as the round-to-nearest packers compute them (per
 output row, or per group of ``group_size`` input columns; with ``act_order`` or a fixed
 ``scale_matrix`` before the pass, otherwise when the pass reaches each group), and the packed
 layout does not change.
@@ -27,28 +29,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .packing import asymmetric_params
 
 
 @dataclass(frozen=True)
 class Grid:
-    """A symmetric integer grid: ``bits`` wide, one scale per output row (``group_size`` None) or
-    per group of ``group_size`` consecutive input columns (MatMulNBits blocks)."""
+    """An integer grid: ``bits`` wide, one scale per output row (``group_size`` None) or per group
+    of ``group_size`` consecutive input columns (MatMulNBits blocks).
+
+    Symmetric by default (codes in ``[-qmax, qmax]``); ``zero_point`` makes it asymmetric (codes
+    in ``[0, 2^bits - 1]`` with an integer zero point per group, MatMulNBits' ``zero_points``),
+    and ``search`` picks each group's range by the clipping search of
+    :func:`.packing.asymmetric_params`.
+    """
 
     bits: int
     group_size: int | None = None
+    zero_point: bool = False
+    search: bool = False
 
     def __post_init__(self):
         if self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"bits={self.bits} is not supported; use 4 or 8")
         if self.group_size is not None and self.group_size < 1:
             raise ConfigError(f"group_size={self.group_size} must be >= 1 (or None: one scale per row)")
+        if (self.zero_point or self.search) and self.group_size is None:
+            raise ConfigError("an asymmetric grid (zero points) needs a group_size (MatMulNBits blocks)")
+        if self.search and not self.zero_point:
+            raise ConfigError("the clipping search is implemented for the asymmetric grid only")
 
     @property
     def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
+        """The largest code: ``2^(bits-1) - 1`` (symmetric) or ``2^bits - 1`` (asymmetric)."""
+        return (1 << self.bits) - 1 if self.zero_point else (1 << (self.bits - 1)) - 1
+
+    @property
+    def qmin(self) -> int:
+        return 0 if self.zero_point else -self.qmax
+
+
+def _asym_params(g: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 scales, float32 zero points) of the groups ``g`` [..., G], as the packer computes them."""
+    s, z = asymmetric_params(g.detach().to(torch.float32).cpu().numpy(), grid.bits, search=grid.search)
+    return torch.from_numpy(s), torch.from_numpy(z.astype(np.float32))
 
 
 @dataclass
@@ -57,8 +84,30 @@ class ObsResult:
 
     weight: torch.Tensor  # float32 [N, K]: the compressed weight (codes x scales; 0 where pruned)
     keep: torch.Tensor  # bool [N, K]: the stored positions
-    codes: torch.Tensor | None = None  # int8 [N, K] (0 where pruned); None without a grid
+    codes: torch.Tensor | None = None  # int8 [N, K] (0 / the zero point where pruned); None without a grid
     scales: torch.Tensor | None = None  # float32 [N] (per row) or [N, n_groups]; None with scale_matrix
+    zeros: torch.Tensor | None = None  # uint8 [N, n_groups]: the zero points of an asymmetric grid
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, n_groups, group_size]: ``w`` [N, K] zero-padded to whole groups."""
+    n, k = w.shape
+    ng = -(-k // group_size)
+    pad = torch.zeros(n, ng * group_size, dtype=w.dtype)
+    pad[:, :k] = w
+    return pad.reshape(n, ng, group_size)
+
+
+def _params_of(
+    w: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scales, zero points or None) of ``w`` as the round-to-nearest packers compute them."""
+    if not grid.zero_point:
+        return _scales_of(w, grid, keep), None
+    w = w.to(torch.float32)
+    if keep is not None:
+        w = w * keep
+    return _asym_params(_grouped(w, grid.group_size), grid)
 
 
 def _scales_of(w: torch.Tensor, grid: Grid, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,24 +193,30 @@ def obs_compress(
         raise ConfigError("scale_matrix needs a grid (the bits of the codes)")
     if scale_matrix is not None and scale_matrix.shape != w.shape:
         raise ConfigError(f"scale_matrix shape {tuple(scale_matrix.shape)} does not match {(n, k)}")
+    if scale_matrix is not None and grid.zero_point:
+        raise ConfigError("scale_matrix fixes symmetric scales; it does not combine with an asymmetric grid")
 
     # scales fixed before the pass: per row, any grid under act_order (static groups), scale_matrix
     grouped = grid is not None and grid.group_size is not None
     dynamic = grouped and scale_matrix is None and not act_order
-    scales = None
+    scales = zeros = None
     elem_scale = None  # float32 [N, K] (in pass order) when the scales are static
+    elem_zero = None  # float32 [N, K] likewise, for an asymmetric grid
     if grid is not None:
         if scale_matrix is not None:
             elem_scale = scale_matrix.detach().to(torch.float32).clone()
         elif not dynamic:
-            scales = _scales_of(w, grid, keep)
+            scales, zeros = _params_of(w, grid, keep)
             elem_scale = (
                 scales[:, None].expand(n, k)
                 if grid.group_size is None
                 else torch.repeat_interleave(scales, grid.group_size, dim=1)[:, :k]
             ).contiguous()
+            if zeros is not None:
+                elem_zero = torch.repeat_interleave(zeros, grid.group_size, dim=1)[:, :k].contiguous()
         else:
             scales = torch.ones(n, -(-k // grid.group_size), dtype=torch.float32)
+            zeros = torch.zeros_like(scales) if grid.zero_point else None
             # a group must lie inside one block: blocks are whole groups
             block_size = max(1, block_size // grid.group_size) * grid.group_size
     if not dynamic and (keep is not None or (nm is None and sparsity == 0)):
@@ -176,6 +231,7 @@ def obs_compress(
         w, h = w[:, perm], h[perm][:, perm]
         keep = None if keep is None else keep[:, perm]
         elem_scale = None if elem_scale is None else elem_scale[:, perm]
+        elem_zero = None if elem_zero is None else elem_zero[:, perm]
     hinv = upper_cholesky_of_inverse(h)
 
     out_keep = torch.ones(n, k, dtype=torch.bool)
@@ -211,23 +267,36 @@ def obs_compress(
             if grid is None:
                 q = col * kept.to(col.dtype) if pruning else col.clone()
             else:
+                z = None
                 if dynamic:
                     gs = grid.group_size
+                    gi = (c0 + j) // gs
                     if (c0 + j) % gs == 0:  # a new group: its scale from the current (updated) weights
                         sub = wb[:, j : j + gs].to(torch.float32) * ~prune_b[:, j : j + gs]
-                        amax = sub.abs().amax(dim=1)
-                        scales[:, (c0 + j) // gs] = torch.where(
-                            amax > 0, amax / float(grid.qmax), torch.ones_like(amax)
-                        )
-                    s = scales[:, (c0 + j) // gs]
+                        if grid.zero_point:
+                            sg, zg = _asym_params(sub, grid)
+                            scales[:, gi], zeros[:, gi] = sg, zg
+                        else:
+                            amax = sub.abs().amax(dim=1)
+                            scales[:, gi] = torch.where(
+                                amax > 0, amax / float(grid.qmax), torch.ones_like(amax)
+                            )
+                    s = scales[:, gi]
+                    z = None if zeros is None else zeros[:, gi]
                 else:
                     s = elem_scale[:, c0 + j]
-                # the packers' rounding: float32 division, half to even, clamp to the symmetric range
-                code = torch.round(col.to(torch.float32) / s).clamp_(-grid.qmax, grid.qmax)
+                    z = None if elem_zero is None else elem_zero[:, c0 + j]
+                # the packers' rounding: float32 division, half to even, clamp to the grid's range
+                code = torch.round(col.to(torch.float32) / s)
+                if z is not None:
+                    code.add_(z)
+                code.clamp_(grid.qmin, grid.qmax)
                 if pruning:
                     code.mul_(kept)
+                    if z is not None:  # a pruned entry holds the zero point (value 0)
+                        code.add_(z * (1 - kept))
                 codes_b[:, j] = code
-                q = (code * s).to(col.dtype)
+                q = ((code if z is None else code - z) * s).to(col.dtype)
             e = (col - q).div_(hb[j, j])
             wb[:, j:].addr_(e, hb[j, j:], alpha=-1)
             wb[:, j] = q
@@ -247,6 +316,7 @@ def obs_compress(
         keep=out_keep,
         codes=codes,
         scales=None if scale_matrix is not None else scales,
+        zeros=None if zeros is None else zeros.to(torch.uint8),
     )
 
 
@@ -262,13 +332,16 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    zero_point: bool = False,
+    search: bool = False,
 ) -> ObsResult:
     """GPTQ codes and scales of ``w[N, K]`` on the packers' grid (``bits``, per row or per
-    ``group_size`` columns), optionally pruned in the same pass (``sparsity`` / ``nm`` / ``keep``)."""
+    ``group_size`` columns; with ``zero_point`` the asymmetric grid, ``search`` its clipping
+    search), optionally pruned in the same pass (``sparsity`` / ``nm`` / ``keep``)."""
     return obs_compress(
         w,
         hessian,
-        grid=Grid(bits, group_size),
+        grid=Grid(bits, group_size, zero_point, search),
         sparsity=sparsity,
         nm=nm,
         keep=keep,

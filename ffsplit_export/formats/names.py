@@ -75,3 +75,13 @@ class Quantizer(_NamedEnum):
 
     RTN = "rtn"
     GPTQ = "gptq"
+
+
+class Int4Grid(_NamedEnum):
+    """The grid of int4 MatMulNBits weights (``--int4-grid``): symmetric codes around the op's
+    default zero point, or asymmetric with a uint4 zero point per block (``zero_points``), the
+    block's range from min / max or from a clipping search minimising the squared error."""
+
+    SYMMETRIC = "symmetric"
+    ASYMMETRIC = "asymmetric"
+    ASYMMETRIC_MSE = "asymmetric-mse"

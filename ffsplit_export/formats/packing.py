@@ -30,10 +30,15 @@ bitmask sparse int4 (``sparse-int4``)
                 Padded columns (>= K) hold value 0.
 
 MatMulNBits (``int8``, ``int4``, heavy ``int8``; com.microsoft::MatMulNBits)
-    ``B``       uint8 [N, n_blocks, block_size * bits / 8], unsigned codes q + 2^(bits-1)
-                (the op's default zero point), low nibble first for 4 bits; K padded
-                with the zero code to n_blocks * block_size.
+    ``B``       uint8 [N, n_blocks, block_size * bits / 8], unsigned codes u, low nibble first
+                for 4 bits; K padded with the zero code to n_blocks * block_size.
     ``scales``  float32 [N * n_blocks].
+    symmetric grid (no ``zero_points`` input): u = q + 2^(bits-1) (the op's default zero
+                point) for signed codes q in [-(2^(bits-1) - 1), 2^(bits-1) - 1]; w = q * scale.
+    asymmetric grid (``--int4-grid asymmetric``): u in [0, 2^bits - 1] and
+    ``zero_points`` uint8 [N * ceil(n_blocks * bits / 8)]: row n's block zero points z packed
+                like B (low nibble first for 4 bits), each row padded to whole bytes (the layout
+                of ONNX Runtime's MatMulNBits schema); w = (u - z) * scale.
 """
 
 from __future__ import annotations
@@ -102,6 +107,66 @@ def quantize_int8_blockwise(w: np.ndarray, block_size: int) -> tuple[np.ndarray,
     scales = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(g / scales[:, :, None]), -127, 127).astype(np.int8)
     return q.reshape(n, k), scales
+
+
+def asymmetric_params(g: np.ndarray, bits: int = 4, *, search: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point of every block of an asymmetric grid: ``g`` [..., G] float32.
+
+    The range is [min(w, 0), max(w, 0)] (zero stays exactly representable, so the zero point
+    lies in [0, 2^bits - 1]); ``scale = (hi - lo) / (2^bits - 1)`` (1 where a block is all zero),
+    ``zero = round(-lo / scale)``. With ``search`` both ends are shrunk by the factor of
+    :data:`CLIP_RATIOS` that gives the least squared round-trip error of the block (a clipping
+    search, as HQQ-like and AWQ-style quantizers do). Returns float32 scales and uint8 zero points
+    of shape ``g.shape[:-1]``.
+    """
+    g = np.asarray(g, np.float32)
+    qmax = (1 << bits) - 1
+    lo0 = np.minimum(g.min(axis=-1), 0).astype(np.float32)
+    hi0 = np.maximum(g.max(axis=-1), 0).astype(np.float32)
+    best_s = best_z = best_e = None
+    for r in CLIP_RATIOS if search else (1.0,):
+        lo, hi = lo0 * np.float32(r), hi0 * np.float32(r)
+        span = hi - lo
+        s = np.where(span > 0, span / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+        z = np.clip(np.rint(-lo / s), 0, qmax).astype(np.float32)
+        if not search:
+            return s, z.astype(np.uint8)
+        u = np.clip(np.rint(g / s[..., None]) + z[..., None], 0, qmax)
+        e = np.square((u - z[..., None]) * s[..., None] - g).sum(axis=-1)
+        if best_e is None:
+            best_s, best_z, best_e = s, z, e
+        else:
+            better = e < best_e
+            best_s = np.where(better, s, best_s)
+            best_z = np.where(better, z, best_z)
+            best_e = np.where(better, e, best_e)
+    return best_s.astype(np.float32), best_z.astype(np.uint8)
+
+
+#: the shrink factors of the asymmetric clipping search (1.0 first: ties keep the full range)
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(13))
+
+
+def quantize_int4_asymmetric(
+    w: np.ndarray, group_size: int, *, search: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric int4 per group of ``group_size`` input channels (MatMulNBits with zero points).
+
+    Returns ``u`` uint8 [N, K] codes in [0, 15], ``scales`` float32 [N, n_groups] and ``zero_points``
+    uint8 [N, n_groups] (:func:`asymmetric_params`); ``w ~= (u - zero) * scale``. The last group
+    is zero-padded when group_size does not divide K.
+    """
+    if group_size not in INT4_GROUP_SIZES:
+        raise FormatError(f"int4 group size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
+    w = _as_matrix(w, "weight").astype(np.float32, copy=False)
+    n, k = w.shape
+    n_groups = -(-k // group_size)
+    padded = np.zeros((n, n_groups * group_size), np.float32)
+    padded[:, :k] = w
+    g = padded.reshape(n, n_groups, group_size)
+    scales, zeros = asymmetric_params(g, 4, search=search)
+    u = np.clip(np.rint(g / scales[:, :, None]) + zeros[:, :, None], 0, 15).astype(np.uint8)
+    return u.reshape(n, -1)[:, :k].copy(), scales, zeros
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray, group_size: int | None = None) -> np.ndarray:
@@ -416,16 +481,40 @@ class NBits:
     k: int
     bits: int
     block_size: int
+    zero_points: np.ndarray | None = None  # uint8 [N * ceil(n_blocks * bits / 8)]; None: symmetric
 
     @property
     def nbytes(self) -> int:
-        return self.b.nbytes + self.scales.nbytes
+        return (
+            self.b.nbytes + self.scales.nbytes + (0 if self.zero_points is None else self.zero_points.nbytes)
+        )
 
 
-def pack_matmulnbits(q: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> NBits:
-    """Lay out signed codes ``q`` [N, K] and their scales as MatMulNBits inputs.
+def _pack_codes(u: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 [N, M] unsigned codes -> uint8 [N, ceil(M * bits / 8)], low nibble first for 4 bits."""
+    if bits == 8:
+        return u.astype(np.uint8)
+    if u.shape[1] % 2:
+        u = np.concatenate([u, np.zeros((u.shape[0], 1), np.uint8)], axis=1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
 
-    ``scales`` is [N] (per channel, repeated over the blocks) or [N, n_blocks].
+
+def _unpack_codes(b: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`_pack_codes`: uint8 [N, count]."""
+    if bits == 8:
+        return b[:, :count].astype(np.uint8)
+    return np.stack([b & 0x0F, b >> 4], axis=2).reshape(b.shape[0], -1)[:, :count]
+
+
+def pack_matmulnbits(
+    q: np.ndarray, scales: np.ndarray, bits: int, block_size: int, zero_points: np.ndarray | None = None
+) -> NBits:
+    """Lay out the codes ``q`` [N, K] and their scales (and zero points) as MatMulNBits inputs.
+
+    ``scales`` is [N] (per channel, repeated over the blocks) or [N, n_blocks]. Without
+    ``zero_points`` (symmetric grid) ``q`` are signed codes in [-2^(bits-1), 2^(bits-1) - 1];
+    with ``zero_points`` (integers [N, n_blocks] in [0, 2^bits - 1]) ``q`` are the unsigned codes
+    in [0, 2^bits - 1] and the weight is ``(q - zero) * scale``.
     """
     if bits not in (4, 8):
         raise FormatError(f"bits={bits} is not supported; use 4 or 8")
@@ -439,32 +528,67 @@ def pack_matmulnbits(q: np.ndarray, scales: np.ndarray, bits: int, block_size: i
         scales = np.repeat(scales[:, None], nb, axis=1)
     if scales.shape != (n, nb):
         raise FormatError(f"scales shape {scales.shape} does not match [N, n_blocks]={(n, nb)}")
-    zero = 1 << (bits - 1)
-    lo, hi = -zero, zero - 1
+    top = (1 << bits) - 1
+    zp = None
+    if zero_points is None:
+        zero = 1 << (bits - 1)
+        lo, hi = -zero, zero - 1
+        pad = np.full((n, nb), zero, np.uint8)
+    else:
+        zero_points = np.asarray(zero_points)
+        if zero_points.shape != (n, nb):
+            raise FormatError(f"zero_points shape {zero_points.shape} does not match [N, n_blocks]={(n, nb)}")
+        if zero_points.size and (zero_points.min() < 0 or zero_points.max() > top):
+            raise FormatError(f"zero points out of range [0, {top}] for {bits} bits")
+        zero, lo, hi = 0, 0, top
+        pad = zero_points.astype(np.uint8)
+        zp = _pack_codes(pad, bits).reshape(-1).copy()
     if q.size and (q.min() < lo or q.max() > hi):
         raise FormatError(f"codes out of range [{lo}, {hi}] for {bits} bits")
-    u = np.full((n, nb * block_size), zero, np.uint8)
+    # K padded with each block's zero code (the padded weights are 0)
+    u = np.repeat(pad, block_size, axis=1)
     u[:, :k] = (q.astype(np.int16) + zero).astype(np.uint8)
-    if bits == 4:
-        u = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
-    b = u.reshape(n, nb, block_size * bits // 8)
-    return NBits(b=b, scales=scales.reshape(-1).copy(), k=k, bits=bits, block_size=block_size)
+    b = _pack_codes(u, bits).reshape(n, nb, block_size * bits // 8)
+    return NBits(b=b, scales=scales.reshape(-1).copy(), k=k, bits=bits, block_size=block_size, zero_points=zp)
+
+
+def unpack_zero_points(p: NBits) -> np.ndarray | None:
+    """uint8 [N, n_blocks]: the block zero points of an asymmetric layout (None: symmetric)."""
+    if p.zero_points is None:
+        return None
+    n, nb = p.b.shape[0], p.b.shape[1]
+    per_row = -(-nb * p.bits // 8)
+    zp = np.asarray(p.zero_points)
+    if zp.dtype != np.uint8 or zp.shape != (n * per_row,):
+        raise FormatError(
+            f"MatMulNBits zero_points must be uint8 [N * ceil(n_blocks * bits / 8)] = [{n * per_row}], "
+            f"got {zp.dtype} {zp.shape}"
+        )
+    return _unpack_codes(zp.reshape(n, per_row), p.bits, nb)
 
 
 def unpack_matmulnbits(p: NBits) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`pack_matmulnbits`: signed codes [N, K] and scales [N, n_blocks]."""
+    """Inverse of :func:`pack_matmulnbits`: the codes [N, K] and scales [N, n_blocks].
+
+    Symmetric layouts give signed int8 codes; asymmetric ones (``p.zero_points``) the unsigned
+    uint8 codes (their zero points: :func:`unpack_zero_points`).
+    """
     n, nb, blob = p.b.shape
     if blob != p.block_size * p.bits // 8 or nb != -(-p.k // p.block_size):
         raise FormatError(f"MatMulNBits B shape {p.b.shape} does not match K={p.k}, bits={p.bits}")
-    u = p.b.reshape(n, nb * blob)
-    if p.bits == 4:
-        u = np.stack([u & 0x0F, u >> 4], axis=2).reshape(n, -1)
-    q = (u[:, : p.k].astype(np.int16) - (1 << (p.bits - 1))).astype(np.int8)
+    u = _unpack_codes(p.b.reshape(n, nb * blob), p.bits, p.k)
+    if p.zero_points is not None:
+        return u.copy(), p.scales.reshape(n, nb).copy()
+    q = (u.astype(np.int16) - (1 << (p.bits - 1))).astype(np.int8)
     return q, p.scales.reshape(n, nb).copy()
 
 
 def dequantize_matmulnbits(p: NBits) -> np.ndarray:
-    """The float32 [N, K] weight MatMulNBits computes with."""
+    """The float32 [N, K] weight MatMulNBits computes with: ``(u - zero) * scale``."""
     q, scales = unpack_matmulnbits(p)
     s = np.repeat(scales, p.block_size, axis=1)[:, : p.k]
-    return q.astype(np.float32) * s
+    zp = unpack_zero_points(p)
+    if zp is None:
+        return q.astype(np.float32) * s
+    z = np.repeat(zp, p.block_size, axis=1)[:, : p.k]
+    return (q.astype(np.float32) - z.astype(np.float32)) * s

@@ -337,10 +337,23 @@ def register_schemas() -> None:
 
 
 def matmulnbits_reference(
-    x: np.ndarray, b: np.ndarray, scales: np.ndarray, *, K: int, N: int, bits: int, block_size: int
+    x: np.ndarray,
+    b: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None = None,
+    *,
+    K: int,
+    N: int,
+    bits: int,
+    block_size: int,
 ) -> np.ndarray:
-    """``com.microsoft::MatMulNBits`` (symmetric, default zero point) as this package emits it."""
-    w = packing.dequantize_matmulnbits(packing.NBits(b, scales, K, bits, block_size))
+    """``com.microsoft::MatMulNBits`` as this package emits it: the default zero point, or uint8
+    ``zero_points`` packed like B ([N * ceil(n_blocks * bits / 8)], the asymmetric int4 grid)."""
+    if zero_points is not None and zero_points.dtype != np.uint8:
+        raise FormatError(
+            f"the MatMulNBits reference reads uint8 (packed) zero_points, got {zero_points.dtype}"
+        )
+    w = packing.dequantize_matmulnbits(packing.NBits(b, scales, K, bits, block_size, zero_points))
     if w.shape[0] != N:
         raise FormatError(f"MatMulNBits N={N} does not match B with {w.shape[0]} rows")
     return (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
@@ -368,11 +381,22 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
     if include_contrib:
 
         def _run_nbits(
-            self, x, b, scales, *rest, K=None, N=None, bits=None, block_size=None, accuracy_level=None
+            self,
+            x,
+            b,
+            scales,
+            zero_points=None,
+            *rest,
+            K=None,
+            N=None,
+            bits=None,
+            block_size=None,
+            accuracy_level=None,
         ):
             if rest and any(r is not None for r in rest):
-                raise FormatError("the MatMulNBits reference supports no zero_points / g_idx / bias inputs")
-            return (matmulnbits_reference(x, b, scales, K=K, N=N, bits=bits, block_size=block_size),)
+                raise FormatError("the MatMulNBits reference supports no g_idx / bias inputs")
+            y = matmulnbits_reference(x, b, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size)
+            return (y,)
 
         classes.append(type("MatMulNBits", (OpRun,), {"op_domain": "com.microsoft", "_run": _run_nbits}))
         classes.append(
