@@ -374,7 +374,7 @@ def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str, group_siz
     ``group_size`` (default 32) or the largest smaller power of two that divides the width. A tied
     lm_head kept in float32 keeps its own weight.
     """
-    from .formats.embedding import SharedInt4Embedding
+    from .formats.embedding import SharedInt4Embedding, TiedInt4Head
 
     fmt = EmbeddingFormat.parse(fmt, "--embedding")
     qf = get_format(fmt)
@@ -390,9 +390,7 @@ def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str, group_siz
     extra: dict = {}
     if shared is not None:
         owner, attr, path = shared
-        head = getattr(owner, attr)
-        if head.scales.dim() == 1:  # MatMulNBits takes [V, D/B] as well: the gather reads it unreshaped
-            head.scales = head.scales.reshape(head.out_features, -1)
+        setattr(owner, attr, TiedInt4Head(getattr(owner, attr)))  # same buffers, scales [V, D/B, 1]
         q = SharedInt4Embedding(owner, attr, padding_idx=emb.padding_idx)
         extra = {"shared_with": path}
     else:

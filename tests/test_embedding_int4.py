@@ -17,6 +17,7 @@ from ffsplit_export.formats import packing
 from ffsplit_export.formats.embedding import (
     QuantizedEmbedding,
     SharedInt4Embedding,
+    TiedInt4Head,
     pack_int4_rows,
     unpack_int4_rows,
 )
@@ -141,6 +142,61 @@ def test_shared_embedding_decodes_the_lm_head_codes_whatever_chose_them():
         SharedInt4Embedding(other, "lm_head")
 
 
+@pytest.mark.parametrize("tied_head", [True, False])
+def test_shared_layout_matches_onnx_runtime_and_reference_evaluator(tied_head, tmp_path):
+    """lm_head(embedding(ids)) with the shared table: ONNX Runtime, onnx's ReferenceEvaluator (our
+    GatherBlockQuantized / MatMulNBits references) and PyTorch agree (float32 summation order only:
+    atol 1e-4 on outputs up to ~50); the file has the codes once. ``tied_head`` False: a plain
+    NBitsLinear lm_head (1-D scales, e.g. after recover repacks it) gets a reshaped scales copy."""
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    from ffsplit_export.linear import export_target
+    from ffsplit_export.ops import reference_ops
+
+    torch.manual_seed(0)
+    head = NBitsLinear.from_weight(torch.randn(V, D), 4, 32)
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = TiedInt4Head(head) if tied_head else head
+            self.emb = SharedInt4Embedding(self, "lm_head")
+
+        def forward(self, ids):
+            return self.lm_head(self.emb(ids))
+
+    m = Tied()
+    ids = torch.tensor([[0, 7, 49, 7], [3, 3, 48, 1]])
+    with torch.no_grad():
+        want = m(ids).numpy()
+        np.testing.assert_array_equal(m.emb(ids).numpy(), head.dense_weight()[ids].numpy())
+        with export_target("ort-cpu"):
+            torch.onnx.export(
+                m,
+                (ids,),
+                str(tmp_path / "m.onnx"),
+                input_names=["ids"],
+                output_names=["y"],
+                dynamic_axes={"ids": {0: "b", 1: "s"}},
+                opset_version=17,
+                dynamo=False,
+            )
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    codes = [i for i in model.graph.initializer if i.data_type == TensorProto.UINT8]
+    assert len(codes) == 1 and tuple(codes[0].dims) == (V, D // 32, 16)
+    n_scales = [int(np.prod(i.dims)) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT]
+    assert n_scales == ([V * D // 32] if tied_head else [V * D // 32] * 2), n_scales
+    y_ort = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids.numpy()}
+    )[0]
+    y_ref = ReferenceEvaluator(model, new_ops=reference_ops(include_contrib=True)).run(
+        None, {"ids": ids.numpy()}
+    )[0]
+    np.testing.assert_allclose(y_ort, want, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(y_ref, want, rtol=0, atol=1e-4)
+
+
 def _nodes(graph):
     for n in graph.node:
         yield n
@@ -214,13 +270,9 @@ def test_export_int4_embedding_shares_a_tied_lm_head_table(name, shared, tmp_pat
         tables = max(tables, len(vocab_tables))
         attrs = {a.name: oh.get_attribute_value(a) for a in gathers[0].attribute}
         assert attrs["bits"] == 4 and attrs["block_size"] == 32
-        if (
-            shared
-        ):  # the gather reads Flatten(B) of a MatMulNBits B (the lm_head's; optimum's merge renames it)
-            nodes = list(_nodes(g.graph))
-            flat = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Flatten"}
-            b_inputs = {n.input[1] for n in nodes if n.op_type == "MatMulNBits"}
-            src = flat[gathers[0].input[0]]
+        if shared:  # the gather reads the lm_head's MatMulNBits B as it is (optimum's merge renames it)
+            b_inputs = {n.input[1] for n in _nodes(g.graph) if n.op_type == "MatMulNBits"}
+            src = gathers[0].input[0]
             assert vocab_tables == {src}, (vocab_tables, src)
             assert src in b_inputs or f.startswith("encoder"), (src, f)  # the encoder has no lm_head
     # tied: one table per file (the lm_head's, in the decoder also the lm_head's operand); untied:

@@ -398,44 +398,48 @@ def gather_block_quantized_reference(
 ) -> np.ndarray:
     """NumPy reference of ``com.microsoft::GatherBlockQuantized`` for the tables we export.
 
-    ``data`` uint8 [V, D] (8 bits; zero point 128 unless given) or [V, D/2] (4 bits: two codes per
-    byte, the even column in the low nibble; zero point 8 unless given, unpacked [V, D/B] or packed
-    like ``data``), rows gathered (axis 0), ``scales`` [V, D/B] per block of ``block_size`` columns
-    (axis 1): ``out[i, j] = (code[ids[i], j] - zero_point) * scale[ids[i], j // B]``.
+    ``data`` uint8 [V, ..., W] quantized along its last axis (``quantize_axis``): 8 bits (zero
+    point 128 unless given) or 4 bits (two codes per byte, the even element in the low nibble, so
+    the logical last axis is 2W; zero point 8 unless given, unpacked or packed like ``data``); rows
+    gathered on axis 0; ``scales`` of the same rank, the last axis holding one scale per block of
+    ``block_size``: ``out[i, ..., j] = (code[ids[i], ..., j] - zero_point) * scale[ids[i], ..., j // B]``.
+    Our int4 / int8 tables are [V, D] (axis 1); a table shared with a tied lm_head is the
+    MatMulNBits ``B`` [V, D/B, B/2] (axis 2, scales [V, D/B, 1]).
     """
+    last = data.ndim - 1
     if (
         data.dtype != np.uint8
-        or data.ndim != 2
+        or data.ndim < 2
         or bits not in (4, 8)
         or gather_axis != 0
-        or quantize_axis not in (1, -1)
+        or quantize_axis not in (last, -1)
     ):
         raise FormatError(
-            "the GatherBlockQuantized reference covers 2-D uint8 tables of 8 or 4 bits gathered on axis 0 "
-            f"and quantized along axis 1 (got {data.dtype} {data.shape}, bits={bits}, "
+            "the GatherBlockQuantized reference covers uint8 tables of 8 or 4 bits gathered on axis 0 "
+            f"and quantized along the last axis (got {data.dtype} {data.shape}, bits={bits}, "
             f"gather_axis={gather_axis}, quantize_axis={quantize_axis})"
         )
 
     def unpack(a: np.ndarray) -> np.ndarray:
         if bits == 8:
             return a.astype(np.float32)
-        return np.stack([a & 0x0F, a >> 4], axis=2).reshape(a.shape[0], -1).astype(np.float32)
+        return np.stack([a & 0x0F, a >> 4], axis=-1).reshape(*a.shape[:-1], -1).astype(np.float32)
 
     codes = unpack(data)
-    width = codes.shape[1]
-    if scales.ndim != 2 or scales.shape[0] != data.shape[0] or scales.shape[1] * block_size != width:
+    width = codes.shape[-1]
+    if scales.shape != (*codes.shape[:-1], width // block_size) or width % block_size:
         raise FormatError(
-            f"GatherBlockQuantized scales {scales.shape} do not match a [{data.shape[0]}, {width}] table "
-            f"in blocks of {block_size}"
+            f"GatherBlockQuantized scales {scales.shape} do not match a {codes.shape} table "
+            f"in blocks of {block_size} along the last axis"
         )
     if zero_points is None:
         zp = np.float32(1 << (bits - 1))
     else:
         zp_blocks = (
-            unpack(zero_points)[:, : scales.shape[1]] if zero_points.shape != scales.shape else zero_points
+            zero_points if zero_points.shape == scales.shape else unpack(zero_points)[..., : scales.shape[-1]]
         )
-        zp = np.repeat(zp_blocks.astype(np.float32), block_size, axis=1)
-    table = (codes - zp) * np.repeat(scales.astype(np.float32), block_size, axis=1)
+        zp = np.repeat(zp_blocks.astype(np.float32), block_size, axis=-1)
+    table = (codes - zp) * np.repeat(scales.astype(np.float32), block_size, axis=-1)
     return table[np.asarray(indices, dtype=np.int64)].astype(scales.dtype)
 
 
