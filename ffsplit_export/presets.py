@@ -78,9 +78,10 @@ PRESETS = MappingProxyType(
         "balanced": MappingProxyType(
             {
                 **_INT4,
-                "group_size": 32,
-                "note": "the default: GPTQ int4 (group 32) light part and attention / lm_head, "
-                "10 % int8 heavy, int8 embedding",
+                "group_size": 64,
+                "embedding": "int4",
+                "note": "the default: GPTQ int4 (group 64) light part and attention / lm_head, "
+                "10 % int8 heavy, int4 embedding sharing the tied lm_head's table",
             }
         ),
         "fast": MappingProxyType(
