@@ -157,7 +157,7 @@ def compress(
         other = quantize_other_linears_(
             target, other_linear, cfg.group_size, specs, config=cfg, hessians=hs, names=others
         )
-    emb = quantize_embeddings_(target, embedding)
+    emb = quantize_embeddings_(target, embedding, cfg.group_size)
     return CompressResult(target, report, other, plan, stats, batches, emb, planned, source)
 
 

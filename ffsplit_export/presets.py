@@ -5,7 +5,9 @@ MatMulNBits ``nbits_accuracy_level`` the export ships with; an option the user g
 overrides the preset's field. The values were chosen from ``samples/frontier.py`` on
 SmolLM2-135M (README, "The speed/accuracy front": perplexity measured through ONNX Runtime at
 the shipped accuracy level, bytes and decode speed of each, same run as ONNX Runtime's own
-quantizer and the GenAI model builder). ``balanced`` is the default of ``ffsplit-export
+quantizer and the GenAI model builder). ``balanced`` and ``fast`` moved to group 64 and the int4
+embedding shared with the tied lm_head for the bytes axis (README, "The bytes axis"): SmolLM2
+80.7 MiB (ppl 16.57) and 77.7 MiB (16.91) against the GenAI builder's 82.5 MiB (20.03). ``balanced`` is the default of ``ffsplit-export
 export``, ``optimum-cli export ffsplit`` and :func:`ffsplit_export.export`.
 
 Core module: imports only errors (``config.py`` imports this table; ``tests/test_layers.py``).
@@ -53,7 +55,8 @@ _INT4 = {
     "heavy_fraction": 0.1,
     "heavy_format": "int8",
     "other_linear": "int4",
-    "embedding": "int8",
+    # int4 table; with a tied lm_head (SmolLM2) the embedding gathers from the lm_head's codes
+    "embedding": "int4",
     "quantizer": "gptq",
     # uint4 zero point per group, range by clipping search (samples/int4_grid_compare.py, SmolLM2
     # PyTorch ppl, GPTQ g32: symmetric 15.387, asymmetric 14.068, asymmetric-mse 13.669)
@@ -83,18 +86,17 @@ PRESETS = MappingProxyType(
         "balanced": MappingProxyType(
             {
                 **_INT4,
-                "group_size": 32,
-                "note": "the default: GPTQ int4 (group 32, zero points) light part and attention / "
-                "lm_head, 10 % int8 heavy, int8 embedding",
+                "group_size": 64,
+                "note": "the default: GPTQ int4 (group 64, zero points) light part and attention / "
+                "lm_head, 10 % int8 heavy, int4 embedding sharing the tied lm_head's table",
             }
         ),
         "fast": MappingProxyType(
             {
                 **_INT4,
-                # 64, not 128: SmolLM2's K = 576 pads to 640 at group 128 (more bytes than 64), and
-                # group 64 with zero points is more accurate (ppl 14.236 vs 14.699 at g128)
                 "group_size": 64,
-                "note": "fewest bytes read per token: as balanced with int4 group 64",
+                "heavy_fraction": 0.05,
+                "note": "fewest bytes read per token: as balanced with 5 % int8 heavy",
             }
         ),
     }

@@ -329,23 +329,55 @@ def quantize_other_linears_(
         return {"format": str(fmt), "layers": 0, "dense_bytes": 0, "bytes": 0}
     targets = names if names is not None else other_linear_names(model, specs)
     cfg = _GroupSize(group_size) if config is None else replace(config, group_size=group_size)
+    tied = _input_embedding_weight(model)
     dense = packed = 0
     for name in targets:
         w, b = linear_weight(get_module(model, name))
         q = qf.compress(w, b, hessian=(hessians or {}).get(name), config=cfg)
+        if tied is not None and getattr(get_module(model, name), "weight", None) is tied:
+            q.tied_input_embedding = True  # the lm_head tied to the embedding: int4 can share its table
         dense += _dense_nbytes(w, b)
         packed += qf.nbytes(q) + (0 if b is None else b.numel() * 4)
         set_module(model, name, q)
     return {"format": str(fmt), "layers": len(targets), "dense_bytes": dense, "bytes": packed}
 
 
-def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str) -> dict:
-    """Store the token embedding table in block-wise int8 (``com.microsoft::GatherBlockQuantized``).
+def _input_embedding_weight(model: nn.Module):
+    """The input embedding's weight Parameter (None where the model has no nn.Embedding input)."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return emb.weight if isinstance(emb, nn.Embedding) else None
+
+
+def _tied_int4_lm_head(model: nn.Module, emb: nn.Embedding) -> tuple[nn.Module, str, str] | None:
+    """(owner, attribute, path) of the int4 MatMulNBits layer that was quantized from the weight
+    tied to ``emb`` (``quantize_other_linears_`` marks it), if an embedding can gather from it."""
+    from .formats.embedding import shareable_lm_head
+
+    for path, m in model.named_modules():
+        if getattr(m, "tied_input_embedding", False) and shareable_lm_head(
+            m, emb.num_embeddings, emb.embedding_dim
+        ):
+            parent, _, attr = path.rpartition(".")
+            return (model.get_submodule(parent) if parent else model), attr, path
+    return None
+
+
+def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str, group_size: int | None = None) -> dict:
+    """Store the token embedding table in block-wise int8 or int4 (``com.microsoft::GatherBlockQuantized``).
 
     Every name under which the table is reachable (T5's ``shared`` / ``encoder.embed_tokens`` /
-    ``decoder.embed_tokens``) gets the same quantized module. A tied lm_head keeps its own float32
-    weight unless ``--other-linear`` quantizes it too.
+    ``decoder.embed_tokens``) gets the same quantized module. ``int4``: when ``quantize_other_linears_``
+    has already quantized an lm_head tied to this table as int4 with a block size that divides the
+    width, the embedding gathers from that lm_head's codes and scales (one table in the file:
+    ``shared_with`` in the summary, 0 bytes of its own); otherwise a standalone int4 table with block
+    ``group_size`` (default 32) or the largest smaller power of two that divides the width. A tied
+    lm_head kept in float32 keeps its own weight.
     """
+    from .formats.embedding import SharedInt4Embedding, TiedInt4Head
+
     fmt = EmbeddingFormat.parse(fmt, "--embedding")
     qf = get_format(fmt)
     if qf.keeps_original:
@@ -353,10 +385,19 @@ def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str) -> dict:
     emb = model.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):
         raise ConfigError(
-            f"--embedding int8: the input embedding of {type(model).__name__} is a {type(emb).__name__}, "
+            f"--embedding {fmt}: the input embedding of {type(model).__name__} is a {type(emb).__name__}, "
             "not an nn.Embedding; use --embedding fp32"
         )
-    q = qf.compress(emb.weight, padding_idx=emb.padding_idx)
+    shared = _tied_int4_lm_head(model, emb) if fmt is EmbeddingFormat.INT4 else None
+    extra: dict = {}
+    if shared is not None:
+        owner, attr, path = shared
+        setattr(owner, attr, TiedInt4Head(getattr(owner, attr)))  # same buffers, scales [V, D/B, 1]
+        q = SharedInt4Embedding(owner, attr, padding_idx=emb.padding_idx)
+        extra = {"shared_with": path}
+    else:
+        cfg = None if group_size is None else _GroupSize(group_size)
+        q = qf.compress(emb.weight, config=cfg, padding_idx=emb.padding_idx)
     names = [n for n, m in model.named_modules(remove_duplicate=False) if m is emb]
     for name in names:
         set_module(model, name, q)
@@ -367,6 +408,7 @@ def quantize_embeddings_(model: nn.Module, fmt: EmbeddingFormat | str) -> dict:
         "block_size": q.block_size,
         "dense_bytes": _dense_nbytes(emb.weight),
         "bytes": qf.nbytes(q),
+        **extra,
     }
 
 

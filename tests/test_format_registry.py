@@ -42,6 +42,7 @@ CASES: dict[tuple[str, str], dict] = {
     ("other-linear", "int4"): {"group_size": 64},
     ("embedding", "fp32"): {},
     ("embedding", "int8"): {},
+    ("embedding", "int4"): {},
 }
 IDS = [f"{r}:{n}" for r, n in CASES]
 

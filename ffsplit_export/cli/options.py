@@ -356,8 +356,9 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         "--embedding",
         type=format_name(EmbeddingFormat),
         default=None,
-        help="fp32, int8: the token embedding table as block-wise int8 (GatherBlockQuantized; "
-        "default: the preset's; without one fp32)",
+        help="fp32, int8, int4: the token embedding table as block-wise int8 / int4 (GatherBlockQuantized; "
+        "int4 shares the table of a tied lm_head quantized by --other-linear int4 when --group-size "
+        "divides the width; default: the preset's; without one fp32)",
     )
     p.add_argument(
         "--group-size",

@@ -54,6 +54,7 @@ class EmbeddingFormat(_NamedEnum):
 
     FP32 = "fp32"
     INT8 = "int8"
+    INT4 = "int4"
 
 
 class PruneMethod(_NamedEnum):

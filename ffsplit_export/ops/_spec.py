@@ -363,7 +363,7 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
     """The ops as ``onnx.reference.op_run.OpRun`` classes for ``ReferenceEvaluator(new_ops=...)``.
 
     ``include_contrib`` adds ``com.microsoft::MatMulNBits`` (int8 / int4 weights) and
-    ``GatherBlockQuantized`` (int8 embedding tables);
+    ``GatherBlockQuantized`` (int8 / int4 embedding tables);
     ``domain`` selects the node domain: ``ffsplit`` (the default, also that of ``--target
     tensorrt`` graphs) or ``trt.plugins`` for a graph rewritten by
     :func:`ffsplit_export.trt.onnx_nodes.set_plugin_domain`.
@@ -409,19 +409,79 @@ def reference_ops(include_contrib: bool = False, domain: str = DOMAIN) -> list[t
     return classes
 
 
+def gather_block_quantized_reference(
+    data: np.ndarray,
+    indices: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None = None,
+    *,
+    block_size: int = 128,
+    bits: int = 4,
+    gather_axis: int = 0,
+    quantize_axis: int = 1,
+) -> np.ndarray:
+    """NumPy reference of ``com.microsoft::GatherBlockQuantized`` for the tables we export.
+
+    ``data`` uint8 [V, ..., W] quantized along its last axis (``quantize_axis``): 8 bits (zero
+    point 128 unless given) or 4 bits (two codes per byte, the even element in the low nibble, so
+    the logical last axis is 2W; zero point 8 unless given, unpacked or packed like ``data``); rows
+    gathered on axis 0; ``scales`` of the same rank, the last axis holding one scale per block of
+    ``block_size``: ``out[i, ..., j] = (code[ids[i], ..., j] - zero_point) * scale[ids[i], ..., j // B]``.
+    Our int4 / int8 tables are [V, D] (axis 1); a table shared with a tied lm_head is the
+    MatMulNBits ``B`` [V, D/B, B/2] (axis 2, scales [V, D/B, 1]).
+    """
+    last = data.ndim - 1
+    if (
+        data.dtype != np.uint8
+        or data.ndim < 2
+        or bits not in (4, 8)
+        or gather_axis != 0
+        or quantize_axis not in (last, -1)
+    ):
+        raise FormatError(
+            "the GatherBlockQuantized reference covers uint8 tables of 8 or 4 bits gathered on axis 0 "
+            f"and quantized along the last axis (got {data.dtype} {data.shape}, bits={bits}, "
+            f"gather_axis={gather_axis}, quantize_axis={quantize_axis})"
+        )
+
+    def unpack(a: np.ndarray) -> np.ndarray:
+        if bits == 8:
+            return a.astype(np.float32)
+        return np.stack([a & 0x0F, a >> 4], axis=-1).reshape(*a.shape[:-1], -1).astype(np.float32)
+
+    codes = unpack(data)
+    width = codes.shape[-1]
+    if scales.shape != (*codes.shape[:-1], width // block_size) or width % block_size:
+        raise FormatError(
+            f"GatherBlockQuantized scales {scales.shape} do not match a {codes.shape} table "
+            f"in blocks of {block_size} along the last axis"
+        )
+    if zero_points is None:
+        zp = np.float32(1 << (bits - 1))
+    else:
+        zp_blocks = (
+            zero_points if zero_points.shape == scales.shape else unpack(zero_points)[..., : scales.shape[-1]]
+        )
+        zp = np.repeat(zp_blocks.astype(np.float32), block_size, axis=-1)
+    table = (codes - zp) * np.repeat(scales.astype(np.float32), block_size, axis=-1)
+    return table[np.asarray(indices, dtype=np.int64)].astype(scales.dtype)
+
+
 def _run_gather_block_quantized(
     self, data, indices, scales, zero_points=None, gather_axis=0, quantize_axis=1, block_size=128, bits=4
 ):
-    """NumPy reference of ``com.microsoft::GatherBlockQuantized`` for the layout we export:
-    uint8 codes [V, D] with 8 bits, rows gathered (axis 0), blocks along axis 1, zero point 128."""
-    if data.dtype != np.uint8 or bits != 8 or gather_axis != 0 or quantize_axis != data.ndim - 1:
-        raise FormatError(
-            f"the GatherBlockQuantized reference covers 8-bit uint8 tables gathered on axis 0 "
-            f"(got {data.dtype}, bits={bits}, gather_axis={gather_axis}, quantize_axis={quantize_axis})"
-        )
-    zp = 128.0 if zero_points is None else np.repeat(zero_points.astype(np.float32), block_size, axis=-1)
-    table = (data.astype(np.float32) - zp) * np.repeat(scales.astype(np.float32), block_size, axis=-1)
-    return (table[np.asarray(indices, dtype=np.int64)].astype(scales.dtype),)
+    return (
+        gather_block_quantized_reference(
+            data,
+            indices,
+            scales,
+            zero_points,
+            block_size=block_size,
+            bits=bits,
+            gather_axis=gather_axis,
+            quantize_axis=quantize_axis,
+        ),
+    )
 
 
 # onnx.helper needs the opset import; keep one here for graph builders
