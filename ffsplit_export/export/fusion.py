@@ -107,30 +107,34 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
     class FusionGroupQueryAttention(Fusion):
         def __init__(self):
             super().__init__(model, "GroupQueryAttention", "Softmax", "llama-style, rotary inside")
-            self.lengths: tuple[str, str] | None = None
+            self.lengths: tuple[str, ...] | None = None
+            self.positions: str | None = None
             self.reasons: Counter = Counter()
 
         def _reject(self, why: str) -> None:
             self.reasons[why] += 1
             logger.debug("GroupQueryAttention fusion: %s", why)
 
-        def _lengths(self, past_key: str) -> tuple[str, str, str]:
-            """``seqlens_k`` (int32 [B]), ``total_sequence_length`` (int32 scalar), ``attention_bias``.
+        def _lengths(self, past_key: str, position_ids: str) -> tuple[str, str, str, str]:
+            """``seqlens_k``, ``total_sequence_length``, ``position_ids`` and ``attention_bias``.
 
-            Every row is given the full width T of ``attention_mask`` (``seqlens_k`` = T - 1), so the
-            kernel lays the cache out exactly as optimum's Concat does (row b's key j at column j) and
-            takes rotary positions from the column index; the padding is masked by the additive
-            ``attention_bias`` [B, 1, S, T] (0 where the mask is 1, the lowest float32 where it is 0).
-            Column positions instead of ``position_ids``: ONNX Runtime's CPU kernel reads only
-            ``position_ids[:, 0]`` of a first prompt, so a left-padded row cannot get its own
-            positions there; a rotary score depends only on the distance of two positions, which
-            column indices keep for every pair of valid tokens (left, right or no padding).
+            GroupQueryAttention assumes each row's tokens sit at cache columns 0..seqlens_k; optimum
+            pads on the left. So every row is given the full width T of ``attention_mask``
+            (``seqlens_k`` = T - 1: the kernel writes the cache where optimum's Concat does, new
+            tokens at columns T - S..T - 1), the padded columns are masked by the additive
+            ``attention_bias`` [B, 1, S, T] (0 where the mask is 1, the lowest float32 where it is 0),
+            and a row with P padded columns on the left is rotated by column instead of by position
+            (its positions + P; a padded column by its index). The kernel reads only ``position_ids[b, 0]``
+            of a first prompt and counts on from there, which is column 0 of a left-padded row; and a
+            rotary score depends only on the distance of two positions, which the shift keeps. A row
+            without padding is rotated by ``position_ids`` as given.
             """
             if self.lengths is None:
                 m, g = self.model, self.this_graph_name
                 p = "ffsplit_gqa/"
                 consts = {
                     "one_i64": np.array(1, np.int64),
+                    "two_i64": np.array(2, np.int64),
                     "idx0": np.array([0], np.int64),
                     "idx1": np.array([1], np.int64),
                     "idx2": np.array([2], np.int64),
@@ -140,10 +144,11 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                 }
                 for k, v in consts.items():
                     m.add_initializer(numpy_helper.from_array(v, p + k), g)
+                outside = ("attention_mask", past_key, position_ids)
 
                 def node(op, inputs, name, **kw):
                     """A node named and written ``p + name``; inputs not from outside are ours too."""
-                    ins = [i if i in ("attention_mask", past_key) else p + i for i in inputs]
+                    ins = [i if i in outside else p + i for i in inputs]
                     n = helper.make_node(op, ins, [p + name], name=p + name, **kw)
                     self.nodes_to_add.append(n)
                     self.node_name_to_graph_name[n.name] = g
@@ -157,15 +162,24 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                 node("Expand", ["last", "batch"], "seqlens_k")  # [B], every row T - 1
                 node("Gather", ["mask_shape", "idx1"], "total_1d", axis=0)
                 node("Shape", [past_key], "past_shape")
+                node("Gather", ["past_shape", "two_i64"], "past_i64", axis=0)
                 node("Gather", ["past_shape", "idx2"], "past_1d", axis=0)
                 node("Sub", ["total_1d", "past_1d"], "new_1d")  # S
+                # positions: valid -> position_ids + P (P = padded columns of the row), padded -> column
+                node("Cast", ["attention_mask"], "mask_i32", to=TensorProto.INT32)
+                node("ArgMax", ["mask_i32"], "pad_i64", axis=1, keepdims=1)  # [B, 1]: the first 1
+                node("Add", [position_ids, "pad_i64"], "shifted")
+                node("Range", ["past_i64", "total_i64", "one_i64"], "columns")  # [S]
+                node("Slice", ["attention_mask", "past_1d", "total_1d", "idx1"], "mask_new")  # [B, S]
+                node("Cast", ["mask_new"], "valid_new", to=TensorProto.BOOL)
+                node("Where", ["valid_new", "shifted", "columns"], "position_ids")
                 node("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
                 node("Sub", ["mask_f", "one_f"], "mask_m1")  # 0 or -1
                 node("Mul", ["mask_m1", "big_f"], "bias_bt")  # 0 or the lowest float32
                 node("Unsqueeze", ["bias_bt", "axes12"], "bias_b11t")
                 node("Concat", ["batch", "idx1", "new_1d", "total_1d"], "bias_shape", axis=0)
                 node("Expand", ["bias_b11t", "bias_shape"], "attention_bias")  # [B, 1, S, T]
-                self.lengths = (p + "seqlens_k", p + "total", p + "attention_bias")
+                self.lengths = (p + "seqlens_k", p + "total", p + "position_ids", p + "attention_bias")
             return self.lengths
 
         def _kv_source(self, node, index: int, out_map) -> tuple | None:
@@ -273,12 +287,27 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                 v_in = v_r.input[0]
             if q_in is None or k_in is None or v_in is None:
                 return self._reject("q / k / v are not [B, S, N*H] projections reshaped per head")
-            cos, sin = q_rot.input[2:4]
-            seqlens_k, total, bias = self._lengths(k_cat.input[0])
+            pos, cos, sin = q_rot.input[1:4]
+            if self.lengths is not None and self.positions != pos:
+                return self._reject("layers rotate by different position inputs")
+            self.positions = pos
+            seqlens_k, total, positions, bias = self._lengths(k_cat.input[0], pos)
             name = m.create_node_name("GroupQueryAttention", "ffsplit_gqa/GroupQueryAttention")
             gqa = helper.make_node(
                 "GroupQueryAttention",
-                [q_in, k_in, v_in, k_cat.input[0], v_cat.input[0], seqlens_k, total, cos, sin, "", bias],
+                [
+                    q_in,
+                    k_in,
+                    v_in,
+                    k_cat.input[0],
+                    v_cat.input[0],
+                    seqlens_k,
+                    total,
+                    cos,
+                    sin,
+                    positions,
+                    bias,
+                ],
                 [out_r.output[0], k_cat.output[0], v_cat.output[0]],
                 name=name,
                 domain="com.microsoft",
@@ -378,10 +407,10 @@ def _rows(array: np.ndarray, n: int) -> np.ndarray:
     return array.reshape(n, -1)
 
 
-def _pack_nbits(model, nodes, base: str, record: dict) -> onnx.NodeProto:
+def _pack_nbits(model, nodes, base: tuple[str, str], record: dict) -> onnx.NodeProto:
     """One MatMulNBits computing ``nodes``' outputs side by side (their weights stacked along N, in order).
 
-    ``base`` names the new node and its initializers; ``record`` maps the new node's name to the
+    ``base`` names the new node and its initializers (:func:`_base`); ``record`` maps the new node's name to the
     original nodes' names (the pass's check compares the packed weights with theirs).
     """
     ns = [int(_attrs(n)["N"]) for n in nodes]
@@ -394,27 +423,35 @@ def _pack_nbits(model, nodes, base: str, record: dict) -> onnx.NodeProto:
         arrays = [numpy_helper.to_array(model.get_initializer(n.input[slot])) for n in nodes]
         stacked = np.concatenate([_rows(a, k) for a, k in zip(arrays, ns)], axis=0)
         shape = (sum(ns), *arrays[0].shape[1:]) if arrays[0].ndim > 1 else (-1,)
-        name = f"{base}.{suffix.get(slot, slot)}"
+        name = f"{base[1]}.{suffix.get(slot, slot)}"
         model.add_initializer(numpy_helper.from_array(np.ascontiguousarray(stacked.reshape(shape)), name))
         inputs.append(name)
     attrs = _attrs(nodes[0])
     attrs["N"] = sum(ns)
-    node_name = f"{base}/{_NBITS}"
+    node_name = f"{base[0]}/{_NBITS}"
     record[node_name] = [n.name for n in nodes]
     return helper.make_node(
-        _NBITS, inputs, [f"{base}/{_NBITS}_output_0"], name=node_name, domain="com.microsoft", **attrs
+        _NBITS, inputs, [f"{base[0]}/{_NBITS}_output_0"], name=node_name, domain="com.microsoft", **attrs
     )
 
 
-def _base(name: str, old: str, new: str, model) -> str:
-    """A name for a packed node: ``name`` (a MatMulNBits) with ``old`` replaced, unique in the graph."""
-    stem = name[: -len("/" + _NBITS)] if name.endswith("/" + _NBITS) else name
-    stem = stem.replace(old, new) if old in stem else f"{stem}_{new}"
+def _base(node, old: str, new: str, model) -> tuple[str, str]:
+    """Names for a packed node and its weights: ``node``'s (a MatMulNBits) with ``old`` -> ``new``.
+
+    The node's name without ``/MatMulNBits``, and its B initializer's without ``.qweight``, e.g.
+    ``/model/layers.0/self_attn/qkv_proj`` and ``model.layers.0.self_attn.qkv_proj``; unique.
+    """
+
+    def renamed(stem: str) -> str:
+        return stem.replace(old, new) if old in stem else f"{stem}_{new}"
+
+    node_stem = renamed(node.name.removesuffix("/" + _NBITS))
+    weight_stem = renamed(node.input[1].removesuffix(".qweight"))
     taken = {n.name for n in model.model.graph.node} | {t.name for t in model.model.graph.initializer}
-    out, i = stem, 1
-    while f"{out}/{_NBITS}" in taken or f"{out}.qweight" in taken:
-        out, i = f"{stem}_{i}", i + 1
-    return out
+    i, a, b = 1, node_stem, weight_stem
+    while f"{a}/{_NBITS}" in taken or f"{b}.qweight" in taken or f"{b}.scales" in taken:
+        a, b, i = f"{node_stem}_{i}", f"{weight_stem}_{i}", i + 1
+    return a, b
 
 
 def _only_consumer(in_map, value: str, node, outputs: set) -> bool:
@@ -435,7 +472,7 @@ def _pack_qkv(model, record: dict) -> int:
             continue
         if not all(_only_consumer(in_map, v, gqa, outputs) for v in gqa.input[:3]):
             continue
-        node = _pack_nbits(model, mms, _base(mms[0].name, "q_proj", "qkv_proj", model), record)
+        node = _pack_nbits(model, mms, _base(mms[0], "q_proj", "qkv_proj", model), record)
         gqa.input[0], gqa.input[1], gqa.input[2] = node.output[0], "", ""
         model.add_node(node)
         model.remove_nodes(mms)
@@ -543,9 +580,7 @@ def _split_ffn_halves(model, record: dict, pack_gate_up: bool) -> tuple[int, int
             g_out, u_out = g_mm.output[0], u_mm.output[0]
             stem = f"{cat_g.name.rsplit('/', 2)[0]}/ffsplit_{tag}"
             if pack_gate_up and _packable(model, [g_mm, u_mm]):
-                mm = _pack_nbits(
-                    model, [g_mm, u_mm], _base(g_mm.name, "gate_proj", "gate_up_proj", model), record
-                )
+                mm = _pack_nbits(model, [g_mm, u_mm], _base(g_mm, "gate_proj", "gate_up_proj", model), record)
                 split_sizes = f"{stem}/split_sizes"
                 model.add_initializer(
                     numpy_helper.from_array(np.array([n_g[part]] * 2, np.int64), split_sizes)
