@@ -418,8 +418,9 @@ def test_fused_generate_left_padding(balanced):
     b = plain.generate(ids, attention_mask=mask, **gen)
     assert torch.equal(a.sequences, b.sequences), (a.sequences, b.sequences)
     la, lb = torch.stack(a.logits), torch.stack(b.logits)  # raw logits of every generated step
-    # accuracy_level 4 (the balanced preset): measured 2.2e-3 (max |logit| 1.2); the fused graph
-    # before left padding was handled: 0.35 (preset none, exact path: 3e-5 against 0.35)
+    # accuracy_level 4 (balanced): measured <= 2.2e-3 here, 1e-5 on a CLI export (max |logit| 1.2);
+    # the fused graph before it handled left padding: 0.69 on the same CLI export, same tokens (the
+    # random tiny model repeats its last token), so the logits are what this test compares
     assert float((la - lb).abs().max()) <= _tol(lb.numpy(), False)
     for i, p in enumerate(prompts):
         alone = fused.generate(

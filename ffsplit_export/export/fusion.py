@@ -10,23 +10,33 @@ of small kernels. This pass rewrites them into ONNX Runtime's fused CPU kernels:
   fusions (``onnxruntime.transformers``), applied one by one (never its whole ``optimize_model``,
   whose GPT-2 attention fusion would change the KV-cache layout);
 * attention with a KV cache (llama-style: rotary, grouped KV heads) -> ``GroupQueryAttention`` with
-  the rotary inside (``do_rotary``), fed by ``seqlens_k`` / ``total_sequence_length`` computed from
-  ``attention_mask``. The graph's inputs and outputs keep their names and shapes (past and present
-  KV in BNSH, as optimum writes them), so ``ORTModelForCausalLM``, the genai config and the
-  validation see the same interface. This one is ours, written on ONNX Runtime's ``Fusion`` base
-  class: neither onnxscript's ``ort_fusions`` (written for the dynamo exporter's graphs; 0 matches
-  here) nor ONNX Runtime's ``FusionRotaryAttention`` match optimum's TorchScript attention. The
-  ``RotaryEmbedding`` nodes it absorbs do not remain, so a llama file counts 0 of them.
+  the rotary inside (``do_rotary``), fed by ``seqlens_k`` / ``total_sequence_length`` /
+  ``position_ids`` / ``attention_bias`` computed once from ``attention_mask`` (see ``_lengths``:
+  every row spans the mask's full width and padding is masked by the bias, so left-padded batches,
+  optimum's batched ``generate``, compute what the unfused graph computes). The graph's inputs and
+  outputs keep their names and shapes (past and present KV in BNSH, as optimum writes them), so
+  ``ORTModelForCausalLM``, the genai config and the validation see the same interface. This one is
+  ours, written on ONNX Runtime's ``Fusion`` base class: neither onnxscript's ``ort_fusions``
+  (written for the dynamo exporter's graphs; 0 matches here) nor ONNX Runtime's
+  ``FusionRotaryAttention`` match optimum's TorchScript attention. The ``RotaryEmbedding`` nodes it
+  absorbs do not remain, so a llama file counts 0 of them. Past the rotary cache's end
+  (``max_position_embeddings``) ONNX Runtime's kernel stops with an error
+  (``cos_cache dimension 0 shall not be less than total_sequence_length``);
+* Q/K/V ``MatMulNBits`` (same input and settings) -> one ``MatMulNBits`` with the weights stacked
+  along N, feeding the attention's packed QKV input (as ONNX Runtime GenAI's builder does);
+* our split FFN with ``MatMulNBits`` heavy and light parts, which optimum writes as
+  ``Concat(gate_h, gate_l) -> act``, ``* Concat(up_h, up_l)``, two ``Slice`` -> ``down_h`` /
+  ``down_l`` -> ``Add``: each part on its own, ``act(gate) * up -> down`` (elementwise, so the same
+  numbers), its gate and up stacked into one ``MatMulNBits`` + ``Split``.
 
 What stays as exported: GPT-2 / OPT-style attention (scale computed from shapes, no rotary), MPT
-(ALiBi), Whisper and T5 attention (no rotary; T5's RMSNorm does fuse), and any file with control
-flow (optimum's merged seq2seq decoders): ONNX Runtime's fusions walk the main graph only.
+(ALiBi), Whisper and T5 attention (no rotary; T5's RMSNorm does fuse), FFNs whose parts are our
+``ffsplit`` nodes, and any file with control flow (optimum's merged seq2seq decoders): ONNX
+Runtime's fusions walk the main graph only.
 
-Our ``ffsplit`` domain nodes and ``MatMulNBits`` are never matched or changed; the pass checks that
-after fusing. The fused attention assumes what GroupQueryAttention assumes: every row's valid tokens
-are contiguous from position 0 (no left padding); optimum's batched ``generate`` pads on the left,
-so batched generation of prompts of different lengths needs the unfused graph
-(``--no-fuse-attention``).
+Our ``ffsplit`` domain nodes and ``GatherBlockQuantized`` are never matched or changed, and every
+``MatMulNBits`` either stays as it is or sits, weights byte for byte and settings unchanged, in one
+stacked node: the pass checks all of it after fusing (``_nbits_changes``) and raises otherwise.
 """
 
 from __future__ import annotations
