@@ -288,21 +288,13 @@ def test_balanced_packed_graph(balanced):
     base = {
         t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(plain / "model.onnx")).graph.initializer
     }
-    for part in ("qweight", "scales"):
+    for part in ("qweight", "scales"):  # B [N, blocks, blob]; scales flat [N * blocks]: rows in order
         q, k, v = (base[f"model.layers.0.self_attn.{p}_proj.{part}"] for p in "qkv")
-        packed = inits[f"model.layers.0.self_attn.qkv_proj.{part}"]
-        n = [x.shape[0] if part == "qweight" else None for x in (q, k, v)]
-        if part == "qweight":
-            assert np.array_equal(packed, np.concatenate([q, k, v]))
-        else:
-            assert packed.size == q.size + k.size + v.size and np.array_equal(
-                packed, np.concatenate([q, k, v])
-            )
-        assert n[0] is None or sum(n) == packed.shape[0]
-        gate, up = (base[f"model.layers.1.mlp.{p}_proj.heavy.{part}"] for p in ("gate", "up"))
-        assert np.array_equal(
-            inits[f"model.layers.1.mlp.gate_up_proj.heavy.{part}"], np.concatenate([gate, up])
-        )
+        assert np.array_equal(inits[f"model.layers.0.self_attn.qkv_proj.{part}"], np.concatenate([q, k, v]))
+        for half in ("heavy", "light"):
+            gate, up = (base[f"model.layers.1.mlp.{p}_proj.{half}.{part}"] for p in ("gate", "up"))
+            packed = inits[f"model.layers.1.mlp.gate_up_proj.{half}.{part}"]
+            assert np.array_equal(packed, np.concatenate([gate, up]))
 
 
 def _tol(want: np.ndarray, level0: bool) -> float:

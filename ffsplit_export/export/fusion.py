@@ -795,8 +795,8 @@ def fuse_graph(
                 arr = numpy_helper.to_array(init)[: int(max_positions)]
                 init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
     out = model.model
-    # the fused attention takes rotary positions from the mask's columns (see _lengths): an input
-    # no node reads any more (position_ids) was pruned; the interface keeps it
+    # prune_graph drops a graph input no node reads any more (a model whose position_ids only fed
+    # the rotary a fusion absorbed); the interface keeps it
     if [i.name for i in out.graph.input] != [i.name for i in proto_inputs]:
         del out.graph.input[:]
         out.graph.input.extend(proto_inputs)
