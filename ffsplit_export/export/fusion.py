@@ -61,8 +61,17 @@ FUSED_OPS = (
     "RotaryEmbedding",
     "GroupQueryAttention",
 )
+_GQA = "ffsplit_gqa/"  # the prefix of the attention fusion's nodes and values
 _KEEP_DOMAINS = ("ffsplit",)
 _KEEP_OPS = ("GatherBlockQuantized",)  # MatMulNBits: kept or stacked, see _nbits_changes
+
+
+def _weights(node) -> tuple:
+    """A node's weight inputs: all but the activation (input 0; a gather's indices, input 1), which a
+    fusion may rename (the attention fusion feeds the embedding re-ordered ``input_ids``)."""
+    if node.op_type == "GatherBlockQuantized":
+        return (node.input[0], *node.input[2:])
+    return tuple(node.input[1:])
 
 
 def _untouchable(graph) -> list[tuple]:
@@ -71,7 +80,7 @@ def _untouchable(graph) -> list[tuple]:
         (
             n.domain,
             n.op_type,
-            tuple(n.input[1:]),  # the weights (input 0, the activation, may be renamed by a fusion)
+            _weights(n),
             tuple(sorted((a.name, a.SerializeToString(deterministic=True)) for a in n.attribute)),
         )
         for n in graph.node
@@ -125,36 +134,33 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
             self.reasons[why] += 1
             logger.debug("GroupQueryAttention fusion: %s", why)
 
-        def _lengths(self, past_key: str, position_ids: str) -> tuple[str, str, str, str]:
-            """``seqlens_k``, ``total_sequence_length``, ``position_ids`` and ``attention_bias``.
+        def _lengths(self, past_key: str, position_ids: str) -> tuple[str, str, str]:
+            """``seqlens_k``, ``total_sequence_length`` and the (re-ordered) ``position_ids``.
 
-            GroupQueryAttention assumes each row's tokens sit at cache columns 0..seqlens_k; optimum
-            pads on the left. So every row is given the full width T of ``attention_mask``
-            (``seqlens_k`` = T - 1: the kernel writes the cache where optimum's Concat does, new
-            tokens at columns T - S..T - 1), the padded columns are masked by the additive
-            ``attention_bias`` [B, 1, S, T] (0 where the mask is 1, the lowest float32 where it is 0),
-            and a row with P padded columns on the left is rotated by column instead of by position
-            (its positions + P; a padded column by its index). The kernel reads only ``position_ids[b, 0]``
-            of a first prompt and counts on from there, which is column 0 of a left-padded row; and a
-            rotary score depends only on the distance of two positions, which the shift keeps. A row
-            without padding is rotated by ``position_ids`` as given.
+            GroupQueryAttention takes row b's tokens at cache columns 0..seqlens_k[b] (padding, if
+            any, on the right); optimum pads on the left. So the graph turns each row of a
+            left-padded prompt around before the layers and back after them: the S new tokens of
+            row b are rotated left by its leading padded columns L_b (``input_ids`` and
+            ``position_ids``, one GatherElements each), the attention then sees right padding
+            (``seqlens_k`` = valid tokens - 1, as the kernel expects), and ``logits`` are rotated
+            back (:func:`_unroll_logits`). Decode steps (and unpadded prompts) have L_b = 0: the
+            rotations are identities. The cache of a left-padded row holds its tokens from column 0
+            (the kernel's layout), where optimum's graph keeps them after the padding; only this
+            graph reads it. No attention bias: ONNX Runtime's kernel runs measurably slower with one.
             """
             if self.lengths is None:
                 m, g = self.model, self.this_graph_name
-                p = "ffsplit_gqa/"
+                p = _GQA
                 consts = {
+                    "zero_i64": np.array(0, np.int64),
                     "one_i64": np.array(1, np.int64),
                     "two_i64": np.array(2, np.int64),
-                    "idx0": np.array([0], np.int64),
                     "idx1": np.array([1], np.int64),
                     "idx2": np.array([2], np.int64),
-                    "one_f": np.array(1.0, np.float32),
-                    "big_f": np.array(np.finfo(np.float32).max, np.float32),
-                    "axes12": np.array([1, 2], np.int64),
                 }
                 for k, v in consts.items():
                     m.add_initializer(numpy_helper.from_array(v, p + k), g)
-                outside = ("attention_mask", past_key, position_ids)
+                outside = ("attention_mask", past_key, position_ids, "input_ids")
 
                 def node(op, inputs, name, **kw):
                     """A node named and written ``p + name``; inputs not from outside are ours too."""
@@ -163,33 +169,35 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                     self.nodes_to_add.append(n)
                     self.node_name_to_graph_name[n.name] = g
 
+                node("ReduceSum", ["attention_mask", "idx1"], "mask_sum", keepdims=0)
+                node("Sub", ["mask_sum", "one_i64"], "seqlens_i64")
+                node("Cast", ["seqlens_i64"], "seqlens_k", to=TensorProto.INT32)  # [B]
                 node("Shape", ["attention_mask"], "mask_shape")  # [B, T]
                 node("Gather", ["mask_shape", "one_i64"], "total_i64", axis=0)
                 node("Cast", ["total_i64"], "total", to=TensorProto.INT32)
-                node("Sub", ["total_i64", "one_i64"], "last_i64")
-                node("Cast", ["last_i64"], "last", to=TensorProto.INT32)
-                node("Gather", ["mask_shape", "idx0"], "batch", axis=0)  # [1]
-                node("Expand", ["last", "batch"], "seqlens_k")  # [B], every row T - 1
+                # the rotation: L_b = leading zeros of the new columns' mask (ArgMax: the first 1)
+                node("Gather", ["mask_shape", "zero_i64"], "batch_i64", axis=0)
                 node("Gather", ["mask_shape", "idx1"], "total_1d", axis=0)
                 node("Shape", [past_key], "past_shape")
                 node("Gather", ["past_shape", "two_i64"], "past_i64", axis=0)
                 node("Gather", ["past_shape", "idx2"], "past_1d", axis=0)
-                node("Sub", ["total_1d", "past_1d"], "new_1d")  # S
-                # positions: valid -> position_ids + P (P = padded columns of the row), padded -> column
-                node("Cast", ["attention_mask"], "mask_i32", to=TensorProto.INT32)
-                node("ArgMax", ["mask_i32"], "pad_i64", axis=1, keepdims=1)  # [B, 1]: the first 1
-                node("Add", [position_ids, "pad_i64"], "shifted")
-                node("Range", ["past_i64", "total_i64", "one_i64"], "columns")  # [S]
+                node("Sub", ["total_i64", "past_i64"], "new_i64")  # S
                 node("Slice", ["attention_mask", "past_1d", "total_1d", "idx1"], "mask_new")  # [B, S]
-                node("Cast", ["mask_new"], "valid_new", to=TensorProto.BOOL)
-                node("Where", ["valid_new", "shifted", "columns"], "position_ids")
-                node("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
-                node("Sub", ["mask_f", "one_f"], "mask_m1")  # 0 or -1
-                node("Mul", ["mask_m1", "big_f"], "bias_bt")  # 0 or the lowest float32
-                node("Unsqueeze", ["bias_bt", "axes12"], "bias_b11t")
-                node("Concat", ["batch", "idx1", "new_1d", "total_1d"], "bias_shape", axis=0)
-                node("Expand", ["bias_b11t", "bias_shape"], "attention_bias")  # [B, 1, S, T]
-                self.lengths = (p + "seqlens_k", p + "total", p + "position_ids", p + "attention_bias")
+                node("Cast", ["mask_new"], "mask_new_i32", to=TensorProto.INT32)
+                node("ArgMax", ["mask_new_i32"], "lead", axis=1, keepdims=1)  # [B, 1]
+                node("Range", ["zero_i64", "new_i64", "one_i64"], "columns")  # [S]
+                node("Add", ["columns", "lead"], "fwd_sum")
+                node("Mod", ["fwd_sum", "new_i64"], "fwd")  # [B, S]: new column s reads s + L_b
+                node("Sub", ["columns", "lead"], "inv_diff")
+                node("Add", ["inv_diff", "new_i64"], "inv_sum")
+                node("Mod", ["inv_sum", "new_i64"], "inv")  # [B, S]: output s reads s - L_b
+                node("Range", ["zero_i64", "batch_i64", "one_i64"], "rows")
+                node("Unsqueeze", ["rows", "idx1"], "rows_b1")
+                node("Mul", ["rows_b1", "new_i64"], "row_starts")
+                node("Add", ["row_starts", "inv"], "inv_flat")  # rows of logits as [B * S, V]
+                node("GatherElements", ["input_ids", "fwd"], "input_ids", axis=1)
+                node("GatherElements", [position_ids, "fwd"], "position_ids", axis=1)
+                self.lengths = (p + "seqlens_k", p + "total", p + "position_ids")
             return self.lengths
 
         def _kv_source(self, node, index: int, out_map) -> tuple | None:
@@ -214,8 +222,11 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
 
         def fuse(self, softmax, input_name_to_nodes, output_name_to_node):
             m, out_map, in_map = self.model, output_name_to_node, input_name_to_nodes
-            if "attention_mask" not in {i.name for i in m.model.graph.input}:
-                return self._reject("no attention_mask input")
+            names = {i.name for i in m.model.graph.input}
+            if not {"attention_mask", "input_ids"} <= names:
+                return self._reject("no attention_mask / input_ids input")
+            if "logits" not in {o.name for o in m.model.graph.output}:
+                return self._reject("no logits output (left-padded rows are turned back there)")
             # softmax -> [IsNaN/Where guard] -> MatMul(probs, V) -> Transpose(0,2,1,3) -> Reshape
             probs = softmax
             kids = in_map.get(softmax.output[0], [])
@@ -301,7 +312,7 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
             if self.lengths is not None and self.positions != pos:
                 return self._reject("layers rotate by different position inputs")
             self.positions = pos
-            seqlens_k, total, positions, bias = self._lengths(k_cat.input[0], pos)
+            seqlens_k, total, positions = self._lengths(k_cat.input[0], pos)
             name = m.create_node_name("GroupQueryAttention", "ffsplit_gqa/GroupQueryAttention")
             gqa = helper.make_node(
                 "GroupQueryAttention",
@@ -316,7 +327,6 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                     cos,
                     sin,
                     positions,
-                    bias,
                 ],
                 [out_r.output[0], k_cat.output[0], v_cat.output[0]],
                 name=name,
@@ -350,6 +360,30 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
             self.increase_counter("GroupQueryAttention")
 
     return FusionGroupQueryAttention()
+
+
+def _unroll_logits(model) -> None:
+    """After the attention fusion: the layers read the rotated ``input_ids`` and ``logits`` are
+    rotated back (``_lengths`` of the attention fusion): ``logits[b, s] = rotated[b, s - L_b]``."""
+    rolled_ids = _GQA + "input_ids"
+    for n in model.model.graph.node:
+        if n.output and n.output[0] != rolled_ids:
+            n.input[:] = [rolled_ids if i == "input_ids" else i for i in n.input]
+    producer = model.output_name_to_node()["logits"]
+    rolled = _GQA + "logits_rotated"
+    producer.output[:] = [rolled if o == "logits" else o for o in producer.output]
+    model.add_initializer(numpy_helper.from_array(np.array([-1], np.int64), _GQA + "minus_one_1d"))
+    nodes = [
+        helper.make_node("Shape", [rolled], [_GQA + "logits_shape"], start=2, end=3),  # [V]
+        helper.make_node(
+            "Concat", [_GQA + "minus_one_1d", _GQA + "logits_shape"], [_GQA + "flat_shape"], axis=0
+        ),
+        helper.make_node("Reshape", [rolled, _GQA + "flat_shape"], [_GQA + "logits_flat"]),
+        helper.make_node("Gather", [_GQA + "logits_flat", _GQA + "inv_flat"], ["logits"], axis=0),
+    ]
+    for n in nodes:
+        n.name = n.output[0] if n.output[0].startswith(_GQA) else _GQA + "logits"
+    model.add_nodes(nodes)
 
 
 def _remove_identity_casts(model) -> int:
@@ -779,6 +813,8 @@ def fuse_graph(
         gqa = _group_query_attention_fusion(model, int(num_heads), int(kv_num_heads))
         gqa.apply()
         reasons = dict(gqa.reasons)
+        if gqa.lengths is not None:
+            _unroll_logits(model)
         model.prune_graph()
     record: dict = {}  # packed MatMulNBits name -> the original names, in order
     if pack_qkv:
