@@ -10,10 +10,10 @@ of small kernels. This pass rewrites them into ONNX Runtime's fused CPU kernels:
   fusions (``onnxruntime.transformers``), applied one by one (never its whole ``optimize_model``,
   whose GPT-2 attention fusion would change the KV-cache layout);
 * attention with a KV cache (llama-style: rotary, grouped KV heads) -> ``GroupQueryAttention`` with
-  the rotary inside (``do_rotary``), fed by ``seqlens_k`` / ``total_sequence_length`` /
-  ``position_ids`` / ``attention_bias`` computed once from ``attention_mask`` (see ``_lengths``:
-  every row spans the mask's full width and padding is masked by the bias, so left-padded batches,
-  optimum's batched ``generate``, compute what the unfused graph computes). The graph's inputs and
+  the rotary inside (``do_rotary``), fed by ``seqlens_k`` / ``total_sequence_length`` computed
+  once from ``attention_mask``; a left-padded prompt row (optimum's batched ``generate``) is turned
+  into the right-padded row the kernel expects and its logits back (see ``_lengths``), so padded
+  batches compute what the unfused graph computes. The graph's inputs and
   outputs keep their names and shapes (past and present KV in BNSH, as optimum writes them), so
   ``ORTModelForCausalLM``, the genai config and the validation see the same interface. This one is
   ours, written on ONNX Runtime's ``Fusion`` base class: neither onnxscript's ``ort_fusions``
