@@ -309,6 +309,8 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
             if q_in is None or k_in is None or v_in is None:
                 return self._reject("q / k / v are not [B, S, N*H] projections reshaped per head")
             pos, cos, sin = q_rot.input[1:4]
+            if pos not in graph_inputs:  # [B, S] positions: re-ordered per row (see _lengths)
+                return self._reject("the rotary positions are not a graph input (position_ids)")
             if self.lengths is not None and self.positions != pos:
                 return self._reject("layers rotate by different position inputs")
             self.positions = pos
