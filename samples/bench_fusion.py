@@ -2,10 +2,13 @@
 
 The export (made with ``--no-fuse-attention``, i.e. optimum's graph around our FFN nodes) is timed
 as it is (``unfused``) and after :func:`ffsplit_export.export.fusion.fuse_graph` (``fused``: the
-post-export pass ``--target ort-cpu`` runs by default), plus, when given, other decoder graphs of
-the same model (``--extra NAME=PATH``, e.g. the ONNX Runtime GenAI builder's ``model.onnx``), all
-with the same session settings: ONNX Runtime's default graph optimisation (ORT_ENABLE_ALL),
-``intra_op_num_threads`` = ``--threads``, batch 1.
+post-export pass ``--target ort-cpu`` runs by default; with ``--ablations`` also with its packing
+steps switched off, :data:`FUSED_VARIANTS`), plus, when given, the same export fused by an earlier
+version of the pass (``--before NAME=PATH``) and other decoder graphs of the same model
+(``--extra NAME=PATH``, e.g. the ONNX Runtime GenAI builder's ``model.onnx``), all with the same
+session settings: ONNX Runtime's default graph optimisation (ORT_ENABLE_ALL),
+``intra_op_num_threads`` = ``--threads``, batch 1. The machine's load (``os.getloadavg`` at start
+and end, ``uptime``) goes into the JSON: on a shared machine only the interleaved medians compare.
 
 * decode: one new token after ``--past`` cached tokens (random cache values, the same shape for
   every variant), ms per call, median of ``--repeats`` rounds run interleaved (A B C A B C ...);
@@ -13,7 +16,8 @@ with the same session settings: ONNX Runtime's default graph optimisation (ORT_E
 * profile: a separate session with ``enable_profiling``, ``--profile-steps`` decode calls, the
   kernel time summed per op type (ms per token and % of the node total).
 
-    python samples/bench_fusion.py EXPORT_DIR --extra genai=/path/genai-int4/model.onnx \\
+    python samples/bench_fusion.py EXPORT_DIR --before fused-before=/path/fused-before/model.onnx \\
+        --ablations --extra genai-int4=/path/genai-int4/model.onnx \\
         --output samples/results/bench_fusion_smollm2.json
 """
 
@@ -26,11 +30,26 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# fuse_graph's switches per timed variant; "fused" is the pass as an export runs it
+FUSED_VARIANTS = {
+    "fused": {},
+    "fused, gate/up not packed": {"pack_gate_up": False},
+    "fused, no packing": {"pack_qkv": False, "split_ffn": False},
+}
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _session(path: Path, threads: int, profile_prefix: str | None = None):
@@ -116,6 +135,21 @@ def main() -> None:
     ap.add_argument("export", type=Path, help="an ffsplit export made with --no-fuse-attention")
     ap.add_argument("--onnx", default="model.onnx", help="file inside EXPORT to time")
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH", help="another decoder graph")
+    ap.add_argument(
+        "--before",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="the same export fused by an earlier version of the pass (listed right after unfused)",
+    )
+    ap.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also time the pass with its packing steps switched off (see FUSED_VARIANTS)",
+    )
+    ap.add_argument(
+        "--note", action="append", default=[], help="a line recorded in the JSON (how --before was made)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--past", type=int, default=48)
     ap.add_argument("--prompt", type=int, default=32)
@@ -132,25 +166,37 @@ def main() -> None:
         raise SystemExit(f"{args.export} is already fused: export it again with --no-fuse-attention")
 
     work = Path(tempfile.mkdtemp(prefix="bench-fusion-"))
+    load_start = os.getloadavg()
     try:
         unfused = args.export / args.onnx
-        fused = work / "fused" / args.onnx
-        fused.parent.mkdir()
-        for p in args.export.iterdir():  # external data files travel with the graph
-            if p.name != args.onnx and (p.suffix in (".onnx_data", ".data") or p.name.endswith(".onnx.data")):
-                shutil.copy(p, fused.parent / p.name)
-        t0 = time.time()
         cfg = json.loads((args.export / "config.json").read_text())
         heads = cfg.get("num_attention_heads")
-        stats = fuse_graph(
-            unfused,
-            fused,
-            num_heads=heads,
-            kv_num_heads=cfg.get("num_key_value_heads") or heads,
-            max_positions=cfg.get("max_position_embeddings"),
-        )
-        fuse_s = time.time() - t0
-        variants = {"unfused": unfused, "fused": fused}
+        variants = {"unfused": unfused}
+        for e in args.before:  # graphs fused by an earlier version of the pass, timed beside ours
+            name, _, path = e.partition("=")
+            variants[name] = Path(path)
+        stats, fuse_s = {}, {}
+        for name, flags in FUSED_VARIANTS.items():
+            if name != "fused" and not args.ablations:
+                continue
+            out = work / f"v{len(variants)}" / args.onnx
+            out.parent.mkdir()
+            for p in args.export.iterdir():  # external data files travel with the graph
+                if p.name != args.onnx and (
+                    p.suffix in (".onnx_data", ".data") or p.name.endswith(".onnx.data")
+                ):
+                    shutil.copy(p, out.parent / p.name)
+            t0 = time.time()
+            stats[name] = fuse_graph(
+                unfused,
+                out,
+                num_heads=heads,
+                kv_num_heads=cfg.get("num_key_value_heads") or heads,
+                max_positions=cfg.get("max_position_embeddings"),
+                **flags,
+            )
+            fuse_s[name] = round(time.time() - t0, 1)
+            variants[name] = out
         for e in args.extra:
             name, _, path = e.partition("=")
             variants[name] = Path(path)
@@ -189,8 +235,15 @@ def main() -> None:
             "decode_calls": args.decode_calls,
             "graph_optimization_level": "ORT_ENABLE_ALL",
         },
-        "fusion": {"stats": stats, "seconds": round(fuse_s, 1)},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "load": os.getloadavg()},
+        "fusion": {"stats": stats, "seconds": fuse_s, "flags": {k: FUSED_VARIANTS[k] for k in stats}},
+        "notes": args.note,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_at_start": load_start,
+            "load": os.getloadavg(),
+            "uptime": _uptime(),
+        },
         "variants": {
             k: {
                 "path": str(variants[k]),
@@ -212,12 +265,14 @@ def main() -> None:
     print(
         f"\n{args.export} (past {args.past}, prompt {args.prompt}, {args.threads} threads, load {os.getloadavg()[0]:.1f})"
     )
-    print(f"| variant | decode ms/token | vs unfused | prefill ms ({args.prompt} tok) | graph nodes |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"| variant | decode ms/token | vs unfused | prefill ms ({args.prompt} tok) | graph nodes | MatMulNBits |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for k, v in result["variants"].items():
         print(
             f"| {k} | {v['decode_ms']:.2f} | {base / v['decode_ms']:.2f}x | {v['prefill_ms']:.1f} | "
-            f"{sum(v['graph_ops'].values())} |"
+            f"{sum(v['graph_ops'].values())} | {v['graph_ops'].get('MatMulNBits', 0)} |"
         )
     for k, v in result["variants"].items():
         p = v["profile"]

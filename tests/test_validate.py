@@ -234,13 +234,14 @@ def test_one_broken_weight_fails_validation(tmp_path, corrupt_before_validation)
 @pytest.mark.slow
 @needs_plugin
 def test_one_broken_weight_fails_validation_at_level4(tmp_path, corrupt_before_validation):
-    # one byte (two int4 codes) of layer 0's q_proj MatMulNBits: 2.5e-3 on the exact path (tolerance
-    # 5.2e-4), hidden in the 5.9e-3 that int8 activations cost; the accuracy_level 0 copy catches it
+    # one byte (two int4 codes) of layer 0's first MatMulNBits (the fused graph's packed q/k/v, so the
+    # byte may be k's or v's and show first in present.0.*): hidden in what int8 activations cost;
+    # the accuracy_level 0 copy catches it
     corrupted = corrupt_before_validation("MatMulNBits")
     with pytest.raises(ValidationError) as e:
         _export_tiny(tmp_path / "out", 4, "int4")
     assert corrupted
-    assert "output 'logits', ONNX Runtime at accuracy_level 0 vs PyTorch: max abs diff" in str(e.value)
+    assert "ONNX Runtime at accuracy_level 0 vs PyTorch: max abs diff" in str(e.value)
 
 
 @pytest.mark.slow

@@ -510,8 +510,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--no-fuse-attention",
         action="store_true",
         help="ort-cpu: keep optimum's graph around the FFN (by default RMSNorm, rotary and attention with "
-        "the KV cache are fused into ONNX Runtime's SkipSimplifiedLayerNormalization / RotaryEmbedding / "
-        "GroupQueryAttention; the fused attention needs unpadded batches)",
+        "the KV cache are fused into ONNX Runtime's SkipSimplifiedLayerNormalization / GroupQueryAttention, "
+        "Q/K/V and each FFN part's gate/up MatMulNBits stacked into one; padded batches work)",
     )
     p.add_argument(
         "-v", "--verbose", action="store_true", help="show PyTorch tracer warnings and optimum's messages"
