@@ -362,3 +362,29 @@ def test_dummy_inputs_are_the_same_whatever_the_global_rngs():
         masks = [onnx_config.generate_dummy_inputs(framework="pt")["attention_mask"] for _ in range(8)]
     # the padding is random within one seeded run (the seed fixes it, it does not remove it)
     assert len({int((m == 0).sum()) for m in masks}) > 1
+
+
+def test_validation_draws_token_inputs_from_text():
+    """Token inputs come from the built-in text (int8 activations see text, not random ids), seeded,
+    in the dummy input's shape, consecutive within a row and below the model's vocabulary."""
+    import torch
+
+    from ffsplit_export.export.validate import _seeded_rngs, _text_ids, text_tokens
+    from ffsplit_export.models.tiny import build_tiny
+
+    _, tok, _ = build_tiny("tiny-llama")
+    tokens = text_tokens(tok)
+    assert tokens is not None and tokens.dtype == np.int64 and tokens.size > 100
+    ids = torch.zeros(2, 9, dtype=torch.int64)
+    with _seeded_rngs(3):
+        a = _text_ids(ids, tokens, vocab=10**6)
+    with _seeded_rngs(3):
+        b = _text_ids(ids, tokens, vocab=10**6)
+    assert a.shape == ids.shape and torch.equal(a, b)
+    text = tokens.tolist()
+    for row in a.tolist():
+        starts = [i for i in range(len(text) - 8) if text[i : i + 9] == row]
+        assert starts, row  # a window of the text
+    small = _text_ids(ids, tokens, vocab=int(np.median(tokens)))
+    assert int(small.max()) < int(np.median(tokens))
+    assert text_tokens(object()) is None  # not a tokenizer: random ids as before

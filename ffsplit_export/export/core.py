@@ -243,7 +243,9 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         input_shapes,
         model_kwargs,
     ):
-        from .validate import validate_file, validation_summary
+        from .validate import text_tokens, validate_file, validation_summary
+
+        tokens = text_tokens(preprocessor)
 
         names = onnx_files_subpaths or [f"{k}.onnx" for k in models_and_onnx_configs]
         for (_sub_name, (sub_model, cfg)), outs, fname in zip(
@@ -266,6 +268,7 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
                 ref_ops if use_ref else None,
                 full_attention_mask=bool(shapes),
                 reference_path=unfused.get(fname),
+                tokens=tokens,
             )
             r["seconds"] = round(time.time() - t0, 2)
             if shapes:
