@@ -365,7 +365,7 @@ def test_dummy_inputs_are_the_same_whatever_the_global_rngs():
 
 
 def test_validation_draws_token_inputs_from_text():
-    """Token inputs come from the built-in text (int8 activations see text, not random ids), seeded,
+    """Token inputs come from English text (int8 activations see text, not random ids), seeded,
     in the dummy input's shape, consecutive within a row and below the model's vocabulary."""
     import torch
 
@@ -374,7 +374,7 @@ def test_validation_draws_token_inputs_from_text():
 
     _, tok, _ = build_tiny("tiny-llama")
     tokens = text_tokens(tok)
-    assert tokens is not None and tokens.dtype == np.int64 and tokens.size > 100
+    assert tokens is not None and tokens.dtype == np.int64 and tokens.size > 60
     ids = torch.zeros(2, 9, dtype=torch.int64)
     with _seeded_rngs(3):
         a = _text_ids(ids, tokens, vocab=10**6)
