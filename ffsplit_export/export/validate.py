@@ -59,9 +59,14 @@ class Tolerances:
       tiny models relative L2 <= 0.009, top-1 >= 0.97 (four draws). SmolLM2 (sparse-int8 light, int8 heavy,
       int4 other linears) on random dummy tokens: relative L2 0.06-0.34 and top-1 0.53-0.84 over
       eight single draws (32 positions each), about 0.2 / 0.7 pooled over four; on held-out
-      text 0.054 / 0.91, perplexity 59.6 -> 61.2 (+2.7 %). Tolerances 0.5 / 0.5 pass that with
-      margin and fail what a broken int8 path gives (outputs scaled by 2: relative L2 1.0;
-      unrelated outputs ~1.4; top-1 near 1/vocab). They judge the approximation's sanity, not a
+      text 0.054 / 0.91, perplexity 59.6 -> 61.2 (+2.7 %). The ``balanced`` preset (int4 group
+      64 with zero points, int4 embedding) is further off on these synthetic inputs (random past
+      keys/values; text tokens since validation draws them from :data:`VALIDATION_TEXT`): pooled
+      relative L2 0.29, 0.50, 0.505 in three SmolLM2 exports, top-1 0.64-0.75, while level 4 and
+      level 0 give the same perplexity on held-out text (16.049 vs 16.053) and held-out text's
+      relative L2 is about 0.05. Tolerances 0.75 / 0.5 pass that and still fail what a broken
+      int8 path gives (outputs scaled by 2 or zeroed: relative L2 1.0; unrelated outputs ~1.4;
+      top-1 near 1/vocab). They judge the approximation's sanity, not a
       few percent of perplexity: measure that with ``ffsplit-export eval``.
     """
 
@@ -69,7 +74,7 @@ class Tolerances:
     rtol: float = 5e-4
     ref_atol: float = 1e-4
     ref_rtol: float = 2e-3
-    approx_rel_l2: float = 0.5
+    approx_rel_l2: float = 0.75
     approx_top1: float = 0.5
 
     def as_dict(self) -> dict:
