@@ -86,6 +86,16 @@ def test_genai_greedy_matches_ortmodel(name, exported):
         and dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
     )
 
+    # the fused Llama graph writes its cache with GroupQueryAttention: GenAI shares one buffer
+    producers = {
+        o: n.op_type
+        for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+        for o in n.output
+    }
+    gqa = producers.get("present.0.key") == "GroupQueryAttention"
+    assert gqa == (name == "tiny-llama")
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is gqa
+
     model = genai_model(out)
     for ids in PROMPTS:
         want = _ort_greedy(out, ids, 16)

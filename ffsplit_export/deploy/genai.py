@@ -38,12 +38,18 @@ def genai_supported(manifest: dict) -> bool:
     )
 
 
-def _graph_io(path: Path) -> tuple[dict, list[str]]:
+def _graph_io(path: Path) -> tuple[dict, list[str], bool]:
+    """Inputs (name -> dims), outputs, and whether every present key/value is written by a
+    GroupQueryAttention node (then past and present can share one max-length buffer in GenAI)."""
     import onnx
 
     g = onnx.load(str(path), load_external_data=False).graph
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.input}
-    return inputs, [o.name for o in g.output]
+    outputs = [o.name for o in g.output]
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    presents = [o for o in outputs if o.startswith("present.")]
+    in_place = bool(presents) and all(producer.get(o) == "GroupQueryAttention" for o in presents)
+    return inputs, outputs, in_place
 
 
 def genai_config(output: str | Path, manifest: dict, library: str | None = None) -> dict:
@@ -63,7 +69,7 @@ def genai_config(output: str | Path, manifest: dict, library: str | None = None)
     onnx_name = "model.onnx"
     if not (out / onnx_name).is_file():
         raise ExportError(f"{out / onnx_name} is missing; re-run the export")
-    inputs, outputs = _graph_io(out / onnx_name)
+    inputs, outputs, share_buffer = _graph_io(out / onnx_name)
     if "past_key_values.0.key" not in inputs:
         raise ConfigError(
             f"{onnx_name} has no KV-cache inputs; GenAI needs a with-past export (--task text-generation-with-past)"
@@ -127,7 +133,9 @@ def genai_config(output: str | Path, manifest: dict, library: str | None = None)
             "num_return_sequences": 1,
             "max_length": context,
             "min_length": 0,
-            "past_present_share_buffer": False,  # optimum's graphs concatenate past and new keys
+            # GroupQueryAttention (the fused ort-cpu graph) appends to a max-length cache in place;
+            # optimum's unfused graphs concatenate past and new keys into a new tensor
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

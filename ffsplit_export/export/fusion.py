@@ -134,7 +134,7 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
             self.reasons[why] += 1
             logger.debug("GroupQueryAttention fusion: %s", why)
 
-        def _lengths(self, past_key: str, position_ids: str) -> tuple[str, str, str]:
+        def _lengths(self, position_ids: str) -> tuple[str, str, str]:
             """``seqlens_k``, ``total_sequence_length`` and the (re-ordered) ``position_ids``.
 
             GroupQueryAttention takes row b's tokens at cache columns 0..seqlens_k[b] (padding, if
@@ -154,13 +154,11 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                 consts = {
                     "zero_i64": np.array(0, np.int64),
                     "one_i64": np.array(1, np.int64),
-                    "two_i64": np.array(2, np.int64),
                     "idx1": np.array([1], np.int64),
-                    "idx2": np.array([2], np.int64),
                 }
                 for k, v in consts.items():
                     m.add_initializer(numpy_helper.from_array(v, p + k), g)
-                outside = ("attention_mask", past_key, position_ids, "input_ids")
+                outside = ("attention_mask", position_ids, "input_ids")
 
                 def node(op, inputs, name, **kw):
                     """A node named and written ``p + name``; inputs not from outside are ours too."""
@@ -178,11 +176,13 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
                 # the rotation: L_b = leading zeros of the new columns' mask (ArgMax: the first 1)
                 node("Gather", ["mask_shape", "zero_i64"], "batch_i64", axis=0)
                 node("Gather", ["mask_shape", "idx1"], "total_1d", axis=0)
-                node("Shape", [past_key], "past_shape")
-                node("Gather", ["past_shape", "two_i64"], "past_i64", axis=0)
-                node("Gather", ["past_shape", "idx2"], "past_1d", axis=0)
-                node("Sub", ["total_i64", "past_i64"], "new_i64")  # S
-                node("Slice", ["attention_mask", "past_1d", "total_1d", "idx1"], "mask_new")  # [B, S]
+                # S from input_ids, not total - past: with ONNX Runtime GenAI's shared past/present
+                # buffer (past_present_share_buffer) the past input is max_length long
+                node("Shape", ["input_ids"], "ids_shape")
+                node("Gather", ["ids_shape", "one_i64"], "new_i64", axis=0)  # S
+                node("Gather", ["ids_shape", "idx1"], "new_1d", axis=0)
+                node("Sub", ["total_1d", "new_1d"], "start_1d")
+                node("Slice", ["attention_mask", "start_1d", "total_1d", "idx1"], "mask_new")  # [B, S]
                 node("Cast", ["mask_new"], "mask_new_i32", to=TensorProto.INT32)
                 node("ArgMax", ["mask_new_i32"], "lead", axis=1, keepdims=1)  # [B, 1]
                 node("Range", ["zero_i64", "new_i64", "one_i64"], "columns")  # [S]
@@ -314,7 +314,7 @@ def _group_query_attention_fusion(model, num_heads: int, kv_num_heads: int):
             if self.lengths is not None and self.positions != pos:
                 return self._reject("layers rotate by different position inputs")
             self.positions = pos
-            seqlens_k, total, positions = self._lengths(k_cat.input[0], pos)
+            seqlens_k, total, positions = self._lengths(pos)
             name = m.create_node_name("GroupQueryAttention", "ffsplit_gqa/GroupQueryAttention")
             gqa = helper.make_node(
                 "GroupQueryAttention",
@@ -369,7 +369,7 @@ def _unroll_logits(model) -> None:
     rotated back (``_lengths`` of the attention fusion): ``logits[b, s] = rotated[b, s - L_b]``."""
     rolled_ids = _GQA + "input_ids"
     for n in model.model.graph.node:
-        if n.output and n.output[0] != rolled_ids:
+        if not n.name.startswith(_GQA):  # the fusion's own nodes read the graph input (the length S)
             n.input[:] = [rolled_ids if i == "input_ids" else i for i in n.input]
     producer = model.output_name_to_node()["logits"]
     rolled = _GQA + "logits_rotated"
