@@ -599,7 +599,9 @@ class SpeechModel:
             self.model.save_pretrained(self.src)
             self.pre.save_pretrained(self.src)
         self.clips = librispeech_clips(2 if quick else None)
-        hyps = transcribe(self.model, self.pre, self.clips)
+        # the dense model's own tokens, not its text re-tokenized: whisper-base's tokenizer spells
+        # ' then' as 'Ġ' + 'then' where the model wrote 'Ġthen', and those split tokens dominated the score
+        hyps = transcribe(self.model, self.pre, self.clips, token_ids=True)
         self.dense_clips = [(a, h) for (a, _), h in zip(self.clips, hyps)]
         self._samples = lambda: load_samples(self.model, None, 4 if quick else 16)
         self._make_batches, self._calibrate = make_batches, calibrate

@@ -212,3 +212,10 @@ def test_transcript_perplexity_matches_the_model_loss():
     n_text = sum(len(proc.tokenizer(" " + ref, add_special_tokens=False).input_ids) for _, ref in clips)
     assert count == n_text + len(clips)
     assert res.perplexity == pytest.approx(math.exp(total / count), rel=1e-5)
+    # token-id references are scored as given: the same ids as the text gives the same result,
+    # other ids (the text's tokens reversed) a different one over as many tokens
+    as_ids = [(a, proc.tokenizer(" " + r, add_special_tokens=False).input_ids) for a, r in clips]
+    assert transcript_perplexity(model, proc, as_ids).perplexity == pytest.approx(res.perplexity, rel=1e-6)
+    other = transcript_perplexity(model, proc, [(a, ids[::-1]) for a, ids in as_ids])
+    assert other.num_tokens == res.num_tokens
+    assert other.perplexity != pytest.approx(res.perplexity, rel=1e-3)

@@ -108,9 +108,15 @@ def _check_clips(clips) -> None:
         )
 
 
-def transcribe(model, processor, clips, generate_kwargs: dict | None = None) -> list[str]:
+def transcribe(
+    model, processor, clips, generate_kwargs: dict | None = None, token_ids: bool = False
+) -> list[str] | list[list[int]]:
     """Greedy transcripts of (audio, reference) clips by a Whisper model: a transformers model or an
-    optimum ``ORTModelForSpeechSeq2Seq`` (e.g. ``runtime.load(export_dir, provider=...)``)."""
+    optimum ``ORTModelForSpeechSeq2Seq`` (e.g. ``runtime.load(export_dir, provider=...)``).
+
+    ``token_ids``: the generated text tokens (special tokens dropped) instead of the decoded text,
+    e.g. as exact references for :func:`transcript_perplexity` (re-tokenizing the text need not give
+    back the tokens the model wrote: BPE has several spellings of one string)."""
     import torch
 
     hyps = []
@@ -123,7 +129,11 @@ def transcribe(model, processor, clips, generate_kwargs: dict | None = None) -> 
         feats = processor(np.asarray(audio, dtype=np.float32), sampling_rate=16000, return_tensors="pt")
         with torch.no_grad():
             ids = model.generate(feats.input_features, **kwargs)
-        hyps.append(processor.batch_decode(ids, skip_special_tokens=True)[0])
+        if token_ids:
+            special = set(processor.tokenizer.all_special_ids)
+            hyps.append([int(t) for t in ids[0].tolist() if int(t) not in special])
+        else:
+            hyps.append(processor.batch_decode(ids, skip_special_tokens=True)[0])
     return hyps
 
 
@@ -155,7 +165,8 @@ def transcript_perplexity(model, processor, clips) -> PerplexityResult:
 
     A smooth companion to WER on few clips, where one word is a big step: every reference is
     tokenized after the decoder prompt (start of transcript, language / task, no timestamps)
-    and followed by end of text; the text tokens and end of text are scored.
+    and followed by end of text; the text tokens and end of text are scored. A reference may also
+    be a list of text token ids (``transcribe(..., token_ids=True)``), scored as given.
     ``context_length`` / ``stride`` of the result hold the longest sequence and 0.
     """
     import torch
@@ -170,7 +181,8 @@ def transcript_perplexity(model, processor, clips) -> PerplexityResult:
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.config.eos_token_id
     total, count, longest = 0.0, 0, 0
     for audio, ref in clips:
-        ids = prompt_ids + tok(" " + ref.strip(), add_special_tokens=False).input_ids + [eos]
+        text = tok(" " + ref.strip(), add_special_tokens=False).input_ids if isinstance(ref, str) else ref
+        ids = prompt_ids + [int(t) for t in text] + [eos]
         prompt = len(prompt_ids)
         feats = processor(np.asarray(audio, dtype=np.float32), sampling_rate=16000, return_tensors="pt")
         dec = torch.tensor([ids[:-1]])
