@@ -73,12 +73,9 @@ def quantize_int8_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def quantize_int4_groupwise(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int4 per group of ``group_size`` input channels.
-
-    Returns ``q`` int8 [N, K] in [-7, 7] and ``scales`` float32 [N, ceil(K/group_size)];
-    the last group is zero-padded when group_size does not divide K.
-    """
+def _int4_groups(w: np.ndarray, group_size: int) -> tuple[np.ndarray, int, int]:
+    """``w`` [N, K] as float32 groups [N, ceil(K/group_size), group_size] (the last one zero-padded),
+    with N and K; the group size checked against MatMulNBits' int4 sizes."""
     if group_size not in INT4_GROUP_SIZES:
         raise FormatError(f"int4 group size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
     w = _as_matrix(w, "weight").astype(np.float32, copy=False)
@@ -86,7 +83,16 @@ def quantize_int4_groupwise(w: np.ndarray, group_size: int) -> tuple[np.ndarray,
     n_groups = -(-k // group_size)
     padded = np.zeros((n, n_groups * group_size), np.float32)
     padded[:, :k] = w
-    g = padded.reshape(n, n_groups, group_size)
+    return padded.reshape(n, n_groups, group_size), n, k
+
+
+def quantize_int4_groupwise(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 per group of ``group_size`` input channels.
+
+    Returns ``q`` int8 [N, K] in [-7, 7] and ``scales`` float32 [N, ceil(K/group_size)];
+    the last group is zero-padded when group_size does not divide K.
+    """
+    g, n, k = _int4_groups(w, group_size)
     amax = np.abs(g).max(axis=2)
     scales = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(g / scales[:, :, None]), -7, 7).astype(np.int8)
@@ -156,14 +162,7 @@ def quantize_int4_asymmetric(
     uint8 [N, n_groups] (:func:`asymmetric_params`); ``w ~= (u - zero) * scale``. The last group
     is zero-padded when group_size does not divide K.
     """
-    if group_size not in INT4_GROUP_SIZES:
-        raise FormatError(f"int4 group size {group_size} is not supported; use one of {INT4_GROUP_SIZES}")
-    w = _as_matrix(w, "weight").astype(np.float32, copy=False)
-    n, k = w.shape
-    n_groups = -(-k // group_size)
-    padded = np.zeros((n, n_groups * group_size), np.float32)
-    padded[:, :k] = w
-    g = padded.reshape(n, n_groups, group_size)
+    g, n, k = _int4_groups(w, group_size)
     scales, zeros = asymmetric_params(g, 4, search=search)
     u = np.clip(np.rint(g / scales[:, :, None]) + zeros[:, :, None], 0, 15).astype(np.uint8)
     return u.reshape(n, -1)[:, :k].copy(), scales, zeros
