@@ -9,7 +9,7 @@ where ``W[N, K]`` is decoded from packed constant inputs (layouts in
 from __future__ import annotations
 
 from ._ffn import ACTIVATIONS as FFN_ACTIVATIONS
-from ._ffn import fused_ffn_reference, skipped_fraction
+from ._ffn import fused_ffn_nbits_reference, fused_ffn_reference, skipped_fraction
 from ._spec import (
     DOMAIN,
     OPS,
@@ -27,6 +27,7 @@ from ._spec import (
 __all__ = [
     "FFN_ACTIVATIONS",
     "fused_ffn_reference",
+    "fused_ffn_nbits_reference",
     "skipped_fraction",
     "DOMAIN",
     "OPS",
