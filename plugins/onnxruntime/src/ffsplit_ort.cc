@@ -10,7 +10,11 @@
 //   FusedFFN(X, heavy/light up, down and gate parts...): a whole split FFN in one node; inputs,
 //     attributes (activation, gated, skip, threshold) and reference in ffsplit_export/ops/_ffn.py,
 //     kernel in ffn.cc
-// RegisterCustomOps below adds exactly these five to the ffsplit domain (tests/test_docs.py checks
+//   FusedFFNNBits(X, up/down/gate heavy and light parts as MatMulNBits inputs or dense float32...):
+//     the FFN of the presets' int8 / int4 parts in one node (attributes heavy_bits, light_bits,
+//     *_block_size, activation, gated, skip, threshold, accuracy_level); reference
+//     fused_ffn_nbits_reference in ffsplit_export/ops/_ffn.py, kernel in ffn_nbits.cc
+// RegisterCustomOps below adds exactly these six to the ffsplit domain (tests/test_docs.py checks
 // this list against the registration and against ffsplit_export.ops).
 // Optional int attribute accuracy_level (default 0 = exact fp32 compute); 4 lets the int8-weight ops
 // quantize activations to int8 per row (as MatMulNBits accuracy_level 4): the VNNI kernels run when
@@ -40,6 +44,7 @@
 #include <vector>
 
 #include "ffn.h"
+#include "ffn_nbits.h"
 #include "packed.h"
 
 namespace ffsplit {
@@ -769,6 +774,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     Ort::CustomOpDomain domain{"ffsplit"};
     for (auto& op : ops) domain.Add(op.get());
     domain.Add(FusedFFNCustomOp());
+    domain.Add(FusedFFNNBitsCustomOp());
     Ort::UnownedSessionOptions so(options);
     so.Add(domain);
     domains.push_back(std::move(domain));

@@ -1,0 +1,769 @@
+// ffsplit::FusedFFNNBits (ONNX Runtime CPU kernel): a split FFN whose parts are dense float32 or
+// MatMulNBits-layout int8 / int4, in one node.
+//
+// Inputs, attributes and semantics: ffsplit_export/ops/_ffn.py (NBITS_DOC, NBITS_SEMANTICS and the
+// NumPy reference fused_ffn_nbits_reference). Every weight must be a constant initializer; the
+// parts are validated and packed when the kernel is created:
+//  * up / gate (heavy and light) and the heavy down part stay row-major per output neuron (the
+//    MatMulNBits B is already that), read by the dot kernels (ffn_nbits_avx2.cc, scalar below);
+//  * the light down part W[D, L] is re-stored neuron-major (NbDown: a neuron's D codes contiguous,
+//    same codes and scales) when skip=1, so a skipped light neuron's bytes are never read; with
+//    skip=0 it stays row-major (every column is read anyway; see the commit log for the timing).
+// accuracy_level 0: float32 compute ((u - z) * x summed per block, times the block scale).
+// accuracy_level 4: the activations of each integer product (X for up / gate, a for down) are
+// quantized to int8 per block of K (scale max|.| / 127), integer dot products with the codes, the
+// zero point as sum(q * u) - z * sum(q). Rows of X (or of a) holding NaN / inf are computed at
+// level 0. Gated with skip (few rows): the gate first, then only the up rows of light neurons
+// live in some row (CATS order). Non-finite outputs are recomputed in float64 by the reference's
+// rules (as dispatch.cc FixNonFinite does for the matmul ops).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "ffn.h"
+#include "ffn_nbits.h"
+
+namespace ffsplit {
+
+float NbPart::At(int64_t row, int64_t col) const {
+  if (bits == 32) return dense[static_cast<size_t>(row * k + col)];
+  const int64_t b = col / bs, i = col % bs;
+  const uint8_t* blk = codes.data() + (row * nb + b) * blob;
+  const int u = bits == 8 ? blk[i] : ((i & 1) ? blk[i / 2] >> 4 : blk[i / 2] & 15);
+  const size_t sb = static_cast<size_t>(row * nb + b);
+  return (static_cast<float>(u) - zf[sb]) * scales[sb];
+}
+
+float NbDown::At(int64_t row, int64_t j) const {
+  const uint8_t* c = codes.data() + j * stride;
+  const int u = bits == 8 ? c[row] : ((row & 1) ? c[row / 2] >> 4 : c[row / 2] & 15);
+  const size_t sb = static_cast<size_t>((j / bs) * dpad + row);
+  return (static_cast<float>(u) - zf[sb]) * scales[sb];
+}
+
+void NbQuantize(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, int8_t* qx, float* xs,
+                int32_t* xsum) {
+  const int64_t nb = kpad / bs;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * bs, k1 = std::min(k, k0 + bs);
+      int8_t* q = qx + r * kpad + k0;
+      float amax = 0.0f;
+      for (int64_t i = k0; i < k1; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      for (int64_t i = k0; i < k1; ++i)
+        if (std::isnan(xr[i])) amax = std::numeric_limits<float>::quiet_NaN();
+      int32_t sum = 0;
+      if (!std::isfinite(amax) || amax == 0.0f) {
+        std::memset(q, 0, static_cast<size_t>(bs));
+        xs[r * nb + b] = std::isfinite(amax) ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+      } else {
+        const float scale = amax / 127.0f, inv = 1.0f / scale;
+        for (int64_t i = k0; i < k0 + bs; ++i) {
+          int v = 0;
+          if (i < k1) v = static_cast<int>(std::nearbyintf(xr[i] * inv));
+          v = std::max(-127, std::min(127, v));
+          q[i - k0] = static_cast<int8_t>(v);
+          sum += v;
+        }
+        xs[r * nb + b] = scale;
+      }
+      xsum[r * nb + b] = sum;
+    }
+  }
+}
+
+namespace {
+
+// ------------------------------------------------------------------ scalar kernels
+
+inline int CodeOf(const uint8_t* blk, int bits, int64_t i) {
+  return bits == 8 ? blk[i] : ((i & 1) ? blk[i / 2] >> 4 : blk[i / 2] & 15);
+}
+
+void DotFScalar(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
+                int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < m; ++r) {
+      const float* xr = x + r * ldx;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < p.nb; ++b) {
+        const uint8_t* blk = p.codes.data() + (n * p.nb + b) * p.blob;
+        const float z = p.zf[static_cast<size_t>(n * p.nb + b)];
+        float s = 0.0f;
+        for (int64_t i = 0; i < p.bs; ++i) s += (static_cast<float>(CodeOf(blk, p.bits, i)) - z) * xr[b * p.bs + i];
+        acc += s * p.scales[static_cast<size_t>(n * p.nb + b)];
+      }
+      y[r * ldy + n] = acc;
+    }
+}
+
+void DotQScalar(const NbPart& p, const int8_t* qx, const float* xs, const int32_t* xsum, int64_t m, float* y,
+                int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t kpad = p.nb * p.bs;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t r = 0; r < m; ++r) {
+      float acc = 0.0f;
+      for (int64_t b = 0; b < p.nb; ++b) {
+        const uint8_t* blk = p.codes.data() + (n * p.nb + b) * p.blob;
+        const int8_t* q = qx + r * kpad + b * p.bs;
+        int32_t s = 0;
+        for (int64_t i = 0; i < p.bs; ++i) s += CodeOf(blk, p.bits, i) * q[i];
+        const size_t sb = static_cast<size_t>(n * p.nb + b);
+        s -= p.zi[sb] * xsum[r * p.nb + b];
+        acc += p.scales[sb] * xs[r * p.nb + b] * static_cast<float>(s);
+      }
+      y[r * ldy + n] = acc;
+    }
+}
+
+inline int64_t DownEnd(const NbDown& w, int64_t d1) { return std::min(w.dpad, (d1 + 31) / 32 * 32); }
+
+void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1,
+                 float* acc, float* y) {
+  const int64_t de = DownEnd(w, d1), len = de - d0;
+  for (int64_t i = 0; i < count;) {
+    const int64_t b = list[i] / w.bs;
+    std::fill(acc, acc + len, 0.0f);
+    const float* z = w.zf.data() + b * w.dpad;
+    for (; i < count && list[i] / w.bs == b; ++i) {
+      const int64_t j = list[i];
+      const float av = a[j];
+      const uint8_t* c = w.codes.data() + j * w.stride;
+      for (int64_t d = d0; d < de; ++d) acc[d - d0] += av * (static_cast<float>(CodeOf(c, w.bits, d)) - z[d]);
+    }
+    const float* s = w.scales.data() + b * w.dpad;
+    for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * acc[d - d0];
+  }
+}
+
+void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
+                 int64_t d1, int32_t* acc, float* y) {
+  const int64_t de = DownEnd(w, d1), len = de - d0;
+  for (int64_t i = 0; i < count;) {
+    const int64_t b = list[i] / w.bs;
+    std::fill(acc, acc + len, 0);
+    int32_t sumq = 0;
+    for (; i < count && list[i] / w.bs == b; ++i) {
+      const int64_t j = list[i];
+      const int q = qa[j];
+      if (!q) continue;
+      sumq += q;
+      const uint8_t* c = w.codes.data() + j * w.stride;
+      for (int64_t d = d0; d < de; ++d) acc[d - d0] += q * CodeOf(c, w.bits, d);
+    }
+    const float* s = w.scales.data() + b * w.dpad;
+    const float* z = w.zf.data() + b * w.dpad;
+    const float sab = sa[b], fq = static_cast<float>(sumq);
+    for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * sab * (static_cast<float>(acc[d - d0]) - z[d] * fq);
+  }
+}
+
+}  // namespace
+
+const NbKernels& NbKernelsScalar() {
+  static const NbKernels k{DotFScalar, DotQScalar, DownFScalar, DownQScalar};
+  return k;
+}
+
+namespace {
+
+bool Bad(float v) { return !std::isfinite(v); }
+
+enum class Act { kRelu, kGelu, kGeluTanh, kSilu };
+
+double ActOf(Act act, double v) {
+  switch (act) {
+    case Act::kRelu: return v > 0.0 ? v : (std::isnan(v) ? v : 0.0);
+    case Act::kGelu: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
+    case Act::kGeluTanh: return 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+    default: return v / (1.0 + std::exp(-v));
+  }
+}
+
+struct NbPar final : Parallel {
+  explicit NbPar(OrtKernelContext* ctx) : ctx_(ctx) {}
+  void For(size_t total, void (*fn)(void*, size_t), void* data) const override {
+    if (total == 0) return;
+    if (total == 1) return fn(data, 0);
+    Ort::KernelContext(ctx_).ParallelFor(fn, total, 0, data);
+  }
+  OrtKernelContext* ctx_;
+};
+
+template <class F>
+void ParFor(const Parallel& par, size_t n, F& f) {
+  par.For(n, [](void* d, size_t i) { (*static_cast<F*>(d))(i); }, &f);
+}
+
+const char* const kNames[] = {"X",
+                              "up_heavy_B", "up_heavy_scales", "up_heavy_zero_points",
+                              "up_light_B", "up_light_scales", "up_light_zero_points",
+                              "up_bias",
+                              "down_heavy_B", "down_heavy_scales", "down_heavy_zero_points",
+                              "down_light_B", "down_light_scales", "down_light_zero_points",
+                              "down_bias",
+                              "gate_heavy_B", "gate_heavy_scales", "gate_heavy_zero_points",
+                              "gate_light_B", "gate_light_scales", "gate_light_zero_points",
+                              "gate_bias"};
+constexpr size_t kInputs = 22;
+
+bool Pow2Block(int64_t v) { return v >= 16 && v <= 256 && (v & (v - 1)) == 0; }
+
+// the float64 dot product of one part row with x (dense semantics over k < K)
+float ExactRow(const NbPart& p, const float* x, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < p.k; ++i) s += static_cast<double>(x[i]) * static_cast<double>(p.At(n, i));
+  return static_cast<float>(s);
+}
+
+class NbKernel {
+ public:
+  NbKernel(const OrtApi& api, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    try {
+      name_ = "ffsplit::FusedFFNNBits (node '" + ki.GetNodeName() + "')";
+    } catch (...) {
+      name_ = "ffsplit::FusedFFNNBits";
+    }
+    std::string act;
+    try {
+      act = ki.GetAttribute<std::string>("activation");
+    } catch (...) {
+      Fail("the string attribute 'activation' is required (relu, gelu, gelu_tanh, silu)");
+    }
+    if (act == "relu") act_ = Act::kRelu;
+    else if (act == "gelu") act_ = Act::kGelu;
+    else if (act == "gelu_tanh") act_ = Act::kGeluTanh;
+    else if (act == "silu") act_ = Act::kSilu;
+    else Fail("activation '" + act + "' is not supported; use relu, gelu, gelu_tanh or silu");
+    const int64_t gated = IntAttr(api, info, "gated", 0), skip = IntAttr(api, info, "skip", 0);
+    if (gated != 0 && gated != 1) Fail("gated must be 0 or 1, got " + std::to_string(gated));
+    if (skip != 0 && skip != 1) Fail("skip must be 0 (compute all) or 1 (skip silent light neurons), got " + std::to_string(skip));
+    gated_ = gated == 1;
+    skip_ = skip == 1;
+    {
+      float t = 0.0f;
+      if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "threshold", &t)) {
+        api.ReleaseStatus(st);
+        t = 0.0f;
+      }
+      if (!std::isfinite(t) || t < 0.0f) Fail("threshold must be a finite float >= 0, got " + std::to_string(t));
+      if (t > 0.0f && !skip_) Fail("threshold > 0 needs skip=1 (thresholds skip light neurons)");
+      thr_ = t;
+    }
+    hbits_ = static_cast<int>(IntAttr(api, info, "heavy_bits", -1));
+    lbits_ = static_cast<int>(IntAttr(api, info, "light_bits", -1));
+    if (hbits_ != 4 && hbits_ != 8 && hbits_ != 32)
+      Fail("the int attribute heavy_bits must be 4, 8 or 32 (dense float32), got " +
+           (hbits_ == -1 ? std::string("none") : std::to_string(hbits_)));
+    if (lbits_ != 4 && lbits_ != 8)
+      Fail("the int attribute light_bits must be 4 or 8, got " +
+           (lbits_ == -1 ? std::string("none") : std::to_string(lbits_)));
+    hbs_ = IntAttr(api, info, "heavy_block_size", 0);
+    lbs_ = IntAttr(api, info, "light_block_size", 0);
+    if (!Pow2Block(lbs_)) Fail("light_block_size must be a power of two in 16..256, got " + std::to_string(lbs_));
+    level_ = IntAttr(api, info, "accuracy_level", 0);
+    if (level_ != 0 && level_ != 4)
+      Fail("accuracy_level must be 0 (exact float32) or 4 (int8 activations), got " + std::to_string(level_));
+
+    const size_t count = ki.GetInputCount();
+    if (count > kInputs) Fail("takes at most 22 inputs, got " + std::to_string(count));
+    std::vector<ConstInput> in(kInputs);
+    std::vector<bool> has(kInputs, false);
+    for (size_t i = 0; i < count; ++i) {
+      std::string nm;
+      try {
+        nm = ki.GetInputName(i);
+      } catch (...) {
+        nm.clear();
+      }
+      if (nm.empty()) continue;
+      has[i] = true;
+      if (i == 0) continue;
+      int is_const = 0;
+      Ort::ConstValue v = ki.GetTensorConstantInput(i, &is_const);
+      if (!is_const)
+        Fail(std::string("input ") + kNames[i] + " must be a constant initializer (weights are packed once)");
+      auto ti = v.GetTensorTypeAndShapeInfo();
+      in[i].type = ti.GetElementType();
+      in[i].shape = ti.GetShape();
+      in[i].count = static_cast<int64_t>(ti.GetElementCount());
+      in[i].data = v.GetTensorRawData();
+      for (int64_t dim : in[i].shape)
+        if (dim < 0 || dim >= (int64_t{1} << 31)) Fail(std::string(kNames[i]) + " has a dimension out of range [0, 2^31)");
+    }
+    if (!has[0]) Fail("input X is omitted; it is required");
+    if (!gated_)
+      for (size_t i = 15; i < kInputs; ++i)
+        if (has[i]) Fail(std::string("input ") + kNames[i] + " is given with gated=0; set gated=1 or leave it out");
+    for (size_t i : {size_t{4}, size_t{5}, size_t{11}, size_t{12}})
+      if (!has[i]) Fail(std::string("input ") + kNames[i] + " is required");
+    if (gated_)
+      for (size_t i : {size_t{18}, size_t{19}})
+        if (!has[i]) Fail(std::string("input ") + kNames[i] + " is required with gated=1");
+    const bool heavy = has[1];
+    if (heavy && hbits_ != 32 && !Pow2Block(hbs_))
+      Fail("heavy_block_size must be a power of two in 16..256 for heavy_bits " + std::to_string(hbits_) + ", got " +
+           std::to_string(hbs_));
+    for (size_t i : {size_t{8}, size_t{15}})
+      if (heavy != has[i] && (i != 15 || gated_))
+        Fail(std::string("input ") + kNames[i] + (heavy ? " is required (up heavy is given)" : " is given but up heavy is absent (H = 0)"));
+    // D from the down light part (rows), L from the up light part (rows), H from the up heavy part
+    if (in[11].shape.size() < 2 || in[4].shape.empty()) Fail("down_light_B / up_light_B must be 3-D (MatMulNBits B)");
+    d_ = in[11].shape[0];
+    l_ = in[4].shape[0];
+    h_ = heavy ? (in[1].shape.empty() ? -1 : in[1].shape[0]) : 0;
+    if (d_ <= 0) Fail("down_light_B has D = 0 rows; the model width must be positive");
+    if (h_ < 0) Fail("up_heavy_B must be 2-D (bits 32) or 3-D");
+    f_ = h_ + l_;
+    Load(up_l_, in, has, 4, l_, d_, lbits_, lbs_, "up light");
+    Load(down_l_rows_, in, has, 11, d_, l_, lbits_, lbs_, "down light");
+    if (heavy) {
+      Load(up_h_, in, has, 1, h_, d_, hbits_, hbs_, "up heavy");
+      Load(down_h_, in, has, 8, d_, h_, hbits_, hbs_, "down heavy");
+    }
+    if (gated_) {
+      Load(gate_l_, in, has, 18, l_, d_, lbits_, lbs_, "gate light");
+      if (heavy) Load(gate_h_, in, has, 15, h_, d_, hbits_, hbs_, "gate heavy");
+    }
+    Bias(in, has, 7, f_, up_b_);
+    Bias(in, has, 14, d_, down_b_);
+    if (gated_) Bias(in, has, 21, f_, gate_b_);
+    up_l_finite_ = true;
+    for (float s : up_l_.scales) up_l_finite_ &= std::isfinite(s);
+    if (skip_) {
+      down_l_ = ToNeuronMajor(down_l_rows_);
+      down_l_rows_ = NbPart();
+    }
+    try {
+      isa_ = SelectIsa(false);
+    } catch (const std::exception& e) {
+      Fail(e.what());
+    }
+    nk_ = isa_ == Isa::kScalar ? &NbKernelsScalar() : &NbKernelsAvx2();
+    fk_ = isa_ == Isa::kScalar ? &FfnKernelsScalar() : &FfnKernelsAvx2();
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
+    try {
+      Ort::KernelContext ctx(context);
+      auto xv = ctx.GetInput(0);
+      auto xi = xv.GetTensorTypeAndShapeInfo();
+      if (xi.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return Status("X must be float32");
+      const std::vector<int64_t> xs = xi.GetShape();
+      if (xs.empty()) return Status("X must have rank >= 1, got a scalar");
+      if (xs.back() != d_)
+        return Status("X has " + std::to_string(xs.back()) + " columns; the FFN's model width is " + std::to_string(d_));
+      int64_t m = 1;
+      for (size_t i = 0; i + 1 < xs.size(); ++i)
+        if (xs[i] < 0 || __builtin_mul_overflow(m, xs[i], &m)) return Status("X has too many rows");
+      auto yv = ctx.GetOutput(0, xs);
+      float* y = yv.GetTensorMutableData<float>();
+      if (m == 0) return nullptr;
+      Run(xv.GetTensorData<float>(), y, m, NbPar(context));
+      return nullptr;
+    } catch (const std::exception& e) {
+      return Status(e.what());
+    }
+  }
+
+ private:
+  [[noreturn]] void Fail(const std::string& msg) const { throw Ort::Exception(name_ + ": " + msg, ORT_INVALID_ARGUMENT); }
+  OrtStatusPtr Status(const std::string& msg) const {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, (name_ + ": " + msg).c_str());
+  }
+  static int64_t IntAttr(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t dflt) {
+    int64_t v = dflt;
+    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v)) {
+      api.ReleaseStatus(st);
+      v = dflt;
+    }
+    return v;
+  }
+  static std::string Shape(const std::vector<int64_t>& s) {
+    std::string o = "[";
+    for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
+    return o + "]";
+  }
+
+  void Bias(const std::vector<ConstInput>& in, const std::vector<bool>& has, size_t i, int64_t n,
+            std::vector<float>& out) const {
+    if (!has[i]) {
+      out.assign(static_cast<size_t>(n), 0.0f);
+      return;
+    }
+    if (in[i].type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || in[i].shape != std::vector<int64_t>{n})
+      Fail(std::string(kNames[i]) + " must be float32 [" + std::to_string(n) + "], got shape " + Shape(in[i].shape));
+    const float* p = static_cast<const float*>(in[i].data);
+    out.assign(p, p + n);
+  }
+
+  // validates and packs one part (inputs at, at+1, at+2) of W[n, k]
+  void Load(NbPart& p, const std::vector<ConstInput>& in, const std::vector<bool>& has, size_t at, int64_t n,
+            int64_t k, int bits, int64_t bs, const char* name) const {
+    const ConstInput& b = in[at];
+    const std::string nm(name);
+    p.bits = bits;
+    p.n = n;
+    p.k = k;
+    if (bits == 32) {
+      if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || b.shape != std::vector<int64_t>{n, k})
+        Fail(nm + " B must be float32 [" + std::to_string(n) + ", " + std::to_string(k) + "] (bits 32), got shape " +
+             Shape(b.shape));
+      if (has[at + 1] || has[at + 2]) Fail(nm + ": a dense float32 part (bits 32) takes no scales / zero_points");
+      const float* d = static_cast<const float*>(b.data);
+      p.dense.assign(d, d + n * k);
+      return;
+    }
+    p.bs = bs;
+    p.nb = (k + bs - 1) / bs;
+    p.blob = bs * bits / 8;
+    if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || b.shape != std::vector<int64_t>{n, p.nb, p.blob})
+      Fail(nm + " B must be uint8 [" + std::to_string(n) + ", " + std::to_string(p.nb) + ", " + std::to_string(p.blob) +
+           "] (K=" + std::to_string(k) + ", bits=" + std::to_string(bits) + ", block_size=" + std::to_string(bs) +
+           "), got shape " + Shape(b.shape));
+    const ConstInput& s = in[at + 1];
+    if (!has[at + 1] || s.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || s.shape != std::vector<int64_t>{n * p.nb})
+      Fail(nm + " scales must be float32 [" + std::to_string(n * p.nb) + "] (N * n_blocks)" +
+           (has[at + 1] ? ", got shape " + Shape(s.shape) : std::string(", absent")));
+    const uint8_t* bd = static_cast<const uint8_t*>(b.data);
+    p.codes.assign(bd, bd + n * p.nb * p.blob);
+    p.codes.resize(p.codes.size() + 64, 0);
+    const float* sd = static_cast<const float*>(s.data);
+    p.scales.assign(sd, sd + n * p.nb);
+    p.zi.assign(static_cast<size_t>(n * p.nb), 1 << (bits - 1));
+    if (has[at + 2]) {
+      const ConstInput& z = in[at + 2];
+      const int64_t per_row = (p.nb * bits + 7) / 8;
+      if (z.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || z.shape != std::vector<int64_t>{n * per_row})
+        Fail(nm + " zero_points must be uint8 [" + std::to_string(n * per_row) +
+             "] (N * ceil(n_blocks * bits / 8), packed like B), got shape " + Shape(z.shape));
+      const uint8_t* zd = static_cast<const uint8_t*>(z.data);
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t bb = 0; bb < p.nb; ++bb) {
+          const uint8_t byte = zd[r * per_row + (bits == 8 ? bb : bb / 2)];
+          p.zi[static_cast<size_t>(r * p.nb + bb)] = bits == 8 ? byte : ((bb & 1) ? byte >> 4 : byte & 15);
+        }
+    }
+    p.zf.assign(p.zi.begin(), p.zi.end());
+  }
+
+  static NbDown ToNeuronMajor(const NbPart& p) {
+    NbDown w;
+    w.bits = p.bits;
+    w.d = p.n;
+    w.l = p.k;
+    w.bs = p.bs;
+    w.nb = p.nb;
+    w.dpad = (w.d + 31) / 32 * 32;
+    w.stride = w.bits == 8 ? w.dpad : w.dpad / 2;
+    w.codes.assign(static_cast<size_t>(w.l * w.stride + 64), 0);
+    w.scales.assign(static_cast<size_t>(w.nb * w.dpad), 0.0f);
+    w.zf.assign(static_cast<size_t>(w.nb * w.dpad), 0.0f);
+    for (int64_t d = 0; d < w.d; ++d) {
+      for (int64_t b = 0; b < w.nb; ++b) {
+        w.scales[static_cast<size_t>(b * w.dpad + d)] = p.scales[static_cast<size_t>(d * p.nb + b)];
+        w.zf[static_cast<size_t>(b * w.dpad + d)] = p.zf[static_cast<size_t>(d * p.nb + b)];
+      }
+      for (int64_t j = 0; j < w.l; ++j) {
+        const int64_t b = j / p.bs, i = j % p.bs;
+        const int u = CodeOf(p.codes.data() + (d * p.nb + b) * p.blob, p.bits, i);
+        uint8_t* c = w.codes.data() + j * w.stride;
+        if (w.bits == 8)
+          c[d] = static_cast<uint8_t>(u);
+        else
+          c[d / 2] = static_cast<uint8_t>(c[d / 2] | (u << ((d & 1) * 4)));
+      }
+    }
+    return w;
+  }
+
+  // Row-major part over output neurons in `ranges` (each [n0, n1), at most kRows long):
+  // out[r * ldo + n] for every row r < m. xp: X padded [m][ldx]; q*: its int8 blocks (level 4)
+  struct QIn {
+    const int8_t* q = nullptr;
+    const float* s = nullptr;
+    const int32_t* sum = nullptr;
+  };
+  void Dot(const NbPart& p, const float* xp, int64_t ldx, const QIn& qi, const std::vector<uint8_t>& bad, int64_t m,
+           float* out, int64_t ldo, int64_t n0, int64_t n1) const {
+    if (n1 <= n0) return;
+    if (p.bits == 32) {
+      fk_->dense(p.dense.data(), p.k, xp, ldx, m, out, ldo, n0, n1);
+    } else if (qi.q) {
+      nk_->dot_q(p, qi.q, qi.s, qi.sum, m, out, ldo, n0, n1);
+      for (int64_t r = 0; r < m; ++r)
+        if (bad[static_cast<size_t>(r)]) nk_->dot_f(p, xp + r * ldx, ldx, 1, out + r * ldo, ldo, n0, n1);
+    } else {
+      nk_->dot_f(p, xp, ldx, m, out, ldo, n0, n1);
+    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t n = n0; n < n1; ++n)
+        if (Bad(out[r * ldo + n])) out[r * ldo + n] = ExactRow(p, xp + r * ldx, n);
+  }
+
+  // Runs Dot over the listed neurons (ascending; null = all of p's rows), kRows per task
+  void DotPar(const NbPart& p, const float* xp, int64_t ldx, const QIn& qi, const std::vector<uint8_t>& bad,
+              int64_t m, float* out, int64_t ldo, const std::vector<int32_t>* list, const Parallel& par) const {
+    constexpr int64_t kRows = 16;
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    if (!list) {
+      for (int64_t n = 0; n < p.n; n += kRows) ranges.emplace_back(n, std::min(p.n, n + kRows));
+    } else {
+      for (size_t i = 0; i < list->size();) {
+        size_t e = i + 1;
+        while (e < list->size() && (*list)[e] == (*list)[e - 1] + 1 && static_cast<int64_t>(e - i) < kRows) ++e;
+        ranges.emplace_back((*list)[i], (*list)[e - 1] + 1);
+        i = e;
+      }
+    }
+    // a few ranges per task (short runs of live neurons are common)
+    const size_t per = list ? 4 : 1;
+    auto task = [&](size_t t) {
+      for (size_t i = t * per; i < std::min(ranges.size(), (t + 1) * per); ++i)
+        Dot(p, xp, ldx, qi, bad, m, out, ldo, ranges[i].first, ranges[i].second);
+    };
+    ParFor(par, (ranges.size() + per - 1) / per, task);
+  }
+
+  struct Quant {
+    std::vector<int8_t> q;
+    std::vector<float> s;
+    std::vector<int32_t> sum;
+    QIn in() const { return QIn{q.data(), s.data(), sum.data()}; }
+  };
+  static void QuantizeFor(const NbPart& p, const float* x, int64_t ldx, int64_t m, Quant& out) {
+    const int64_t kp = p.kpad();
+    out.q.assign(static_cast<size_t>(m * kp), 0);
+    out.s.assign(static_cast<size_t>(m * p.nb), 0.0f);
+    out.sum.assign(static_cast<size_t>(m * p.nb), 0);
+    NbQuantize(x, ldx, m, p.k, p.bs, kp, out.q.data(), out.s.data(), out.sum.data());
+  }
+  bool Int8(const NbPart& p) const { return level_ == 4 && p.bits != 32; }
+
+  // u[m][F] = concat(x W_h^T, x W_l^T) + bias; list: light rows to compute (null = all)
+  void Project(const NbPart& wh, const NbPart& wl, const std::vector<float>& bias, const float* xp, int64_t ldx,
+               const std::vector<uint8_t>& bad, int64_t m, float* u, const std::vector<int32_t>* list,
+               const Parallel& par) const {
+    Quant qh, ql;
+    if (h_ > 0 && Int8(wh)) QuantizeFor(wh, xp, ldx, m, qh);
+    if (Int8(wl)) {
+      if (h_ > 0 && Int8(wh) && wh.bs == wl.bs)
+        ql = qh;
+      else
+        QuantizeFor(wl, xp, ldx, m, ql);
+    }
+    if (h_ > 0) DotPar(wh, xp, ldx, Int8(wh) ? qh.in() : QIn{}, bad, m, u, f_, nullptr, par);
+    if (l_ > 0) DotPar(wl, xp, ldx, Int8(wl) ? ql.in() : QIn{}, bad, m, u + h_, f_, list, par);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t n = 0; n < f_; ++n) u[r * f_ + n] += bias[static_cast<size_t>(n)];
+  }
+
+  void Run(const float* x, float* y, int64_t m, const Parallel& par) const {
+    // X padded to the widest block grid of the up / gate parts
+    int64_t ldx = d_;
+    for (const NbPart* p : {&up_h_, &up_l_, &gate_h_, &gate_l_}) ldx = std::max(ldx, p->kpad());
+    std::vector<float> xp(static_cast<size_t>(m * ldx), 0.0f);
+    std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
+    for (int64_t r = 0; r < m; ++r) {
+      std::memcpy(xp.data() + r * ldx, x + r * d_, static_cast<size_t>(d_) * sizeof(float));
+      for (int64_t i = 0; i < d_; ++i) bad[static_cast<size_t>(r)] |= Bad(x[r * d_ + i]);
+    }
+    std::vector<float> u(static_cast<size_t>(m * f_), 0.0f), g;
+    const float thr = threshold();
+    constexpr int64_t kCatsMaxM = 4;
+    const bool cats = gated_ && skip_ && l_ > 0 && m <= kCatsMaxM;
+    std::vector<float> sl;  // cats: act(gate) of the light neurons [m][L]
+    std::vector<uint8_t> silent;  // cats: [m][L]
+    if (gated_) {
+      g.assign(static_cast<size_t>(m * f_), 0.0f);
+      Project(gate_h_, gate_l_, gate_b_, xp.data(), ldx, bad, m, g.data(), nullptr, par);
+    }
+    if (cats) {
+      sl.resize(static_cast<size_t>(m * l_));
+      silent.assign(static_cast<size_t>(m * l_), 0);
+      std::vector<int32_t> live;
+      for (int64_t j = 0; j < l_; ++j) {
+        bool any = false;
+        for (int64_t r = 0; r < m; ++r) {
+          const float s = static_cast<float>(ActOf(act_, g[static_cast<size_t>(r * f_ + h_ + j)]));
+          sl[static_cast<size_t>(r * l_ + j)] = s;
+          // exact zero act(gate): a = 0 * u = 0 unless u is non-finite (X row or scales non-finite)
+          const bool quiet = (thr > 0.0f && std::fabs(s) <= thr) || (s == 0.0f && !bad[static_cast<size_t>(r)] && up_l_finite_);
+          silent[static_cast<size_t>(r * l_ + j)] = quiet;
+          any |= !quiet;
+        }
+        if (any) live.push_back(static_cast<int32_t>(j));
+      }
+      Project(up_h_, up_l_, up_b_, xp.data(), ldx, bad, m, u.data(), &live, par);
+    } else {
+      Project(up_h_, up_l_, up_b_, xp.data(), ldx, bad, m, u.data(), nullptr, par);
+    }
+    // a (in place in u)
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t n = 0; n < f_; ++n) {
+        const size_t i = static_cast<size_t>(r * f_ + n);
+        const bool light = n >= h_;
+        if (cats && light) {
+          const size_t li = static_cast<size_t>(r * l_ + n - h_);
+          u[i] = silent[li] ? 0.0f : sl[li] * u[i];
+        } else if (gated_) {
+          const float s = static_cast<float>(ActOf(act_, g[i]));
+          u[i] = light && thr > 0.0f && std::fabs(s) <= thr ? 0.0f : s * u[i];
+        } else {
+          const float s = static_cast<float>(ActOf(act_, u[i]));
+          u[i] = light && thr > 0.0f && std::fabs(s) <= thr ? 0.0f : s;
+        }
+      }
+    Down(u.data(), y, m, par);
+  }
+
+  float threshold() const { return thr_; }
+
+  void Down(const float* a, float* y, int64_t m, const Parallel& par) const {
+    // a_h, a_l padded to their block grids; rows of a holding NaN / inf are computed at level 0
+    const int64_t kh = h_ > 0 ? down_h_.kpad() : 0;
+    const int64_t kl = skip_ ? l_ : down_l_rows_.kpad();
+    std::vector<float> ah(static_cast<size_t>(m * std::max<int64_t>(kh, 1)), 0.0f),
+        al(static_cast<size_t>(m * std::max<int64_t>(kl, 1)), 0.0f);
+    std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
+    for (int64_t r = 0; r < m; ++r) {
+      if (h_ > 0) std::memcpy(ah.data() + r * kh, a + r * f_, static_cast<size_t>(h_) * sizeof(float));
+      if (l_ > 0) std::memcpy(al.data() + r * kl, a + r * f_ + h_, static_cast<size_t>(l_) * sizeof(float));
+      for (int64_t n = 0; n < f_; ++n) bad[static_cast<size_t>(r)] |= Bad(a[r * f_ + n]);
+    }
+    Quant qh, ql;
+    if (h_ > 0 && Int8(down_h_)) QuantizeFor(down_h_, ah.data(), kh, m, qh);
+    const bool lq = level_ == 4;
+    std::vector<int8_t> qa;
+    std::vector<float> sa;
+    if (lq && l_ > 0) {
+      if (skip_) {
+        const int64_t kp = down_l_.nb * down_l_.bs;
+        qa.assign(static_cast<size_t>(m * kp), 0);
+        sa.assign(static_cast<size_t>(m * down_l_.nb), 0.0f);
+        std::vector<int32_t> sums(static_cast<size_t>(m * down_l_.nb));
+        NbQuantize(al.data(), kl, m, l_, down_l_.bs, kp, qa.data(), sa.data(), sums.data());
+      } else {
+        QuantizeFor(down_l_rows_, al.data(), kl, m, ql);
+      }
+    }
+    // skip=1: the light neurons of each row that are not skipped (a != 0)
+    std::vector<std::vector<int32_t>> lists(static_cast<size_t>(skip_ ? m : 0));
+    for (int64_t r = 0; r < static_cast<int64_t>(lists.size()); ++r)
+      for (int64_t j = 0; j < l_; ++j)
+        if (al[static_cast<size_t>(r * kl + j)] != 0.0f) lists[static_cast<size_t>(r)].push_back(static_cast<int32_t>(j));
+    constexpr int64_t kChunk = 64;
+    const int64_t chunks = (d_ + kChunk - 1) / kChunk;
+    auto task = [&](size_t t) {
+      const int64_t d0 = static_cast<int64_t>(t) * kChunk, d1 = std::min(d_, d0 + kChunk);
+      std::vector<float> yh(static_cast<size_t>(m * kChunk), 0.0f), yl(static_cast<size_t>(m * kChunk), 0.0f);
+      std::vector<float> facc(kChunk);
+      std::vector<int32_t> iacc(kChunk);
+      if (h_ > 0) Dot(down_h_, ah.data(), kh, Int8(down_h_) ? qh.in() : QIn{}, bad, m, yh.data() - d0, kChunk, d0, d1);
+      if (l_ > 0 && !skip_)
+        Dot(down_l_rows_, al.data(), kl, lq ? ql.in() : QIn{}, bad, m, yl.data() - d0, kChunk, d0, d1);
+      for (int64_t r = 0; r < m; ++r) {
+        float* ylr = yl.data() + r * kChunk - d0;
+        const float* ar = al.data() + r * kl;
+        if (l_ > 0 && skip_) {
+          const auto& list = lists[static_cast<size_t>(r)];
+          const int64_t cnt = static_cast<int64_t>(list.size());
+          if (lq && !bad[static_cast<size_t>(r)])
+            nk_->down_q(down_l_, qa.data() + r * down_l_.nb * down_l_.bs, sa.data() + r * down_l_.nb, list.data(),
+                        cnt, d0, d1, iacc.data(), ylr);
+          else
+            nk_->down_f(down_l_, ar, list.data(), cnt, d0, d1, facc.data(), ylr);
+        }
+        for (int64_t d = d0; d < d1; ++d) {
+          const float hv = yh[static_cast<size_t>(r * kChunk + d - d0)];
+          float lv = ylr[d];
+          if (skip_ && Bad(lv)) lv = ExactLight(ar, r, d);
+          float out = (hv + lv) + down_b_[static_cast<size_t>(d)];
+          y[r * d_ + d] = out;
+        }
+      }
+    };
+    ParFor(par, static_cast<size_t>(chunks), task);
+  }
+
+  // one light down output in float64 over the neurons not skipped (a != 0)
+  float ExactLight(const float* al, int64_t r, int64_t d) const {
+    double s = 0.0;
+    for (int64_t j = 0; j < l_; ++j)
+      if (al[j] != 0.0f) s += static_cast<double>(al[j]) * static_cast<double>(down_l_.At(d, j));
+    return static_cast<float>(s);
+  }
+
+  std::string name_;
+  Act act_ = Act::kRelu;
+  bool gated_ = false, skip_ = false, up_l_finite_ = true;
+  float thr_ = 0.0f;
+  int hbits_ = 32, lbits_ = 4;
+  int64_t hbs_ = 0, lbs_ = 0, level_ = 0;
+  int64_t h_ = 0, l_ = 0, d_ = 0, f_ = 0;
+  NbPart up_h_, up_l_, gate_h_, gate_l_, down_h_, down_l_rows_;
+  NbDown down_l_;
+  std::vector<float> up_b_, gate_b_, down_b_;
+  Isa isa_ = Isa::kScalar;
+  const NbKernels* nk_ = nullptr;
+  const FfnKernels* fk_ = nullptr;
+};
+
+struct FusedFFNNBitsOp : Ort::CustomOpBase<FusedFFNNBitsOp, NbKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new NbKernel(api, info);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_FAIL, (std::string("ffsplit::FusedFFNNBits: ") + e.what()).c_str());
+    }
+  }
+  const char* GetName() const { return "FusedFFNNBits"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 0: case 2: case 5: case 7: case 9: case 12: case 14: case 16: case 19: case 21:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      case 3: case 6: case 10: case 13: case 17: case 20: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // B: uint8 codes or float32 (bits 32)
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    // presence is checked at kernel creation with messages naming the input
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+    // Y has X's shape; its last dim is D = down_light_B's rows
+    if (ctx.GetInputCount() < 12) return nullptr;
+    auto shape = ctx.GetInputShape(0);
+    if (shape.empty()) return nullptr;
+    const auto w = ctx.GetInputShape(11);
+    if (!w.empty() && w[0].IsInt() && w[0].AsInt() > 0) shape.back() = w[0];
+    Ort::Status st = ctx.SetOutputShape(0, shape);
+    return st.release();
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* FusedFFNNBitsCustomOp() {
+  static const FusedFFNNBitsOp op;
+  return &op;
+}
+
+}  // namespace ffsplit

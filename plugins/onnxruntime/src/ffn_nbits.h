@@ -1,0 +1,72 @@
+// ffsplit::FusedFFNNBits: one node per split FFN whose parts are dense float32 or MatMulNBits
+// layout int8 / int4 (ffn_nbits.cc), and the packed layouts its kernels read.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "packed.h"
+
+struct OrtCustomOp;
+
+namespace ffsplit {
+
+// One part W[N, K] stored row-major per output neuron: the MatMulNBits B as given (codes of row n,
+// block after block; 4 bits: low nibble first), with its scales and zero points unpacked per
+// (n, block). bits 32: dense float32 [N, K].
+struct NbPart {
+  int bits = 32;
+  int64_t n = 0, k = 0;
+  int64_t bs = 0, nb = 0, blob = 0;  // block size, blocks per row, bytes per block
+  HugeVec<uint8_t> codes;            // [N][nb][blob] + 64 bytes of padding
+  std::vector<float> dense;          // bits 32: [N, K]
+  std::vector<float> scales;         // [N * nb]
+  std::vector<float> zf;             // [N * nb] zero points (float)
+  std::vector<int32_t> zi;           // [N * nb] zero points
+  int64_t kpad() const { return bits == 32 ? k : nb * bs; }
+  // the dequantized float32 weight (u - z) * s, as the reference computes it
+  float At(int64_t row, int64_t col) const;
+  size_t bytes() const { return codes.size() + dense.size() * 4 + scales.size() * 4; }
+};
+
+// The light down projection W[D, L] stored neuron-major: neuron j's D codes contiguous (row
+// stride `stride` bytes; 4 bits: d even in the low nibble), so a skipped neuron costs no byte of
+// it. The scales and zero points stay per (d, block of bs neurons), stored block-major over d.
+struct NbDown {
+  int bits = 4;
+  int64_t d = 0, l = 0, bs = 0, nb = 0;
+  int64_t dpad = 0;     // D rounded up to 32
+  int64_t stride = 0;   // bytes per neuron: dpad (8 bits) or dpad / 2 (4 bits)
+  HugeVec<uint8_t> codes;     // [L][stride] + 64 bytes of padding
+  std::vector<float> scales;  // [nb][dpad]
+  std::vector<float> zf;      // [nb][dpad]
+  float At(int64_t row, int64_t j) const;
+};
+
+// Row-major kernels: y[r * ldy + n] for n in [n0, n1), r < m.
+//   dot_f: exact float32 (x padded with zeros to kpad, row stride ldx)
+//   dot_q: int8 activations qx [m][kpad] with per (row, block) scale xs and code sum xsum [m][nb]
+// Neuron-major down kernels for one activation row, output rows [d0, d1) (multiples of 32 or dpad):
+//   down_f: y[d] += sum over the listed neurons (ascending) of a[j] * w[d, j] (float, per block)
+//   down_q: the same with qa (int8 per block of bs neurons, scales sa [nb]); acc: scratch of dpad ints
+struct NbKernels {
+  void (*dot_f)(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
+                int64_t n1);
+  void (*dot_q)(const NbPart& p, const int8_t* qx, const float* xs, const int32_t* xsum, int64_t m, float* y,
+                int64_t ldy, int64_t n0, int64_t n1);
+  void (*down_f)(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1,
+                 float* acc, float* y);
+  void (*down_q)(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count,
+                 int64_t d0, int64_t d1, int32_t* acc, float* y);
+};
+const NbKernels& NbKernelsScalar();
+const NbKernels& NbKernelsAvx2();
+
+// Quantizes x [m][k] (row stride ldx) per block of bs to int8 (scale max|.| / 127, round to
+// nearest even), zero-padded to kpad: qx [m][kpad], xs and xsum [m][kpad / bs].
+void NbQuantize(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, int8_t* qx, float* xs,
+                int32_t* xsum);
+
+const OrtCustomOp* FusedFFNNBitsCustomOp();
+
+}  // namespace ffsplit
