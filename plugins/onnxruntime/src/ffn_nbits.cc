@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <stdexcept>
@@ -42,9 +43,15 @@ float NbPart::At(int64_t row, int64_t col) const {
   return (static_cast<float>(u) - zf[sb]) * scales[sb];
 }
 
+int DownCode(const uint8_t* c, int bits, int64_t d) {
+  if (bits == 8) return c[d];
+  const int64_t g = d / 16, i = d % 16;
+  const uint8_t byte = c[g * 8 + (i & 7)];
+  return i < 8 ? byte & 15 : byte >> 4;
+}
+
 float NbDown::At(int64_t row, int64_t j) const {
-  const uint8_t* c = codes.data() + j * stride;
-  const int u = bits == 8 ? c[row] : ((row & 1) ? c[row / 2] >> 4 : c[row / 2] & 15);
+  const int u = DownCode(codes.data() + j * stride, bits, row);
   const size_t sb = static_cast<size_t>((j / bs) * dpad + row);
   return (static_cast<float>(u) - zf[sb]) * scales[sb];
 }
@@ -138,7 +145,7 @@ void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t c
       const int64_t j = list[i];
       const float av = a[j];
       const uint8_t* c = w.codes.data() + j * w.stride;
-      for (int64_t d = d0; d < de; ++d) acc[d - d0] += av * (static_cast<float>(CodeOf(c, w.bits, d)) - z[d]);
+      for (int64_t d = d0; d < de; ++d) acc[d - d0] += av * (static_cast<float>(DownCode(c, w.bits, d)) - z[d]);
     }
     const float* s = w.scales.data() + b * w.dpad;
     for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * acc[d - d0];
@@ -158,7 +165,7 @@ void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32
       if (!q) continue;
       sumq += q;
       const uint8_t* c = w.codes.data() + j * w.stride;
-      for (int64_t d = d0; d < de; ++d) acc[d - d0] += q * CodeOf(c, w.bits, d);
+      for (int64_t d = d0; d < de; ++d) acc[d - d0] += q * DownCode(c, w.bits, d);
     }
     const float* s = w.scales.data() + b * w.dpad;
     const float* z = w.zf.data() + b * w.dpad;
@@ -340,7 +347,11 @@ class NbKernel {
     if (gated_) Bias(in, has, 21, f_, gate_b_);
     up_l_finite_ = true;
     for (float s : up_l_.scales) up_l_finite_ &= std::isfinite(s);
-    if (skip_) {
+    // skip=1: neuron-major light down; skip=0: row-major unless FFSPLIT_NBITS_DOWN=neurons (a
+    // benchmark override: samples/bench_fused_ffn_nbits.py --down-layout)
+    const char* layout = std::getenv("FFSPLIT_NBITS_DOWN");
+    neuron_major_ = skip_ || (layout && std::string(layout) == "neurons");
+    if (neuron_major_) {
       down_l_ = ToNeuronMajor(down_l_rows_);
       down_l_rows_ = NbPart();
     }
@@ -480,8 +491,8 @@ class NbKernel {
         uint8_t* c = w.codes.data() + j * w.stride;
         if (w.bits == 8)
           c[d] = static_cast<uint8_t>(u);
-        else
-          c[d / 2] = static_cast<uint8_t>(c[d / 2] | (u << ((d & 1) * 4)));
+        else  // per 16 rows: 8 bytes, rows 0..7 in the low nibbles, 8..15 in the high ones
+          c[(d / 16) * 8 + (d & 7)] = static_cast<uint8_t>(c[(d / 16) * 8 + (d & 7)] | (u << ((d & 8) ? 4 : 0)));
       }
     }
     return w;
@@ -632,7 +643,7 @@ class NbKernel {
   void Down(const float* a, float* y, int64_t m, const Parallel& par) const {
     // a_h, a_l padded to their block grids; rows of a holding NaN / inf are computed at level 0
     const int64_t kh = h_ > 0 ? down_h_.kpad() : 0;
-    const int64_t kl = skip_ ? l_ : down_l_rows_.kpad();
+    const int64_t kl = neuron_major_ ? l_ : down_l_rows_.kpad();
     std::vector<float> ah(static_cast<size_t>(m * std::max<int64_t>(kh, 1)), 0.0f),
         al(static_cast<size_t>(m * std::max<int64_t>(kl, 1)), 0.0f);
     std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
@@ -647,7 +658,7 @@ class NbKernel {
     std::vector<int8_t> qa;
     std::vector<float> sa;
     if (lq && l_ > 0) {
-      if (skip_) {
+      if (neuron_major_) {
         const int64_t kp = down_l_.nb * down_l_.bs;
         qa.assign(static_cast<size_t>(m * kp), 0);
         sa.assign(static_cast<size_t>(m * down_l_.nb), 0.0f);
@@ -657,12 +668,13 @@ class NbKernel {
         QuantizeFor(down_l_rows_, al.data(), kl, m, ql);
       }
     }
-    // skip=1: the light neurons of each row that are not skipped (a != 0)
-    std::vector<std::vector<int32_t>> lists(static_cast<size_t>(skip_ ? m : 0));
+    // neuron-major: the light neurons of each row that are not skipped (skip=1: a != 0; else all)
+    std::vector<std::vector<int32_t>> lists(static_cast<size_t>(neuron_major_ ? m : 0));
     for (int64_t r = 0; r < static_cast<int64_t>(lists.size()); ++r)
       for (int64_t j = 0; j < l_; ++j)
-        if (al[static_cast<size_t>(r * kl + j)] != 0.0f) lists[static_cast<size_t>(r)].push_back(static_cast<int32_t>(j));
-    constexpr int64_t kChunk = 64;
+        if (!skip_ || al[static_cast<size_t>(r * kl + j)] != 0.0f)
+          lists[static_cast<size_t>(r)].push_back(static_cast<int32_t>(j));
+    constexpr int64_t kChunk = 256;  // output rows per task (a multiple of 32)
     const int64_t chunks = (d_ + kChunk - 1) / kChunk;
     auto task = [&](size_t t) {
       const int64_t d0 = static_cast<int64_t>(t) * kChunk, d1 = std::min(d_, d0 + kChunk);
@@ -670,12 +682,12 @@ class NbKernel {
       std::vector<float> facc(kChunk);
       std::vector<int32_t> iacc(kChunk);
       if (h_ > 0) Dot(down_h_, ah.data(), kh, Int8(down_h_) ? qh.in() : QIn{}, bad, m, yh.data() - d0, kChunk, d0, d1);
-      if (l_ > 0 && !skip_)
+      if (l_ > 0 && !neuron_major_)
         Dot(down_l_rows_, al.data(), kl, lq ? ql.in() : QIn{}, bad, m, yl.data() - d0, kChunk, d0, d1);
       for (int64_t r = 0; r < m; ++r) {
         float* ylr = yl.data() + r * kChunk - d0;
         const float* ar = al.data() + r * kl;
-        if (l_ > 0 && skip_) {
+        if (l_ > 0 && neuron_major_) {
           const auto& list = lists[static_cast<size_t>(r)];
           const int64_t cnt = static_cast<int64_t>(list.size());
           if (lq && !bad[static_cast<size_t>(r)])
@@ -687,7 +699,7 @@ class NbKernel {
         for (int64_t d = d0; d < d1; ++d) {
           const float hv = yh[static_cast<size_t>(r * kChunk + d - d0)];
           float lv = ylr[d];
-          if (skip_ && Bad(lv)) lv = ExactLight(ar, r, d);
+          if (neuron_major_ && Bad(lv)) lv = ExactLight(ar, d);
           float out = (hv + lv) + down_b_[static_cast<size_t>(d)];
           y[r * d_ + d] = out;
         }
@@ -696,17 +708,17 @@ class NbKernel {
     ParFor(par, static_cast<size_t>(chunks), task);
   }
 
-  // one light down output in float64 over the neurons not skipped (a != 0)
-  float ExactLight(const float* al, int64_t r, int64_t d) const {
+  // one light down output in float64 over the neurons not skipped (skip=1: a != 0; else all)
+  float ExactLight(const float* al, int64_t d) const {
     double s = 0.0;
     for (int64_t j = 0; j < l_; ++j)
-      if (al[j] != 0.0f) s += static_cast<double>(al[j]) * static_cast<double>(down_l_.At(d, j));
+      if (!skip_ || al[j] != 0.0f) s += static_cast<double>(al[j]) * static_cast<double>(down_l_.At(d, j));
     return static_cast<float>(s);
   }
 
   std::string name_;
   Act act_ = Act::kRelu;
-  bool gated_ = false, skip_ = false, up_l_finite_ = true;
+  bool gated_ = false, skip_ = false, up_l_finite_ = true, neuron_major_ = false;
   float thr_ = 0.0f;
   int hbits_ = 32, lbits_ = 4;
   int64_t hbs_ = 0, lbs_ = 0, level_ = 0;

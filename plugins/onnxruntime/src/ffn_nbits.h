@@ -30,7 +30,8 @@ struct NbPart {
 };
 
 // The light down projection W[D, L] stored neuron-major: neuron j's D codes contiguous (row
-// stride `stride` bytes; 4 bits: d even in the low nibble), so a skipped neuron costs no byte of
+// stride `stride` bytes; 4 bits: per 16 output rows 8 bytes, rows 0..7 in the low nibbles and
+// 8..15 in the high ones, so that two neurons' codes interleave with byte unpacks), so a skipped neuron costs no byte of
 // it. The scales and zero points stay per (d, block of bs neurons), stored block-major over d.
 struct NbDown {
   int bits = 4;
@@ -61,6 +62,9 @@ struct NbKernels {
 };
 const NbKernels& NbKernelsScalar();
 const NbKernels& NbKernelsAvx2();
+
+// code of output row d in one neuron's neuron-major codes
+int DownCode(const uint8_t* c, int bits, int64_t d);
 
 // Quantizes x [m][k] (row stride ldx) per block of bs to int8 (scale max|.| / 127, round to
 // nearest even), zero-padded to kpad: qx [m][kpad], xs and xsum [m][kpad / bs].

@@ -1,4 +1,261 @@
+// AVX2 + FMA kernels of FusedFFNNBits (ffn_nbits.cc; the scalar ones there define what they compute).
+//  dot_f: a block's codes decoded once to floats (u - z), dotted with every row of X, times the scale
+//  dot_q: int8 X blocks: 4 bits with _mm256_maddubs_epi16 (unsigned codes x signed int8, no int16
+//         saturation: 2 * 15 * 127 < 2^15), 8 bits widened to int16 and _mm256_madd_epi16; int32
+//         block sums converted and scaled in vector registers (one horizontal sum per output)
+//  down_f / down_q: neuron-major light down; down_q takes the listed neurons in pairs, their codes
+//         interleaved per output row and multiplied with _mm256_madd_epi16 by (qa_j, qa_j')
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+
 #include "ffn_nbits.h"
+
 namespace ffsplit {
-const NbKernels& NbKernelsAvx2() { return NbKernelsScalar(); }
+namespace {
+
+float Hsum(__m256 a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
 }
+
+// 16 4-bit codes (8 bytes, low nibble first) -> 16 uint8 in code order
+inline __m128i Unpack16(const uint8_t* p) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi8(_mm_and_si128(raw, m), _mm_and_si128(_mm_srli_epi16(raw, 4), m));
+}
+
+// 32 4-bit codes (16 bytes) -> 32 uint8 in code order
+inline __m256i Unpack32(const uint8_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, m), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
+  return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+}
+
+inline __m128i Codes16(const uint8_t* base, int bits, int64_t i) {
+  return bits == 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + i)) : Unpack16(base + i / 2);
+}
+
+void DotF(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  alignas(32) float w[256];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t r = 0; r < m; ++r) y[r * ldy + n] = 0.0f;
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const size_t sb = static_cast<size_t>(n * p.nb + b);
+      const uint8_t* blk = p.codes.data() + sb * p.blob;
+      const __m256 vz = _mm256_set1_ps(p.zf[sb]);
+      for (int64_t i = 0; i < p.bs; i += 16) {
+        const __m128i c = Codes16(blk, p.bits, i);
+        _mm256_store_ps(w + i, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), vz));
+        _mm256_store_ps(w + i + 8, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), vz));
+      }
+      const float s = p.scales[sb];
+      for (int64_t r = 0; r < m; ++r) {
+        const float* xb = x + r * ldx + b * p.bs;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+        for (int64_t i = 0; i < p.bs; i += 16) {
+          a0 = _mm256_fmadd_ps(_mm256_load_ps(w + i), _mm256_loadu_ps(xb + i), a0);
+          a1 = _mm256_fmadd_ps(_mm256_load_ps(w + i + 8), _mm256_loadu_ps(xb + i + 8), a1);
+        }
+        y[r * ldy + n] += s * Hsum(_mm256_add_ps(a0, a1));
+      }
+    }
+  }
+}
+
+void DotQ(const NbPart& p, const int8_t* qx, const float* xs, const int32_t* xsum, int64_t m, float* y, int64_t ldy,
+          int64_t n0, int64_t n1) {
+  const int64_t kpad = p.nb * p.bs;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = p.codes.data() + n * p.nb * p.blob;
+    if (n + 1 < n1)
+      for (int64_t o = 0; o < p.nb * p.blob; o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + p.nb * p.blob + o), _MM_HINT_T0);
+    const float* sc = p.scales.data() + n * p.nb;
+    const int32_t* zi = p.zi.data() + n * p.nb;
+    for (int64_t r = 0; r < m; ++r) {
+      const int8_t* q = qx + r * kpad;
+      const float* xsr = xs + r * p.nb;
+      const int32_t* xsumr = xsum + r * p.nb;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < p.nb; ++b) {
+        const uint8_t* blk = row + b * p.blob;
+        const int8_t* qb = q + b * p.bs;
+        __m256i ai = _mm256_setzero_si256();
+        if (p.bits == 4) {
+          int64_t i = 0;
+          for (; i + 32 <= p.bs; i += 32) {
+            const __m256i c = Unpack32(blk + i / 2);
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + i));
+            ai = _mm256_add_epi32(ai, _mm256_madd_epi16(_mm256_maddubs_epi16(c, v), ones));
+          }
+          if (i < p.bs) {  // block of 16
+            const __m128i c = Unpack16(blk + i / 2);
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + i));
+            const __m128i s16 = _mm_madd_epi16(_mm_maddubs_epi16(c, v), _mm_set1_epi16(1));
+            ai = _mm256_add_epi32(ai, _mm256_inserti128_si256(_mm256_setzero_si256(), s16, 0));
+          }
+        } else {
+          for (int64_t i = 0; i < p.bs; i += 16) {
+            const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i)));
+            const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + i)));
+            ai = _mm256_add_epi32(ai, _mm256_madd_epi16(c, v));
+          }
+        }
+        // the zero point's term, exact in int32 (lane 0)
+        ai = _mm256_sub_epi32(ai, _mm256_setr_epi32(zi[b] * xsumr[b], 0, 0, 0, 0, 0, 0, 0));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(sc[b] * xsr[b]), acc);
+      }
+      y[r * ldy + n] = Hsum(acc);
+    }
+  }
+}
+
+inline int64_t DownEnd(const NbDown& w, int64_t d1) { return std::min(w.dpad, (d1 + 31) / 32 * 32); }
+
+// 16 codes of a neuron-major row group (ffn_nbits.h NbDown): 8 bits: 16 bytes; 4 bits: 8 bytes,
+// rows 0..7 in the low nibbles, 8..15 in the high ones
+inline __m128i DownCodes16(const uint8_t* c, int bits, int64_t d) {
+  if (bits == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d));
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + d / 2));
+  const __m128i m = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi64(_mm_and_si128(raw, m), _mm_and_si128(_mm_srli_epi16(raw, 4), m));
+}
+
+void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1, float* acc,
+           float* y) {
+  const int64_t de = DownEnd(w, d1), len = de - d0;
+  for (int64_t i = 0; i < count;) {
+    const int64_t b = list[i] / w.bs;
+    std::fill(acc, acc + len, 0.0f);
+    const float* z = w.zf.data() + b * w.dpad;
+    for (; i < count && list[i] / w.bs == b; ++i) {
+      const int64_t j = list[i];
+      const __m256 av = _mm256_set1_ps(a[j]);
+      const uint8_t* c = w.codes.data() + j * w.stride;
+      for (int64_t d = d0; d < de; d += 16) {
+        const __m128i cv = DownCodes16(c, w.bits, d);
+        const __m256 f0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(cv)), _mm256_loadu_ps(z + d));
+        const __m256 f1 =
+            _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(cv, 8))), _mm256_loadu_ps(z + d + 8));
+        float* ac = acc + (d - d0);
+        _mm256_storeu_ps(ac, _mm256_fmadd_ps(av, f0, _mm256_loadu_ps(ac)));
+        _mm256_storeu_ps(ac + 8, _mm256_fmadd_ps(av, f1, _mm256_loadu_ps(ac + 8)));
+      }
+    }
+    const float* s = w.scales.data() + b * w.dpad;
+    int64_t d = d0;
+    for (; d + 8 <= d1; d += 8)
+      _mm256_storeu_ps(y + d, _mm256_fmadd_ps(_mm256_loadu_ps(s + d), _mm256_loadu_ps(acc + (d - d0)),
+                                              _mm256_loadu_ps(y + d)));
+    for (; d < d1; ++d) y[d] += s[d] * acc[d - d0];
+  }
+}
+
+// acc[d - d0] (int32) += sum over the pairs of sum_j qa_j * code[d, j], for d in [d0, de), the
+// neurons js[0..n) (n <= 16, even; a missing partner has q = 0 and repeats the neuron)
+template <int BITS>
+void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de, int32_t* acc) {
+  const uint8_t* base = w.codes.data();
+  __m256i qq[8];
+  for (int k = 0; k < n; k += 2) {
+    if (BITS == 4)  // signed int8 pairs (q1, q2) for maddubs
+      qq[k / 2] = _mm256_set1_epi16(static_cast<int16_t>((static_cast<uint16_t>(static_cast<uint8_t>(qs[k]))) |
+                                                         (static_cast<uint16_t>(static_cast<uint8_t>(qs[k + 1])) << 8)));
+    else  // int16 pairs (q1, q2) for madd
+      qq[k / 2] = _mm256_set1_epi32(static_cast<int32_t>((static_cast<uint32_t>(qs[k]) & 0xFFFF) |
+                                                         (static_cast<uint32_t>(qs[k + 1]) << 16)));
+  }
+  const __m128i m = _mm_set1_epi8(0x0F);
+  for (int64_t d = d0; d < de; d += 16) {
+    __m256i* ac = reinterpret_cast<__m256i*>(acc + (d - d0));
+    if (BITS == 4) {
+      __m256i s16 = _mm256_setzero_si256();  // <= 8 pairs * 2 * 15 * 127 < 2^15
+      for (int k = 0; k < n; k += 2) {
+        const __m128i v = _mm_unpacklo_epi64(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + js[k] * w.stride + d / 2)),
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + js[k + 1] * w.stride + d / 2)));
+        const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        // (j1, j2) code pairs for rows 0..7 (from the low nibbles) and 8..15 (high nibbles)
+        const __m128i p0 = _mm_unpacklo_epi8(lo, _mm_srli_si128(lo, 8));
+        const __m128i p1 = _mm_unpacklo_epi8(hi, _mm_srli_si128(hi, 8));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_set_m128i(p1, p0), qq[k / 2]));
+      }
+      const __m256i w0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s16));
+      const __m256i w1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s16, 1));
+      _mm256_storeu_si256(ac, _mm256_add_epi32(_mm256_loadu_si256(ac), w0));
+      _mm256_storeu_si256(ac + 1, _mm256_add_epi32(_mm256_loadu_si256(ac + 1), w1));
+    } else {
+      __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+      for (int k = 0; k < n; k += 2) {
+        const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + js[k] * w.stride + d));
+        const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + js[k + 1] * w.stride + d));
+        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a1, a2)), qq[k / 2]));
+        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a1, a2)), qq[k / 2]));
+      }
+      _mm256_storeu_si256(ac, _mm256_add_epi32(_mm256_loadu_si256(ac), s0));
+      _mm256_storeu_si256(ac + 1, _mm256_add_epi32(_mm256_loadu_si256(ac + 1), s1));
+    }
+  }
+}
+
+void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
+           int64_t d1, int32_t* acc, float* y) {
+  const int64_t de = DownEnd(w, d1), len = de - d0;
+  for (int64_t i = 0; i < count;) {
+    const int64_t b = list[i] / w.bs;
+    std::fill(acc, acc + len, 0);
+    int32_t sumq = 0;
+    // the block's neurons with a non-zero code, 16 at a time (8 pairs)
+    int32_t js[16];
+    int8_t qs[16];
+    int n = 0;
+    auto flush = [&]() {
+      if (n & 1) {
+        js[n] = js[n - 1];
+        qs[n] = 0;
+        ++n;
+      }
+      if (w.bits == 4)
+        PairsSlab<4>(w, js, qs, n, d0, de, acc);
+      else
+        PairsSlab<8>(w, js, qs, n, d0, de, acc);
+      n = 0;
+    };
+    for (; i < count && list[i] / w.bs == b; ++i) {
+      const int8_t q = qa[list[i]];
+      if (!q) continue;
+      sumq += q;
+      js[n] = list[i];
+      qs[n] = q;
+      if (++n == 16) flush();
+    }
+    if (n) flush();
+    const float* s = w.scales.data() + b * w.dpad;
+    const float* z = w.zf.data() + b * w.dpad;
+    const float sab = sa[b], fq = static_cast<float>(sumq);
+    const __m256 vsa = _mm256_set1_ps(sab), vfq = _mm256_set1_ps(fq);
+    int64_t d = d0;
+    for (; d + 8 <= d1; d += 8) {
+      const __m256 av = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + (d - d0))));
+      const __m256 t = _mm256_fnmadd_ps(_mm256_loadu_ps(z + d), vfq, av);  // acc - z * sum q
+      _mm256_storeu_ps(y + d, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + d), vsa), t, _mm256_loadu_ps(y + d)));
+    }
+    for (; d < d1; ++d) y[d] += s[d] * sab * (static_cast<float>(acc[d - d0]) - z[d] * fq);
+  }
+}
+
+}  // namespace
+
+const NbKernels& NbKernelsAvx2() {
+  static const NbKernels k{DotF, DotQ, DownF, DownQ};
+  return k;
+}
+
+}  // namespace ffsplit

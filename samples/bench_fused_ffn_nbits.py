@@ -1,0 +1,209 @@
+"""One FFN layer at decode (M = 1): ``ffsplit::FusedFFNNBits`` against today's stock subgraph, same run.
+
+The FFN's parts are the presets' kinds (heavy int8 per channel in blocks of 128, light int4 in
+groups of 64 with zero points; random weights of a realistic shape, packed by
+:func:`ffsplit_export.ops._ffn.pack_nbits_part`). Shapes (``--shape``):
+
+* ``smollm2``: gated SiLU, D = 576, F = 1536, H = 154 (SmolLM2-135M's FFN);
+* ``mpt``: ungated GELU, D = 2048, F = 8192, H = 819 (MPT-shaped).
+
+Variants, interleaved (A B C ... A B C ...), median of ``--repeats`` timings of ``--inner`` runs
+over a cycle of tokens, for ``--threads`` (default 1 and 2 intra-op threads):
+
+* ``stock``: MatMulNBits accuracy_level 4 per part + Concat / bias Add / activation / Mul / Slice /
+  Add, as the export writes the split FFN today (built with onnx.helper);
+* ``fused``: FusedFFNNBits accuracy_level 4, skip 0 (row-major light down);
+* ``fused-nm``: the same with the light down stored neuron-major (FFSPLIT_NBITS_DOWN=neurons):
+  the layout comparison for skip 0;
+* ``exact``: skip 1, threshold 0 (skips exact zeros only: the overhead of skipping on a
+  non-ReLU FFN);
+* ``skipXX``: skip 1 with the threshold that skips XX % of the light neurons on calibration tokens
+  (quantile of the silence score; the fraction measured on the benchmark tokens is reported).
+
+Bytes read per token are computed from the packed sizes: the heavy parts, the light gate / up rows
+read (gated with skipping: only the rows of live neurons), and the light down columns of the
+neurons not skipped. The load average is recorded beside the numbers (the machine is shared).
+
+    python samples/bench_fused_ffn_nbits.py --output samples/results/bench_fused_ffn_nbits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+SHAPES = {
+    "smollm2": dict(d=576, f=1536, h=154, activation="silu", gated=1),
+    "mpt": dict(d=2048, f=8192, h=819, activation="gelu", gated=0),
+}
+KIND = dict(heavy_bits=8, light_bits=4, heavy_block_size=128, light_block_size=64)
+
+
+def _load() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def _session(model, threads: int, env: dict | None = None):
+    import onnxruntime as ort
+
+    from ffsplit_export.runtime import session_options
+
+    so = session_options()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:  # the kernel reads FFSPLIT_NBITS_DOWN when the session is created
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _silence(x, ins, shape) -> np.ndarray:
+    from ffsplit_export.ops._ffn import NBITS_PARTS, _nbits_weight, activation
+
+    i = NBITS_PARTS["gate_light" if shape["gated"] else "up_light"] - 1
+    w = _nbits_weight(ins[i : i + 3], "light", None, shape["d"], KIND["light_bits"], KIND["light_block_size"])
+    bias = ins[20 if shape["gated"] else 6]
+    v = (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+    if bias is not None:
+        v = v + bias[-w.shape[0] :]
+    return np.abs(activation(shape["activation"], v).astype(np.float32))
+
+
+def _nbytes(*arrays) -> int:
+    return int(sum(a.nbytes for a in arrays if a is not None))
+
+
+def _bytes_per_token(ins, shape, active: float, live: float) -> int:
+    """Weights read for one token: ``active`` fraction of light neurons not skipped (down columns),
+    ``live`` fraction of light up rows read (gated with skipping; else 1)."""
+    heavy = _nbytes(*ins[0:3], *ins[7:10]) + (_nbytes(*ins[14:17]) if shape["gated"] else 0)
+    up_l = _nbytes(*ins[3:6])
+    gate_l = _nbytes(*ins[17:20]) if shape["gated"] else 0
+    down_l = _nbytes(*ins[10:13])
+    return int(heavy + gate_l + up_l * live + down_l * active)
+
+
+def _time(sessions: dict, xs: list[np.ndarray], repeats: int, inner: int) -> dict:
+    times = {k: [] for k in sessions}
+    for s in sessions.values():  # warm-up
+        for x in xs:
+            s.run(None, {"X": x})
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            for i in range(inner):
+                s.run(None, {"X": xs[i % len(xs)]})
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main() -> None:
+    from ffsplit_export.ops._ffn import (
+        fused_ffn_nbits_model,
+        fused_ffn_nbits_reference,
+        random_nbits_ffn_inputs,
+        stock_nbits_ffn_model,
+    )
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--skip", type=float, nargs="+", default=[0.25, 0.4, 0.5])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--inner", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=8, help="benchmark tokens (cycled)")
+    ap.add_argument("--calibration", type=int, default=64, help="calibration tokens for the thresholds")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", default="samples/results/bench_fused_ffn_nbits.json")
+    args = ap.parse_args()
+
+    rows = []
+    print(f"load average at start: {_load()}")
+    for name in args.shape:
+        shape = SHAPES[name]
+        rng = np.random.default_rng(args.seed)
+        d, f, h = shape["d"], shape["f"], shape["h"]
+        ins = random_nbits_ffn_inputs(rng, d, f, h, zero_points=True, gated=bool(shape["gated"]), **KIND)
+        # the heavy int8 part is symmetric (per channel, as formats/nbits.py stores it)
+        heavy = random_nbits_ffn_inputs(rng, d, f, h, zero_points=False, gated=bool(shape["gated"]), **KIND)
+        for i in (0, 1, 2, 7, 8, 9) + ((14, 15, 16) if shape["gated"] else ()):
+            ins[i] = heavy[i]
+        calib = rng.standard_normal((args.calibration, d)).astype(np.float32)
+        xs = [rng.standard_normal((1, d)).astype(np.float32) for _ in range(args.tokens)]
+        base = dict(activation=shape["activation"], gated=shape["gated"], accuracy_level=4, **KIND)
+        sil = _silence(calib, ins, shape)
+        variants = {
+            "stock": (stock_nbits_ffn_model(ins, **base), None, {}),
+            "fused": (fused_ffn_nbits_model(ins, **base, skip=0), None, {}),
+            "fused-nm": (fused_ffn_nbits_model(ins, **base, skip=0), {"FFSPLIT_NBITS_DOWN": "neurons"}, {}),
+            "exact": (fused_ffn_nbits_model(ins, **base, skip=1), None, {"skip": 1}),
+        }
+        for q in args.skip:
+            thr = float(np.quantile(sil, q))
+            variants[f"skip{round(q * 100)}"] = (
+                fused_ffn_nbits_model(ins, **base, skip=1, threshold=thr),
+                None,
+                {"skip": 1, "threshold": thr},
+            )
+        # skipped fractions on the benchmark tokens (reference) and bytes read
+        x_all = np.concatenate(xs)
+        ref_kw = {k: v for k, v in base.items() if k != "activation"}
+        info = {}
+        for k, (_, _, kw) in variants.items():
+            if kw:
+                _, skipped = fused_ffn_nbits_reference(
+                    x_all, *ins, activation_kind=shape["activation"], return_skipped=True, **ref_kw, **kw
+                )
+                frac = float(skipped.mean())
+                # gated with skipping (M = 1): a light up row is read only for a live neuron
+                live = 1.0 - frac if shape["gated"] else 1.0
+            else:
+                frac, live = 0.0, 1.0
+            info[k] = {"skipped": frac, "bytes": _bytes_per_token(ins, shape, 1.0 - frac, live)}
+        for threads in args.threads:
+            sessions = {k: _session(m, threads, env) for k, (m, env, _) in variants.items()}
+            load0 = _load()
+            ms = _time(sessions, xs, args.repeats, args.inner)
+            for k in variants:
+                rows.append(
+                    {
+                        "shape": name,
+                        "threads": threads,
+                        "variant": k,
+                        "ms": ms[k],
+                        "vs_stock": ms["stock"] / ms[k],
+                        "vs_fused": ms["fused"] / ms[k],
+                        "skipped_light": info[k]["skipped"],
+                        "bytes_per_token": info[k]["bytes"],
+                        "load": f"{load0} -> {_load()}",
+                    }
+                )
+            print(f"\n{name} (D={d}, F={f}, H={h}, {shape['activation']}, gated={shape['gated']}), threads={threads}")
+            print(f"{'variant':10} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'MB/token':>9}  load")
+            for r in rows[-len(variants) :]:
+                print(
+                    f"{r['variant']:10} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "
+                    f"{r['skipped_light']:8.1%} {r['bytes_per_token'] / 1e6:9.2f}  {r['load']}"
+                )
+    os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
+    with open(args.output, "w") as fh:
+        json.dump({"args": vars(args), "cpu_count": os.cpu_count(), "kind": KIND, "rows": rows}, fh, indent=1)
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
