@@ -466,6 +466,15 @@ class NbKernel {
         }
     }
     p.zf.assign(p.zi.begin(), p.zi.end());
+    const int64_t tiles = (n + 7) / 8;
+    p.scales_t.assign(static_cast<size_t>(tiles * p.nb * 8), 0.0f);
+    p.zi_t.assign(static_cast<size_t>(tiles * p.nb * 8), 0);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t bb = 0; bb < p.nb; ++bb) {
+        const size_t t = static_cast<size_t>(((r / 8) * p.nb + bb) * 8 + r % 8);
+        p.scales_t[t] = p.scales[static_cast<size_t>(r * p.nb + bb)];
+        p.zi_t[t] = p.zi[static_cast<size_t>(r * p.nb + bb)];
+      }
   }
 
   static NbDown ToNeuronMajor(const NbPart& p) {

@@ -23,6 +23,8 @@ struct NbPart {
   std::vector<float> scales;         // [N * nb]
   std::vector<float> zf;             // [N * nb] zero points (float)
   std::vector<int32_t> zi;           // [N * nb] zero points
+  std::vector<float> scales_t;       // [ceil(N / 8)][nb][8]: per tile of 8 neurons, block after block
+  std::vector<int32_t> zi_t;         // same layout
   int64_t kpad() const { return bits == 32 ? k : nb * bs; }
   // the dequantized float32 weight (u - z) * s, as the reference computes it
   float At(int64_t row, int64_t col) const;

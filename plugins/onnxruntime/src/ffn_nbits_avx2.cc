@@ -68,15 +68,72 @@ void DotF(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int
   }
 }
 
+// lane t = the sum of the 8 int32 lanes of a[t]
+inline __m256i Reduce8(const __m256i* a) {
+  const __m256i h01 = _mm256_hadd_epi32(a[0], a[1]), h23 = _mm256_hadd_epi32(a[2], a[3]);
+  const __m256i h45 = _mm256_hadd_epi32(a[4], a[5]), h67 = _mm256_hadd_epi32(a[6], a[7]);
+  const __m256i q0 = _mm256_hadd_epi32(h01, h23), q1 = _mm256_hadd_epi32(h45, h67);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
+}
+
+// 8 output neurons n..n+7 at once (n % 8 == 0, block size >= 32): the X block loaded once for the 8 rows, their
+// int32 block sums reduced together, scales and zero points block-major (8 contiguous lanes)
+template <int BITS>
+void DotQTile8(const NbPart& p, const int8_t* q, const float* xsr, const int32_t* xsumr, float* yr, int64_t n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* rows[8];
+  for (int t = 0; t < 8; ++t) rows[t] = p.codes.data() + (n + t) * p.nb * p.blob;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b) {
+    const int8_t* qb = q + b * p.bs;
+    __m256i a[8];
+    for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_si256();
+    const int64_t off = b * p.blob;
+    if (BITS == 4) {
+      for (int64_t i = 0; i < p.bs; i += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + i));
+        for (int t = 0; t < 8; ++t)
+          a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(_mm256_maddubs_epi16(Unpack32(rows[t] + off + i / 2), v), ones));
+      }
+    } else {
+      for (int64_t i = 0; i < p.bs; i += 16) {
+        const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + i)));
+        for (int t = 0; t < 8; ++t) {
+          const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[t] + off + i)));
+          a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(c, v));
+        }
+      }
+    }
+    __m256i s = Reduce8(a);
+    const size_t tb = static_cast<size_t>(((n / 8) * p.nb + b) * 8);
+    const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zi_t.data() + tb));
+    s = _mm256_sub_epi32(s, _mm256_mullo_epi32(z, _mm256_set1_epi32(xsumr[b])));
+    const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(p.scales_t.data() + tb), _mm256_set1_ps(xsr[b]));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc);
+  }
+  alignas(32) float out[8];
+  _mm256_store_ps(out, acc);
+  for (int t = 0; t < 8; ++t) yr[n + t] = out[t];
+}
+
 void DotQ(const NbPart& p, const int8_t* qx, const float* xs, const int32_t* xsum, int64_t m, float* y, int64_t ldy,
           int64_t n0, int64_t n1) {
   const int64_t kpad = p.nb * p.bs;
   const __m256i ones = _mm256_set1_epi16(1);
+  // whole aligned tiles of 8 neurons, the rest one by one
+  const int64_t t0 = p.bs >= 32 ? std::min(n1, (n0 + 7) / 8 * 8) : n1;
+  const int64_t t1 = p.bs >= 32 ? std::max(t0, n1 / 8 * 8) : n1;
+  for (int64_t nt = t0; nt < t1; nt += 8)
+    for (int64_t r = 0; r < m; ++r) {
+      if (p.bits == 4)
+        DotQTile8<4>(p, qx + r * kpad, xs + r * p.nb, xsum + r * p.nb, y + r * ldy, nt);
+      else
+        DotQTile8<8>(p, qx + r * kpad, xs + r * p.nb, xsum + r * p.nb, y + r * ldy, nt);
+    }
   for (int64_t n = n0; n < n1; ++n) {
+    if (n == t0) n = t1;
+    if (n >= n1) break;
     const uint8_t* row = p.codes.data() + n * p.nb * p.blob;
-    if (n + 1 < n1)
-      for (int64_t o = 0; o < p.nb * p.blob; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(row + p.nb * p.blob + o), _MM_HINT_T0);
     const float* sc = p.scales.data() + n * p.nb;
     const int32_t* zi = p.zi.data() + n * p.nb;
     for (int64_t r = 0; r < m; ++r) {
