@@ -192,8 +192,12 @@ def main() -> None:
                         "load": f"{load0} -> {_load()}",
                     }
                 )
-            print(f"\n{name} (D={d}, F={f}, H={h}, {shape['activation']}, gated={shape['gated']}), threads={threads}")
-            print(f"{'variant':10} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'MB/token':>9}  load")
+            print(
+                f"\n{name} (D={d}, F={f}, H={h}, {shape['activation']}, gated={shape['gated']}), threads={threads}"
+            )
+            print(
+                f"{'variant':10} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'MB/token':>9}  load"
+            )
             for r in rows[-len(variants) :]:
                 print(
                     f"{r['variant']:10} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "

@@ -262,6 +262,26 @@ def test_non_finite_x(level):
 
 
 @needs_plugin
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("level", [0, 4])
+def test_wide_model_several_down_chunks(isa, level, monkeypatch):
+    """D = 600: the neuron-major light down spans three chunks of output rows (the last one short)."""
+    rng = np.random.default_rng(13)
+    for kind in (KINDS[0], KINDS[3]):
+        ins = _inputs(rng, kind, 1, h=16, d=600, f=120)
+        x = rng.standard_normal((3, 600)).astype(np.float32)
+        thr = float(np.quantile(_silence(x, ins, _attrs(kind, "gelu", 1)), 0.3))
+        for skip, t in ((0, 0.0), (1, thr)):
+            attrs = _attrs(kind, "gelu", 1, skip=skip, threshold=t, level=level)
+            y = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch).run(None, {"X": x})[0]
+            r = _ref(x, ins, attrs)
+            if level == 0:
+                _close(y, r)
+            else:
+                assert _rel_l2(y, r) <= 4e-2, _rel_l2(y, r)
+
+
+@needs_plugin
 def test_prefill_rows_and_empty():
     """Many rows (prefill, M = 37 > the decode path's 4) and M = 0."""
     rng = np.random.default_rng(9)

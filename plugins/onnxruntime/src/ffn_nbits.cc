@@ -51,7 +51,8 @@ int DownCode(const uint8_t* c, int bits, int64_t d) {
 }
 
 float NbDown::At(int64_t row, int64_t j) const {
-  const int u = DownCode(codes.data() + j * stride, bits, row);
+  const int64_t c0 = row / kDownRows * kDownRows;
+  const int u = DownCode(Seg(j, c0), bits, row - c0);
   const size_t sb = static_cast<size_t>((j / bs) * dpad + row);
   return (static_cast<float>(u) - zf[sb]) * scales[sb];
 }
@@ -144,8 +145,8 @@ void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t c
     for (; i < count && list[i] / w.bs == b; ++i) {
       const int64_t j = list[i];
       const float av = a[j];
-      const uint8_t* c = w.codes.data() + j * w.stride;
-      for (int64_t d = d0; d < de; ++d) acc[d - d0] += av * (static_cast<float>(DownCode(c, w.bits, d)) - z[d]);
+      const uint8_t* c = w.Seg(j, d0);
+      for (int64_t d = d0; d < de; ++d) acc[d - d0] += av * (static_cast<float>(DownCode(c, w.bits, d - d0)) - z[d]);
     }
     const float* s = w.scales.data() + b * w.dpad;
     for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * acc[d - d0];
@@ -164,8 +165,8 @@ void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32
       const int q = qa[j];
       if (!q) continue;
       sumq += q;
-      const uint8_t* c = w.codes.data() + j * w.stride;
-      for (int64_t d = d0; d < de; ++d) acc[d - d0] += q * DownCode(c, w.bits, d);
+      const uint8_t* c = w.Seg(j, d0);
+      for (int64_t d = d0; d < de; ++d) acc[d - d0] += q * DownCode(c, w.bits, d - d0);
     }
     const float* s = w.scales.data() + b * w.dpad;
     const float* z = w.zf.data() + b * w.dpad;
@@ -485,8 +486,13 @@ class NbKernel {
     w.bs = p.bs;
     w.nb = p.nb;
     w.dpad = (w.d + 31) / 32 * 32;
-    w.stride = w.bits == 8 ? w.dpad : w.dpad / 2;
-    w.codes.assign(static_cast<size_t>(w.l * w.stride + 64), 0);
+    int64_t off = 0;
+    for (int64_t c0 = 0; c0 < w.dpad; c0 += kDownRows) {
+      w.chunk_off.push_back(off);
+      const int64_t rows = std::min(w.dpad, c0 + kDownRows) - c0;
+      off += w.l * (w.bits == 8 ? rows : rows / 2);
+    }
+    w.codes.assign(static_cast<size_t>(off + 64), 0);
     w.scales.assign(static_cast<size_t>(w.nb * w.dpad), 0.0f);
     w.zf.assign(static_cast<size_t>(w.nb * w.dpad), 0.0f);
     for (int64_t d = 0; d < w.d; ++d) {
@@ -497,11 +503,12 @@ class NbKernel {
       for (int64_t j = 0; j < w.l; ++j) {
         const int64_t b = j / p.bs, i = j % p.bs;
         const int u = CodeOf(p.codes.data() + (d * p.nb + b) * p.blob, p.bits, i);
-        uint8_t* c = w.codes.data() + j * w.stride;
+        const int64_t c0 = d / kDownRows * kDownRows, dr = d - c0;
+        uint8_t* c = const_cast<uint8_t*>(w.Seg(j, c0));
         if (w.bits == 8)
-          c[d] = static_cast<uint8_t>(u);
+          c[dr] = static_cast<uint8_t>(u);
         else  // per 16 rows: 8 bytes, rows 0..7 in the low nibbles, 8..15 in the high ones
-          c[(d / 16) * 8 + (d & 7)] = static_cast<uint8_t>(c[(d / 16) * 8 + (d & 7)] | (u << ((d & 8) ? 4 : 0)));
+          c[(dr / 16) * 8 + (dr & 7)] = static_cast<uint8_t>(c[(dr / 16) * 8 + (dr & 7)] | (u << ((dr & 8) ? 4 : 0)));
       }
     }
     return w;
@@ -683,7 +690,7 @@ class NbKernel {
       for (int64_t j = 0; j < l_; ++j)
         if (!skip_ || al[static_cast<size_t>(r * kl + j)] != 0.0f)
           lists[static_cast<size_t>(r)].push_back(static_cast<int32_t>(j));
-    constexpr int64_t kChunk = 256;  // output rows per task (a multiple of 32)
+    constexpr int64_t kChunk = kDownRows;  // output rows per task (the neuron-major chunks)
     const int64_t chunks = (d_ + kChunk - 1) / kChunk;
     auto task = [&](size_t t) {
       const int64_t d0 = static_cast<int64_t>(t) * kChunk, d1 = std::min(d_, d0 + kChunk);

@@ -2,6 +2,7 @@
 // layout int8 / int4 (ffn_nbits.cc), and the packed layouts its kernels read.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -31,25 +32,33 @@ struct NbPart {
   size_t bytes() const { return codes.size() + dense.size() * 4 + scales.size() * 4; }
 };
 
-// The light down projection W[D, L] stored neuron-major: neuron j's D codes contiguous (row
-// stride `stride` bytes; 4 bits: per 16 output rows 8 bytes, rows 0..7 in the low nibbles and
-// 8..15 in the high ones, so that two neurons' codes interleave with byte unpacks), so a skipped neuron costs no byte of
-// it. The scales and zero points stay per (d, block of bs neurons), stored block-major over d.
+// The light down projection W[D, L] stored neuron-major: the output rows are cut into chunks of
+// kDownRows (one task each); within a chunk, neuron after neuron, each neuron's codes for the
+// chunk's rows are contiguous (4 bits: per 16 rows 8 bytes, rows 0..7 in the low nibbles and 8..15
+// in the high ones, so that two neurons' codes interleave with byte unpacks). A task streams the
+// segments of its active neurons; a skipped neuron costs no byte. The scales and zero points stay
+// per (d, block of bs neurons), stored block-major over d.
+constexpr int64_t kDownRows = 256;
 struct NbDown {
   int bits = 4;
   int64_t d = 0, l = 0, bs = 0, nb = 0;
-  int64_t dpad = 0;     // D rounded up to 32
-  int64_t stride = 0;   // bytes per neuron: dpad (8 bits) or dpad / 2 (4 bits)
-  HugeVec<uint8_t> codes;     // [L][stride] + 64 bytes of padding
-  std::vector<float> scales;  // [nb][dpad]
-  std::vector<float> zf;      // [nb][dpad]
+  int64_t dpad = 0;                 // D rounded up to 32
+  std::vector<int64_t> chunk_off;   // byte offset of each chunk's segments
+  HugeVec<uint8_t> codes;           // + 64 bytes of padding
+  std::vector<float> scales;        // [nb][dpad]
+  std::vector<float> zf;            // [nb][dpad]
+  // neuron j's codes for the chunk starting at row d0 (a multiple of kDownRows); row d at d - d0
+  const uint8_t* Seg(int64_t j, int64_t d0) const {
+    const int64_t rows = std::min(dpad, d0 + kDownRows) - d0;
+    return codes.data() + chunk_off[static_cast<size_t>(d0 / kDownRows)] + j * (bits == 8 ? rows : rows / 2);
+  }
   float At(int64_t row, int64_t j) const;
 };
 
 // Row-major kernels: y[r * ldy + n] for n in [n0, n1), r < m.
 //   dot_f: exact float32 (x padded with zeros to kpad, row stride ldx)
 //   dot_q: int8 activations qx [m][kpad] with per (row, block) scale xs and code sum xsum [m][nb]
-// Neuron-major down kernels for one activation row, output rows [d0, d1) (multiples of 32 or dpad):
+// Neuron-major down kernels for one activation row, output rows [d0, d1) (d0 a multiple of kDownRows, d1 <= d0 + kDownRows):
 //   down_f: y[d] += sum over the listed neurons (ascending) of a[j] * w[d, j] (float, per block)
 //   down_q: the same with qa (int8 per block of bs neurons, scales sa [nb]); acc: scratch of dpad ints
 struct NbKernels {

@@ -195,9 +195,9 @@ void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, 
     for (; i < count && list[i] / w.bs == b; ++i) {
       const int64_t j = list[i];
       const __m256 av = _mm256_set1_ps(a[j]);
-      const uint8_t* c = w.codes.data() + j * w.stride;
+      const uint8_t* c = w.Seg(j, d0);
       for (int64_t d = d0; d < de; d += 16) {
-        const __m128i cv = DownCodes16(c, w.bits, d);
+        const __m128i cv = DownCodes16(c, w.bits, d - d0);
         const __m256 f0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(cv)), _mm256_loadu_ps(z + d));
         const __m256 f1 =
             _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(cv, 8))), _mm256_loadu_ps(z + d + 8));
@@ -219,7 +219,8 @@ void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, 
 // neurons js[0..n) (n <= 16, even; a missing partner has q = 0 and repeats the neuron)
 template <int BITS>
 void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de, int32_t* acc) {
-  const uint8_t* base = w.codes.data();
+  const uint8_t* ptr[16];
+  for (int k = 0; k < n; ++k) ptr[k] = w.Seg(js[k], d0);
   __m256i qq[8];
   for (int k = 0; k < n; k += 2) {
     if (BITS == 4)  // signed int8 pairs (q1, q2) for maddubs
@@ -236,8 +237,8 @@ void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int6
       __m256i s16 = _mm256_setzero_si256();  // <= 8 pairs * 2 * 15 * 127 < 2^15
       for (int k = 0; k < n; k += 2) {
         const __m128i v = _mm_unpacklo_epi64(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + js[k] * w.stride + d / 2)),
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(base + js[k + 1] * w.stride + d / 2)));
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ptr[k] + (d - d0) / 2)),
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(ptr[k + 1] + (d - d0) / 2)));
         const __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
         // (j1, j2) code pairs for rows 0..7 (from the low nibbles) and 8..15 (high nibbles)
         const __m128i p0 = _mm_unpacklo_epi8(lo, _mm_srli_si128(lo, 8));
@@ -251,8 +252,8 @@ void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int6
     } else {
       __m256i s0 = _mm256_setzero_si256(), s1 = s0;
       for (int k = 0; k < n; k += 2) {
-        const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + js[k] * w.stride + d));
-        const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + js[k + 1] * w.stride + d));
+        const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr[k] + (d - d0)));
+        const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr[k + 1] + (d - d0)));
         s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a1, a2)), qq[k / 2]));
         s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a1, a2)), qq[k / 2]));
       }
@@ -266,7 +267,7 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
            int64_t d1, int32_t* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
   for (int64_t i = 0; i < count;) {
-    const int64_t b = list[i] / w.bs;
+    const int64_t b = list[i] / w.bs, jend = (b + 1) * w.bs;
     std::fill(acc, acc + len, 0);
     int32_t sumq = 0;
     // the block's neurons with a non-zero code, 16 at a time (8 pairs)
@@ -285,7 +286,7 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
         PairsSlab<8>(w, js, qs, n, d0, de, acc);
       n = 0;
     };
-    for (; i < count && list[i] / w.bs == b; ++i) {
+    for (; i < count && list[i] < jend; ++i) {
       const int8_t q = qa[list[i]];
       if (!q) continue;
       sumq += q;
