@@ -114,7 +114,7 @@ void DotFScalar(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* 
     }
 }
 
-void DotQScalar(const NbPart& p, const int8_t* qx, const float* xs, const int32_t* xsum, int64_t m, float* y,
+void DotQScalar(const NbPart& p, const int8_t* qx, const int8_t*, const float* xs, const int32_t* xsum, int64_t m, float* y,
                 int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t kpad = p.nb * p.bs;
   for (int64_t n = n0; n < n1; ++n)
@@ -518,6 +518,7 @@ class NbKernel {
   // out[r * ldo + n] for every row r < m. xp: X padded [m][ldx]; q*: its int8 blocks (level 4)
   struct QIn {
     const int8_t* q = nullptr;
+    const int8_t* eo = nullptr;
     const float* s = nullptr;
     const int32_t* sum = nullptr;
   };
@@ -527,7 +528,7 @@ class NbKernel {
     if (p.bits == 32) {
       fk_->dense(p.dense.data(), p.k, xp, ldx, m, out, ldo, n0, n1);
     } else if (qi.q) {
-      nk_->dot_q(p, qi.q, qi.s, qi.sum, m, out, ldo, n0, n1);
+      nk_->dot_q(p, qi.q, qi.eo, qi.s, qi.sum, m, out, ldo, n0, n1);
       for (int64_t r = 0; r < m; ++r)
         if (bad[static_cast<size_t>(r)]) nk_->dot_f(p, xp + r * ldx, ldx, 1, out + r * ldo, ldo, n0, n1);
     } else {
@@ -566,7 +567,8 @@ class NbKernel {
     std::vector<int8_t> q;
     std::vector<float> s;
     std::vector<int32_t> sum;
-    QIn in() const { return QIn{q.data(), s.data(), sum.data()}; }
+    std::vector<int8_t> eo;
+    QIn in() const { return QIn{q.data(), eo.empty() ? nullptr : eo.data(), s.data(), sum.data()}; }
   };
   static void QuantizeFor(const NbPart& p, const float* x, int64_t ldx, int64_t m, Quant& out) {
     const int64_t kp = p.kpad();
@@ -574,6 +576,14 @@ class NbKernel {
     out.s.assign(static_cast<size_t>(m * p.nb), 0.0f);
     out.sum.assign(static_cast<size_t>(m * p.nb), 0);
     NbQuantize(x, ldx, m, p.k, p.bs, kp, out.q.data(), out.s.data(), out.sum.data());
+    if (p.bits == 4 && p.bs >= 64) {  // the even / odd order of the AVX2 int4 kernel
+      out.eo.resize(out.q.size());
+      for (int64_t g = 0; g < m * kp; g += 64)
+        for (int64_t i = 0; i < 32; ++i) {
+          out.eo[static_cast<size_t>(g + i)] = out.q[static_cast<size_t>(g + 2 * i)];
+          out.eo[static_cast<size_t>(g + 32 + i)] = out.q[static_cast<size_t>(g + 2 * i + 1)];
+        }
+    }
   }
   bool Int8(const NbPart& p) const { return level_ == 4 && p.bits != 32; }
 

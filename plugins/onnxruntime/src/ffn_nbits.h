@@ -57,15 +57,17 @@ struct NbDown {
 
 // Row-major kernels: y[r * ldy + n] for n in [n0, n1), r < m.
 //   dot_f: exact float32 (x padded with zeros to kpad, row stride ldx)
-//   dot_q: int8 activations qx [m][kpad] with per (row, block) scale xs and code sum xsum [m][nb]
+//   dot_q: int8 activations qx [m][kpad] with per (row, block) scale xs and code sum xsum [m][nb];
+//          qeo (4 bits, block >= 64; else null): qx with every 64 values reordered as the 32 even
+//          then the 32 odd ones (the low / high nibbles of 32 bytes of B)
 // Neuron-major down kernels for one activation row, output rows [d0, d1) (d0 a multiple of kDownRows, d1 <= d0 + kDownRows):
 //   down_f: y[d] += sum over the listed neurons (ascending) of a[j] * w[d, j] (float, per block)
 //   down_q: the same with qa (int8 per block of bs neurons, scales sa [nb]); acc: scratch of dpad ints
 struct NbKernels {
   void (*dot_f)(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
                 int64_t n1);
-  void (*dot_q)(const NbPart& p, const int8_t* qx, const float* xs, const int32_t* xsum, int64_t m, float* y,
-                int64_t ldy, int64_t n0, int64_t n1);
+  void (*dot_q)(const NbPart& p, const int8_t* qx, const int8_t* qeo, const float* xs, const int32_t* xsum,
+                int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
   void (*down_f)(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1,
                  float* acc, float* y);
   void (*down_q)(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count,

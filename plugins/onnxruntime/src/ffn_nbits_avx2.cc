@@ -79,7 +79,8 @@ inline __m256i Reduce8(const __m256i* a) {
 // 8 output neurons n..n+7 at once (n % 8 == 0, block size >= 32): the X block loaded once for the 8 rows, their
 // int32 block sums reduced together, scales and zero points block-major (8 contiguous lanes)
 template <int BITS>
-void DotQTile8(const NbPart& p, const int8_t* q, const float* xsr, const int32_t* xsumr, float* yr, int64_t n) {
+void DotQTile8(const NbPart& p, const int8_t* q, const int8_t* qeo, const float* xsr, const int32_t* xsumr, float* yr,
+               int64_t n) {
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* rows[8];
   for (int t = 0; t < 8; ++t) rows[t] = p.codes.data() + (n + t) * p.nb * p.blob;
@@ -89,7 +90,24 @@ void DotQTile8(const NbPart& p, const int8_t* q, const float* xsr, const int32_t
     __m256i a[8];
     for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_si256();
     const int64_t off = b * p.blob;
-    if (BITS == 4) {
+    if (BITS == 4 && qeo) {
+      // 64 codes per 32 bytes: the low nibbles times the even X values, the high ones times the odd;
+      // int16 sums over the block (<= 4 * 2 * 2 * 15 * 127 < 2^15), one madd per block
+      const int8_t* eb = qeo + b * p.bs;
+      const __m256i mask = _mm256_set1_epi8(0x0F);
+      __m256i s16[8];
+      for (int t = 0; t < 8; ++t) s16[t] = _mm256_setzero_si256();
+      for (int64_t i = 0; i < p.bs; i += 64) {
+        const __m256i ve = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(eb + i));
+        const __m256i vo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(eb + i + 32));
+        for (int t = 0; t < 8; ++t) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[t] + off + i / 2));
+          const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+          s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, ve), _mm256_maddubs_epi16(hi, vo)));
+        }
+      }
+      for (int t = 0; t < 8; ++t) a[t] = _mm256_madd_epi16(s16[t], ones);
+    } else if (BITS == 4) {
       for (int64_t i = 0; i < p.bs; i += 32) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + i));
         for (int t = 0; t < 8; ++t)
@@ -116,8 +134,8 @@ void DotQTile8(const NbPart& p, const int8_t* q, const float* xsr, const int32_t
   for (int t = 0; t < 8; ++t) yr[n + t] = out[t];
 }
 
-void DotQ(const NbPart& p, const int8_t* qx, const float* xs, const int32_t* xsum, int64_t m, float* y, int64_t ldy,
-          int64_t n0, int64_t n1) {
+void DotQ(const NbPart& p, const int8_t* qx, const int8_t* qeo, const float* xs, const int32_t* xsum, int64_t m,
+          float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t kpad = p.nb * p.bs;
   const __m256i ones = _mm256_set1_epi16(1);
   // whole aligned tiles of 8 neurons, the rest one by one
@@ -126,9 +144,9 @@ void DotQ(const NbPart& p, const int8_t* qx, const float* xs, const int32_t* xsu
   for (int64_t nt = t0; nt < t1; nt += 8)
     for (int64_t r = 0; r < m; ++r) {
       if (p.bits == 4)
-        DotQTile8<4>(p, qx + r * kpad, xs + r * p.nb, xsum + r * p.nb, y + r * ldy, nt);
+        DotQTile8<4>(p, qx + r * kpad, qeo ? qeo + r * kpad : nullptr, xs + r * p.nb, xsum + r * p.nb, y + r * ldy, nt);
       else
-        DotQTile8<8>(p, qx + r * kpad, xs + r * p.nb, xsum + r * p.nb, y + r * ldy, nt);
+        DotQTile8<8>(p, qx + r * kpad, nullptr, xs + r * p.nb, xsum + r * p.nb, y + r * ldy, nt);
     }
   for (int64_t n = n0; n < n1; ++n) {
     if (n == t0) n = t1;
@@ -231,7 +249,35 @@ void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int6
                                                          (static_cast<uint32_t>(qs[k + 1]) << 16)));
   }
   const __m128i m = _mm_set1_epi8(0x0F);
-  for (int64_t d = d0; d < de; d += 16) {
+  int64_t d = d0;
+  if (BITS == 4) {
+    // 64 rows per step: 32 bytes of each neuron (16 rows per 8 bytes: low nibbles rows 0..7, high
+    // 8..15); unpacks within 128-bit lanes give the (j1, j2) pairs of rows {0..7, 32..39},
+    // {8..15, 40..47}, {16..23, 48..55}, {24..31, 56..63}
+    const __m256i m8 = _mm256_set1_epi8(0x0F);
+    for (; d + 64 <= de; d += 64) {
+      __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+      for (int k = 0; k < n; k += 2) {
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr[k] + (d - d0) / 2));
+        const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr[k + 1] + (d - d0) / 2));
+        const __m256i lo1 = _mm256_and_si256(v1, m8), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m8);
+        const __m256i lo2 = _mm256_and_si256(v2, m8), hi2 = _mm256_and_si256(_mm256_srli_epi16(v2, 4), m8);
+        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo1, lo2), qq[k / 2]));
+        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(hi1, hi2), qq[k / 2]));
+        s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo1, lo2), qq[k / 2]));
+        s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(hi1, hi2), qq[k / 2]));
+      }
+      int32_t* a0 = acc + (d - d0);
+      const __m256i* parts[4] = {&s0, &s1, &s2, &s3};
+      for (int g = 0; g < 4; ++g) {  // rows 8g..8g+7 (low lane) and 32+8g.. (high lane)
+        __m256i* lo = reinterpret_cast<__m256i*>(a0 + 8 * g);
+        __m256i* hi = reinterpret_cast<__m256i*>(a0 + 32 + 8 * g);
+        _mm256_storeu_si256(lo, _mm256_add_epi32(_mm256_loadu_si256(lo), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*parts[g]))));
+        _mm256_storeu_si256(hi, _mm256_add_epi32(_mm256_loadu_si256(hi), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(*parts[g], 1))));
+      }
+    }
+  }
+  for (; d < de; d += 16) {
     __m256i* ac = reinterpret_cast<__m256i*>(acc + (d - d0));
     if (BITS == 4) {
       __m256i s16 = _mm256_setzero_si256();  // <= 8 pairs * 2 * 15 * 127 < 2^15
@@ -266,6 +312,12 @@ void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int6
 void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
            int64_t d1, int32_t* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
+  const int64_t seg = w.bits == 8 ? len : len / 2;  // bytes of a neuron's segment read here
+  constexpr int64_t kAhead = 16;
+  for (int64_t i = 0; i < std::min(count, kAhead); ++i) {
+    const uint8_t* nx = w.Seg(list[i], d0);
+    for (int64_t o = 0; o < seg; o += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + o), _MM_HINT_T0);
+  }
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs, jend = (b + 1) * w.bs;
     std::fill(acc, acc + len, 0);
@@ -287,6 +339,10 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
       n = 0;
     };
     for (; i < count && list[i] < jend; ++i) {
+      if (i + kAhead < count) {  // the segments of the neuron kAhead further in the list
+        const uint8_t* nx = w.Seg(list[i + kAhead], d0);
+        for (int64_t o = 0; o < seg; o += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + o), _MM_HINT_T0);
+      }
       const int8_t q = qa[list[i]];
       if (!q) continue;
       sumq += q;
