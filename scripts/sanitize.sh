@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build libffsplit_ort with -fsanitize=address,undefined into build/sanitize and run
-# tests/test_ort_plugin.py, tests/test_ort_int4.py, tests/test_fused_ffn.py and the fuzz test tests/test_fuzz_ops.py against it (the fuzz workers
+# tests/test_ort_plugin.py, tests/test_ort_int4.py, tests/test_fused_ffn.py, tests/test_fused_ffn_nbits.py and the fuzz test tests/test_fuzz_ops.py against it (the fuzz workers
 # inherit LD_PRELOAD / ASAN_OPTIONS; a sanitizer report aborts a worker, which the fuzz test
 # reports as a crash). Exits non-zero on any sanitizer report or test failure.
 set -euo pipefail
@@ -29,7 +29,7 @@ LD_PRELOAD="$asan $ubsan" \
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1" \
   UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
   FFSPLIT_ORT_LIBRARY="$lib" \
-  "$python" -m pytest -q -p no:cacheprovider tests/test_ort_plugin.py tests/test_ort_int4.py tests/test_fuzz_ops.py tests/test_fused_ffn.py "$@" 2>&1 | tee "$log"
+  "$python" -m pytest -q -p no:cacheprovider tests/test_ort_plugin.py tests/test_ort_int4.py tests/test_fuzz_ops.py tests/test_fused_ffn.py tests/test_fused_ffn_nbits.py "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 if grep -qE "ERROR: AddressSanitizer|runtime error:|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$log"; then
