@@ -352,3 +352,21 @@ def test_reference_bad_input():
         _ref(x, wrong, attrs)
     with pytest.raises(FormatError, match="gate inputs"):
         _ref(x, ins + [ins[0]], attrs)
+
+
+@needs_plugin
+def test_gate_silent_but_up_infinite():
+    """Gated, skip=1 exact: a light neuron with act(gate) = 0 is skipped without reading its up row
+    only while its up value is surely finite; an inf up bias makes a = 0 * inf = NaN (not skipped)."""
+    rng = np.random.default_rng(17)
+    kind = KINDS[0]
+    ins = _inputs(rng, kind, 1)
+    ins[6] = ins[6].copy()
+    ins[6][H + 5] = np.inf  # up bias of light neuron 5
+    ins[20] = ins[20].copy()
+    ins[20][H + 5] = -1e4  # its gate: relu -> exactly 0
+    attrs = _attrs(kind, "relu", 1, skip=1)
+    x = rng.standard_normal((2, D)).astype(np.float32)
+    y, r = _session(fused_ffn_nbits_model(ins, **attrs)).run(None, {"X": x})[0], _ref(x, ins, attrs)
+    assert np.isnan(r).all()
+    _close(y, r)

@@ -393,7 +393,9 @@ NBITS_BIASES = {"up_bias": 7, "down_bias": 14, "gate_bias": 21}
 NBITS_INPUTS = 22
 
 
-def _nbits_attrs(heavy_bits, light_bits, heavy_block_size, light_block_size, accuracy_level) -> None:
+def _nbits_attrs(
+    heavy_bits, light_bits, heavy_block_size, light_block_size, accuracy_level, heavy=True
+) -> None:
     if heavy_bits not in (4, 8, 32):
         raise FormatError(f"FusedFFNNBits heavy_bits={heavy_bits!r} is not supported; use 4, 8 or 32 (dense)")
     if light_bits not in (4, 8):
@@ -402,7 +404,7 @@ def _nbits_attrs(heavy_bits, light_bits, heavy_block_size, light_block_size, acc
         ("heavy_block_size", heavy_bits, heavy_block_size),
         ("light_block_size", light_bits, light_block_size),
     ):
-        if bits != 32 and bs not in NBITS_BLOCK_SIZES:
+        if bits != 32 and bs not in NBITS_BLOCK_SIZES and (heavy or name == "light_block_size"):
             raise FormatError(f"FusedFFNNBits {name}={bs!r} is not supported; use one of {NBITS_BLOCK_SIZES}")
     if accuracy_level not in (0, 4):
         raise FormatError(
@@ -500,10 +502,13 @@ def fused_ffn_nbits_reference(
     if gated not in (0, 1) or skip not in (0, 1):
         raise FormatError(f"FusedFFNNBits gated={gated} skip={skip}: both must be 0 or 1")
     t = np.float32(check_threshold(threshold, skip))
-    _nbits_attrs(heavy_bits, light_bits, heavy_block_size, light_block_size, accuracy_level)
     if len(inputs) > NBITS_INPUTS - 1:
         raise FormatError(f"FusedFFNNBits takes at most {NBITS_INPUTS} inputs, got {len(inputs) + 1}")
     ins = list(inputs) + [None] * (NBITS_INPUTS - 1 - len(inputs))
+    # heavy_block_size matters only when there is a heavy part (H > 0) of 4 or 8 bits
+    _nbits_attrs(
+        heavy_bits, light_bits, heavy_block_size, light_block_size, accuracy_level, ins[0] is not None
+    )
     x = np.asarray(x)
     if x.dtype != np.float32 or x.ndim < 1:
         raise FormatError(f"FusedFFNNBits X must be float32 of rank >= 1, got {x.dtype} rank {x.ndim}")

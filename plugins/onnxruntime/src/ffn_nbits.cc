@@ -348,6 +348,7 @@ class NbKernel {
     if (gated_) Bias(in, has, 21, f_, gate_b_);
     up_l_finite_ = true;
     for (float s : up_l_.scales) up_l_finite_ &= std::isfinite(s);
+    for (int64_t j = h_; j < f_; ++j) up_l_finite_ &= std::isfinite(up_b_[static_cast<size_t>(j)]);
     // skip=1: neuron-major light down; skip=0: row-major unless FFSPLIT_NBITS_DOWN=neurons (a
     // benchmark override: samples/bench_fused_ffn_nbits.py --down-layout)
     const char* layout = std::getenv("FFSPLIT_NBITS_DOWN");
