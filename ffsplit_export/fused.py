@@ -335,6 +335,13 @@ class FusedFFNNBits(FusedFFN):
         return [None if t is None else t.detach().contiguous() for t in out]
 
 
+def _absent(g):
+    """An absent optional input: a None constant, which the exporter writes as the empty name."""
+    v = g.op("prim::Constant")
+    v.setType(torch._C.NoneType.get())
+    return v
+
+
 class _FusedNBitsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module):  # noqa: ARG004
@@ -349,10 +356,7 @@ class _FusedNBitsFn(torch.autograd.Function):
     def symbolic(g, x, module):
         from .formats._module import _pin_shape, nbits_accuracy_level
 
-        # an absent optional input: a None constant, which the exporter writes as the empty name ""
-        ins = [
-            g.op("prim::Constant") if t is None else g.op("Constant", value_t=t) for t in module.onnx_inputs()
-        ]
+        ins = [_absent(g) if t is None else g.op("Constant", value_t=t) for t in module.onnx_inputs()]
         attrs = module.attributes(nbits_accuracy_level())
         y = g.op(
             NBITS_OP,
