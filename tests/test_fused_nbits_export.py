@@ -470,7 +470,7 @@ def test_ort_end_to_end(name, preset, sparsity, tmp_path):
         preset=preset,
     )
     assert man["validation"] and man["fused_ffn"]["fused"] > 0 and not man["fused_ffn"]["kept_subgraph"]
-    ort_model = load(out, provider="CPUExecutionProvider")
+    ort_model = load(out, provider="cpu")
     _check_ort_against_pytorch(name, preset, sparsity, ort_model)
 
 
