@@ -1,9 +1,13 @@
-"""One ``ffsplit::FusedFFN`` node per split FFN (``--fused-ffn``, ``--activation-sparsity exact | F``).
+"""One fused FFN node per split FFN (``--fused-ffn``, ``--activation-sparsity exact | F``).
 
-:func:`fuse_ffns_` replaces each split FFN whose parts the op carries (heavy ``fp32``, light
-``sparse-int8``, an activation the op knows) by a :class:`FusedFFN` module: gated FFNs (Llama,
-gated T5) replace their MLP module; ungated ones put the fused module at the up projection and
-pass-throughs at the activation and down projection (their container also holds attention).
+:func:`fuse_ffns_` replaces each split FFN whose parts an op carries by a fused module: heavy
+``fp32`` with light ``sparse-int8`` by :class:`FusedFFN` (``ffsplit::FusedFFN``); parts in the
+presets' formats (heavy dense ``fp32`` or MatMulNBits ``int8`` / ``int4``, light ``int8`` / ``int4``,
+symmetric or with zero points; ``fast``'s unsplit FFNs as H = 0) by :class:`FusedFFNNBits`
+(``ffsplit::FusedFFNNBits``: its inputs are each part's MatMulNBits B / scales / zero_points, or
+the dense float32 weight, heavy-first). Either needs an activation the op knows. Gated FFNs
+(Llama, gated T5) replace their MLP module; ungated ones put the fused module at the up projection
+and pass-throughs at the activation and down projection (their container also holds attention).
 In PyTorch the module computes exactly what the op computes (the split modules, the activation,
 and ``exact`` skipping, which changes nothing but the bytes read: a zero activation contributes
 nothing). At ONNX export with ``--target ort-cpu`` it becomes one node; other FFNs keep today's
