@@ -436,7 +436,10 @@ def test_unsupported_formats_keep_the_subgraph():
     rec = fuse_ffns_(res.model, 1)
     assert rec["fused"] == 0 and rec["kept_subgraph"]
     for why in rec["kept_subgraph"].values():
-        assert "light format lowrank (the op takes sparse-int8)" in why and "FusedFFNNBits: light format lowrank" in why
+        assert (
+            "light format lowrank (the op takes sparse-int8)" in why
+            and "FusedFFNNBits: light format lowrank" in why
+        )
 
 
 @needs_plugin
