@@ -445,15 +445,15 @@ def test_export_request_accepts_the_presets_and_names_the_rest(tmp_path):
 @needs_kernel
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name,preset,sparsity",
+    "name,preset,sparsity,level",
     [
-        ("tiny-llama", "balanced", "0"),
-        ("tiny-llama", "fast", "0.4"),
-        ("tiny-whisper", "balanced", "0.4"),
-        ("tiny-t5-gated", "accurate", "exact"),
+        ("tiny-llama", "balanced", "0", None),  # the preset's accuracy_level 4
+        ("tiny-llama", "fast", "0.4", 0),
+        ("tiny-whisper", "balanced", "0.4", 0),
+        ("tiny-t5-gated", "accurate", "exact", 0),
     ],
 )
-def test_ort_end_to_end(name, preset, sparsity, tmp_path):
+def test_ort_end_to_end(name, preset, sparsity, level, tmp_path):
     """``export --fused-ffn`` with validation (ONNX Runtime against the fused PyTorch model, the
     export's own tolerances) and optimum's ORTModel outputs against PyTorch on a calibration batch."""
     from ffsplit_export.export.api import export
@@ -464,17 +464,19 @@ def test_ort_end_to_end(name, preset, sparsity, tmp_path):
     man = export(
         name,
         out,
-        options=ExportOptions(fused_ffn=True, activation_sparsity=sparsity, nbits_accuracy_level=0),
+        options=ExportOptions(fused_ffn=True, activation_sparsity=sparsity, nbits_accuracy_level=level),
         num_samples=8,
         progress=False,
         preset=preset,
     )
     assert man["validation"] and man["fused_ffn"]["fused"] > 0 and not man["fused_ffn"]["kept_subgraph"]
     ort_model = load(out, provider="cpu")
-    _check_ort_against_pytorch(name, preset, sparsity, ort_model)
+    _check_ort_against_pytorch(name, preset, sparsity, ort_model, exact=level == 0)
 
 
-def _check_ort_against_pytorch(name, preset, sparsity, ort_model):
+def _check_ort_against_pytorch(name, preset, sparsity, ort_model, exact: bool = True):
+    """ORTModel logits vs the fused PyTorch model: max |diff| <= 1e-3 x max|logit| at accuracy_level
+    0; relative L2 <= 2e-2 at level 4 (int8 activations, the contract's tolerance)."""
     from ffsplit_export.config import CompressionConfig
     from ffsplit_export.fused import fuse_ffns_, parse_activation_sparsity
     from ffsplit_export.models.tiny import build_tiny
@@ -493,8 +495,11 @@ def _check_ort_against_pytorch(name, preset, sparsity, ort_model):
     with torch.no_grad():
         want = res.model(**inputs).logits
         got = torch.as_tensor(np.asarray(ort_model(**inputs).logits))
-    scale = float(want.abs().max())
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * max(1.0, scale))
+    if exact:
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * max(1.0, scale))
+    else:
+        assert float((got - want).norm() / want.norm()) <= 2e-2
 
 
 def test_kernel_probe_is_a_valid_node():
