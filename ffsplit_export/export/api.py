@@ -166,8 +166,8 @@ def check_task(model, task: str) -> None:
 
 
 def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> dict:
-    """One FusedFFN node per split FFN on ort-cpu (thresholds calibrated on ``batches`` for
-    ``--activation-sparsity F``); portable keeps standard ops (same function)."""
+    """One fused FFN node (FusedFFN / FusedFFNNBits) per split FFN on ort-cpu (thresholds
+    calibrated on ``batches`` for ``--activation-sparsity F``); portable keeps standard ops."""
     from ..fused import fuse_ffns_
 
     if opts.target is Target.ORT_CPU:
