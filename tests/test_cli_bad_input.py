@@ -432,10 +432,10 @@ def _api_cases(place: Path):
             lambda: export(
                 "tiny-llama",
                 out,
-                config=CompressionConfig(light_format="int4"),
+                config=CompressionConfig(light_format="lowrank"),
                 options=ExportOptions(fused_ffn=True),
             ),
-            "int4",
+            "lowrank",
         ),
         (
             lambda: export("tiny-llama", out, options=ExportOptions(target="tensorrt", trt_dense_24=True)),
