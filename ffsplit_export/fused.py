@@ -346,15 +346,8 @@ def _absent(g):
     return v
 
 
-class _FusedNBitsFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, module):  # noqa: ARG004
-        state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            return module.reference(x)
-        finally:
-            torch._C._set_tracing_state(state)
+class _FusedNBitsFn(_FusedFn):
+    """:class:`_FusedFn`'s untraced value, emitted as one ``ffsplit::FusedFFNNBits`` node."""
 
     @staticmethod
     def symbolic(g, x, module):
@@ -414,16 +407,14 @@ def _why_not_sparse(model: nn.Module, spec: FFNSpec) -> str | None:
 
 
 def nbits_kind(m: nn.Module | None) -> tuple[int, int] | None:
-    """``(bits, block_size)`` of a part ``FusedFFNNBits`` carries: dense float32 ``(32, 0)`` or
-    MatMulNBits int8 / int4; None for any other module."""
+    """``(bits, block_size)`` of a part ``FusedFFNNBits`` carries: the dense float32 format
+    ``(32, 0)`` or MatMulNBits int8 / int4; None for any other module."""
     from .formats.dense import DenseLinear
     from .formats.nbits import NBitsLinear
 
-    if isinstance(m, NBitsLinear) and m.bits in (4, 8) and type(m) is NBitsLinear:
+    if type(m) is NBitsLinear and m.bits in (4, 8):  # not its subclasses (other layouts)
         return (int(m.bits), int(m.block_size))
     if isinstance(m, DenseLinear) and m.format_name == "fp32":
-        return (32, 0)
-    if type(m) is nn.Linear:
         return (32, 0)
     return None
 
