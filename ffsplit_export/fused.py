@@ -1,9 +1,13 @@
-"""One ``ffsplit::FusedFFN`` node per split FFN (``--fused-ffn``, ``--activation-sparsity exact | F``).
+"""One fused FFN node per split FFN (``--fused-ffn``, ``--activation-sparsity exact | F``).
 
-:func:`fuse_ffns_` replaces each split FFN whose parts the op carries (heavy ``fp32``, light
-``sparse-int8``, an activation the op knows) by a :class:`FusedFFN` module: gated FFNs (Llama,
-gated T5) replace their MLP module; ungated ones put the fused module at the up projection and
-pass-throughs at the activation and down projection (their container also holds attention).
+:func:`fuse_ffns_` replaces each split FFN whose parts an op carries by a fused module: heavy
+``fp32`` with light ``sparse-int8`` by :class:`FusedFFN` (``ffsplit::FusedFFN``); parts in the
+presets' formats (heavy dense ``fp32`` or MatMulNBits ``int8`` / ``int4``, light ``int8`` / ``int4``,
+symmetric or with zero points; ``fast``'s unsplit FFNs as H = 0) by :class:`FusedFFNNBits`
+(``ffsplit::FusedFFNNBits``: its inputs are each part's MatMulNBits B / scales / zero_points, or
+the dense float32 weight, heavy-first). Either needs an activation the op knows. Gated FFNs
+(Llama, gated T5) replace their MLP module; ungated ones put the fused module at the up projection
+and pass-throughs at the activation and down projection (their container also holds attention).
 In PyTorch the module computes exactly what the op computes (the split modules, the activation,
 and ``exact`` skipping, which changes nothing but the bytes read: a zero activation contributes
 nothing). At ONNX export with ``--target ort-cpu`` it becomes one node; other FFNs keep today's
@@ -42,6 +46,8 @@ ACTIVATION_KINDS = {
     "swish": "silu",
 }
 SKIP_MODES = {"0": 0, "off": 0, "exact": 1}
+SPARSE_OP = "ffsplit::FusedFFN"  # heavy fp32 + light sparse-int8 (ops/_ffn.py)
+NBITS_OP = "ffsplit::FusedFFNNBits"  # dense fp32 / MatMulNBits int8 / int4 parts (the presets)
 
 
 class ActivationSparsity(NamedTuple):
@@ -242,22 +248,218 @@ class _FusedFn(torch.autograd.Function):
         return _pin_shape(g, x, y, module.up_in_features())
 
 
+class FusedFFNNBits(FusedFFN):
+    """The split FFN of the presets (parts dense float32 or MatMulNBits int8 / int4) as one
+    ``ffsplit::FusedFFNNBits`` node (contract: the node's 22 inputs, heavy-first neurons).
+
+    The PyTorch forward is :meth:`FusedFFN.reference`: each part's decoded weight (the
+    MatMulNBits dequantization), float32 products, the activation, and light neurons with
+    ``|s| <= threshold`` contributing nothing -- the op's accuracy_level 0 semantics.
+    """
+
+    op_type = NBITS_OP
+
+    def __init__(self, up, down, gate, kind, skip, threshold=0.0, name=""):
+        super().__init__(up, down, gate, kind, skip, threshold, name)
+        projs = [p for p in (up, down, gate) if p is not None]
+        heavy = {nbits_kind(p.heavy) for p in projs if p.heavy is not None}
+        light = {nbits_kind(p.light) for p in projs if p.light is not None}
+        if len(heavy) > 1 or len(light) != 1 or None in heavy | light:
+            raise ConfigError(
+                f"FFN {name or '?'}: parts of kinds heavy {heavy} / light {light}; the op takes one each"
+            )
+        self.light_kind = next(iter(light))
+        self.heavy_kind = next(iter(heavy)) if heavy else None  # None: H = 0 (no heavy part)
+        if self.light_kind[0] == 32:
+            raise ConfigError(f"FFN {name or '?'}: a dense light part; the op takes int8 / int4")
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002
+        if torch.onnx.is_in_onnx_export():
+            return _FusedNBitsFn.apply(x, self)
+        return self.reference(x)
+
+    def attributes(self, accuracy_level: int = 0) -> dict:
+        """The node's attributes (``accuracy_level`` 4 stays 4, any other level is 0: the op has
+        exact float32 products and MatMulNBits' int8-activation level)."""
+        lb, lblock = self.light_kind
+        hb, hblock = self.heavy_kind if self.heavy_kind is not None else (32, lblock)
+        return {
+            "heavy_bits": hb,
+            # ignored for bits 32; a valid block size all the same
+            "heavy_block_size": hblock if hb != 32 else lblock,
+            "light_bits": lb,
+            "light_block_size": lblock,
+            "activation": self.kind,
+            "gated": int(self.gate is not None),
+            "skip": self.skip,
+            "threshold": float(self.threshold),
+            "accuracy_level": 4 if int(accuracy_level) == 4 else 0,
+        }
+
+    @staticmethod
+    def _part(m) -> list[torch.Tensor | None]:
+        """(B, scales, zero_points) of one part; None for an absent input."""
+        if m is None:
+            return [None, None, None]
+        if nbits_kind(m)[0] == 32:
+            return [m.dense_weight().float(), None, None]
+        zp = m.zero_points if m.asymmetric else None
+        return [m.qweight, m.scales.reshape(-1).float(), zp]
+
+    @staticmethod
+    def _bias(*biases_and_sizes) -> torch.Tensor | None:
+        """Concatenation of optional biases (zeros where one is absent); None when all are."""
+        if all(b is None for b, _ in biases_and_sizes):
+            return None
+        return torch.cat(
+            [b.detach().float() if b is not None else torch.zeros(n) for b, n in biases_and_sizes]
+        )
+
+    def onnx_inputs(self) -> list[torch.Tensor | None]:
+        """Inputs 1..21 of the node, in the contract's order (None = absent)."""
+        h, nl, d = self.up.n_heavy, self._n_light(), self.up_in_features()
+        up, down, gate = self.up, self.down, self.gate
+
+        def out_bias(p):
+            return self._bias(
+                (p.heavy.bias if p.heavy is not None else None, h),
+                (p.light.bias if p.light is not None else None, nl),
+            )
+
+        # the "in" projection adds its own bias and each part's (SplitLinear.forward)
+        down_biases = [b for b in (down.bias, *(q.bias for q in down.parts())) if b is not None]
+        down_bias = torch.stack([b.detach().float() for b in down_biases]).sum(0) if down_biases else None
+        out = [*self._part(up.heavy), *self._part(up.light), out_bias(up)]
+        out += [*self._part(down.heavy), *self._part(down.light), down_bias]
+        if gate is not None:
+            out += [*self._part(gate.heavy), *self._part(gate.light), out_bias(gate)]
+        else:
+            out += [None] * 7
+        assert len(out) == 21 and d > 0
+        return [None if t is None else t.detach().contiguous() for t in out]
+
+
+def _absent(g):
+    """An absent optional input: a None constant, which the exporter writes as the empty name."""
+    v = g.op("prim::Constant")
+    v.setType(torch._C.NoneType.get())
+    return v
+
+
+class _FusedNBitsFn(_FusedFn):
+    """:class:`_FusedFn`'s untraced value, emitted as one ``ffsplit::FusedFFNNBits`` node."""
+
+    @staticmethod
+    def symbolic(g, x, module):
+        from .formats._module import _pin_shape, nbits_accuracy_level
+
+        ins = [_absent(g) if t is None else g.op("Constant", value_t=t) for t in module.onnx_inputs()]
+        attrs = module.attributes(nbits_accuracy_level())
+        y = g.op(
+            NBITS_OP,
+            x,
+            *ins,
+            heavy_bits_i=attrs["heavy_bits"],
+            heavy_block_size_i=attrs["heavy_block_size"],
+            light_bits_i=attrs["light_bits"],
+            light_block_size_i=attrs["light_block_size"],
+            activation_s=attrs["activation"],
+            gated_i=attrs["gated"],
+            skip_i=attrs["skip"],
+            accuracy_level_i=attrs["accuracy_level"],
+            **({"threshold_f": attrs["threshold"]} if attrs["threshold"] > 0 else {}),
+        )
+        try:
+            y.setType(x.type().with_sizes([None] * x.type().dim()))
+        except RuntimeError:
+            y.setType(x.type())
+        return _pin_shape(g, x, y, module.up_in_features())
+
+
 def why_not_fusable(model: nn.Module, spec: FFNSpec) -> str | None:
-    """None when the op carries this FFN, else the reason it keeps today's subgraph."""
+    """None when an op carries this FFN (``FusedFFN`` or ``FusedFFNNBits``), else the reason it
+    keeps today's subgraph."""
+    op, reason = fused_op_for(model, spec)
+    return None if op is not None else reason
+
+
+def _common(spec: FFNSpec, model: nn.Module) -> str | None:
     kind = ACTIVATION_KINDS.get(spec.activation)
     if kind is None:
         return f"activation {spec.activation!r} (the op has {sorted(set(ACTIVATION_KINDS.values()))})"
     if spec.gate is None and spec.act_module is None:
         return "the adapter names no activation module for this ungated FFN"
     for path in spec.projections:
-        m = get_module(model, path)
-        if not isinstance(m, SplitLinear):
+        if not isinstance(get_module(model, path), SplitLinear):
             return f"{path} is not split"
+    return None
+
+
+def _why_not_sparse(model: nn.Module, spec: FFNSpec) -> str | None:
+    """``ffsplit::FusedFFN``: heavy fp32, light sparse-int8."""
+    for path in spec.projections:
+        m = get_module(model, path)
         if m.heavy is not None and m.heavy.format_name != "fp32":
             return f"heavy format {m.heavy.format_name} (the op takes fp32)"
         if m.light is not None and getattr(m.light, "op_type", None) != "SparseMatMulInt8":
             return f"light format {m.light.format_name} (the op takes sparse-int8)"
     return None
+
+
+def nbits_kind(m: nn.Module | None) -> tuple[int, int] | None:
+    """``(bits, block_size)`` of a part ``FusedFFNNBits`` carries: the dense float32 format
+    ``(32, 0)`` or MatMulNBits int8 / int4; None for any other module."""
+    from .formats.dense import DenseLinear
+    from .formats.nbits import NBitsLinear
+
+    if type(m) is NBitsLinear and m.bits in (4, 8):  # not its subclasses (other layouts)
+        return (int(m.bits), int(m.block_size))
+    if isinstance(m, DenseLinear) and m.format_name == "fp32":
+        return (32, 0)
+    return None
+
+
+def _nbits_kinds(model: nn.Module, spec: FFNSpec) -> tuple[tuple | None, tuple | None, str | None]:
+    """``(heavy kind, light kind, why not)`` of ``ffsplit::FusedFFNNBits`` for this FFN: every
+    heavy part one kind (none when H = 0), every light part one int8 / int4 kind."""
+    heavy, light = set(), set()
+    for path in spec.projections:
+        m = get_module(model, path)
+        for role, part, kinds in (("heavy", m.heavy, heavy), ("light", m.light, light)):
+            if part is None:
+                kinds.add(None)
+                continue
+            k = nbits_kind(part)
+            if k is None or (role == "light" and k[0] == 32):
+                took = "int8 / int4 (MatMulNBits)" + (" or fp32" if role == "heavy" else "")
+                return None, None, f"{role} format {part.format_name} of {path} (the op takes {took})"
+            kinds.add(k)
+    if len(heavy) > 1:
+        return None, None, f"heavy parts of different kinds {sorted(map(str, heavy))} (the op takes one)"
+    if len(light) > 1:
+        return None, None, f"light parts of different kinds {sorted(map(str, light))} (the op takes one)"
+    hk, lk = next(iter(heavy)), next(iter(light))
+    if lk is None:
+        return None, None, "no light part (heavy fraction 1): nothing for the op to skip"
+    for k in (hk, lk):
+        if k is not None and k[0] != 32 and not (16 <= k[1] <= 256 and k[1] & (k[1] - 1) == 0):
+            return None, None, f"block size {k[1]} (the op takes powers of two 16..256)"
+    return hk, lk, None
+
+
+def fused_op_for(model: nn.Module, spec: FFNSpec) -> tuple[str | None, str]:
+    """The op that carries this FFN (``FusedFFN`` for fp32 + sparse-int8, ``FusedFFNNBits`` for
+    dense fp32 / MatMulNBits parts) or ``(None, why not)``."""
+    why = _common(spec, model)
+    if why is not None:
+        return None, why
+    why_sparse = _why_not_sparse(model, spec)
+    if why_sparse is None:
+        return SPARSE_OP, ""
+    _, _, why_nbits = _nbits_kinds(model, spec)
+    if why_nbits is None:
+        return NBITS_OP, ""
+    return None, f"{why_sparse}; FusedFFNNBits: {why_nbits}"
 
 
 def fuse_ffns_(
@@ -275,16 +477,18 @@ def fuse_ffns_(
     """
     sp = skip if isinstance(skip, ActivationSparsity) else ActivationSparsity(int(skip), 0.0)
     specs = specs if specs is not None else find_ffns(model)
-    fused, kept = [], {}
+    fused, kept, ops = [], {}, {}
     for spec in specs:
-        reason = why_not_fusable(model, spec)
-        if reason is not None:
+        op, reason = fused_op_for(model, spec)
+        if op is None:
             kept[spec.name] = reason
             continue
         kind = ACTIVATION_KINDS[spec.activation]
         up, down = get_module(model, spec.up), get_module(model, spec.down)
         gate = get_module(model, spec.gate) if spec.gate is not None else None
-        module = FusedFFN(up, down, gate, kind, sp.skip, name=spec.name)
+        cls = FusedFFN if op == SPARSE_OP else FusedFFNNBits
+        module = cls(up, down, gate, kind, sp.skip, name=spec.name)
+        ops[op] = ops.get(op, 0) + 1
         if gate is not None:
             set_module(model, spec.name, module)
         else:
@@ -293,7 +497,9 @@ def fuse_ffns_(
             set_module(model, spec.down, Passthrough())
         fused.append(spec.name)
     record = {
-        "op": "ffsplit::FusedFFN",
+        # the op of the fused FFNs (FusedFFN when none is fused: the historical record)
+        "op": next(iter(ops)) if len(ops) == 1 else (sorted(ops) if ops else SPARSE_OP),
+        "ops": ops,
         "activation_sparsity": sp.label,
         "fused": len(fused),
         "kept_subgraph": kept,
@@ -303,8 +509,9 @@ def fuse_ffns_(
             first = next(iter(kept.items()))
             raise ConfigError(
                 f"--activation-sparsity={sp.fraction}: {len(kept)} FFN(s) cannot be fused ({first[0]}: "
-                f"{first[1]}), so their light neurons would never be skipped; use --heavy-format fp32 and "
-                "--light-format sparse-int8, or --activation-sparsity 0 / exact"
+                f"{first[1]}), so their light neurons would never be skipped; use light int8 / int4 with "
+                "heavy fp32 / int8 (the presets), or light sparse-int8 with heavy fp32, or "
+                "--activation-sparsity 0 / exact"
             )
         if not batches:
             raise ConfigError("--activation-sparsity F needs calibration batches to set the thresholds")

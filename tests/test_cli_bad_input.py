@@ -192,7 +192,7 @@ ROWS: list[tuple[str, str, bool]] = [
     (f"{E} --target tensorrt --activation-sparsity exact", "exact", False),
     (f"{E} --trt-dense-24", "--trt-dense-24", False),
     (f"{E} --target tensorrt --trt-dense-24", "--trt-dense-24", False),
-    (f"{E} --fused-ffn --light-format int4", "int4", False),
+    (f"{E} --fused-ffn --light-format lowrank", "lowrank", False),
     (f"{E} --task no-such-task", "no-such-task", True),
     # ------------------------------------------------------------ analyze
     ("analyze tiny-llama", "--output", False),
@@ -432,10 +432,10 @@ def _api_cases(place: Path):
             lambda: export(
                 "tiny-llama",
                 out,
-                config=CompressionConfig(light_format="int4"),
+                config=CompressionConfig(light_format="lowrank"),
                 options=ExportOptions(fused_ffn=True),
             ),
-            "int4",
+            "lowrank",
         ),
         (
             lambda: export("tiny-llama", out, options=ExportOptions(target="tensorrt", trt_dense_24=True)),

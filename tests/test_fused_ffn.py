@@ -424,17 +424,22 @@ def test_exact_export_matches_unfused(name, tmp_path):
 
 
 def test_unsupported_formats_keep_the_subgraph():
-    """A light format the op does not take (int4) leaves every FFN as today's subgraph, with the reason."""
+    """A light format neither fused op takes (lowrank) leaves every FFN as today's subgraph, with
+    the reason for both ops (int4 fuses into FusedFFNNBits: tests/test_fused_nbits_export.py)."""
     from ffsplit_export.fused import fuse_ffns_
     from ffsplit_export.models.tiny import build_tiny
     from ffsplit_export.pipeline import compress
     from ffsplit_export.split import SplitConfig
 
     model, pre, _ = build_tiny("tiny-mpt")
-    res = compress(model, pre, config=SplitConfig(light_format="int4"), num_samples=4, progress=False)
+    res = compress(model, pre, config=SplitConfig(light_format="lowrank"), num_samples=4, progress=False)
     rec = fuse_ffns_(res.model, 1)
     assert rec["fused"] == 0 and rec["kept_subgraph"]
-    assert all("light format int4" in why for why in rec["kept_subgraph"].values())
+    for why in rec["kept_subgraph"].values():
+        assert (
+            "light format lowrank (the op takes sparse-int8)" in why
+            and "FusedFFNNBits: light format lowrank" in why
+        )
 
 
 @needs_plugin

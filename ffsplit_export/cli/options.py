@@ -496,7 +496,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fused-ffn",
         action="store_true",
-        help="ort-cpu: one ffsplit::FusedFFN node per split FFN (heavy fp32, light sparse-int8)",
+        help="ort-cpu: one node per split FFN: ffsplit::FusedFFNNBits (the presets: heavy fp32 / int8, light "
+        "int8 / int4) or ffsplit::FusedFFN (heavy fp32, light sparse-int8)",
     )
     p.add_argument(
         "--activation-sparsity",

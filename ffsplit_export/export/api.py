@@ -130,13 +130,17 @@ def check_export_request(config: CompressionConfig, opts: ExportOptions, output:
             "or leave --trt-dense-24 out"
         )
     if (opts.fused_ffn or opts.skip_mode) and opts.target is Target.ORT_CPU:
-        if str(light) != "sparse-int8" or str(config.heavy_format) != "fp32":
+        heavy = str(config.heavy_format)
+        # ffsplit::FusedFFN takes fp32 + sparse-int8; ffsplit::FusedFFNNBits the presets' parts
+        # (heavy fp32 / int8, light int8 / int4 in MatMulNBits layout); the planner may still
+        # leave single FFNs unfusable (the manifest says which and why)
+        nbits = str(light) in ("int8", "int4") and heavy in ("fp32", "int8")
+        if not nbits and (str(light) != "sparse-int8" or heavy != "fp32"):
             raise ConfigError(
-                f"--fused-ffn / --activation-sparsity exact: the fused op takes light sparse-int8 and heavy fp32, "
-                f"not light {light} / heavy {config.heavy_format}"
+                f"--fused-ffn / --activation-sparsity: the fused ops take light sparse-int8 with heavy fp32, "
+                f"or light int8 / int4 with heavy fp32 / int8, not light {light} / heavy {heavy}"
                 + (f" (set by --preset {config.preset})" if config.preset else "")
-                + "; use --light-format sparse-int8 --heavy-format fp32"
-                + (" (or --preset none)" if config.preset else "")
+                + "; use e.g. --light-format int4 --heavy-format int8 (--preset balanced)"
                 + ", or leave --fused-ffn / --activation-sparsity out"
             )
 
@@ -162,8 +166,8 @@ def check_task(model, task: str) -> None:
 
 
 def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> dict:
-    """One FusedFFN node per split FFN on ort-cpu (thresholds calibrated on ``batches`` for
-    ``--activation-sparsity F``); portable keeps standard ops (same function)."""
+    """One fused FFN node (FusedFFN / FusedFFNNBits) per split FFN on ort-cpu (thresholds
+    calibrated on ``batches`` for ``--activation-sparsity F``); portable keeps standard ops."""
     from ..fused import fuse_ffns_
 
     if opts.target is Target.ORT_CPU:

@@ -38,7 +38,7 @@ class ExportOptions:
     trt_dense_24: bool = False  # tensorrt + 2:4: dense 2:4 weights for TensorRT's sparse tensor cores
     reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
     extra_manifest: dict = field(default_factory=dict)
-    fused_ffn: bool = False  # one ffsplit::FusedFFN node per split FFN (ort-cpu)
+    fused_ffn: bool = False  # one fused FFN node per split FFN (ort-cpu): FusedFFN or FusedFFNNBits
     activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
     # ort-cpu: fuse RMSNorm / rotary / attention around the FFN into ONNX Runtime contrib ops
     # (export/fusion.py); None = on for ort-cpu, off for the other targets
@@ -58,7 +58,7 @@ class ExportOptions:
         if self.sparsity.fraction > 0 and self.target is not Target.ORT_CPU:
             raise ConfigError(
                 f"--activation-sparsity={self.activation_sparsity}: calibrated thresholds run in the "
-                f"ffsplit::FusedFFN op, which --target {self.target} does not have; use --target ort-cpu"
+                f"fused FFN ops, which --target {self.target} does not have; use --target ort-cpu"
             )
         if self.atol is not None and (
             isinstance(self.atol, bool)
