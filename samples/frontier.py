@@ -130,9 +130,24 @@ def recipes(quick: bool) -> list[Recipe]:
         )
     )
     for name, p in PRESETS.items():
-        out.append(
-            ffsplit_recipe(f"preset {name}", p.get("note", ""), **{k: v for k, v in p.items() if k != "note"})
-        )
+        fields = {k: v for k, v in p.items() if k != "note"}
+        out.append(ffsplit_recipe(f"preset {name}", p.get("note", ""), **fields))
+        if quick:
+            continue
+        # issue 12: the same compressed model, one ffsplit::FusedFFNNBits node per FFN, then light
+        # neurons skipped at calibrated thresholds (the preset's calibration batches)
+        out.append(ffsplit_recipe(f"preset {name} fused", "--fused-ffn", **fields, fused_ffn=True))
+        if name == "balanced":
+            out += [
+                ffsplit_recipe(
+                    f"preset {name} fused, act. sparsity {f}",
+                    f"--activation-sparsity {f}",
+                    **fields,
+                    fused_ffn=True,
+                    activation_sparsity=f,
+                )
+                for f in (0.25, 0.4, 0.5)
+            ]
     if quick:
         return out
     # candidates around the presets (what chose them)
@@ -330,19 +345,41 @@ def _save_quant(qms: dict, dense: Path, out: Path) -> Path:
     return out
 
 
+EXPORT_FIELDS = ("nbits_accuracy_level", "fused_ffn", "activation_sparsity")  # not compression
+_LAST_COMPRESSED: dict = {}  # (model, compression fields) -> the compressed model (one kept)
+
+
 def build_ffsplit(m: Model, out: Path, opts: dict) -> Path:
-    """``ffsplit-export export`` with the recipe's options (the shared calibration statistics)."""
+    """``ffsplit-export export`` with the recipe's options (the shared calibration statistics).
+
+    Recipes that differ only in export options (``--fused-ffn``, ``--activation-sparsity``) share
+    one compression: the last compressed model is kept and copied before fusing."""
     if (out / "ffsplit.json").exists():
         return out
+    import copy
+
     from ffsplit_export.config import CompressionConfig
+    from ffsplit_export.export.api import _fuse
     from ffsplit_export.export.core import ExportOptions, export_split_model
     from ffsplit_export.pipeline import compress
 
-    fields = {k: v for k, v in opts.items() if k != "nbits_accuracy_level"}
+    fields = {k: v for k, v in opts.items() if k not in EXPORT_FIELDS}
     cfg = CompressionConfig(**fields)
     stats, batches = m.calibration()
-    kw = cfg.compress_kwargs()
-    res = compress(m.model, m.pre, **kw, stats=stats, batches=batches, progress=False)
+    key = (m.name, tuple(sorted(fields.items())))
+    if key not in _LAST_COMPRESSED:
+        _LAST_COMPRESSED.clear()
+        gc.collect()
+        kw = cfg.compress_kwargs()
+        _LAST_COMPRESSED[key] = compress(m.model, m.pre, **kw, stats=stats, batches=batches, progress=False).model
+    model = _LAST_COMPRESSED[key]
+    eo = ExportOptions(
+        validate=False,
+        overwrite=True,
+        nbits_accuracy_level=opts["nbits_accuracy_level"],
+        fused_ffn=bool(opts.get("fused_ffn", False)),
+        activation_sparsity=opts.get("activation_sparsity", 0),
+    )
     manifest = {
         "format_version": 1,
         "source_model": m.name,
@@ -351,9 +388,11 @@ def build_ffsplit(m: Model, out: Path, opts: dict) -> Path:
         "light_format": cfg.light_format,
         "compression_config": cfg.to_dict(),
     }
-    eo = ExportOptions(validate=False, overwrite=True, nbits_accuracy_level=opts["nbits_accuracy_level"])
-    export_split_model(res.model, m.pre, out, getattr(m, "task", TASK), eo, manifest)
-    del res
+    if eo.fused_ffn or eo.skip_mode:
+        model = copy.deepcopy(model)
+        manifest["fused_ffn"] = _fuse(model, eo, batches)
+    export_split_model(model, m.pre, out, getattr(m, "task", TASK), eo, manifest)
+    del model
     gc.collect()
     return out
 
