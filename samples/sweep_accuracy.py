@@ -390,9 +390,15 @@ class Bench:
 
 
 def _file_bytes(path: Path) -> int:
-    """Bytes of the ONNX files (and their external data) of an export folder."""
-    return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in (".onnx", ".onnx_data", ".data")
-               or f.name.endswith((".onnx_data", ".onnx.data")))  # fmt: skip
+    """Bytes of the ONNX files (and their external data) that ONNX Runtime loads from an export
+    folder: Whisper's encoder and merged decoder only (``frontier.speech_files``), not the
+    unmerged decoders the export also writes."""
+    path = Path(path)
+    files = (
+        frontier.speech_files(path) if (path / "encoder_model.onnx").exists() else sorted(path.glob("*.onnx"))
+    )
+    data = [f.with_name(f.name + sfx) for f in files for sfx in ("_data", ".data")]
+    return sum(f.stat().st_size for f in files + data if f.exists())
 
 
 def _result(bench: Bench, row: Row) -> dict:
