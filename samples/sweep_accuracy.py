@@ -125,20 +125,13 @@ def grid(quick: bool, onnx: bool = True) -> list[Row]:
     """The configurations, most important first (a stopped run has the headline rows)."""
     rows = [Row("dense", headline=True)]
     rows += [Row("preset", preset=p, headline=True) for p in ("accurate", "balanced", "fast")]
-    if onnx:  # ONNX Runtime's quantizer: evaluated only through ONNX Runtime
-        for bits, block, algo in ((4, 32, "DEFAULT"), (4, 128, "DEFAULT"), (4, 32, "HQQ"), (4, 128, "HQQ"),
-                                  (8, 32, "DEFAULT")):  # fmt: skip
-            for emb in ("fp32", "int4"):
-                q = Row("ort-quant", "int8" if bits == 8 else "int4", quantizer=algo, group_size=block,
-                        bits=bits, embedding=emb, headline=True)  # fmt: skip
-                rows.append(q)
     # issue 11's one-shot goals: SparseGPT prune + GPTQ codes in one pass (the joint pass), int8 heavy
     joint = partial(Row, "ffsplit", prune_method="sparsegpt", quantizer="gptq", heavy_format="int8")
     rows += [
         joint("sparse-int8", 0.5, 0.3, headline=True, note="joint SparseGPT + GPTQ, 50 % goal"),
         joint("sparse-int4", 0.5, 0.3, group_size=32, headline=True, note="joint, sparse-int4 light, 50 %"),
-        joint("sparse-int8", 0.75, 0.3, headline=True, note="joint SparseGPT + GPTQ, 75 % goal"),
-        joint("sparse-int4", 0.75, 0.3, group_size=32, headline=True, note="joint, sparse-int4 light, 75 %"),
+        joint("sparse-int8", 0.75, 0.3, note="joint SparseGPT + GPTQ, 75 % goal"),
+        joint("sparse-int4", 0.75, 0.3, group_size=32, note="joint, sparse-int4 light, 75 %"),
         joint("sparse-int8", 0.5, 0.1, note="joint, small int8 heavy set"),
     ]
     # mixed precision at about equal FFN bytes: a small Hessian-chosen int8 heavy set + GPTQ int4
@@ -157,6 +150,13 @@ def grid(quick: bool, onnx: bool = True) -> list[Row]:
         )  # fmt: skip
         for hf, g in ((0.01, 128), (0.03, 128), (0.03, 64))
     ]
+    if onnx:  # ONNX Runtime's quantizer: evaluated only through ONNX Runtime
+        for bits, block, algo in ((4, 32, "DEFAULT"), (4, 128, "DEFAULT"), (4, 32, "HQQ"), (4, 128, "HQQ"),
+                                  (8, 32, "DEFAULT")):  # fmt: skip
+            for emb in ("fp32", "int4"):
+                q = Row("ort-quant", "int8" if bits == 8 else "int4", quantizer=algo, group_size=block,
+                        bits=bits, embedding=emb, headline=True)  # fmt: skip
+                rows.append(q)
     # issue 6's round-to-nearest rows: headline splits (SparseGPT-pruned sparse-int8 light parts,
     # and the int8 "43 % smaller" points)
     sgpt = partial(Row, "ffsplit", "sparse-int8", prune_method="sparsegpt")
