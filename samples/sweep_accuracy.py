@@ -482,6 +482,8 @@ def markdown(results: list[dict]) -> str:
         metric = rows[0]["metric"]
         speech = metric == "wer"
         dense = next((r for r in rows if r["group"] == "dense"), None)
+        if dense is None:  # a partial run (--only) without the dense row: nothing to compare with
+            continue
         extra = " ppl of the dense transcripts |" if speech else ""
         lines += [
             f"### {model}: {metric} (lower is better)",
