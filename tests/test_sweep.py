@@ -32,7 +32,21 @@ def test_sweep_quick_on_a_tiny_model(tmp_path, monkeypatch):
     rows = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in rows]
     assert len(labels) == len(set(labels)), "a configuration ran twice"
-    assert {r["group"] for r in rows} == {"dense", "matmulnbits", "ffsplit", "uniform", "random"}
+    groups = {"dense", "preset", "matmulnbits", "ffsplit", "uniform", "random"}  # no ort-quant: --no-onnx
+    assert {r["group"] for r in rows} == groups
+    # the presets are the shipped recipes: their stored config is CompressionConfig.from_preset's
+    from ffsplit_export.config import CompressionConfig
+
+    presets = {r["preset"]: r for r in rows if r["group"] == "preset"}
+    assert set(presets) == {"accurate", "balanced", "fast"}
+    for name, r in presets.items():
+        want = CompressionConfig.from_preset(name).split_config().to_dict()
+        assert r["config"] == want, name
+    # the joint prune-and-quantize goal rows and the mixed-precision rows ran with GPTQ codes
+    joint = [r for r in rows if r["quantizer"] == "gptq" and r["prune_method"] == "sparsegpt"]
+    assert {r["light_format"] for r in joint} >= {"sparse-int8", "sparse-int4"}
+    mixed = [r for r in rows if r["note"] == "mixed precision"]
+    assert mixed and all(r["selection"] == "hessian" and 0 < r["heavy_fraction"] <= 0.03 for r in mixed)
     dense = next(r for r in rows if r["group"] == "dense")
     assert dense["ffn_ratio"] == 1.0 and dense["model_bytes_ratio"] == 1.0
     # every equal-bytes uniform row matches the FFN bytes of the split it follows within 2 %
@@ -48,3 +62,10 @@ def test_sweep_quick_on_a_tiny_model(tmp_path, monkeypatch):
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == len(rows) + 2  # header, separator, one line per row
     assert (out / "tiny-llama_perplexity_vs_bytes.png").stat().st_size > 1000
+    # a rerun finds every row stored and recomputes none; --report rewrites the same tables
+    (out / "results.md").unlink()
+    sweep_accuracy.main()
+    assert json.loads((out / "results.json").read_text()) == rows
+    monkeypatch.setattr(sys, "argv", argv + ["--report"])
+    sweep_accuracy.main()
+    assert (out / "results.md").read_text() == md
