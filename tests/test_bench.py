@@ -50,6 +50,25 @@ def test_weight_bytes_tied_embedding_is_read_in_full(tmp_path):
     assert b["weight_bytes_per_token"] == e + w
 
 
+def test_weight_bytes_counts_constant_node_weights(tmp_path):
+    """Weights folded into Constant nodes (how the fused FFN ops' inputs are exported) are read too."""
+    w = np.ones((8, 16), np.float32)
+    g = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w, "W")),
+            helper.make_node("MatMul", ["x", "W"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(g), path)
+    b = bench.weight_bytes(path)
+    assert b["initializer_bytes"] == w.nbytes
+    assert b["weight_bytes_per_token"] == w.nbytes
+
+
 def test_arguments_and_bad_lists():
     from ffsplit_export.cli import bench as bench_cli
     from ffsplit_export.cli.options import fraction_list

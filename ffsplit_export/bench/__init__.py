@@ -235,7 +235,15 @@ def weight_bytes(onnx_path: Path) -> dict:
     }
     total = per_token = 0
     emb_bytes = 0
-    for t in m.graph.initializer:
+    # weights folded into Constant nodes (the fused FFN ops' inputs are exported that way) count too
+    consts = [
+        a.t
+        for n in m.graph.node
+        if n.op_type == "Constant"
+        for a in n.attribute
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR
+    ]
+    for t in list(m.graph.initializer) + consts:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             n = int({e.key: e.value for e in t.external_data}.get("length", 0))
         else:
