@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "ffn.h"
+#include "ffn_attrs.h"
 
 namespace ffsplit {
 
@@ -140,17 +141,6 @@ namespace {
 
 bool NonFinite(float v) { return !std::isfinite(v); }
 
-enum class Act { kRelu, kGelu, kGeluTanh, kSilu };
-
-double ActOf(Act act, double v) {
-  switch (act) {
-    case Act::kRelu: return v > 0.0 ? v : (std::isnan(v) ? v : 0.0);
-    case Act::kGelu: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
-    case Act::kGeluTanh: return 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
-    default: return v / (1.0 + std::exp(-v));
-  }
-}
-
 // float64 dot products for the non-finite recompute (dense semantics: every term multiplies)
 float ExactDense(const float* w, const float* x, int64_t k) {
   double s = 0.0;
@@ -244,41 +234,15 @@ class FusedFFNKernel {
  public:
   FusedFFNKernel(const OrtApi& api, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
-    try {
-      name_ = "ffsplit::FusedFFN (node '" + ki.GetNodeName() + "')";
-    } catch (...) {
-      name_ = "ffsplit::FusedFFN";
-    }
-    std::string act;
-    try {
-      act = ki.GetAttribute<std::string>("activation");
-    } catch (...) {
-      Fail("the string attribute 'activation' is required (relu, gelu, gelu_tanh, silu)");
-    }
-    if (act == "relu") act_ = Act::kRelu;
-    else if (act == "gelu") act_ = Act::kGelu;
-    else if (act == "gelu_tanh") act_ = Act::kGeluTanh;
-    else if (act == "silu") act_ = Act::kSilu;
-    else Fail("activation '" + act + "' is not supported; use relu, gelu, gelu_tanh or silu");
-    const int64_t gated = IntAttr(api, info, "gated"), skip = IntAttr(api, info, "skip");
-    if (gated != 0 && gated != 1) Fail("gated must be 0 or 1, got " + std::to_string(gated));
-    if (skip != 0 && skip != 1) Fail("skip must be 0 (compute all) or 1 (exact), got " + std::to_string(skip));
-    gated_ = gated == 1;
-    skip_ = skip == 1;
-    {
-      float t = 0.0f;
-      if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "threshold", &t)) {
-        api.ReleaseStatus(st);
-        t = 0.0f;
-      }
-      if (!std::isfinite(t) || t < 0.0f)
-        Fail("threshold must be a finite float >= 0, got " + std::to_string(t));
-      if (t > 0.0f && !skip_) Fail("threshold > 0 needs skip=1 (thresholds skip light neurons)");
-      threshold_ = t;
-    }
+    const FfnAttrs attrs = ReadFfnAttrs(api, info, "FusedFFN");
+    name_ = attrs.name;
+    act_ = attrs.act;
+    gated_ = attrs.gated;
+    skip_ = attrs.skip;
+    threshold_ = attrs.threshold;
     const size_t want = gated_ ? 19 : 13;
     if (ki.GetInputCount() != want)
-      Fail("with gated=" + std::to_string(gated) + " the op takes " + std::to_string(want) + " inputs, got " +
+      Fail(std::string("with gated=") + (gated_ ? "1" : "0") + " the op takes " + std::to_string(want) + " inputs, got " +
            std::to_string(ki.GetInputCount()));
     std::vector<ConstInput> in(want);
     std::vector<Ort::ConstValue> keep;
@@ -387,14 +351,6 @@ class FusedFFNKernel {
   }
   OrtStatusPtr Status(const std::string& msg) const {
     return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, (name_ + ": " + msg).c_str());
-  }
-  static int64_t IntAttr(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
-    int64_t v = 0;
-    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v)) {
-      api.ReleaseStatus(st);
-      v = 0;
-    }
-    return v;
   }
   static int64_t ChunkWords(int64_t d) {
     const int64_t words = (d + 63) / 64;

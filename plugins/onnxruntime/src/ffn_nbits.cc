@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "ffn.h"
+#include "ffn_attrs.h"
 #include "ffn_nbits.h"
 
 namespace ffsplit {
@@ -186,17 +187,6 @@ namespace {
 
 bool Bad(float v) { return !std::isfinite(v); }
 
-enum class Act { kRelu, kGelu, kGeluTanh, kSilu };
-
-double ActOf(Act act, double v) {
-  switch (act) {
-    case Act::kRelu: return v > 0.0 ? v : (std::isnan(v) ? v : 0.0);
-    case Act::kGelu: return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0)));
-    case Act::kGeluTanh: return 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
-    default: return v / (1.0 + std::exp(-v));
-  }
-}
-
 struct NbPar final : Parallel {
   explicit NbPar(OrtKernelContext* ctx) : ctx_(ctx) {}
   void For(size_t total, void (*fn)(void*, size_t), void* data) const override {
@@ -237,49 +227,24 @@ class NbKernel {
  public:
   NbKernel(const OrtApi& api, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
-    try {
-      name_ = "ffsplit::FusedFFNNBits (node '" + ki.GetNodeName() + "')";
-    } catch (...) {
-      name_ = "ffsplit::FusedFFNNBits";
-    }
-    std::string act;
-    try {
-      act = ki.GetAttribute<std::string>("activation");
-    } catch (...) {
-      Fail("the string attribute 'activation' is required (relu, gelu, gelu_tanh, silu)");
-    }
-    if (act == "relu") act_ = Act::kRelu;
-    else if (act == "gelu") act_ = Act::kGelu;
-    else if (act == "gelu_tanh") act_ = Act::kGeluTanh;
-    else if (act == "silu") act_ = Act::kSilu;
-    else Fail("activation '" + act + "' is not supported; use relu, gelu, gelu_tanh or silu");
-    const int64_t gated = IntAttr(api, info, "gated", 0), skip = IntAttr(api, info, "skip", 0);
-    if (gated != 0 && gated != 1) Fail("gated must be 0 or 1, got " + std::to_string(gated));
-    if (skip != 0 && skip != 1) Fail("skip must be 0 (compute all) or 1 (skip silent light neurons), got " + std::to_string(skip));
-    gated_ = gated == 1;
-    skip_ = skip == 1;
-    {
-      float t = 0.0f;
-      if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "threshold", &t)) {
-        api.ReleaseStatus(st);
-        t = 0.0f;
-      }
-      if (!std::isfinite(t) || t < 0.0f) Fail("threshold must be a finite float >= 0, got " + std::to_string(t));
-      if (t > 0.0f && !skip_) Fail("threshold > 0 needs skip=1 (thresholds skip light neurons)");
-      thr_ = t;
-    }
-    hbits_ = static_cast<int>(IntAttr(api, info, "heavy_bits", -1));
-    lbits_ = static_cast<int>(IntAttr(api, info, "light_bits", -1));
+    const FfnAttrs attrs = ReadFfnAttrs(api, info, "FusedFFNNBits");
+    name_ = attrs.name;
+    act_ = attrs.act;
+    gated_ = attrs.gated;
+    skip_ = attrs.skip;
+    thr_ = attrs.threshold;
+    hbits_ = static_cast<int>(FfnIntAttr(api, info, "heavy_bits", -1));
+    lbits_ = static_cast<int>(FfnIntAttr(api, info, "light_bits", -1));
     if (hbits_ != 4 && hbits_ != 8 && hbits_ != 32)
       Fail("the int attribute heavy_bits must be 4, 8 or 32 (dense float32), got " +
            (hbits_ == -1 ? std::string("none") : std::to_string(hbits_)));
     if (lbits_ != 4 && lbits_ != 8)
       Fail("the int attribute light_bits must be 4 or 8, got " +
            (lbits_ == -1 ? std::string("none") : std::to_string(lbits_)));
-    hbs_ = IntAttr(api, info, "heavy_block_size", 0);
-    lbs_ = IntAttr(api, info, "light_block_size", 0);
+    hbs_ = FfnIntAttr(api, info, "heavy_block_size", 0);
+    lbs_ = FfnIntAttr(api, info, "light_block_size", 0);
     if (!Pow2Block(lbs_)) Fail("light_block_size must be a power of two in 16..256, got " + std::to_string(lbs_));
-    level_ = IntAttr(api, info, "accuracy_level", 0);
+    level_ = FfnIntAttr(api, info, "accuracy_level", 0);
     if (level_ != 0 && level_ != 4)
       Fail("accuracy_level must be 0 (exact float32) or 4 (int8 activations), got " + std::to_string(level_));
 
@@ -393,14 +358,6 @@ class NbKernel {
   [[noreturn]] void Fail(const std::string& msg) const { throw Ort::Exception(name_ + ": " + msg, ORT_INVALID_ARGUMENT); }
   OrtStatusPtr Status(const std::string& msg) const {
     return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, (name_ + ": " + msg).c_str());
-  }
-  static int64_t IntAttr(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t dflt) {
-    int64_t v = dflt;
-    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v)) {
-      api.ReleaseStatus(st);
-      v = dflt;
-    }
-    return v;
   }
   static std::string Shape(const std::vector<int64_t>& s) {
     std::string o = "[";
