@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ffsplit {
 
@@ -75,6 +76,35 @@ inline FfnAttrs ReadFfnAttrs(const OrtApi& api, const OrtKernelInfo* info, const
   if (t > 0.0f && !a.skip) fail("threshold > 0 needs skip=1 (thresholds skip light neurons)");
   a.threshold = t;
   return a;
+}
+
+// The compute both fused FFN kernels share: X float32 [..., d] -> Y of X's shape, run(x, y, m) on
+// its m rows; a bad X or an exception becomes an ORT_INVALID_ARGUMENT status prefixed by `name`.
+template <class Run>
+OrtStatusPtr FfnCompute(OrtKernelContext* context, int64_t d, const std::string& name, Run&& run) {
+  auto status = [&name](const std::string& msg) {
+    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, (name + ": " + msg).c_str());
+  };
+  try {
+    Ort::KernelContext ctx(context);
+    auto xv = ctx.GetInput(0);
+    auto xi = xv.GetTensorTypeAndShapeInfo();
+    if (xi.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return status("X must be float32");
+    const std::vector<int64_t> xs = xi.GetShape();
+    if (xs.empty()) return status("X must have rank >= 1, got a scalar");
+    if (xs.back() != d)
+      return status("X has " + std::to_string(xs.back()) + " columns; the FFN's model width is " + std::to_string(d));
+    int64_t m = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i)
+      if (xs[i] < 0 || __builtin_mul_overflow(m, xs[i], &m)) return status("X has too many rows");
+    auto yv = ctx.GetOutput(0, xs);
+    float* y = yv.GetTensorMutableData<float>();
+    if (m == 0) return nullptr;
+    run(xv.GetTensorData<float>(), y, m);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return status(e.what());
+  }
 }
 
 }  // namespace ffsplit

@@ -332,33 +332,12 @@ class NbKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) const {
-    try {
-      Ort::KernelContext ctx(context);
-      auto xv = ctx.GetInput(0);
-      auto xi = xv.GetTensorTypeAndShapeInfo();
-      if (xi.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return Status("X must be float32");
-      const std::vector<int64_t> xs = xi.GetShape();
-      if (xs.empty()) return Status("X must have rank >= 1, got a scalar");
-      if (xs.back() != d_)
-        return Status("X has " + std::to_string(xs.back()) + " columns; the FFN's model width is " + std::to_string(d_));
-      int64_t m = 1;
-      for (size_t i = 0; i + 1 < xs.size(); ++i)
-        if (xs[i] < 0 || __builtin_mul_overflow(m, xs[i], &m)) return Status("X has too many rows");
-      auto yv = ctx.GetOutput(0, xs);
-      float* y = yv.GetTensorMutableData<float>();
-      if (m == 0) return nullptr;
-      Run(xv.GetTensorData<float>(), y, m, NbPar(context));
-      return nullptr;
-    } catch (const std::exception& e) {
-      return Status(e.what());
-    }
+    return FfnCompute(context, d_, name_,
+                      [&](const float* x, float* y, int64_t m) { Run(x, y, m, NbPar(context)); });
   }
 
  private:
   [[noreturn]] void Fail(const std::string& msg) const { throw Ort::Exception(name_ + ": " + msg, ORT_INVALID_ARGUMENT); }
-  OrtStatusPtr Status(const std::string& msg) const {
-    return Ort::GetApi().CreateStatus(ORT_INVALID_ARGUMENT, (name_ + ": " + msg).c_str());
-  }
   static std::string Shape(const std::vector<int64_t>& s) {
     std::string o = "[";
     for (size_t i = 0; i < s.size(); ++i) o += (i ? ", " : "") + std::to_string(s[i]);
