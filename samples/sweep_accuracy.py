@@ -1,4 +1,4 @@
-"""Accuracy vs size sweep (issues 6 and 11): SmolLM2-135M perplexity and Whisper tiny.en WER.
+"""Accuracy vs size sweep (issues 6 and 11): SmolLM2-135M perplexity, Whisper tiny.en / base WER.
 
 One command writes ``results.json``, ``results.md`` and PNG plots of accuracy vs model bytes:
 
@@ -14,7 +14,11 @@ accuracy_level 4, each also with the embedding quantized by that quantizer's Gat
 one-shot goal rows of issue 11 (SparseGPT pruning with GPTQ codes in one pass: sparse-int8 and
 sparse-int4 light parts at 50 % and 75 %, int8 heavy sets); mixed precision at about equal FFN
 bytes (a 1-3 % int8 heavy set chosen by Hessian saliency + GPTQ int4 light against uniform GPTQ
-int4 at group 128 / 64 / 32); then the round-to-nearest rows of issue 6: MatMulNBits int8 / int4
+int4 at group 128 / 64 / 32); the goal rows again with the long calibration (SmolLM2: 256
+windows of 256 tokens of the calibration half, 65536 tokens against the protocol's ~3900; also
+layer by layer, ``--sequential``); recipes near ``balanced`` set against ONNX Runtime's 4-bit
+models at no more bytes (group 32, a 30 % int8 heavy set; GPTQ, and round-to-nearest for Whisper,
+whose built-in calibration is 16 synthesised clips); then the round-to-nearest rows of issue 6: MatMulNBits int8 / int4
 of every linear (the whole model, no heavy set); FFSplit (heavy-hitter heavy set) with light
 format x light sparsity x heavy fraction x heavy format (x --other-linear, x prune method); and
 the ablation at equal FFN bytes for each headline round-to-nearest sparse-int8 row that has a
@@ -83,6 +87,11 @@ class Row:
     int4_grid: str = "symmetric"
     preset: str = ""  # group "preset": the preset's name (its config comes from CompressionConfig)
     bits: int = 0  # ort-quant rows: 4 or 8
+    # "" = the protocol's calibration (128 Genesis verses, ~3.9k tokens); "long" = LONG_CAL
+    calibration: str = ""
+    sequential: bool = False  # layer by layer, on the partly compressed model's activations
+    # group "preset": fields set over the preset's, as (name, value) pairs (a recipe near a preset)
+    overrides: tuple = ()
     headline: bool = False
     note: str = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -91,8 +100,12 @@ class Row:
     def label(self) -> str:
         if self.group == "dense":
             return "dense fp32"
+        tail = (f", calibration {LONG_CAL_DESC}" if self.calibration == "long" else "") + (
+            ", sequential" if self.sequential else ""
+        )
         if self.group == "preset":
-            return f"preset {self.preset}"
+            over = ", ".join(f"{k} {v}" for k, v in self.overrides)
+            return f"preset {self.preset}" + (f" with {over}" if over else "") + tail
         emb = f", embedding {self.embedding}" if self.embedding != "fp32" else ""
         if self.group == "ort-quant":
             return f"ORT quantizer {self.bits}-bit block {self.group_size} {self.quantizer}{emb}"
@@ -112,12 +125,16 @@ class Row:
             s += f" {self.int4_grid}" if self.int4_grid != "symmetric" else ""
         if self.selection != "score" and self.group != "random":
             s += f", {self.selection}-selected heavy set"
-        return s + (f", other {self.other_linear}" if self.other_linear != "fp32" else "") + emb
+        return s + (f", other {self.other_linear}" if self.other_linear != "fp32" else "") + emb + tail
 
 
 SPARSE = ("sparse-int8", "sparse-fp32", "2:4-int8", "lowrank", "sparse-int4")
 PRUNED = ("sparse-int8", "sparse-fp32", "2:4-int8", "sparse-int4")
 CTX = 256  # perplexity context length and stride, as in the README's `ffsplit-export eval` commands
+# the long calibration: the calibration half of the text source, verses joined into windows of
+# LONG_CAL[1] tokens, LONG_CAL[0] of them (65536 tokens, 17x the protocol's; SparseGPT / GPTQ rows)
+LONG_CAL = (256, 256)
+LONG_CAL_DESC = f"{LONG_CAL[0]}x{LONG_CAL[1]} tokens"
 ORT_LEVEL = 4  # MatMulNBits accuracy_level of ONNX Runtime's quantizer rows (as in the frontier)
 
 
@@ -133,6 +150,25 @@ def grid(quick: bool, onnx: bool = True) -> list[Row]:
         joint("sparse-int8", 0.75, 0.3, note="joint SparseGPT + GPTQ, 75 % goal"),
         joint("sparse-int4", 0.75, 0.3, group_size=32, note="joint, sparse-int4 light, 75 %"),
         joint("sparse-int8", 0.5, 0.1, note="joint, small int8 heavy set"),
+    ]
+    # the same goals with 17x the calibration tokens (text models: the long calibration is text)
+    long = partial(joint, calibration="long")
+    rows += [
+        long("sparse-int8", 0.5, 0.3, headline=True, note="50 % goal, long calibration"),
+        long("sparse-int8", 0.5, 0.3, sequential=True, note="50 % goal, long calibration, layer by layer"),
+        long("sparse-int8", 0.75, 0.3, note="75 % goal, long calibration"),
+        long("sparse-int4", 0.5, 0.3, group_size=32, note="sparse-int4 light, 50 %, long calibration"),
+        long("sparse-int4", 0.75, 0.3, group_size=32, note="sparse-int4 light, 75 %, long calibration"),
+    ]
+    # recipes near balanced against ONNX Runtime's 4-bit models at no more bytes (group 32 like its
+    # best block, a 30 % int8 heavy set); Whisper with round-to-nearest codes, because GPTQ fitted
+    # to its built-in calibration (16 synthesised clips) fits them rather than the speech
+    near = (("group_size", 32), ("heavy_fraction", 0.3))
+    bal = partial(Row, "preset", preset="balanced", headline=True)
+    rows += [
+        bal(overrides=near, note="vs ORT 4-bit"),
+        bal(overrides=near, calibration="long", note="vs ORT 4-bit, long calibration"),
+        bal(overrides=(("quantizer", "rtn"), *near), note="vs ORT 4-bit, round-to-nearest"),
     ]
     # mixed precision at about equal FFN bytes: a small Hessian-chosen int8 heavy set + GPTQ int4
     # light, against uniform GPTQ int4 (attention / lm_head fp32 in all of them)
@@ -219,6 +255,19 @@ def ablation_rows(base: Row) -> list[Row]:
 # ------------------------------------------------------------------------------ models
 
 
+def long_calibration(tokenizer) -> list[str]:
+    """LONG_CAL[0] texts of about LONG_CAL[1] tokens: consecutive calibration verses joined."""
+    texts, cur = [], ""
+    for verse in calibration_text("bible"):
+        cur = f"{cur} {verse}".strip()
+        if len(tokenizer(cur)["input_ids"]) >= LONG_CAL[1]:
+            texts.append(cur)
+            cur = ""
+            if len(texts) == LONG_CAL[0]:
+                break
+    return texts
+
+
 class _HessianCache:
     """``linear_hessians`` of the unchanged source model, computed once per set of layers: every
     GPTQ row of one model asks for the same Hessians of its other linear layers (only the
@@ -260,6 +309,7 @@ class Bench:
             self.metric = "perplexity"
         self.batches = make_batches(self.model, self.pre, samples, batch_size=8, max_length=128)
         self.stats = None
+        self._long = None  # (batches, statistics) of the long calibration, made when a row asks
         self.quick = quick
         self._dense_onnx = None
 
@@ -269,9 +319,20 @@ class Bench:
             self.stats = calibrate(self.model, self.batches, hessians=True, progress=False)
         return self.stats
 
+    def calibration_for(self, row: Row) -> tuple[list, dict]:
+        """(batches, statistics) of the row's calibration."""
+        if row.calibration != "long":
+            return self.batches, self.statistics()
+        if self.speech:
+            raise ValueError(f"{row.label}: the long calibration is text; Whisper rows use the clips")
+        if self._long is None:
+            batches = make_batches(self.model, self.pre, long_calibration(self.pre), 8, LONG_CAL[1])
+            self._long = (batches, calibrate(self.model, batches, hessians=True, progress=False))
+        return self._long
+
     def config(self, row: Row) -> CompressionConfig:
         if row.group == "preset":
-            return CompressionConfig.from_preset(row.preset)
+            return CompressionConfig.from_preset(row.preset, **dict(row.overrides))
         split = SplitConfig(
             light_format=row.light_format,
             light_sparsity=row.light_sparsity or 0.5,
@@ -292,10 +353,9 @@ class Bench:
     def compress(self, row: Row):
         if row.group == "dense":
             return None
-        kw = self.config(row).compress_kwargs()
-        return compress(
-            self.model, self.pre, **kw, stats=self.statistics(), batches=self.batches, progress=False
-        )
+        kw = {**self.config(row).compress_kwargs(), "sequential": row.sequential}
+        batches, stats = self.calibration_for(row)
+        return compress(self.model, self.pre, **kw, stats=stats, batches=batches, progress=False)
 
     def evaluate(self, model) -> float:
         if self.speech:
@@ -418,6 +478,9 @@ def _result(bench: Bench, row: Row) -> dict:
         "group_size": row.group_size,
         "int4_grid": row.int4_grid,
         "preset": row.preset,
+        "overrides": dict(row.overrides),
+        "calibration": LONG_CAL_DESC if row.calibration == "long" else "protocol",
+        "sequential": row.sequential,
         "note": row.note,
         "metric": bench.metric,
     }
@@ -608,6 +671,8 @@ def run_model(name: str, args, out: Path, work: Path, tmp: Path, only: list[str]
     for row in grid(args.quick, not args.no_onnx):
         if only and not any(s in row.label for s in only):
             continue
+        if row.calibration == "long" and bench.speech:
+            continue  # the long calibration is text
         res = run(row, not args.no_onnx)
         # the equal-bytes ablation, for headline round-to-nearest sparse-int8 splits whose other
         # weights stay fp32 (equal_bytes_uniform's bytes model is int8 values)
@@ -628,7 +693,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="sweep_accuracy_out")
     ap.add_argument("--quick", action="store_true", help="the headline rows and their ablation only")
-    ap.add_argument("--models", default="smollm2-135m,whisper-tiny.en")
+    ap.add_argument("--models", default="smollm2-135m,whisper-tiny.en,whisper-base")
     ap.add_argument(
         "--no-onnx", action="store_true",
         help="skip everything that runs in ONNX Runtime (headline rows' column, ONNX Runtime's quantizer rows)",

@@ -37,11 +37,25 @@ def test_sweep_quick_on_a_tiny_model(tmp_path, monkeypatch):
     # the presets are the shipped recipes: their stored config is CompressionConfig.from_preset's
     from ffsplit_export.config import CompressionConfig
 
-    presets = {r["preset"]: r for r in rows if r["group"] == "preset"}
+    presets = {r["preset"]: r for r in rows if r["group"] == "preset" and not r["overrides"]}
     assert set(presets) == {"accurate", "balanced", "fast"}
     for name, r in presets.items():
         want = CompressionConfig.from_preset(name).split_config().to_dict()
         assert r["config"] == want, name
+    # recipes near a preset: the preset's config with the row's fields over it
+    near = [r for r in rows if r["group"] == "preset" and r["overrides"]]
+    assert {r["overrides"].get("quantizer", "gptq") for r in near} == {"gptq", "rtn"}
+    for r in near:
+        want = CompressionConfig.from_preset(r["preset"], **r["overrides"]).split_config().to_dict()
+        assert r["config"] == want and r["config"]["group_size"] == 32, r["label"]
+    # the goal rows again on the long calibration, one of them layer by layer
+    long = [r for r in rows if r["calibration"] != "protocol"]
+    assert len(long) >= 5 and any(r["sequential"] for r in long)
+    assert all(r["calibration"] == sweep_accuracy.LONG_CAL_DESC for r in long)
+    tok = sweep_accuracy.load_model("tiny-llama")[1]
+    texts = sweep_accuracy.long_calibration(tok)
+    assert 1 < len(texts) <= sweep_accuracy.LONG_CAL[0]
+    assert all(len(tok(t)["input_ids"]) >= sweep_accuracy.LONG_CAL[1] for t in texts)
     # the joint prune-and-quantize goal rows and the mixed-precision rows ran with GPTQ codes
     joint = [r for r in rows if r["quantizer"] == "gptq" and r["prune_method"] == "sparsegpt"]
     assert {r["light_format"] for r in joint} >= {"sparse-int8", "sparse-int4"}
