@@ -137,6 +137,7 @@ inline int64_t DownEnd(const NbDown& w, int64_t d1) { return std::min(w.dpad, (d
 void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1,
                  float* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
+  const NbDown::Chunk ch = w.ChunkOf(d0);
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs;
     std::fill(acc, acc + len, 0.0f);
@@ -144,7 +145,7 @@ void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t c
     for (; i < count && list[i] / w.bs == b; ++i) {
       const int64_t j = list[i];
       const float av = a[j];
-      const uint8_t* c = w.Seg(j, d0);
+      const uint8_t* c = ch.Of(j);
       for (int64_t d = d0; d < de; ++d)
         acc[d - d0] += av * static_cast<float>(DownCode(c, w.bits, d - d0) - z[d]);
     }
@@ -156,6 +157,7 @@ void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t c
 void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
                  int64_t d1, int32_t* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
+  const NbDown::Chunk ch = w.ChunkOf(d0);
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs;
     std::fill(acc, acc + len, 0);
@@ -165,7 +167,7 @@ void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32
       const int q = qa[j];
       if (!q) continue;
       sumq += q;
-      const uint8_t* c = w.Seg(j, d0);
+      const uint8_t* c = ch.Of(j);
       for (int64_t d = d0; d < de; ++d) acc[d - d0] += q * DownCode(c, w.bits, d - d0);
     }
     const float* s = w.scales.data() + b * w.dpad;
@@ -178,7 +180,7 @@ void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32
 }  // namespace
 
 const NbKernels& NbKernelsScalar() {
-  static const NbKernels k{DotFScalar, DotQScalar, DownFScalar, DownQScalar};
+  static const NbKernels k{DotFScalar, DotQScalar, DownFScalar, DownQScalar, NbQuantize, nullptr};
   return k;
 }
 
@@ -473,13 +475,13 @@ class NbKernel {
   };
   static bool NeedEo(const NbPart& p) { return p.bits == 4 && p.bs >= 64; }
   // x [m][k] (row stride ldx) per block of bs, zero-padded to kpad; eo: also the even / odd order
-  static void QuantizeX(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, bool eo,
-                        Quant& out) {
+  void QuantizeX(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, bool eo,
+                 Quant& out) const {
     const int64_t nb = kpad / bs;
     out.q.assign(static_cast<size_t>(m * kpad), 0);
     out.s.assign(static_cast<size_t>(m * nb), 0.0f);
     out.sum.assign(static_cast<size_t>(m * nb), 0);
-    NbQuantize(x, ldx, m, k, bs, kpad, out.q.data(), out.s.data(), out.sum.data());
+    nk_->quant(x, ldx, m, k, bs, kpad, out.q.data(), out.s.data(), out.sum.data());
     out.eo.clear();
     if (eo) {  // the even / odd order of the AVX2 int4 kernels (kpad is a multiple of 64)
       out.eo.resize(out.q.size());
@@ -596,18 +598,20 @@ class NbKernel {
     if (gated_)
       for (int64_t r = 0; r < m; ++r)
         for (int64_t n = 0; n < f_; ++n) g[static_cast<size_t>(r * f_ + n)] += gate_b_[static_cast<size_t>(n)];
-    std::vector<float> sl;  // cats: act(gate) of the light neurons [m][L]
+    // s = act(gate) (gated) or act(up); cats: the light part first (it decides the live up rows)
+    std::vector<float> sv(static_cast<size_t>(m * f_));
+    std::vector<int32_t> redo;
+    const std::vector<float>& pre = gated_ ? g : u;
     std::vector<uint8_t> silent;  // cats: [m][L]
     if (cats) {
-      sl.resize(static_cast<size_t>(m * l_));
       silent.assign(static_cast<size_t>(m * l_), 0);
       std::vector<int32_t> live;
       live.reserve(static_cast<size_t>(l_));
+      for (int64_t r = 0; r < m; ++r) Activate(pre.data() + r * f_ + h_, sv.data() + r * f_ + h_, l_, redo);
       for (int64_t j = 0; j < l_; ++j) {
         bool any = false;
         for (int64_t r = 0; r < m; ++r) {
-          const float s = static_cast<float>(ActOf(act_, g[static_cast<size_t>(r * f_ + h_ + j)]));
-          sl[static_cast<size_t>(r * l_ + j)] = s;
+          const float s = sv[static_cast<size_t>(r * f_ + h_ + j)];
           // exact zero act(gate): a = 0 * u = 0 unless u is non-finite (X row or scales non-finite)
           const bool quiet = (thr > 0.0f && std::fabs(s) <= thr) || (s == 0.0f && !bad[static_cast<size_t>(r)] && up_l_finite_);
           silent[static_cast<size_t>(r * l_ + j)] = quiet;
@@ -619,28 +623,45 @@ class NbKernel {
       Cut(pieces, up_l_, qlp, u.data() + h_, f_, &live, Target({&up_l_}, static_cast<int64_t>(live.size())));
       RunPieces(pieces, xp.data(), ldx, bad, m, par);
     }
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t n = 0; n < f_; ++n) u[static_cast<size_t>(r * f_ + n)] += up_b_[static_cast<size_t>(n)];
+    for (int64_t r = 0; r < m; ++r) {
+      float* ur = u.data() + r * f_;
+      for (int64_t n = 0; n < f_; ++n) ur[n] += up_b_[static_cast<size_t>(n)];
+      Activate(pre.data() + r * f_, sv.data() + r * f_, cats ? h_ : f_, redo);  // cats: light done above
+    }
     // a (in place in u)
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t n = 0; n < f_; ++n) {
-        const size_t i = static_cast<size_t>(r * f_ + n);
-        const bool light = n >= h_;
-        if (cats && light) {
-          const size_t li = static_cast<size_t>(r * l_ + n - h_);
-          u[i] = silent[li] ? 0.0f : sl[li] * u[i];
-        } else if (gated_) {
-          const float s = static_cast<float>(ActOf(act_, g[i]));
-          u[i] = light && thr > 0.0f && std::fabs(s) <= thr ? 0.0f : s * u[i];
-        } else {
-          const float s = static_cast<float>(ActOf(act_, u[i]));
-          u[i] = light && thr > 0.0f && std::fabs(s) <= thr ? 0.0f : s;
-        }
+    for (int64_t r = 0; r < m; ++r) {
+      float* ur = u.data() + r * f_;
+      const float* sr = sv.data() + r * f_;
+      if (gated_)
+        for (int64_t n = 0; n < h_; ++n) ur[n] *= sr[n];
+      else
+        std::memcpy(ur, sr, static_cast<size_t>(h_) * sizeof(float));
+      if (cats) {
+        const uint8_t* sil = silent.data() + r * l_;
+        for (int64_t n = h_; n < f_; ++n) ur[n] = sil[n - h_] ? 0.0f : sr[n] * ur[n];
+      } else if (gated_) {
+        for (int64_t n = h_; n < f_; ++n) ur[n] = thr > 0.0f && std::fabs(sr[n]) <= thr ? 0.0f : sr[n] * ur[n];
+      } else {
+        for (int64_t n = h_; n < f_; ++n) ur[n] = thr > 0.0f && std::fabs(sr[n]) <= thr ? 0.0f : sr[n];
       }
+    }
     Down(u.data(), y, m, par);
   }
 
   float threshold() const { return thr_; }
+
+  // s[i] = act(v[i]) (float32) for n values: the float64 reference's; at level 4 with a vector kernel
+  // its float32 formulas, the values it flags (near the threshold, zeros, large or non-finite) again
+  // by the reference, so that the same neurons are skipped
+  void Activate(const float* v, float* s, int64_t n, std::vector<int32_t>& redo) const {
+    if (level_ == 4 && nk_->act) {
+      redo.resize(static_cast<size_t>(std::max<int64_t>(n, 1)));
+      const int64_t c = nk_->act(static_cast<int>(act_), skip_ ? thr_ : 0.0f, v, s, n, redo.data());
+      for (int64_t i = 0; i < c; ++i) s[redo[static_cast<size_t>(i)]] = static_cast<float>(ActOf(act_, v[redo[static_cast<size_t>(i)]]));
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) s[i] = static_cast<float>(ActOf(act_, v[i]));
+  }
 
   void Down(const float* a, float* y, int64_t m, const Parallel& par) const {
     // a_h, a_l padded to their block grids; rows of a holding NaN / inf are computed at level 0
@@ -667,7 +688,7 @@ class NbKernel {
         qa.assign(static_cast<size_t>(m * kp), 0);
         sa.assign(static_cast<size_t>(m * down_l_.nb), 0.0f);
         std::vector<int32_t> sums(static_cast<size_t>(m * down_l_.nb));
-        NbQuantize(al.data(), kl, m, l_, down_l_.bs, kp, qa.data(), sa.data(), sums.data());
+        nk_->quant(al.data(), kl, m, l_, down_l_.bs, kp, qa.data(), sa.data(), sums.data());
       } else {
         QuantizeX(al.data(), kl, m, l_, down_l_rows_.bs, kl, NeedEo(down_l_rows_), ql);
       }

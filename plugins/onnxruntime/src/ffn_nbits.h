@@ -61,11 +61,18 @@ struct NbDown {
   std::vector<float> scales;        // [nb][dpad]
   std::vector<int8_t> z;            // [nb][dpad] zero points (as NbPart)
   int64_t chunks() const { return (d + rows - 1) / rows; }
-  // neuron j's codes for the chunk starting at row d0 (a multiple of rows); row d at d - d0
-  const uint8_t* Seg(int64_t j, int64_t d0) const {
+  // the segments of the chunk starting at row d0 (a multiple of rows): neuron j's codes at Of(j),
+  // row d at d - d0
+  struct Chunk {
+    const uint8_t* base;
+    int64_t seg;  // bytes per neuron
+    const uint8_t* Of(int64_t j) const { return base + j * seg; }
+  };
+  Chunk ChunkOf(int64_t d0) const {
     const int64_t r = std::min(dpad, d0 + rows) - d0;
-    return codes.data() + chunk_off[static_cast<size_t>(d0 / rows)] + j * (bits == 8 ? r : r / 2);
+    return Chunk{codes.data() + chunk_off[static_cast<size_t>(d0 / rows)], bits == 8 ? r : r / 2};
   }
+  const uint8_t* Seg(int64_t j, int64_t d0) const { return ChunkOf(d0).Of(j); }
   float At(int64_t row, int64_t j) const;
 };
 
@@ -87,7 +94,11 @@ struct NbQ {
 // d1 <= d0 + w.rows):
 //   down_f: y[d] += sum over the listed neurons (ascending) of a[j] * w[d, j] (float, per block)
 //   down_q: the same with qa (int8 per block of bs neurons, scales sa [nb]); acc: scratch of w.rows ints
-//   act: a[i] = act(v[i]) for level 4 (float32 formulas; null: the float64 reference ActOf only)
+//   quant: NbQuantize (same results)
+//   act (null: none): s[i] = act(v[i]) by float32 formulas (kind: Act as int), for level 4; returns
+//         how many indices it wrote to redo: those whose value must come from the float64 reference
+//         (|v| >= 80 or non-finite; |s| < 1e-30 for non-relu; | |s| - thr | <= 1e-5 thr when thr > 0, so
+//         that the skip decisions match the reference)
 struct NbKernels {
   void (*dot_f)(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const int32_t* list,
                 int64_t i0, int64_t i1);
@@ -97,6 +108,9 @@ struct NbKernels {
                  float* acc, float* y);
   void (*down_q)(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count,
                  int64_t d0, int64_t d1, int32_t* acc, float* y);
+  void (*quant)(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, int8_t* qx, float* xs,
+                int32_t* xsum);
+  int64_t (*act)(int kind, float thr, const float* v, float* s, int64_t n, int32_t* redo);
 };
 const NbKernels& NbKernelsScalar();
 const NbKernels& NbKernelsAvx2();

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "ffn_nbits.h"
 
@@ -273,6 +274,7 @@ inline __m256 Z8(const int8_t* z) {
 void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1, float* acc,
            float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
+  const NbDown::Chunk ch = w.ChunkOf(d0);
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs;
     std::fill(acc, acc + len, 0.0f);
@@ -280,7 +282,7 @@ void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, 
     for (; i < count && list[i] / w.bs == b; ++i) {
       const int64_t j = list[i];
       const __m256 av = _mm256_set1_ps(a[j]);
-      const uint8_t* c = w.Seg(j, d0);
+      const uint8_t* c = ch.Of(j);
       for (int64_t d = d0; d < de; d += 16) {
         __m256i c0, c1;
         DownCodes16(c, w.bits, d - d0, c0, c1);
@@ -303,9 +305,9 @@ void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, 
 // acc[d - d0] (int32) += sum over the pairs of sum_j qa_j * code[d, j], for d in [d0, de), the
 // neurons js[0..n) (n <= 16, even; a missing partner has q = 0 and repeats the neuron)
 template <int BITS>
-void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de, int32_t* acc) {
+void PairsSlab(const NbDown::Chunk& ch, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de, int32_t* acc) {
   const uint8_t* ptr[16];
-  for (int k = 0; k < n; ++k) ptr[k] = w.Seg(js[k], d0);
+  for (int k = 0; k < n; ++k) ptr[k] = ch.Of(js[k]);
   __m256i qq[8];
   for (int k = 0; k < n; k += 2) {
     if (BITS == 4)  // signed int8 pairs (q1, q2) for maddubs
@@ -380,9 +382,10 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
            int64_t d1, int32_t* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
   const int64_t seg = w.bits == 8 ? len : len / 2;  // bytes of a neuron's segment read here
+  const NbDown::Chunk ch = w.ChunkOf(d0);
   constexpr int64_t kAhead = 16;
   for (int64_t i = 0; i < std::min(count, kAhead); ++i) {
-    const uint8_t* nx = w.Seg(list[i], d0);
+    const uint8_t* nx = ch.Of(list[i]);
     for (int64_t o = 0; o < seg; o += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + o), _MM_HINT_T0);
   }
   for (int64_t i = 0; i < count;) {
@@ -400,14 +403,14 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
         ++n;
       }
       if (w.bits == 4)
-        PairsSlab<4>(w, js, qs, n, d0, de, acc);
+        PairsSlab<4>(ch, js, qs, n, d0, de, acc);
       else
-        PairsSlab<8>(w, js, qs, n, d0, de, acc);
+        PairsSlab<8>(ch, js, qs, n, d0, de, acc);
       n = 0;
     };
     for (; i < count && list[i] < jend; ++i) {
       if (i + kAhead < count) {  // the segments of the neuron kAhead further in the list
-        const uint8_t* nx = w.Seg(list[i + kAhead], d0);
+        const uint8_t* nx = ch.Of(list[i + kAhead]);
         for (int64_t o = 0; o < seg; o += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + o), _MM_HINT_T0);
       }
       const int8_t q = qa[list[i]];
@@ -434,10 +437,159 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
   }
 }
 
+// NbQuantize with vectors: the same max |x|, scale, products x * (1 / scale) and round to nearest
+// even (cvtps_epi32 in the default rounding mode, as nearbyintf), so the same codes. Blocks that are
+// partial (k not a multiple of bs) or hold NaN go to the scalar function.
+void Quant(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, int8_t* qx, float* xs,
+           int32_t* xsum) {
+  const int64_t nb = kpad / bs;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * bs;
+      int8_t* q = qx + r * kpad + k0;
+      if (bs < 16 || k0 + bs > k) {
+        NbQuantize(xr + k0, ldx, 1, std::max<int64_t>(0, std::min(bs, k - k0)), bs, bs, q, xs + r * nb + b,
+                   xsum + r * nb + b);
+        continue;
+      }
+      __m256 mx = _mm256_setzero_ps(), un = _mm256_setzero_ps();
+      for (int64_t i = 0; i < bs; i += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + k0 + i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float amax = _mm_cvtss_f32(h);
+      if (_mm256_movemask_ps(un) || !(amax < std::numeric_limits<float>::infinity())) {
+        NbQuantize(xr + k0, ldx, 1, bs, bs, bs, q, xs + r * nb + b, xsum + r * nb + b);
+        continue;
+      }
+      if (amax == 0.0f) {
+        std::memset(q, 0, static_cast<size_t>(bs));
+        xs[r * nb + b] = 0.0f;
+        xsum[r * nb + b] = 0;
+        continue;
+      }
+      const float scale = amax / 127.0f;
+      const __m256 inv = _mm256_set1_ps(1.0f / scale);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t i = 0; i < bs; i += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k0 + i), inv));
+        __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k0 + i + 8), inv));
+        a = _mm256_max_epi32(lo, _mm256_min_epi32(hi, a));
+        c = _mm256_max_epi32(lo, _mm256_min_epi32(hi, c));
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, c));
+        const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                         _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)));
+      }
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      xs[r * nb + b] = scale;
+      xsum[r * nb + b] = _mm_cvtsi128_si32(s4);
+    }
+  }
+}
+
+// e^x for x in [-87.3, 88.7] (callers clamp): 2^n * p(r), r = x - n ln 2 in [-ln2 / 2, ln2 / 2],
+// p the degree-6 Taylor polynomial (relative error < 2e-7)
+inline __m256 Exp(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln 2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline __m256 ClampExpArg(__m256 x) {
+  return _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.0f), x));
+}
+
+// v / (1 + e^-w)
+inline __m256 TimesSigmoid(__m256 v, __m256 w) {
+  const __m256 e = Exp(ClampExpArg(_mm256_sub_ps(_mm256_setzero_ps(), w)));
+  return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+// 0.5 v erfc(-v / sqrt 2), erfc by the Chebyshev fit of Numerical Recipes' erfcc (fractional error
+// < 1.2e-7): t = 1 / (1 + z / 2), erfc(z) = t exp(-z^2 + P(t)) for z >= 0, 2 - that for z < 0
+inline __m256 Gelu(__m256 v) {
+  const __m256 x = _mm256_mul_ps(v, _mm256_set1_ps(-0.70710678118654752f));
+  const __m256 z = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(0.17087277f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.82215223f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.48851587f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.13520398f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.27886807f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.18628806f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.09678418f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.37409196f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.00002368f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.26551223f));
+  const __m256 arg = _mm256_fnmadd_ps(z, z, p);
+  const __m256 ans = _mm256_mul_ps(t, Exp(ClampExpArg(arg)));
+  const __m256 erfc = _mm256_blendv_ps(ans, _mm256_sub_ps(_mm256_set1_ps(2.0f), ans), x);  // x < 0: 2 - ans
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), erfc);
+}
+
+int64_t ActF(int kind, float thr, const float* v, float* s, int64_t n, int32_t* redo) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 lim = _mm256_set1_ps(80.0f), vthr = _mm256_set1_ps(thr), tol = _mm256_set1_ps(1e-5f * thr);
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t count = 0;
+  auto one = [&](__m256 x) {
+    switch (kind) {
+      case 0: return _mm256_max_ps(x, zero);
+      case 1: return Gelu(x);
+      case 2: {  // v / (1 + e^(-2 y)), y = sqrt(2 / pi) (v + 0.044715 v^3)
+        const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+        const __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                       _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+        return TimesSigmoid(x, _mm256_add_ps(y, y));
+      }
+      default: return TimesSigmoid(x, x);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    const __m256 a = one(x);
+    _mm256_storeu_ps(s + i, a);
+    __m256 bad = _mm256_cmp_ps(_mm256_and_ps(x, absmask), lim, _CMP_NLT_UQ);  // |v| >= 80 or NaN
+    if (kind != 0)  // (near) zero: the reference's exact zeros are skipped
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(a, absmask), _mm256_set1_ps(1e-30f), _CMP_LT_OQ));
+    if (thr > 0.0f)
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(_mm256_and_ps(a, absmask), vthr), absmask), tol,
+                                            _CMP_LE_OQ));
+    int bits = _mm256_movemask_ps(bad);
+    while (bits) {
+      redo[count++] = static_cast<int32_t>(i + __builtin_ctz(bits));
+      bits &= bits - 1;
+    }
+  }
+  for (; i < n; ++i) redo[count++] = static_cast<int32_t>(i);  // the tail: by the reference
+  return count;
+}
+
 }  // namespace
 
 const NbKernels& NbKernelsAvx2() {
-  static const NbKernels k{DotF, DotQ, DownF, DownQ};
+  static const NbKernels k{DotF, DotQ, DownF, DownQ, Quant, ActF};
   return k;
 }
 
