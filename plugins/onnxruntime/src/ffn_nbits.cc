@@ -53,7 +53,7 @@ int DownCode(const uint8_t* c, int bits, int64_t d) {
 float NbDown::At(int64_t row, int64_t j) const {
   const int64_t c0 = row / rows * rows;
   const int u = DownCode(Seg(j, c0), bits, row - c0);
-  const size_t sb = static_cast<size_t>((j / bs) * dpad + row);
+  const size_t sb = static_cast<size_t>(SBase(row / rows, j / bs) + row);
   return static_cast<float>(u - z[sb]) * scales[sb];
 }
 
@@ -141,7 +141,7 @@ void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t c
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs;
     std::fill(acc, acc + len, 0.0f);
-    const int8_t* z = w.z.data() + b * w.dpad;
+    const int8_t* z = w.z.data() + w.SBase(d0 / w.rows, b);
     for (; i < count && list[i] / w.bs == b; ++i) {
       const int64_t j = list[i];
       const float av = a[j];
@@ -149,7 +149,7 @@ void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t c
       for (int64_t d = d0; d < de; ++d)
         acc[d - d0] += av * static_cast<float>(DownCode(c, w.bits, d - d0) - z[d]);
     }
-    const float* s = w.scales.data() + b * w.dpad;
+    const float* s = w.scales.data() + w.SBase(d0 / w.rows, b);
     for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * acc[d - d0];
   }
 }
@@ -170,8 +170,8 @@ void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32
       const uint8_t* c = ch.Of(j);
       for (int64_t d = d0; d < de; ++d) acc[d - d0] += q * DownCode(c, w.bits, d - d0);
     }
-    const float* s = w.scales.data() + b * w.dpad;
-    const int8_t* z = w.z.data() + b * w.dpad;
+    const float* s = w.scales.data() + w.SBase(d0 / w.rows, b);
+    const int8_t* z = w.z.data() + w.SBase(d0 / w.rows, b);
     const float sab = sa[b];
     for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * sab * static_cast<float>(acc[d - d0] - z[d] * sumq);
   }
@@ -426,6 +426,7 @@ class NbKernel {
   // that the tasks over chunks balance across threads
   static int64_t DownChunkRows(int64_t d) {
     const int64_t dpad = (d + 31) / 32 * 32;
+    if (std::getenv("FFSPLIT_NB_ROWS")) return std::min(dpad, static_cast<int64_t>(std::atoi(std::getenv("FFSPLIT_NB_ROWS"))));
     return std::min(dpad, std::max<int64_t>(64, ((d + 7) / 8 + 31) / 32 * 32));
   }
 
@@ -445,13 +446,14 @@ class NbKernel {
       off += w.l * (w.bits == 8 ? rows : rows / 2);
     }
     w.codes.assign(static_cast<size_t>(off + 64), 0);
-    w.scales.assign(static_cast<size_t>(w.nb * w.dpad), 0.0f);
-    w.z.assign(static_cast<size_t>(w.nb * w.dpad), 0);
+    w.scales.assign(static_cast<size_t>(w.chunks() * w.nb * w.rows + 32), 0.0f);
+    w.z.assign(static_cast<size_t>(w.chunks() * w.nb * w.rows + 32), 0);
     for (int64_t d = 0; d < w.d; ++d) {
       for (int64_t b = 0; b < w.nb; ++b) {
         const size_t ix = static_cast<size_t>(p.Index(d, b));
-        w.scales[static_cast<size_t>(b * w.dpad + d)] = p.sc[ix];
-        w.z[static_cast<size_t>(b * w.dpad + d)] = p.z[ix];
+        const size_t o = static_cast<size_t>(w.SBase(d / w.rows, b) + d);
+        w.scales[o] = p.sc[ix];
+        w.z[o] = p.z[ix];
       }
       for (int64_t j = 0; j < w.l; ++j) {
         const int c = p.Code(d, j / p.bs, j % p.bs);
@@ -605,20 +607,28 @@ class NbKernel {
     std::vector<uint8_t> silent;  // cats: [m][L]
     if (cats) {
       silent.assign(static_cast<size_t>(m * l_), 0);
-      std::vector<int32_t> live;
-      live.reserve(static_cast<size_t>(l_));
+      std::vector<int32_t> live(static_cast<size_t>(l_));
       for (int64_t r = 0; r < m; ++r) Activate(pre.data() + r * f_ + h_, sv.data() + r * f_ + h_, l_, redo);
-      for (int64_t j = 0; j < l_; ++j) {
-        bool any = false;
-        for (int64_t r = 0; r < m; ++r) {
-          const float s = sv[static_cast<size_t>(r * f_ + h_ + j)];
-          // exact zero act(gate): a = 0 * u = 0 unless u is non-finite (X row or scales non-finite)
-          const bool quiet = (thr > 0.0f && std::fabs(s) <= thr) || (s == 0.0f && !bad[static_cast<size_t>(r)] && up_l_finite_);
-          silent[static_cast<size_t>(r * l_ + j)] = quiet;
-          any |= !quiet;
+      // branch-free: the decisions are data-dependent (about a coin flip each at 50 % skipped)
+      std::vector<uint8_t> any(static_cast<size_t>(l_), 0);
+      for (int64_t r = 0; r < m; ++r) {
+        const float* sr = sv.data() + r * f_ + h_;
+        uint8_t* qr = silent.data() + r * l_;
+        // exact zero act(gate): a = 0 * u = 0 unless u is non-finite (X row or scales non-finite)
+        const bool zero_ok = !bad[static_cast<size_t>(r)] && up_l_finite_;
+        for (int64_t j = 0; j < l_; ++j) {
+          const float s = sr[j];
+          const bool quiet = ((thr > 0.0f) & (std::fabs(s) <= thr)) | ((s == 0.0f) & zero_ok);
+          qr[j] = quiet;
+          any[static_cast<size_t>(j)] |= !quiet;
         }
-        if (any) live.push_back(static_cast<int32_t>(j));
       }
+      int64_t nlive = 0;
+      for (int64_t j = 0; j < l_; ++j) {
+        live[static_cast<size_t>(nlive)] = static_cast<int32_t>(j);
+        nlive += any[static_cast<size_t>(j)];
+      }
+      live.resize(static_cast<size_t>(nlive));
       pieces.clear();
       Cut(pieces, up_l_, qlp, u.data() + h_, f_, &live, Target({&up_l_}, static_cast<int64_t>(live.size())));
       RunPieces(pieces, xp.data(), ldx, bad, m, par);
@@ -724,9 +734,14 @@ class NbKernel {
     std::vector<std::vector<int32_t>> lists(static_cast<size_t>(m));
     for (int64_t r = 0; r < m; ++r) {
       auto& list = lists[static_cast<size_t>(r)];
-      list.reserve(static_cast<size_t>(l_));
-      for (int64_t j = 0; j < l_; ++j)
-        if (!skip_ || al[static_cast<size_t>(r * kl + j)] != 0.0f) list.push_back(static_cast<int32_t>(j));
+      list.resize(static_cast<size_t>(l_));
+      const float* ar = al.data() + r * kl;
+      int64_t cnt = 0;
+      for (int64_t j = 0; j < l_; ++j) {  // branch-free (data-dependent)
+        list[static_cast<size_t>(cnt)] = static_cast<int32_t>(j);
+        cnt += !skip_ | (ar[j] != 0.0f);
+      }
+      list.resize(static_cast<size_t>(cnt));
     }
     const int64_t rows = down_l_.rows;
     auto task = [&](size_t t) {

@@ -50,7 +50,8 @@ struct NbPart {
 // for the chunk's rows are contiguous (4 bits: per 16 rows 8 bytes, rows 0..7 in the low nibbles and
 // 8..15 in the high ones, so that two neurons' codes interleave with byte unpacks; 8 bits: the int8
 // code c as in NbPart). A task streams the segments of its active neurons; a skipped neuron costs no
-// byte. The scales and zero points stay per (d, block of bs neurons), stored block-major over d.
+// byte. The scales and zero points stay per (d, block of bs neurons), stored per chunk, block after
+// block ([chunk][nb][rows]), so that a task reads them as one stream.
 struct NbDown {
   int bits = 4;
   int64_t d = 0, l = 0, bs = 0, nb = 0;
@@ -58,8 +59,10 @@ struct NbDown {
   int64_t rows = 256;               // output rows per chunk
   std::vector<int64_t> chunk_off;   // byte offset of each chunk's segments
   HugeVec<uint8_t> codes;           // + 64 bytes of padding
-  std::vector<float> scales;        // [nb][dpad]
-  std::vector<int8_t> z;            // [nb][dpad] zero points (as NbPart)
+  std::vector<float> scales;        // [chunks][nb][rows]
+  std::vector<int8_t> z;            // [chunks][nb][rows] zero points (as NbPart)
+  // position of (block b, row d) in scales / z, minus d: chunk c = d / rows
+  int64_t SBase(int64_t c, int64_t b) const { return (c * nb + b) * rows - c * rows; }
   int64_t chunks() const { return (d + rows - 1) / rows; }
   // the segments of the chunk starting at row d0 (a multiple of rows): neuron j's codes at Of(j),
   // row d at d - d0

@@ -278,7 +278,7 @@ void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, 
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs;
     std::fill(acc, acc + len, 0.0f);
-    const int8_t* z = w.z.data() + b * w.dpad;
+    const int8_t* z = w.z.data() + w.SBase(d0 / w.rows, b);
     for (; i < count && list[i] / w.bs == b; ++i) {
       const int64_t j = list[i];
       const __m256 av = _mm256_set1_ps(a[j]);
@@ -293,7 +293,7 @@ void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, 
         _mm256_storeu_ps(ac + 8, _mm256_fmadd_ps(av, f1, _mm256_loadu_ps(ac + 8)));
       }
     }
-    const float* s = w.scales.data() + b * w.dpad;
+    const float* s = w.scales.data() + w.SBase(d0 / w.rows, b);
     int64_t d = d0;
     for (; d + 8 <= d1; d += 8)
       _mm256_storeu_ps(y + d, _mm256_fmadd_ps(_mm256_loadu_ps(s + d), _mm256_loadu_ps(acc + (d - d0)),
@@ -388,8 +388,15 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
     const uint8_t* nx = ch.Of(list[i]);
     for (int64_t o = 0; o < seg; o += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + o), _MM_HINT_T0);
   }
+  const int64_t c = d0 / w.rows;
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs, jend = (b + 1) * w.bs;
+    {  // this block's scales and zero points (one stream per chunk), read after its neurons
+      const char* sp = reinterpret_cast<const char*>(w.scales.data() + w.SBase(c, b) + d0);
+      const char* zp = reinterpret_cast<const char*>(w.z.data() + w.SBase(c, b) + d0);
+      for (int64_t o = 0; o < len * 4; o += 64) _mm_prefetch(sp + o, _MM_HINT_T0);
+      for (int64_t o = 0; o < len; o += 64) _mm_prefetch(zp + o, _MM_HINT_T0);
+    }
     std::fill(acc, acc + len, 0);
     int32_t sumq = 0;
     // the block's neurons with a non-zero code, 16 at a time (8 pairs)
@@ -421,8 +428,8 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
       if (++n == 16) flush();
     }
     if (n) flush();
-    const float* s = w.scales.data() + b * w.dpad;
-    const int8_t* z = w.z.data() + b * w.dpad;
+    const float* s = w.scales.data() + w.SBase(d0 / w.rows, b);
+    const int8_t* z = w.z.data() + w.SBase(d0 / w.rows, b);
     const __m256 vsa = _mm256_set1_ps(sa[b]);
     const __m256i vq = _mm256_set1_epi32(sumq);
     int64_t d = d0;
