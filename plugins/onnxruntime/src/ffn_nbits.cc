@@ -422,12 +422,11 @@ class NbKernel {
       }
   }
 
-  // chunk rows of the neuron-major light down: about D / 8 (a multiple of 32, at least 64), so
-  // that the tasks over chunks balance across threads
+  // chunk rows of the neuron-major light down: about D / 8 (a multiple of 64: the AVX2 kernel's step),
+  // so that the tasks over chunks balance across threads and a neuron's segment is >= 32 bytes
   static int64_t DownChunkRows(int64_t d) {
     const int64_t dpad = (d + 31) / 32 * 32;
-    if (std::getenv("FFSPLIT_NB_ROWS")) return std::min(dpad, static_cast<int64_t>(std::atoi(std::getenv("FFSPLIT_NB_ROWS"))));
-    return std::min(dpad, std::max<int64_t>(64, ((d + 7) / 8 + 31) / 32 * 32));
+    return std::min(dpad, std::max<int64_t>(64, ((d + 7) / 8 + 63) / 64 * 64));
   }
 
   static NbDown ToNeuronMajor(const NbPart& p) {
