@@ -20,11 +20,17 @@ over a cycle of tokens, for ``--threads`` (default 1 and 2 intra-op threads):
 * ``skipXX``: skip 1 with the threshold that skips XX % of the light neurons on calibration tokens
   (quantile of the silence score; the fraction measured on the benchmark tokens is reported).
 
+With ``--baseline-library PATH`` (another build of libffsplit_ort, e.g. main's before a change),
+``fused``, ``exact`` and the ``skipXX`` variants also run on that library in the same run, named
+``<variant>@base`` (ONNX Runtime keeps each session's custom-op library apart).
+
 Bytes read per token are computed from the packed sizes: the heavy parts, the light gate / up rows
 read (gated with skipping: only the rows of live neurons), and the light down columns of the
 neurons not skipped. The load average is recorded beside the numbers (the machine is shared).
 
     python samples/bench_fused_ffn_nbits.py --output samples/results/bench_fused_ffn_nbits.json
+    python samples/bench_fused_ffn_nbits.py --shape mpt --threads 1 \
+        --baseline-library /tmp/mainlib/plugins/onnxruntime/libffsplit_ort.so
 """
 
 from __future__ import annotations
@@ -51,12 +57,16 @@ def _load() -> str:
         return "?"
 
 
-def _session(model, threads: int, env: dict | None = None):
+def _session(model, threads: int, env: dict | None = None, library: str | None = None):
     import onnxruntime as ort
 
     from ffsplit_export.runtime import session_options
 
-    so = session_options()
+    if library:  # a baseline build of the custom-op library instead of the configured one
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(library)
+    else:
+        so = session_options()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     old = {k: os.environ.get(k) for k in env or {}}
@@ -129,6 +139,11 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=64, help="calibration tokens for the thresholds")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default="samples/results/bench_fused_ffn_nbits.json")
+    ap.add_argument(
+        "--baseline-library",
+        default=None,
+        help="another libffsplit_ort.so: fused / exact / skipXX also run on it as '<variant>@base'",
+    )
     args = ap.parse_args()
 
     rows = []
@@ -148,6 +163,7 @@ def main() -> None:
         sil = _silence(calib, ins, shape)
         variants = {
             "stock": (stock_nbits_ffn_model(ins, **base), None, {}),
+            "fused@base": (fused_ffn_nbits_model(ins, **base, skip=0), None, {}),
             "fused": (fused_ffn_nbits_model(ins, **base, skip=0), None, {}),
             "fused-nm": (fused_ffn_nbits_model(ins, **base, skip=0), {"FFSPLIT_NBITS_DOWN": "neurons"}, {}),
             "exact": (fused_ffn_nbits_model(ins, **base, skip=1), None, {"skip": 1}),
@@ -159,6 +175,11 @@ def main() -> None:
                 None,
                 {"skip": 1, "threshold": thr},
             )
+        if args.baseline_library:
+            for k in [k for k in variants if k == "exact" or k.startswith("skip")]:
+                variants[f"{k}@base"] = variants[k]
+        else:
+            del variants["fused@base"]
         # skipped fractions on the benchmark tokens (reference) and bytes read
         x_all = np.concatenate(xs)
         ref_kw = {k: v for k, v in base.items() if k != "activation"}
@@ -175,7 +196,10 @@ def main() -> None:
                 frac, live = 0.0, 1.0
             info[k] = {"skipped": frac, "bytes": _bytes_per_token(ins, shape, 1.0 - frac, live)}
         for threads in args.threads:
-            sessions = {k: _session(m, threads, env) for k, (m, env, _) in variants.items()}
+            sessions = {
+                k: _session(m, threads, env, args.baseline_library if k.endswith("@base") else None)
+                for k, (m, env, _) in variants.items()
+            }
             load0 = _load()
             ms = _time(sessions, xs, args.repeats, args.inner)
             for k in variants:
@@ -196,16 +220,18 @@ def main() -> None:
                 f"\n{name} (D={d}, F={f}, H={h}, {shape['activation']}, gated={shape['gated']}), threads={threads}"
             )
             print(
-                f"{'variant':10} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'MB/token':>9}  load"
+                f"{'variant':12} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'MB/token':>9}  load"
             )
             for r in rows[-len(variants) :]:
                 print(
-                    f"{r['variant']:10} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "
+                    f"{r['variant']:12} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "
                     f"{r['skipped_light']:8.1%} {r['bytes_per_token'] / 1e6:9.2f}  {r['load']}"
                 )
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as fh:
-        json.dump({"args": vars(args), "cpu_count": os.cpu_count(), "kind": KIND, "rows": rows}, fh, indent=1)
+        lib = os.environ.get("FFSPLIT_ORT_LIBRARY", "")
+        meta = {"args": vars(args), "cpu_count": os.cpu_count(), "kind": KIND, "library": lib, "rows": rows}
+        json.dump(meta, fh, indent=1)
     print(f"\nwrote {args.output}")
 
 
