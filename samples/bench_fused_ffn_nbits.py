@@ -18,15 +18,21 @@ over a cycle of tokens, for ``--threads`` (default 1 and 2 intra-op threads):
 * ``exact``: skip 1, threshold 0 (skips exact zeros only: the overhead of skipping on a
   non-ReLU FFN);
 * ``skipXX``: skip 1 with the threshold that skips XX % of the light neurons on calibration tokens
-  (quantile of the silence score; the fraction measured on the benchmark tokens is reported).
+  (quantile of the silence score; the fraction measured on the benchmark tokens is reported). The
+  light down stays tiled and is read whole (skipped neurons have a = 0): on the machine measured
+  that beats reading only the kept columns, see ``skipXX-nm``; gated, the light up rows of skipped
+  neurons are not read;
+* ``skipXX-nm``: the same with the light down stored neuron-major (FFSPLIT_NBITS_DOWN=neurons): the
+  down columns of skipped neurons are not read.
 
 With ``--baseline-library PATH`` (another build of libffsplit_ort, e.g. main's before a change),
 ``fused``, ``exact`` and the ``skipXX`` variants also run on that library in the same run, named
 ``<variant>@base`` (ONNX Runtime keeps each session's custom-op library apart).
 
 Bytes read per token are computed from the packed sizes: the heavy parts, the light gate / up rows
-read (gated with skipping: only the rows of live neurons), and the light down columns of the
-neurons not skipped. The load average is recorded beside the numbers (the machine is shared).
+read (gated with skipping: only the rows of live neurons), and the light down part (neuron-major:
+only the columns of the neurons not skipped; ``@base`` variants with skip 1 use neuron-major, the
+library's layout before tiling). The load average is recorded beside the numbers (the machine is shared).
 
     python samples/bench_fused_ffn_nbits.py --output samples/results/bench_fused_ffn_nbits.json
     python samples/bench_fused_ffn_nbits.py --shape mpt --threads 1 \
@@ -170,13 +176,12 @@ def main() -> None:
         }
         for q in args.skip:
             thr = float(np.quantile(sil, q))
-            variants[f"skip{round(q * 100)}"] = (
-                fused_ffn_nbits_model(ins, **base, skip=1, threshold=thr),
-                None,
-                {"skip": 1, "threshold": thr},
-            )
+            model = fused_ffn_nbits_model(ins, **base, skip=1, threshold=thr)
+            variants[f"skip{round(q * 100)}"] = (model, None, {"skip": 1, "threshold": thr})
+            nm = {"FFSPLIT_NBITS_DOWN": "neurons"}
+            variants[f"skip{round(q * 100)}-nm"] = (model, nm, {"skip": 1, "threshold": thr})
         if args.baseline_library:
-            for k in [k for k in variants if k == "exact" or k.startswith("skip")]:
+            for k in [k for k in variants if k == "exact" or (k.startswith("skip") and "-" not in k)]:
                 variants[f"{k}@base"] = variants[k]
         else:
             del variants["fused@base"]
@@ -184,7 +189,7 @@ def main() -> None:
         x_all = np.concatenate(xs)
         ref_kw = {k: v for k, v in base.items() if k != "activation"}
         info = {}
-        for k, (_, _, kw) in variants.items():
+        for k, (_, env, kw) in variants.items():
             if kw:
                 _, skipped = fused_ffn_nbits_reference(
                     x_all, *ins, activation_kind=shape["activation"], return_skipped=True, **ref_kw, **kw
@@ -194,7 +199,12 @@ def main() -> None:
                 live = 1.0 - frac if shape["gated"] else 1.0
             else:
                 frac, live = 0.0, 1.0
-            info[k] = {"skipped": frac, "bytes": _bytes_per_token(ins, shape, 1.0 - frac, live)}
+            # the light down columns of skipped neurons are left unread by the neuron-major layout only
+            nm = bool(env) or k.endswith("@base")
+            info[k] = {
+                "skipped": frac,
+                "bytes": _bytes_per_token(ins, shape, 1.0 - frac if nm else 1.0, live),
+            }
         for threads in args.threads:
             sessions = {
                 k: _session(m, threads, env, args.baseline_library if k.endswith("@base") else None)

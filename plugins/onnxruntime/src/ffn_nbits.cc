@@ -4,17 +4,24 @@
 // Inputs, attributes and semantics: ffsplit_export/ops/_ffn.py (NBITS_DOC, NBITS_SEMANTICS and the
 // NumPy reference fused_ffn_nbits_reference). Every weight must be a constant initializer; the
 // parts are validated and packed when the kernel is created:
-//  * up / gate (heavy and light) and the heavy down part stay row-major per output neuron (the
-//    MatMulNBits B is already that), read by the dot kernels (ffn_nbits_avx2.cc, scalar below);
-//  * the light down part W[D, L] is re-stored neuron-major (NbDown: a neuron's D codes contiguous,
-//    same codes and scales) when skip=1, so a skipped light neuron's bytes are never read; with
-//    skip=0 it stays row-major (every column is read anyway; see the commit log for the timing).
+//  * up / gate (heavy and light) and the down parts are stored per output neuron in tiles of 8
+//    (ffn_nbits.h NbPart: a tile's codes of one block contiguous, so a tile is one sequential
+//    stream; int8 codes stored signed), read by the dot kernels (ffn_nbits_avx2.cc, scalar below);
+//    gated with skip=1 the light up rows stay one per neuron (MatMulNBits order): only live rows
+//    are read;
+//  * the light down part W[D, L] is re-stored neuron-major (NbDown: per chunk of output rows a
+//    neuron's codes contiguous, same codes and scales) when skip=1, so a skipped light neuron's
+//    bytes are never read; with skip=0 it is tiled like the others (every column is read anyway).
+// Each phase (up and gate products; live light up rows; down) is one ParallelFor over about 16
+// pieces of equal bytes (heavy and light parts together); X and a are quantized once per phase.
 // accuracy_level 0: float32 compute ((u - z) * x summed per block, times the block scale).
 // accuracy_level 4: the activations of each integer product (X for up / gate, a for down) are
 // quantized to int8 per block of K (scale max|.| / 127), integer dot products with the codes, the
 // zero point as sum(q * u) - z * sum(q). Rows of X (or of a) holding NaN / inf are computed at
-// level 0. Gated with skip (few rows): the gate first, then only the up rows of light neurons
-// live in some row (CATS order). Non-finite outputs are recomputed in float64 by the reference's
+// level 0. At level 4 the AVX2 path computes the activations by float32 formulas, values near the
+// threshold (or zero, large, non-finite) again by the float64 reference, so the skip decisions are
+// the reference's. Gated with skip (few rows): the gate first, then only the up rows of light
+// neurons live in some row (CATS order). Non-finite outputs are recomputed in float64 by the reference's
 // rules (as dispatch.cc FixNonFinite does for the matmul ops).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -316,10 +323,17 @@ class NbKernel {
     up_l_finite_ = true;
     for (float s : up_l_.sc) up_l_finite_ &= std::isfinite(s);
     for (int64_t j = h_; j < f_; ++j) up_l_finite_ &= std::isfinite(up_b_[static_cast<size_t>(j)]);
-    // skip=1: neuron-major light down; skip=0: row-major unless FFSPLIT_NBITS_DOWN=neurons (a
-    // benchmark override: samples/bench_fused_ffn_nbits.py --down-layout)
+    // The light down stays tiled (read whole, skipped neurons with a = 0 contribute exactly 0) unless
+    // skip=1 and a down scale is non-finite (0 * NaN would reach y: then neuron-major, a skipped
+    // neuron's column is never read), or FFSPLIT_NBITS_DOWN=neurons (the benchmark's alternative,
+    // samples/bench_fused_ffn_nbits.py). Measured on a 2-core EPYC (AVX2), MPT-shaped FFN at 50 %
+    // skipped: the tiled down read whole beats the neuron-major one reading half the bytes (the
+    // skipped 128-byte segments are holes in a stream the hardware prefetcher reads anyway, and the
+    // 16 neuron streams of one slab cost DRAM efficiency); SmolLM2-shaped (in cache): equal.
+    bool down_finite = true;
+    for (float s : down_l_rows_.sc) down_finite &= std::isfinite(s);
     const char* layout = std::getenv("FFSPLIT_NBITS_DOWN");
-    neuron_major_ = skip_ || (layout && std::string(layout) == "neurons");
+    neuron_major_ = (skip_ && !down_finite) || (layout && std::string(layout) == "neurons");
     if (neuron_major_) {
       down_l_ = ToNeuronMajor(down_l_rows_);
       down_l_rows_ = NbPart();

@@ -1,10 +1,13 @@
 // AVX2 + FMA kernels of FusedFFNNBits (ffn_nbits.cc; the scalar ones there define what they compute).
-//  dot_f: a block's codes decoded once to floats (u - z), dotted with every row of X, times the scale
-//  dot_q: int8 X blocks: 4 bits with _mm256_maddubs_epi16 (unsigned codes x signed int8, no int16
-//         saturation: 2 * 15 * 127 < 2^15), 8 bits widened to int16 and _mm256_madd_epi16; int32
-//         block sums converted and scaled in vector registers (one horizontal sum per output)
+//  dot_f: a block's codes decoded once to floats (c - z), dotted with every row of X, times the scale
+//  dot_q: int8 X blocks, 8 neurons at a time (a tile, or 8 listed rows): 4 bits with
+//         _mm256_maddubs_epi16 (unsigned codes x signed int8, no int16 saturation: 2 * 15 * 127 <
+//         2^15; blocks >= 64 against X reordered even / odd so nibbles need no unpacking), 8 bits
+//         (signed codes) as |c| x (q with c's sign) with maddubs (2 * 128 * 127 < 2^15); the 8
+//         neurons' int32 block sums reduced together, zero points and scales applied as vectors
 //  down_f / down_q: neuron-major light down; down_q takes the listed neurons in pairs, their codes
 //         interleaved per output row and multiplied with _mm256_madd_epi16 by (qa_j, qa_j')
+//  quant / act: the activation quantization and the level-4 activations (exp / erfc polynomials)
 #include <immintrin.h>
 
 #include <algorithm>
