@@ -173,13 +173,17 @@ template <int KIND>
 void Rows8(const NbPart& p, const int8_t* q, const int8_t* qeo, const float* xs, const int32_t* xsum,
            const int64_t* ns, const int64_t* next, float* out) {
   const uint8_t* rows[8];
-  for (int u = 0; u < 8; ++u) rows[u] = p.codes.data() + ns[u] * p.nb * p.blob;
+  const uint8_t* nrows[8];
+  for (int u = 0; u < 8; ++u) {
+    rows[u] = p.codes.data() + ns[u] * p.nb * p.blob;
+    nrows[u] = next ? p.codes.data() + next[u] * p.nb * p.blob : rows[u];
+  }
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < p.nb; ++b) {
-    if (next)
+    if (next && (b * p.blob) % 64 == 0)  // once per cache line of the next group's rows
       for (int u = 0; u < 8; ++u)
-        for (int64_t o = 0; o < p.blob; o += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(p.codes.data() + (next[u] * p.nb + b) * p.blob + o), _MM_HINT_T0);
+        for (int64_t o = 0; o < std::max<int64_t>(p.blob, 64); o += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(nrows[u] + b * p.blob + o), _MM_HINT_T0);
     const int8_t* qb = q + b * p.bs;
     const int8_t* eb = qeo ? qeo + b * p.bs : nullptr;
     __m256i a[8];
