@@ -548,14 +548,14 @@ class NbKernel {
 
   // bytes a pass over one neuron of p reads
   static int64_t RowBytes(const NbPart& p) { return p.bits == 32 ? p.k * 4 : p.nb * (p.blob + 5); }
-  // cuts p's neurons (or the list's entries) into pieces of about `target` bytes, whole tiles
+  // cuts p's neurons (or the list's entries) into pieces of about `target` bytes, whole tiles (or
+  // groups of 8 listed rows)
   static void Cut(std::vector<Piece>& out, const NbPart& p, const Quant* q, float* o, int64_t ldo,
                   const std::vector<int32_t>* list, int64_t target) {
     const int64_t count = list ? static_cast<int64_t>(list->size()) : p.n;
     if (count <= 0) return;
     const int64_t pieces = std::max<int64_t>(1, (count * RowBytes(p) + target / 2) / target);
-    int64_t step = (count + pieces - 1) / pieces;
-    if (!list) step = (step + 7) / 8 * 8;
+    const int64_t step = ((count + pieces - 1) / pieces + 7) / 8 * 8;  // whole groups of 8 neurons
     for (int64_t i0 = 0; i0 < count; i0 += step)
       out.push_back(Piece{&p, q, o, ldo, list ? list->data() : nullptr, i0, std::min(count, i0 + step)});
   }
