@@ -19,9 +19,9 @@ over a cycle of tokens, for ``--threads`` (default 1 and 2 intra-op threads):
   non-ReLU FFN);
 * ``skipXX``: skip 1 with the threshold that skips XX % of the light neurons on calibration tokens
   (quantile of the silence score; the fraction measured on the benchmark tokens is reported). The
-  light down stays tiled and is read whole (skipped neurons have a = 0): on the machine measured
-  that beats reading only the kept columns, see ``skipXX-nm``; gated, the light up rows of skipped
-  neurons are not read;
+  light down is read tiled and whole (skipped neurons have a = 0) unless at most 30 % of the light
+  neurons are kept (then neuron-major): at 50 % skipped that beats reading only the kept columns on
+  the machine measured, see ``skipXX-nm``; gated, the light up rows of skipped neurons are not read;
 * ``skipXX-nm``: the same with the light down stored neuron-major (FFSPLIT_NBITS_DOWN=neurons): the
   down columns of skipped neurons are not read.
 
@@ -199,8 +199,9 @@ def main() -> None:
                 live = 1.0 - frac if shape["gated"] else 1.0
             else:
                 frac, live = 0.0, 1.0
-            # the light down columns of skipped neurons are left unread by the neuron-major layout only
-            nm = bool(env) or k.endswith("@base")
+            # the light down columns of skipped neurons are left unread by the neuron-major layout only:
+            # forced (-nm), the library before tiling (@base), or chosen when <= 30 % are kept
+            nm = bool(env) or (k.endswith("@base") and kw) or (bool(kw) and frac >= 0.7)
             info[k] = {
                 "skipped": frac,
                 "bytes": _bytes_per_token(ins, shape, 1.0 - frac if nm else 1.0, live),

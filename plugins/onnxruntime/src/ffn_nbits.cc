@@ -323,21 +323,22 @@ class NbKernel {
     up_l_finite_ = true;
     for (float s : up_l_.sc) up_l_finite_ &= std::isfinite(s);
     for (int64_t j = h_; j < f_; ++j) up_l_finite_ &= std::isfinite(up_b_[static_cast<size_t>(j)]);
-    // The light down stays tiled (read whole, skipped neurons with a = 0 contribute exactly 0) unless
-    // skip=1 and a down scale is non-finite (0 * NaN would reach y: then neuron-major, a skipped
-    // neuron's column is never read), or FFSPLIT_NBITS_DOWN=neurons (the benchmark's alternative,
-    // samples/bench_fused_ffn_nbits.py). Measured on a 2-core EPYC (AVX2), MPT-shaped FFN at 50 %
-    // skipped: the tiled down read whole beats the neuron-major one reading half the bytes (the
-    // skipped 128-byte segments are holes in a stream the hardware prefetcher reads anyway, and the
-    // 16 neuron streams of one slab cost DRAM efficiency); SmolLM2-shaped (in cache): equal.
+    // The light down, tiled (read whole; skipped neurons have a = 0 and contribute exactly 0) and,
+    // with skip=1, also neuron-major (a skipped neuron's column is never read); each call reads the
+    // neuron-major copy when at most kNmMaxKept of the light neurons are kept (Down). Measured on a
+    // 2-core EPYC (AVX2), weights streamed from DRAM (samples/bench_fused_ffn_nbits.py --layers):
+    // at 50 % skipped the tiled down read whole beats the neuron-major one reading half the bytes
+    // (the skipped 128-byte segments are holes in a stream the hardware prefetcher reads anyway, and
+    // a slab's 16 neuron streams cost DRAM efficiency); at 90 % skipped neuron-major wins. Only
+    // neuron-major when skip=1 and a down scale is non-finite (0 * NaN would reach y) or with
+    // FFSPLIT_NBITS_DOWN=neurons; only tiled with FFSPLIT_NBITS_DOWN=rows (benchmark overrides).
     bool down_finite = true;
     for (float s : down_l_rows_.sc) down_finite &= std::isfinite(s);
-    const char* layout = std::getenv("FFSPLIT_NBITS_DOWN");
-    neuron_major_ = (skip_ && !down_finite) || (layout && std::string(layout) == "neurons");
-    if (neuron_major_) {
-      down_l_ = ToNeuronMajor(down_l_rows_);
-      down_l_rows_ = NbPart();
-    }
+    const std::string layout = std::getenv("FFSPLIT_NBITS_DOWN") ? std::getenv("FFSPLIT_NBITS_DOWN") : "";
+    has_nm_ = layout == "neurons" || (skip_ && (layout != "rows" || !down_finite));
+    has_rows_ = layout != "neurons" && !(skip_ && !down_finite);
+    if (has_nm_) down_l_ = ToNeuronMajor(down_l_rows_);
+    if (!has_rows_) down_l_rows_ = NbPart();
     try {
       isa_ = SelectIsa(false);
     } catch (const std::exception& e) {
@@ -689,7 +690,15 @@ class NbKernel {
   void Down(const float* a, float* y, int64_t m, const Parallel& par) const {
     // a_h, a_l padded to their block grids; rows of a holding NaN / inf are computed at level 0
     const int64_t kh = h_ > 0 ? down_h_.kpad() : 0;
-    const int64_t kl = neuron_major_ ? l_ : down_l_rows_.kpad();
+    const int64_t kl = has_rows_ ? down_l_rows_.kpad() : l_;
+    // the layout this call reads: neuron-major when few light neurons are kept (or the only one)
+    bool nm = has_nm_;
+    if (has_nm_ && has_rows_) {
+      int64_t kept = 0;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < l_; ++j) kept += a[r * f_ + h_ + j] != 0.0f;
+      nm = static_cast<double>(kept) <= kNmMaxKept * static_cast<double>(m * l_);
+    }
     std::vector<float> ah(static_cast<size_t>(m * std::max<int64_t>(kh, 1)), 0.0f),
         al(static_cast<size_t>(m * std::max<int64_t>(kl, 1)), 0.0f);
     std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
@@ -706,7 +715,7 @@ class NbKernel {
     std::vector<int8_t> qa;
     std::vector<float> sa;
     if (lq) {
-      if (neuron_major_) {
+      if (nm) {
         const int64_t kp = down_l_.nb * down_l_.bs;
         qa.assign(static_cast<size_t>(m * kp), 0);
         sa.assign(static_cast<size_t>(m * down_l_.nb), 0.0f);
@@ -724,12 +733,12 @@ class NbKernel {
         for (int64_t d = d0; d < d1; ++d) {
           const size_t i = static_cast<size_t>(r * d_ + d);
           float lv = yl[i];
-          if (neuron_major_ && Bad(lv)) lv = ExactLight(ar, d);
+          if (nm && Bad(lv)) lv = ExactLight(ar, d);
           y[i] = (yh[i] + lv) + down_b_[static_cast<size_t>(d)];
         }
       }
     };
-    if (!neuron_major_) {
+    if (!nm) {
       // pieces of output rows, whole tiles, heavy and light together
       const int64_t bytes = (h_ > 0 ? RowBytes(down_h_) : 0) + RowBytes(down_l_rows_);
       const int64_t pieces = std::max<int64_t>(1, std::min(kPieces, d_ * bytes / (int64_t{16} << 10)));
@@ -787,7 +796,8 @@ class NbKernel {
 
   std::string name_;
   Act act_ = Act::kRelu;
-  bool gated_ = false, skip_ = false, up_l_finite_ = true, neuron_major_ = false;
+  bool gated_ = false, skip_ = false, up_l_finite_ = true, has_rows_ = true, has_nm_ = false;
+  static constexpr double kNmMaxKept = 0.3;  // measured crossover: see the constructor
   float thr_ = 0.0f;
   int hbits_ = 32, lbits_ = 4;
   int64_t hbs_ = 0, lbs_ = 0, level_ = 0;
