@@ -8,7 +8,10 @@ groups of 64 with zero points; random weights of a realistic shape, packed by
 * ``mpt``: ungated GELU, D = 2048, F = 8192, H = 819 (MPT-shaped).
 
 Variants, interleaved (A B C ... A B C ...), median of ``--repeats`` timings of ``--inner`` runs
-over a cycle of tokens, for ``--threads`` (default 1 and 2 intra-op threads):
+over a cycle of tokens, for ``--threads`` (default 1 and 2 intra-op threads). With ``--layers N``
+each variant is N layers of the shape (own weights) side by side on the same X, outputs summed, and
+times are per layer: one layer's weights stay in the last-level cache between runs, N layers (32
+SmolLM2 / 4 MPT > 32 MiB) stream from DRAM as in a whole model.
 
 * ``stock``: MatMulNBits accuracy_level 4 per part + Concat / bias Add / activation / Mul / Slice /
   Add, as the export writes the split FFN today (built with onnx.helper);
@@ -18,13 +21,25 @@ over a cycle of tokens, for ``--threads`` (default 1 and 2 intra-op threads):
 * ``exact``: skip 1, threshold 0 (skips exact zeros only: the overhead of skipping on a
   non-ReLU FFN);
 * ``skipXX``: skip 1 with the threshold that skips XX % of the light neurons on calibration tokens
-  (quantile of the silence score; the fraction measured on the benchmark tokens is reported).
+  (quantile of the silence score; the fraction measured on the benchmark tokens is reported). The
+  light down is read tiled and whole (skipped neurons have a = 0) unless at most 30 % of the light
+  neurons are kept (then neuron-major): at 50 % skipped that beats reading only the kept columns on
+  the machine measured, see ``skipXX-nm``; gated, the light up rows of skipped neurons are not read;
+* ``skipXX-nm``: the same with the light down stored neuron-major (FFSPLIT_NBITS_DOWN=neurons): the
+  down columns of skipped neurons are not read.
 
-Bytes read per token are computed from the packed sizes: the heavy parts, the light gate / up rows
-read (gated with skipping: only the rows of live neurons), and the light down columns of the
-neurons not skipped. The load average is recorded beside the numbers (the machine is shared).
+With ``--baseline-library PATH`` (another build of libffsplit_ort, e.g. main's before a change),
+``fused``, ``exact`` and the ``skipXX`` variants also run on that library in the same run, named
+``<variant>@base`` (ONNX Runtime keeps each session's custom-op library apart).
+
+Bytes read per token (per layer) are computed from the packed sizes: the heavy parts, the light gate / up rows
+read (gated with skipping: only the rows of live neurons), and the light down part (neuron-major:
+only the columns of the neurons not skipped; ``@base`` variants with skip 1 use neuron-major, the
+library's layout before tiling). The load average is recorded beside the numbers (the machine is shared).
 
     python samples/bench_fused_ffn_nbits.py --output samples/results/bench_fused_ffn_nbits.json
+    python samples/bench_fused_ffn_nbits.py --shape mpt --threads 1 \
+        --baseline-library /tmp/mainlib/plugins/onnxruntime/libffsplit_ort.so
 """
 
 from __future__ import annotations
@@ -51,12 +66,16 @@ def _load() -> str:
         return "?"
 
 
-def _session(model, threads: int, env: dict | None = None):
+def _session(model, threads: int, env: dict | None = None, library: str | None = None):
     import onnxruntime as ort
 
     from ffsplit_export.runtime import session_options
 
-    so = session_options()
+    if library:  # a baseline build of the custom-op library instead of the configured one
+        so = ort.SessionOptions()
+        so.register_custom_ops_library(library)
+    else:
+        so = session_options()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     old = {k: os.environ.get(k) for k in env or {}}
@@ -71,6 +90,46 @@ def _session(model, threads: int, env: dict | None = None):
                 os.environ[k] = v
 
 
+def _stack(models: list):
+    """One model of the layers' models side by side on the same X, their outputs summed (each
+    layer's names prefixed): with more layers than the last-level cache holds, the weights stream
+    from DRAM as in a whole model. One layer: the model itself."""
+    if len(models) == 1:
+        return models[0]
+    from onnx import TensorProto, helper
+
+    nodes, inits, outs = [], [], []
+    for i, m in enumerate(models):
+
+        def ren(n, i=i):
+            return n if n in ("X", "") else f"l{i}_{n}"
+
+        for t in m.graph.initializer:
+            t2 = type(t)()
+            t2.CopyFrom(t)
+            t2.name = ren(t.name)
+            inits.append(t2)
+        for nd in m.graph.node:
+            n2 = type(nd)()
+            n2.CopyFrom(nd)
+            n2.input[:] = [ren(x) for x in nd.input]
+            n2.output[:] = [ren(x) for x in nd.output]
+            n2.name = ren(nd.name) if nd.name else ""
+            nodes.append(n2)
+        outs.append(ren(m.graph.output[0].name))
+    nodes.append(helper.make_node("Sum", outs, ["Y"]))
+    graph = helper.make_graph(
+        nodes,
+        "layers",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=list(models[0].opset_import), ir_version=models[0].ir_version
+    )
+
+
 def _silence(x, ins, shape) -> np.ndarray:
     from ffsplit_export.ops._ffn import NBITS_PARTS, _nbits_weight, activation
 
@@ -81,6 +140,31 @@ def _silence(x, ins, shape) -> np.ndarray:
     if bias is not None:
         v = v + bias[-w.shape[0] :]
     return np.abs(activation(shape["activation"], v).astype(np.float32))
+
+
+def _layer_variants(ins, calib, shape, base, skips) -> dict:
+    """The variants of one layer: name -> (model, environment at session creation, reference kwargs)."""
+    from ffsplit_export.ops._ffn import fused_ffn_nbits_model, stock_nbits_ffn_model
+
+    sil = _silence(calib, ins, shape)
+    v = {
+        "stock": (stock_nbits_ffn_model(ins, **base), None, {}),
+        "fused@base": (fused_ffn_nbits_model(ins, **base, skip=0), None, {}),
+        "fused": (fused_ffn_nbits_model(ins, **base, skip=0), None, {}),
+        "fused-nm": (
+            fused_ffn_nbits_model(ins, **base, skip=0),
+            {"FFSPLIT_NBITS_DOWN": "neurons"},
+            {},
+        ),
+        "exact": (fused_ffn_nbits_model(ins, **base, skip=1), None, {"skip": 1}),
+    }
+    for q in skips:
+        thr = float(np.quantile(sil, q))
+        model = fused_ffn_nbits_model(ins, **base, skip=1, threshold=thr)
+        v[f"skip{round(q * 100)}"] = (model, None, {"skip": 1, "threshold": thr})
+        nm = {"FFSPLIT_NBITS_DOWN": "neurons"}
+        v[f"skip{round(q * 100)}-nm"] = (model, nm, {"skip": 1, "threshold": thr})
+    return v
 
 
 def _nbytes(*arrays) -> int:
@@ -113,10 +197,8 @@ def _time(sessions: dict, xs: list[np.ndarray], repeats: int, inner: int) -> dic
 
 def main() -> None:
     from ffsplit_export.ops._ffn import (
-        fused_ffn_nbits_model,
         fused_ffn_nbits_reference,
         random_nbits_ffn_inputs,
-        stock_nbits_ffn_model,
     )
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,7 +210,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8, help="benchmark tokens (cycled)")
     ap.add_argument("--calibration", type=int, default=64, help="calibration tokens for the thresholds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="N layers of the shape (own weights) on the same X, outputs summed; times are per layer "
+        "(e.g. 32 SmolLM2 or 4 MPT layers exceed a 32 MiB L3: the weights stream from DRAM)",
+    )
     ap.add_argument("--output", default="samples/results/bench_fused_ffn_nbits.json")
+    ap.add_argument(
+        "--baseline-library",
+        default=None,
+        help="another libffsplit_ort.so: fused / exact / skipXX also run on it as '<variant>@base'",
+    )
     args = ap.parse_args()
 
     rows = []
@@ -137,33 +231,36 @@ def main() -> None:
         shape = SHAPES[name]
         rng = np.random.default_rng(args.seed)
         d, f, h = shape["d"], shape["f"], shape["h"]
-        ins = random_nbits_ffn_inputs(rng, d, f, h, zero_points=True, gated=bool(shape["gated"]), **KIND)
-        # the heavy int8 part is symmetric (per channel, as formats/nbits.py stores it)
-        heavy = random_nbits_ffn_inputs(rng, d, f, h, zero_points=False, gated=bool(shape["gated"]), **KIND)
-        for i in (0, 1, 2, 7, 8, 9) + ((14, 15, 16) if shape["gated"] else ()):
-            ins[i] = heavy[i]
+        layers = []
+        for _ in range(args.layers):
+            ins = random_nbits_ffn_inputs(rng, d, f, h, zero_points=True, gated=bool(shape["gated"]), **KIND)
+            # the heavy int8 part is symmetric (per channel, as formats/nbits.py stores it)
+            heavy = random_nbits_ffn_inputs(
+                rng, d, f, h, zero_points=False, gated=bool(shape["gated"]), **KIND
+            )
+            for i in (0, 1, 2, 7, 8, 9) + ((14, 15, 16) if shape["gated"] else ()):
+                ins[i] = heavy[i]
+            layers.append(ins)
+        ins = layers[0]
         calib = rng.standard_normal((args.calibration, d)).astype(np.float32)
         xs = [rng.standard_normal((1, d)).astype(np.float32) for _ in range(args.tokens)]
         base = dict(activation=shape["activation"], gated=shape["gated"], accuracy_level=4, **KIND)
-        sil = _silence(calib, ins, shape)
+
+        per_layer = [_layer_variants(x, calib, shape, base, args.skip) for x in layers]
+        # the skip fractions and bytes below are layer 0's (the layers are alike)
         variants = {
-            "stock": (stock_nbits_ffn_model(ins, **base), None, {}),
-            "fused": (fused_ffn_nbits_model(ins, **base, skip=0), None, {}),
-            "fused-nm": (fused_ffn_nbits_model(ins, **base, skip=0), {"FFSPLIT_NBITS_DOWN": "neurons"}, {}),
-            "exact": (fused_ffn_nbits_model(ins, **base, skip=1), None, {"skip": 1}),
+            k: (_stack([lv[k][0] for lv in per_layer]), env, kw) for k, (_, env, kw) in per_layer[0].items()
         }
-        for q in args.skip:
-            thr = float(np.quantile(sil, q))
-            variants[f"skip{round(q * 100)}"] = (
-                fused_ffn_nbits_model(ins, **base, skip=1, threshold=thr),
-                None,
-                {"skip": 1, "threshold": thr},
-            )
+        if args.baseline_library:
+            for k in [k for k in variants if k == "exact" or (k.startswith("skip") and "-" not in k)]:
+                variants[f"{k}@base"] = variants[k]
+        else:
+            del variants["fused@base"]
         # skipped fractions on the benchmark tokens (reference) and bytes read
         x_all = np.concatenate(xs)
         ref_kw = {k: v for k, v in base.items() if k != "activation"}
         info = {}
-        for k, (_, _, kw) in variants.items():
+        for k, (_, env, kw) in variants.items():
             if kw:
                 _, skipped = fused_ffn_nbits_reference(
                     x_all, *ins, activation_kind=shape["activation"], return_skipped=True, **ref_kw, **kw
@@ -173,15 +270,25 @@ def main() -> None:
                 live = 1.0 - frac if shape["gated"] else 1.0
             else:
                 frac, live = 0.0, 1.0
-            info[k] = {"skipped": frac, "bytes": _bytes_per_token(ins, shape, 1.0 - frac, live)}
+            # the light down columns of skipped neurons are left unread by the neuron-major layout only:
+            # forced (-nm), the library before tiling (@base), or chosen when <= 30 % are kept
+            nm = bool(env) or (k.endswith("@base") and kw) or (bool(kw) and frac >= 0.7)
+            info[k] = {
+                "skipped": frac,
+                "bytes": _bytes_per_token(ins, shape, 1.0 - frac if nm else 1.0, live),
+            }
         for threads in args.threads:
-            sessions = {k: _session(m, threads, env) for k, (m, env, _) in variants.items()}
+            sessions = {
+                k: _session(m, threads, env, args.baseline_library if k.endswith("@base") else None)
+                for k, (m, env, _) in variants.items()
+            }
             load0 = _load()
-            ms = _time(sessions, xs, args.repeats, args.inner)
+            ms = {k: v / args.layers for k, v in _time(sessions, xs, args.repeats, args.inner).items()}
             for k in variants:
                 rows.append(
                     {
                         "shape": name,
+                        "layers": args.layers,
                         "threads": threads,
                         "variant": k,
                         "ms": ms[k],
@@ -194,18 +301,21 @@ def main() -> None:
                 )
             print(
                 f"\n{name} (D={d}, F={f}, H={h}, {shape['activation']}, gated={shape['gated']}), threads={threads}"
+                + (f", {args.layers} layers (ms per layer)" if args.layers > 1 else "")
             )
             print(
-                f"{'variant':10} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'MB/token':>9}  load"
+                f"{'variant':12} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'MB/token':>9}  load"
             )
             for r in rows[-len(variants) :]:
                 print(
-                    f"{r['variant']:10} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "
+                    f"{r['variant']:12} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "
                     f"{r['skipped_light']:8.1%} {r['bytes_per_token'] / 1e6:9.2f}  {r['load']}"
                 )
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as fh:
-        json.dump({"args": vars(args), "cpu_count": os.cpu_count(), "kind": KIND, "rows": rows}, fh, indent=1)
+        lib = os.environ.get("FFSPLIT_ORT_LIBRARY", "")
+        meta = {"args": vars(args), "cpu_count": os.cpu_count(), "kind": KIND, "library": lib, "rows": rows}
+        json.dump(meta, fh, indent=1)
     print(f"\nwrote {args.output}")
 
 

@@ -4,17 +4,24 @@
 // Inputs, attributes and semantics: ffsplit_export/ops/_ffn.py (NBITS_DOC, NBITS_SEMANTICS and the
 // NumPy reference fused_ffn_nbits_reference). Every weight must be a constant initializer; the
 // parts are validated and packed when the kernel is created:
-//  * up / gate (heavy and light) and the heavy down part stay row-major per output neuron (the
-//    MatMulNBits B is already that), read by the dot kernels (ffn_nbits_avx2.cc, scalar below);
-//  * the light down part W[D, L] is re-stored neuron-major (NbDown: a neuron's D codes contiguous,
-//    same codes and scales) when skip=1, so a skipped light neuron's bytes are never read; with
-//    skip=0 it stays row-major (every column is read anyway; see the commit log for the timing).
+//  * up / gate (heavy and light) and the down parts are stored per output neuron in tiles of 8
+//    (ffn_nbits.h NbPart: a tile's codes of one block contiguous, so a tile is one sequential
+//    stream; int8 codes stored signed), read by the dot kernels (ffn_nbits_avx2.cc, scalar below);
+//    gated with skip=1 the light up rows stay one per neuron (MatMulNBits order): only live rows
+//    are read;
+//  * the light down part W[D, L] is re-stored neuron-major (NbDown: per chunk of output rows a
+//    neuron's codes contiguous, same codes and scales) when skip=1, so a skipped light neuron's
+//    bytes are never read; with skip=0 it is tiled like the others (every column is read anyway).
+// Each phase (up and gate products; live light up rows; down) is one ParallelFor over about 16
+// pieces of equal bytes (heavy and light parts together); X and a are quantized once per phase.
 // accuracy_level 0: float32 compute ((u - z) * x summed per block, times the block scale).
 // accuracy_level 4: the activations of each integer product (X for up / gate, a for down) are
 // quantized to int8 per block of K (scale max|.| / 127), integer dot products with the codes, the
 // zero point as sum(q * u) - z * sum(q). Rows of X (or of a) holding NaN / inf are computed at
-// level 0. Gated with skip (few rows): the gate first, then only the up rows of light neurons
-// live in some row (CATS order). Non-finite outputs are recomputed in float64 by the reference's
+// level 0. At level 4 the AVX2 path computes the activations by float32 formulas, values near the
+// threshold (or zero, large, non-finite) again by the float64 reference, so the skip decisions are
+// the reference's. Gated with skip (few rows): the gate first, then only the up rows of light
+// neurons live in some row (CATS order). Non-finite outputs are recomputed in float64 by the reference's
 // rules (as dispatch.cc FixNonFinite does for the matmul ops).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
@@ -24,6 +31,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -37,25 +45,23 @@ namespace ffsplit {
 
 float NbPart::At(int64_t row, int64_t col) const {
   if (bits == 32) return dense[static_cast<size_t>(row * k + col)];
-  const int64_t b = col / bs, i = col % bs;
-  const uint8_t* blk = codes.data() + (row * nb + b) * blob;
-  const int u = bits == 8 ? blk[i] : ((i & 1) ? blk[i / 2] >> 4 : blk[i / 2] & 15);
-  const size_t sb = static_cast<size_t>(row * nb + b);
-  return (static_cast<float>(u) - zf[sb]) * scales[sb];
+  const int64_t b = col / bs;
+  const size_t ix = static_cast<size_t>(Index(row, b));
+  return static_cast<float>(Code(row, b, col % bs) - z[ix]) * sc[ix];
 }
 
 int DownCode(const uint8_t* c, int bits, int64_t d) {
-  if (bits == 8) return c[d];
+  if (bits == 8) return static_cast<int8_t>(c[d]);
   const int64_t g = d / 16, i = d % 16;
   const uint8_t byte = c[g * 8 + (i & 7)];
   return i < 8 ? byte & 15 : byte >> 4;
 }
 
 float NbDown::At(int64_t row, int64_t j) const {
-  const int64_t c0 = row / kDownRows * kDownRows;
+  const int64_t c0 = row / rows * rows;
   const int u = DownCode(Seg(j, c0), bits, row - c0);
-  const size_t sb = static_cast<size_t>((j / bs) * dpad + row);
-  return (static_cast<float>(u) - zf[sb]) * scales[sb];
+  const size_t sb = static_cast<size_t>(SBase(row / rows, j / bs) + row);
+  return static_cast<float>(u - z[sb]) * scales[sb];
 }
 
 void NbQuantize(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, int8_t* qx, float* xs,
@@ -94,44 +100,43 @@ namespace {
 
 // ------------------------------------------------------------------ scalar kernels
 
-inline int CodeOf(const uint8_t* blk, int bits, int64_t i) {
-  return bits == 8 ? blk[i] : ((i & 1) ? blk[i / 2] >> 4 : blk[i / 2] & 15);
-}
-
-void DotFScalar(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
-                int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n)
+void DotFScalar(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const int32_t* list,
+                int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t n = list ? list[i] : i;
     for (int64_t r = 0; r < m; ++r) {
       const float* xr = x + r * ldx;
       float acc = 0.0f;
       for (int64_t b = 0; b < p.nb; ++b) {
-        const uint8_t* blk = p.codes.data() + (n * p.nb + b) * p.blob;
-        const float z = p.zf[static_cast<size_t>(n * p.nb + b)];
+        const size_t ix = static_cast<size_t>(p.Index(n, b));
+        const float z = static_cast<float>(p.z[ix]);
         float s = 0.0f;
-        for (int64_t i = 0; i < p.bs; ++i) s += (static_cast<float>(CodeOf(blk, p.bits, i)) - z) * xr[b * p.bs + i];
-        acc += s * p.scales[static_cast<size_t>(n * p.nb + b)];
+        for (int64_t e = 0; e < p.bs; ++e) s += (static_cast<float>(p.Code(n, b, e)) - z) * xr[b * p.bs + e];
+        acc += s * p.sc[ix];
       }
       y[r * ldy + n] = acc;
     }
+  }
 }
 
-void DotQScalar(const NbPart& p, const int8_t* qx, const int8_t*, const float* xs, const int32_t* xsum, int64_t m, float* y,
-                int64_t ldy, int64_t n0, int64_t n1) {
+void DotQScalar(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, const int32_t* list, int64_t i0,
+                int64_t i1) {
   const int64_t kpad = p.nb * p.bs;
-  for (int64_t n = n0; n < n1; ++n)
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t n = list ? list[i] : i;
     for (int64_t r = 0; r < m; ++r) {
       float acc = 0.0f;
       for (int64_t b = 0; b < p.nb; ++b) {
-        const uint8_t* blk = p.codes.data() + (n * p.nb + b) * p.blob;
-        const int8_t* q = qx + r * kpad + b * p.bs;
+        const int8_t* q = qx.q + r * kpad + b * p.bs;
         int32_t s = 0;
-        for (int64_t i = 0; i < p.bs; ++i) s += CodeOf(blk, p.bits, i) * q[i];
-        const size_t sb = static_cast<size_t>(n * p.nb + b);
-        s -= p.zi[sb] * xsum[r * p.nb + b];
-        acc += p.scales[sb] * xs[r * p.nb + b] * static_cast<float>(s);
+        for (int64_t e = 0; e < p.bs; ++e) s += p.Code(n, b, e) * q[e];
+        const size_t ix = static_cast<size_t>(p.Index(n, b));
+        s -= p.z[ix] * qx.sum[r * p.nb + b];
+        acc += p.sc[ix] * qx.s[r * p.nb + b] * static_cast<float>(s);
       }
       y[r * ldy + n] = acc;
     }
+  }
 }
 
 inline int64_t DownEnd(const NbDown& w, int64_t d1) { return std::min(w.dpad, (d1 + 31) / 32 * 32); }
@@ -139,17 +144,19 @@ inline int64_t DownEnd(const NbDown& w, int64_t d1) { return std::min(w.dpad, (d
 void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1,
                  float* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
+  const NbDown::Chunk ch = w.ChunkOf(d0);
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs;
     std::fill(acc, acc + len, 0.0f);
-    const float* z = w.zf.data() + b * w.dpad;
+    const int8_t* z = w.z.data() + w.SBase(d0 / w.rows, b);
     for (; i < count && list[i] / w.bs == b; ++i) {
       const int64_t j = list[i];
       const float av = a[j];
-      const uint8_t* c = w.Seg(j, d0);
-      for (int64_t d = d0; d < de; ++d) acc[d - d0] += av * (static_cast<float>(DownCode(c, w.bits, d - d0)) - z[d]);
+      const uint8_t* c = ch.Of(j);
+      for (int64_t d = d0; d < de; ++d)
+        acc[d - d0] += av * static_cast<float>(DownCode(c, w.bits, d - d0) - z[d]);
     }
-    const float* s = w.scales.data() + b * w.dpad;
+    const float* s = w.scales.data() + w.SBase(d0 / w.rows, b);
     for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * acc[d - d0];
   }
 }
@@ -157,6 +164,7 @@ void DownFScalar(const NbDown& w, const float* a, const int32_t* list, int64_t c
 void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
                  int64_t d1, int32_t* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
+  const NbDown::Chunk ch = w.ChunkOf(d0);
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs;
     std::fill(acc, acc + len, 0);
@@ -166,20 +174,20 @@ void DownQScalar(const NbDown& w, const int8_t* qa, const float* sa, const int32
       const int q = qa[j];
       if (!q) continue;
       sumq += q;
-      const uint8_t* c = w.Seg(j, d0);
+      const uint8_t* c = ch.Of(j);
       for (int64_t d = d0; d < de; ++d) acc[d - d0] += q * DownCode(c, w.bits, d - d0);
     }
-    const float* s = w.scales.data() + b * w.dpad;
-    const float* z = w.zf.data() + b * w.dpad;
-    const float sab = sa[b], fq = static_cast<float>(sumq);
-    for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * sab * (static_cast<float>(acc[d - d0]) - z[d] * fq);
+    const float* s = w.scales.data() + w.SBase(d0 / w.rows, b);
+    const int8_t* z = w.z.data() + w.SBase(d0 / w.rows, b);
+    const float sab = sa[b];
+    for (int64_t d = d0; d < d1; ++d) y[d] += s[d] * sab * static_cast<float>(acc[d - d0] - z[d] * sumq);
   }
 }
 
 }  // namespace
 
 const NbKernels& NbKernelsScalar() {
-  static const NbKernels k{DotFScalar, DotQScalar, DownFScalar, DownQScalar};
+  static const NbKernels k{DotFScalar, DotQScalar, DownFScalar, DownQScalar, NbQuantize, nullptr};
   return k;
 }
 
@@ -298,7 +306,8 @@ class NbKernel {
     if (d_ <= 0) Fail("down_light_B has D = 0 rows; the model width must be positive");
     if (h_ < 0) Fail("up_heavy_B must be 2-D (bits 32) or 3-D");
     f_ = h_ + l_;
-    Load(up_l_, in, has, 4, l_, d_, lbits_, lbs_, "up light");
+    // gated with skipping: the light up rows are read for live neurons only (row-major, not tiled)
+    Load(up_l_, in, has, 4, l_, d_, lbits_, lbs_, "up light", !(gated_ && skip_));
     Load(down_l_rows_, in, has, 11, d_, l_, lbits_, lbs_, "down light");
     if (heavy) {
       Load(up_h_, in, has, 1, h_, d_, hbits_, hbs_, "up heavy");
@@ -312,16 +321,24 @@ class NbKernel {
     Bias(in, has, 14, d_, down_b_);
     if (gated_) Bias(in, has, 21, f_, gate_b_);
     up_l_finite_ = true;
-    for (float s : up_l_.scales) up_l_finite_ &= std::isfinite(s);
+    for (float s : up_l_.sc) up_l_finite_ &= std::isfinite(s);
     for (int64_t j = h_; j < f_; ++j) up_l_finite_ &= std::isfinite(up_b_[static_cast<size_t>(j)]);
-    // skip=1: neuron-major light down; skip=0: row-major unless FFSPLIT_NBITS_DOWN=neurons (a
-    // benchmark override: samples/bench_fused_ffn_nbits.py --down-layout)
-    const char* layout = std::getenv("FFSPLIT_NBITS_DOWN");
-    neuron_major_ = skip_ || (layout && std::string(layout) == "neurons");
-    if (neuron_major_) {
-      down_l_ = ToNeuronMajor(down_l_rows_);
-      down_l_rows_ = NbPart();
-    }
+    // The light down, tiled (read whole; skipped neurons have a = 0 and contribute exactly 0) and,
+    // with skip=1, also neuron-major (a skipped neuron's column is never read); each call reads the
+    // neuron-major copy when at most kNmMaxKept of the light neurons are kept (Down). Measured on a
+    // 2-core EPYC (AVX2), weights streamed from DRAM (samples/bench_fused_ffn_nbits.py --layers):
+    // at 50 % skipped the tiled down read whole beats the neuron-major one reading half the bytes
+    // (the skipped 128-byte segments are holes in a stream the hardware prefetcher reads anyway, and
+    // a slab's 16 neuron streams cost DRAM efficiency); at 90 % skipped neuron-major wins. Only
+    // neuron-major when skip=1 and a down scale is non-finite (0 * NaN would reach y) or with
+    // FFSPLIT_NBITS_DOWN=neurons; only tiled with FFSPLIT_NBITS_DOWN=rows (benchmark overrides).
+    bool down_finite = true;
+    for (float s : down_l_rows_.sc) down_finite &= std::isfinite(s);
+    const std::string layout = std::getenv("FFSPLIT_NBITS_DOWN") ? std::getenv("FFSPLIT_NBITS_DOWN") : "";
+    has_nm_ = layout == "neurons" || (skip_ && (layout != "rows" || !down_finite));
+    has_rows_ = layout != "neurons" && !(skip_ && !down_finite);
+    if (has_nm_) down_l_ = ToNeuronMajor(down_l_rows_);
+    if (!has_rows_) down_l_rows_ = NbPart();
     try {
       isa_ = SelectIsa(false);
     } catch (const std::exception& e) {
@@ -356,9 +373,9 @@ class NbKernel {
     out.assign(p, p + n);
   }
 
-  // validates and packs one part (inputs at, at+1, at+2) of W[n, k]
+  // validates and packs one part (inputs at, at+1, at+2) of W[n, k] (NbPart: tiled unless `tiled` is false)
   void Load(NbPart& p, const std::vector<ConstInput>& in, const std::vector<bool>& has, size_t at, int64_t n,
-            int64_t k, int bits, int64_t bs, const char* name) const {
+            int64_t k, int bits, int64_t bs, const char* name, bool tiled = true) const {
     const ConstInput& b = in[at];
     const std::string nm(name);
     p.bits = bits;
@@ -376,6 +393,7 @@ class NbKernel {
     p.bs = bs;
     p.nb = (k + bs - 1) / bs;
     p.blob = bs * bits / 8;
+    p.tiled = tiled;
     if (b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || b.shape != std::vector<int64_t>{n, p.nb, p.blob})
       Fail(nm + " B must be uint8 [" + std::to_string(n) + ", " + std::to_string(p.nb) + ", " + std::to_string(p.blob) +
            "] (K=" + std::to_string(k) + ", bits=" + std::to_string(bits) + ", block_size=" + std::to_string(bs) +
@@ -384,35 +402,46 @@ class NbKernel {
     if (!has[at + 1] || s.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || s.shape != std::vector<int64_t>{n * p.nb})
       Fail(nm + " scales must be float32 [" + std::to_string(n * p.nb) + "] (N * n_blocks)" +
            (has[at + 1] ? ", got shape " + Shape(s.shape) : std::string(", absent")));
-    const uint8_t* bd = static_cast<const uint8_t*>(b.data);
-    p.codes.assign(bd, bd + n * p.nb * p.blob);
-    p.codes.resize(p.codes.size() + 64, 0);
-    const float* sd = static_cast<const float*>(s.data);
-    p.scales.assign(sd, sd + n * p.nb);
-    p.zi.assign(static_cast<size_t>(n * p.nb), 1 << (bits - 1));
+    const int64_t per_row = (p.nb * bits + 7) / 8;
     if (has[at + 2]) {
       const ConstInput& z = in[at + 2];
-      const int64_t per_row = (p.nb * bits + 7) / 8;
       if (z.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || z.shape != std::vector<int64_t>{n * per_row})
         Fail(nm + " zero_points must be uint8 [" + std::to_string(n * per_row) +
              "] (N * ceil(n_blocks * bits / 8), packed like B), got shape " + Shape(z.shape));
-      const uint8_t* zd = static_cast<const uint8_t*>(z.data);
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t bb = 0; bb < p.nb; ++bb) {
-          const uint8_t byte = zd[r * per_row + (bits == 8 ? bb : bb / 2)];
-          p.zi[static_cast<size_t>(r * p.nb + bb)] = bits == 8 ? byte : ((bb & 1) ? byte >> 4 : byte & 15);
-        }
     }
-    p.zf.assign(p.zi.begin(), p.zi.end());
-    const int64_t tiles = (n + 7) / 8;
-    p.scales_t.assign(static_cast<size_t>(tiles * p.nb * 8), 0.0f);
-    p.zi_t.assign(static_cast<size_t>(tiles * p.nb * 8), 0);
+    const uint8_t* bd = static_cast<const uint8_t*>(b.data);
+    const float* sd = static_cast<const float*>(s.data);
+    const uint8_t* zd = has[at + 2] ? static_cast<const uint8_t*>(in[at + 2].data) : nullptr;
+    const int64_t rows = tiled ? (n + 7) / 8 * 8 : n;  // tiles padded with zero rows
+    p.codes.assign(static_cast<size_t>(rows * p.nb * p.blob + 64), 0);
+    p.sc.assign(static_cast<size_t>(rows * p.nb), 0.0f);
+    p.z.assign(static_cast<size_t>(rows * p.nb), 0);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t bb = 0; bb < p.nb; ++bb) {
-        const size_t t = static_cast<size_t>(((r / 8) * p.nb + bb) * 8 + r % 8);
-        p.scales_t[t] = p.scales[static_cast<size_t>(r * p.nb + bb)];
-        p.zi_t[t] = p.zi[static_cast<size_t>(r * p.nb + bb)];
+        const int64_t ix = p.Index(r, bb);
+        uint8_t* dst = p.codes.data() + ix * p.blob;
+        const uint8_t* src = bd + (r * p.nb + bb) * p.blob;
+        int zp = 1 << (bits - 1);
+        if (zd) {
+          const uint8_t byte = zd[r * per_row + (bits == 8 ? bb : bb / 2)];
+          zp = bits == 8 ? byte : ((bb & 1) ? byte >> 4 : byte & 15);
+        }
+        if (bits == 8) {  // c = u - 128 as int8, z - 128
+          for (int64_t e = 0; e < p.blob; ++e) dst[e] = static_cast<uint8_t>(src[e] ^ 0x80);
+          zp -= 128;
+        } else {
+          std::memcpy(dst, src, static_cast<size_t>(p.blob));
+        }
+        p.z[static_cast<size_t>(ix)] = static_cast<int8_t>(zp);
+        p.sc[static_cast<size_t>(ix)] = sd[r * p.nb + bb];
       }
+  }
+
+  // chunk rows of the neuron-major light down: about D / 8 (a multiple of 64: the AVX2 kernel's step),
+  // so that the tasks over chunks balance across threads and a neuron's segment is >= 32 bytes
+  static int64_t DownChunkRows(int64_t d) {
+    const int64_t dpad = (d + 31) / 32 * 32;
+    return std::min(dpad, std::max<int64_t>(64, ((d + 7) / 8 + 63) / 64 * 64));
   }
 
   static NbDown ToNeuronMajor(const NbPart& p) {
@@ -423,99 +452,56 @@ class NbKernel {
     w.bs = p.bs;
     w.nb = p.nb;
     w.dpad = (w.d + 31) / 32 * 32;
+    w.rows = DownChunkRows(w.d);
     int64_t off = 0;
-    for (int64_t c0 = 0; c0 < w.dpad; c0 += kDownRows) {
+    for (int64_t c0 = 0; c0 < w.dpad; c0 += w.rows) {
       w.chunk_off.push_back(off);
-      const int64_t rows = std::min(w.dpad, c0 + kDownRows) - c0;
+      const int64_t rows = std::min(w.dpad, c0 + w.rows) - c0;
       off += w.l * (w.bits == 8 ? rows : rows / 2);
     }
     w.codes.assign(static_cast<size_t>(off + 64), 0);
-    w.scales.assign(static_cast<size_t>(w.nb * w.dpad), 0.0f);
-    w.zf.assign(static_cast<size_t>(w.nb * w.dpad), 0.0f);
+    w.scales.assign(static_cast<size_t>(w.chunks() * w.nb * w.rows + 32), 0.0f);
+    w.z.assign(static_cast<size_t>(w.chunks() * w.nb * w.rows + 32), 0);
     for (int64_t d = 0; d < w.d; ++d) {
       for (int64_t b = 0; b < w.nb; ++b) {
-        w.scales[static_cast<size_t>(b * w.dpad + d)] = p.scales[static_cast<size_t>(d * p.nb + b)];
-        w.zf[static_cast<size_t>(b * w.dpad + d)] = p.zf[static_cast<size_t>(d * p.nb + b)];
+        const size_t ix = static_cast<size_t>(p.Index(d, b));
+        const size_t o = static_cast<size_t>(w.SBase(d / w.rows, b) + d);
+        w.scales[o] = p.sc[ix];
+        w.z[o] = p.z[ix];
       }
       for (int64_t j = 0; j < w.l; ++j) {
-        const int64_t b = j / p.bs, i = j % p.bs;
-        const int u = CodeOf(p.codes.data() + (d * p.nb + b) * p.blob, p.bits, i);
-        const int64_t c0 = d / kDownRows * kDownRows, dr = d - c0;
-        uint8_t* c = const_cast<uint8_t*>(w.Seg(j, c0));
+        const int c = p.Code(d, j / p.bs, j % p.bs);
+        const int64_t c0 = d / w.rows * w.rows, dr = d - c0;
+        uint8_t* seg = const_cast<uint8_t*>(w.Seg(j, c0));
         if (w.bits == 8)
-          c[dr] = static_cast<uint8_t>(u);
+          seg[dr] = static_cast<uint8_t>(c);
         else  // per 16 rows: 8 bytes, rows 0..7 in the low nibbles, 8..15 in the high ones
-          c[(dr / 16) * 8 + (dr & 7)] = static_cast<uint8_t>(c[(dr / 16) * 8 + (dr & 7)] | (u << ((dr & 8) ? 4 : 0)));
+          seg[(dr / 16) * 8 + (dr & 7)] = static_cast<uint8_t>(seg[(dr / 16) * 8 + (dr & 7)] | (c << ((dr & 8) ? 4 : 0)));
       }
     }
     return w;
   }
 
-  // Row-major part over output neurons in `ranges` (each [n0, n1), at most kRows long):
-  // out[r * ldo + n] for every row r < m. xp: X padded [m][ldx]; q*: its int8 blocks (level 4)
-  struct QIn {
-    const int8_t* q = nullptr;
-    const int8_t* eo = nullptr;
-    const float* s = nullptr;
-    const int32_t* sum = nullptr;
-  };
-  void Dot(const NbPart& p, const float* xp, int64_t ldx, const QIn& qi, const std::vector<uint8_t>& bad, int64_t m,
-           float* out, int64_t ldo, int64_t n0, int64_t n1) const {
-    if (n1 <= n0) return;
-    if (p.bits == 32) {
-      fk_->dense(p.dense.data(), p.k, xp, ldx, m, out, ldo, n0, n1);
-    } else if (qi.q) {
-      nk_->dot_q(p, qi.q, qi.eo, qi.s, qi.sum, m, out, ldo, n0, n1);
-      for (int64_t r = 0; r < m; ++r)
-        if (bad[static_cast<size_t>(r)]) nk_->dot_f(p, xp + r * ldx, ldx, 1, out + r * ldo, ldo, n0, n1);
-    } else {
-      nk_->dot_f(p, xp, ldx, m, out, ldo, n0, n1);
-    }
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t n = n0; n < n1; ++n)
-        if (Bad(out[r * ldo + n])) out[r * ldo + n] = ExactRow(p, xp + r * ldx, n);
-  }
-
-  // Runs Dot over the listed neurons (ascending; null = all of p's rows), kRows per task
-  void DotPar(const NbPart& p, const float* xp, int64_t ldx, const QIn& qi, const std::vector<uint8_t>& bad,
-              int64_t m, float* out, int64_t ldo, const std::vector<int32_t>* list, const Parallel& par) const {
-    constexpr int64_t kRows = 16;
-    std::vector<std::pair<int64_t, int64_t>> ranges;
-    if (!list) {
-      for (int64_t n = 0; n < p.n; n += kRows) ranges.emplace_back(n, std::min(p.n, n + kRows));
-    } else {
-      for (size_t i = 0; i < list->size();) {
-        size_t e = i + 1;
-        while (e < list->size() && (*list)[e] == (*list)[e - 1] + 1 && static_cast<int64_t>(e - i) < kRows) ++e;
-        ranges.emplace_back((*list)[i], (*list)[e - 1] + 1);
-        i = e;
-      }
-    }
-    // a few ranges per task (short runs of live neurons are common)
-    const size_t per = list ? 4 : 1;
-    auto task = [&](size_t t) {
-      for (size_t i = t * per; i < std::min(ranges.size(), (t + 1) * per); ++i)
-        Dot(p, xp, ldx, qi, bad, m, out, ldo, ranges[i].first, ranges[i].second);
-    };
-    ParFor(par, (ranges.size() + per - 1) / per, task);
-  }
-
+  // int8 activations of one block size (level 4), once per product input
   struct Quant {
-    std::vector<int8_t> q;
+    std::vector<int8_t> q, eo;
     std::vector<float> s;
     std::vector<int32_t> sum;
-    std::vector<int8_t> eo;
-    QIn in() const { return QIn{q.data(), eo.empty() ? nullptr : eo.data(), s.data(), sum.data()}; }
+    NbQ in() const { return NbQ{q.data(), eo.empty() ? nullptr : eo.data(), s.data(), sum.data()}; }
   };
-  static void QuantizeFor(const NbPart& p, const float* x, int64_t ldx, int64_t m, Quant& out) {
-    const int64_t kp = p.kpad();
-    out.q.assign(static_cast<size_t>(m * kp), 0);
-    out.s.assign(static_cast<size_t>(m * p.nb), 0.0f);
-    out.sum.assign(static_cast<size_t>(m * p.nb), 0);
-    NbQuantize(x, ldx, m, p.k, p.bs, kp, out.q.data(), out.s.data(), out.sum.data());
-    if (p.bits == 4 && p.bs >= 64) {  // the even / odd order of the AVX2 int4 kernel
+  static bool NeedEo(const NbPart& p) { return p.bits == 4 && p.bs >= 64; }
+  // x [m][k] (row stride ldx) per block of bs, zero-padded to kpad; eo: also the even / odd order
+  void QuantizeX(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, bool eo,
+                 Quant& out) const {
+    const int64_t nb = kpad / bs;
+    out.q.assign(static_cast<size_t>(m * kpad), 0);
+    out.s.assign(static_cast<size_t>(m * nb), 0.0f);
+    out.sum.assign(static_cast<size_t>(m * nb), 0);
+    nk_->quant(x, ldx, m, k, bs, kpad, out.q.data(), out.s.data(), out.sum.data());
+    out.eo.clear();
+    if (eo) {  // the even / odd order of the AVX2 int4 kernels (kpad is a multiple of 64)
       out.eo.resize(out.q.size());
-      for (int64_t g = 0; g < m * kp; g += 64)
+      for (int64_t g = 0; g < m * kpad; g += 64)
         for (int64_t i = 0; i < 32; ++i) {
           out.eo[static_cast<size_t>(g + i)] = out.q[static_cast<size_t>(g + 2 * i)];
           out.eo[static_cast<size_t>(g + 32 + i)] = out.q[static_cast<size_t>(g + 2 * i + 1)];
@@ -524,22 +510,67 @@ class NbKernel {
   }
   bool Int8(const NbPart& p) const { return level_ == 4 && p.bits != 32; }
 
-  // u[m][F] = concat(x W_h^T, x W_l^T) + bias; list: light rows to compute (null = all)
-  void Project(const NbPart& wh, const NbPart& wl, const std::vector<float>& bias, const float* xp, int64_t ldx,
-               const std::vector<uint8_t>& bad, int64_t m, float* u, const std::vector<int32_t>* list,
-               const Parallel& par) const {
-    Quant qh, ql;
-    if (h_ > 0 && Int8(wh)) QuantizeFor(wh, xp, ldx, m, qh);
-    if (Int8(wl)) {
-      if (h_ > 0 && Int8(wh) && wh.bs == wl.bs)
-        ql = qh;
-      else
-        QuantizeFor(wl, xp, ldx, m, ql);
+  // One piece of work: part p's neurons list[i] (list null: neuron i) for i in [i0, i1), every row
+  // r < m: out[r * ldo + neuron]; q: the int8 input (level 4) or null (float32)
+  struct Piece {
+    const NbPart* p;
+    const Quant* q;
+    float* out;
+    int64_t ldo;
+    const int32_t* list;
+    int64_t i0, i1;
+  };
+
+  // xp: the product's float input [m][ldx] (zero-padded to the part's kpad); rows flagged bad
+  // (non-finite) are computed in float32; non-finite outputs again in float64 (reference rules)
+  void Dot(const Piece& w, const float* xp, int64_t ldx, const std::vector<uint8_t>& bad, int64_t m) const {
+    const NbPart& p = *w.p;
+    if (w.i1 <= w.i0) return;
+    if (p.bits == 32) {
+      if (w.list) {
+        for (int64_t i = w.i0; i < w.i1; ++i) fk_->dense(p.dense.data(), p.k, xp, ldx, m, w.out, w.ldo, w.list[i], w.list[i] + 1);
+      } else {
+        fk_->dense(p.dense.data(), p.k, xp, ldx, m, w.out, w.ldo, w.i0, w.i1);
+      }
+    } else if (w.q) {
+      nk_->dot_q(p, w.q->in(), m, w.out, w.ldo, w.list, w.i0, w.i1);
+      for (int64_t r = 0; r < m; ++r)
+        if (bad[static_cast<size_t>(r)]) nk_->dot_f(p, xp + r * ldx, ldx, 1, w.out + r * w.ldo, w.ldo, w.list, w.i0, w.i1);
+    } else {
+      nk_->dot_f(p, xp, ldx, m, w.out, w.ldo, w.list, w.i0, w.i1);
     }
-    if (h_ > 0) DotPar(wh, xp, ldx, Int8(wh) ? qh.in() : QIn{}, bad, m, u, f_, nullptr, par);
-    if (l_ > 0) DotPar(wl, xp, ldx, Int8(wl) ? ql.in() : QIn{}, bad, m, u + h_, f_, list, par);
     for (int64_t r = 0; r < m; ++r)
-      for (int64_t n = 0; n < f_; ++n) u[r * f_ + n] += bias[static_cast<size_t>(n)];
+      for (int64_t i = w.i0; i < w.i1; ++i) {
+        const int64_t n = w.list ? w.list[i] : i;
+        float& o = w.out[r * w.ldo + n];
+        if (Bad(o)) o = ExactRow(p, xp + r * ldx, n);
+      }
+  }
+
+  // bytes a pass over one neuron of p reads
+  static int64_t RowBytes(const NbPart& p) { return p.bits == 32 ? p.k * 4 : p.nb * (p.blob + 5); }
+  // cuts p's neurons (or the list's entries) into pieces of about `target` bytes, whole tiles (or
+  // groups of 8 listed rows)
+  static void Cut(std::vector<Piece>& out, const NbPart& p, const Quant* q, float* o, int64_t ldo,
+                  const std::vector<int32_t>* list, int64_t target) {
+    const int64_t count = list ? static_cast<int64_t>(list->size()) : p.n;
+    if (count <= 0) return;
+    const int64_t pieces = std::max<int64_t>(1, (count * RowBytes(p) + target / 2) / target);
+    const int64_t step = ((count + pieces - 1) / pieces + 7) / 8 * 8;  // whole groups of 8 neurons
+    for (int64_t i0 = 0; i0 < count; i0 += step)
+      out.push_back(Piece{&p, q, o, ldo, list ? list->data() : nullptr, i0, std::min(count, i0 + step)});
+  }
+  static constexpr int64_t kPieces = 16;  // pieces per phase (equal bytes; threads take them in turn)
+  static int64_t Target(std::initializer_list<const NbPart*> parts, int64_t list_rows = -1) {
+    int64_t total = 0;
+    for (const NbPart* p : parts)
+      if (p) total += (list_rows >= 0 && p->n ? list_rows : p->n) * RowBytes(*p);
+    return std::max<int64_t>(int64_t{16} << 10, total / kPieces);
+  }
+  void RunPieces(const std::vector<Piece>& pieces, const float* xp, int64_t ldx, const std::vector<uint8_t>& bad,
+                 int64_t m, const Parallel& par) const {
+    auto task = [&](size_t t) { Dot(pieces[t], xp, ldx, bad, m); };
+    ParFor(par, pieces.size(), task);
   }
 
   void Run(const float* x, float* y, int64_t m, const Parallel& par) const {
@@ -550,125 +581,209 @@ class NbKernel {
     std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
     for (int64_t r = 0; r < m; ++r) {
       std::memcpy(xp.data() + r * ldx, x + r * d_, static_cast<size_t>(d_) * sizeof(float));
-      for (int64_t i = 0; i < d_; ++i) bad[static_cast<size_t>(r)] |= Bad(x[r * d_ + i]);
+      bool b = false;
+      for (int64_t i = 0; i < d_; ++i) b |= Bad(x[r * d_ + i]);
+      bad[static_cast<size_t>(r)] = b;
     }
+    // int8 X (level 4): once per block size of the up / gate parts
+    Quant qh, ql;
+    const bool hq = h_ > 0 && Int8(up_h_), lq = level_ == 4;
+    const bool share = hq && lq && up_h_.bs == up_l_.bs;
+    if (hq) QuantizeX(xp.data(), ldx, m, d_, up_h_.bs, up_h_.kpad(), NeedEo(up_h_) || (share && NeedEo(up_l_)), qh);
+    if (lq && !share) QuantizeX(xp.data(), ldx, m, d_, up_l_.bs, up_l_.kpad(), NeedEo(up_l_), ql);
+    const Quant* qhp = hq ? &qh : nullptr;
+    const Quant* qlp = lq ? (share ? &qh : &ql) : nullptr;
+
     std::vector<float> u(static_cast<size_t>(m * f_), 0.0f), g;
+    if (gated_) g.assign(static_cast<size_t>(m * f_), 0.0f);
     const float thr = threshold();
     constexpr int64_t kCatsMaxM = 4;
     const bool cats = gated_ && skip_ && l_ > 0 && m <= kCatsMaxM;
-    std::vector<float> sl;  // cats: act(gate) of the light neurons [m][L]
-    std::vector<uint8_t> silent;  // cats: [m][L]
-    if (gated_) {
-      g.assign(static_cast<size_t>(m * f_), 0.0f);
-      Project(gate_h_, gate_l_, gate_b_, xp.data(), ldx, bad, m, g.data(), nullptr, par);
-    }
-    if (cats) {
-      sl.resize(static_cast<size_t>(m * l_));
-      silent.assign(static_cast<size_t>(m * l_), 0);
-      std::vector<int32_t> live;
-      for (int64_t j = 0; j < l_; ++j) {
-        bool any = false;
-        for (int64_t r = 0; r < m; ++r) {
-          const float s = static_cast<float>(ActOf(act_, g[static_cast<size_t>(r * f_ + h_ + j)]));
-          sl[static_cast<size_t>(r * l_ + j)] = s;
-          // exact zero act(gate): a = 0 * u = 0 unless u is non-finite (X row or scales non-finite)
-          const bool quiet = (thr > 0.0f && std::fabs(s) <= thr) || (s == 0.0f && !bad[static_cast<size_t>(r)] && up_l_finite_);
-          silent[static_cast<size_t>(r * l_ + j)] = quiet;
-          any |= !quiet;
-        }
-        if (any) live.push_back(static_cast<int32_t>(j));
+    const NbPart* hp = h_ > 0 ? &up_h_ : nullptr;
+    std::vector<Piece> pieces;
+    {  // phase 1: every product that does not wait for a skip decision
+      const int64_t target = Target({hp, cats ? nullptr : &up_l_, gated_ && hp ? &gate_h_ : nullptr, gated_ ? &gate_l_ : nullptr});
+      if (h_ > 0) Cut(pieces, up_h_, qhp, u.data(), f_, nullptr, target);
+      if (!cats) Cut(pieces, up_l_, qlp, u.data() + h_, f_, nullptr, target);
+      if (gated_) {
+        if (h_ > 0) Cut(pieces, gate_h_, qhp, g.data(), f_, nullptr, target);
+        Cut(pieces, gate_l_, qlp, g.data() + h_, f_, nullptr, target);
       }
-      Project(up_h_, up_l_, up_b_, xp.data(), ldx, bad, m, u.data(), &live, par);
-    } else {
-      Project(up_h_, up_l_, up_b_, xp.data(), ldx, bad, m, u.data(), nullptr, par);
+      RunPieces(pieces, xp.data(), ldx, bad, m, par);
+    }
+    if (gated_)
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t n = 0; n < f_; ++n) g[static_cast<size_t>(r * f_ + n)] += gate_b_[static_cast<size_t>(n)];
+    // s = act(gate) (gated) or act(up); cats: the light part first (it decides the live up rows)
+    std::vector<float> sv(static_cast<size_t>(m * f_));
+    std::vector<int32_t> redo;
+    const std::vector<float>& pre = gated_ ? g : u;
+    std::vector<uint8_t> silent;  // cats: [m][L]
+    if (cats) {
+      silent.assign(static_cast<size_t>(m * l_), 0);
+      std::vector<int32_t> live(static_cast<size_t>(l_));
+      for (int64_t r = 0; r < m; ++r) Activate(pre.data() + r * f_ + h_, sv.data() + r * f_ + h_, l_, redo);
+      // branch-free: the decisions are data-dependent (about a coin flip each at 50 % skipped)
+      std::vector<uint8_t> any(static_cast<size_t>(l_), 0);
+      for (int64_t r = 0; r < m; ++r) {
+        const float* sr = sv.data() + r * f_ + h_;
+        uint8_t* qr = silent.data() + r * l_;
+        // exact zero act(gate): a = 0 * u = 0 unless u is non-finite (X row or scales non-finite)
+        const bool zero_ok = !bad[static_cast<size_t>(r)] && up_l_finite_;
+        for (int64_t j = 0; j < l_; ++j) {
+          const float s = sr[j];
+          const bool quiet = ((thr > 0.0f) & (std::fabs(s) <= thr)) | ((s == 0.0f) & zero_ok);
+          qr[j] = quiet;
+          any[static_cast<size_t>(j)] |= !quiet;
+        }
+      }
+      int64_t nlive = 0;
+      for (int64_t j = 0; j < l_; ++j) {
+        live[static_cast<size_t>(nlive)] = static_cast<int32_t>(j);
+        nlive += any[static_cast<size_t>(j)];
+      }
+      live.resize(static_cast<size_t>(nlive));
+      pieces.clear();
+      Cut(pieces, up_l_, qlp, u.data() + h_, f_, &live, Target({&up_l_}, static_cast<int64_t>(live.size())));
+      RunPieces(pieces, xp.data(), ldx, bad, m, par);
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      float* ur = u.data() + r * f_;
+      for (int64_t n = 0; n < f_; ++n) ur[n] += up_b_[static_cast<size_t>(n)];
+      Activate(pre.data() + r * f_, sv.data() + r * f_, cats ? h_ : f_, redo);  // cats: light done above
     }
     // a (in place in u)
-    for (int64_t r = 0; r < m; ++r)
-      for (int64_t n = 0; n < f_; ++n) {
-        const size_t i = static_cast<size_t>(r * f_ + n);
-        const bool light = n >= h_;
-        if (cats && light) {
-          const size_t li = static_cast<size_t>(r * l_ + n - h_);
-          u[i] = silent[li] ? 0.0f : sl[li] * u[i];
-        } else if (gated_) {
-          const float s = static_cast<float>(ActOf(act_, g[i]));
-          u[i] = light && thr > 0.0f && std::fabs(s) <= thr ? 0.0f : s * u[i];
-        } else {
-          const float s = static_cast<float>(ActOf(act_, u[i]));
-          u[i] = light && thr > 0.0f && std::fabs(s) <= thr ? 0.0f : s;
-        }
+    for (int64_t r = 0; r < m; ++r) {
+      float* ur = u.data() + r * f_;
+      const float* sr = sv.data() + r * f_;
+      if (gated_)
+        for (int64_t n = 0; n < h_; ++n) ur[n] *= sr[n];
+      else
+        std::memcpy(ur, sr, static_cast<size_t>(h_) * sizeof(float));
+      if (cats) {
+        const uint8_t* sil = silent.data() + r * l_;
+        for (int64_t n = h_; n < f_; ++n) ur[n] = sil[n - h_] ? 0.0f : sr[n] * ur[n];
+      } else if (gated_) {
+        for (int64_t n = h_; n < f_; ++n) ur[n] = thr > 0.0f && std::fabs(sr[n]) <= thr ? 0.0f : sr[n] * ur[n];
+      } else {
+        for (int64_t n = h_; n < f_; ++n) ur[n] = thr > 0.0f && std::fabs(sr[n]) <= thr ? 0.0f : sr[n];
       }
+    }
     Down(u.data(), y, m, par);
   }
 
   float threshold() const { return thr_; }
 
+  // s[i] = act(v[i]) (float32) for n values: the float64 reference's; at level 4 with a vector kernel
+  // its float32 formulas, the values it flags (near the threshold, zeros, large or non-finite) again
+  // by the reference, so that the same neurons are skipped
+  void Activate(const float* v, float* s, int64_t n, std::vector<int32_t>& redo) const {
+    if (level_ == 4 && nk_->act) {
+      redo.resize(static_cast<size_t>(std::max<int64_t>(n, 1)));
+      const int64_t c = nk_->act(static_cast<int>(act_), skip_ ? thr_ : 0.0f, v, s, n, redo.data());
+      for (int64_t i = 0; i < c; ++i) s[redo[static_cast<size_t>(i)]] = static_cast<float>(ActOf(act_, v[redo[static_cast<size_t>(i)]]));
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) s[i] = static_cast<float>(ActOf(act_, v[i]));
+  }
+
   void Down(const float* a, float* y, int64_t m, const Parallel& par) const {
     // a_h, a_l padded to their block grids; rows of a holding NaN / inf are computed at level 0
     const int64_t kh = h_ > 0 ? down_h_.kpad() : 0;
-    const int64_t kl = neuron_major_ ? l_ : down_l_rows_.kpad();
+    const int64_t kl = has_rows_ ? down_l_rows_.kpad() : l_;
+    // the layout this call reads: neuron-major when few light neurons are kept (or the only one)
+    bool nm = has_nm_;
+    if (has_nm_ && has_rows_) {
+      int64_t kept = 0;
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < l_; ++j) kept += a[r * f_ + h_ + j] != 0.0f;
+      nm = static_cast<double>(kept) <= kNmMaxKept * static_cast<double>(m * l_);
+    }
     std::vector<float> ah(static_cast<size_t>(m * std::max<int64_t>(kh, 1)), 0.0f),
         al(static_cast<size_t>(m * std::max<int64_t>(kl, 1)), 0.0f);
     std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
     for (int64_t r = 0; r < m; ++r) {
       if (h_ > 0) std::memcpy(ah.data() + r * kh, a + r * f_, static_cast<size_t>(h_) * sizeof(float));
       if (l_ > 0) std::memcpy(al.data() + r * kl, a + r * f_ + h_, static_cast<size_t>(l_) * sizeof(float));
-      for (int64_t n = 0; n < f_; ++n) bad[static_cast<size_t>(r)] |= Bad(a[r * f_ + n]);
+      bool b = false;
+      for (int64_t n = 0; n < f_; ++n) b |= Bad(a[r * f_ + n]);
+      bad[static_cast<size_t>(r)] = b;
     }
     Quant qh, ql;
-    if (h_ > 0 && Int8(down_h_)) QuantizeFor(down_h_, ah.data(), kh, m, qh);
-    const bool lq = level_ == 4;
+    const bool hq = h_ > 0 && Int8(down_h_), lq = level_ == 4 && l_ > 0;
+    if (hq) QuantizeX(ah.data(), kh, m, h_, down_h_.bs, kh, NeedEo(down_h_), qh);
     std::vector<int8_t> qa;
     std::vector<float> sa;
-    if (lq && l_ > 0) {
-      if (neuron_major_) {
+    if (lq) {
+      if (nm) {
         const int64_t kp = down_l_.nb * down_l_.bs;
         qa.assign(static_cast<size_t>(m * kp), 0);
         sa.assign(static_cast<size_t>(m * down_l_.nb), 0.0f);
         std::vector<int32_t> sums(static_cast<size_t>(m * down_l_.nb));
-        NbQuantize(al.data(), kl, m, l_, down_l_.bs, kp, qa.data(), sa.data(), sums.data());
+        nk_->quant(al.data(), kl, m, l_, down_l_.bs, kp, qa.data(), sa.data(), sums.data());
       } else {
-        QuantizeFor(down_l_rows_, al.data(), kl, m, ql);
+        QuantizeX(al.data(), kl, m, l_, down_l_rows_.bs, kl, NeedEo(down_l_rows_), ql);
       }
     }
-    // neuron-major: the light neurons of each row that are not skipped (skip=1: a != 0; else all)
-    std::vector<std::vector<int32_t>> lists(static_cast<size_t>(neuron_major_ ? m : 0));
-    for (int64_t r = 0; r < static_cast<int64_t>(lists.size()); ++r)
-      for (int64_t j = 0; j < l_; ++j)
-        if (!skip_ || al[static_cast<size_t>(r * kl + j)] != 0.0f)
-          lists[static_cast<size_t>(r)].push_back(static_cast<int32_t>(j));
-    constexpr int64_t kChunk = kDownRows;  // output rows per task (the neuron-major chunks)
-    const int64_t chunks = (d_ + kChunk - 1) / kChunk;
-    auto task = [&](size_t t) {
-      const int64_t d0 = static_cast<int64_t>(t) * kChunk, d1 = std::min(d_, d0 + kChunk);
-      std::vector<float> yh(static_cast<size_t>(m * kChunk), 0.0f), yl(static_cast<size_t>(m * kChunk), 0.0f);
-      std::vector<float> facc(kChunk);
-      std::vector<int32_t> iacc(kChunk);
-      if (h_ > 0) Dot(down_h_, ah.data(), kh, Int8(down_h_) ? qh.in() : QIn{}, bad, m, yh.data() - d0, kChunk, d0, d1);
-      if (l_ > 0 && !neuron_major_)
-        Dot(down_l_rows_, al.data(), kl, lq ? ql.in() : QIn{}, bad, m, yl.data() - d0, kChunk, d0, d1);
+    std::vector<float> yh(static_cast<size_t>(m * d_), 0.0f), yl(static_cast<size_t>(m * d_), 0.0f);
+    // y rows [d0, d1) of every activation row: heavy + light + bias
+    auto finish = [&](int64_t d0, int64_t d1) {
       for (int64_t r = 0; r < m; ++r) {
-        float* ylr = yl.data() + r * kChunk - d0;
         const float* ar = al.data() + r * kl;
-        if (l_ > 0 && neuron_major_) {
-          const auto& list = lists[static_cast<size_t>(r)];
-          const int64_t cnt = static_cast<int64_t>(list.size());
-          if (lq && !bad[static_cast<size_t>(r)])
-            nk_->down_q(down_l_, qa.data() + r * down_l_.nb * down_l_.bs, sa.data() + r * down_l_.nb, list.data(),
-                        cnt, d0, d1, iacc.data(), ylr);
-          else
-            nk_->down_f(down_l_, ar, list.data(), cnt, d0, d1, facc.data(), ylr);
-        }
         for (int64_t d = d0; d < d1; ++d) {
-          const float hv = yh[static_cast<size_t>(r * kChunk + d - d0)];
-          float lv = ylr[d];
-          if (neuron_major_ && Bad(lv)) lv = ExactLight(ar, d);
-          float out = (hv + lv) + down_b_[static_cast<size_t>(d)];
-          y[r * d_ + d] = out;
+          const size_t i = static_cast<size_t>(r * d_ + d);
+          float lv = yl[i];
+          if (nm && Bad(lv)) lv = ExactLight(ar, d);
+          y[i] = (yh[i] + lv) + down_b_[static_cast<size_t>(d)];
         }
       }
     };
-    ParFor(par, static_cast<size_t>(chunks), task);
+    if (!nm) {
+      // pieces of output rows, whole tiles, heavy and light together
+      const int64_t bytes = (h_ > 0 ? RowBytes(down_h_) : 0) + RowBytes(down_l_rows_);
+      const int64_t pieces = std::max<int64_t>(1, std::min(kPieces, d_ * bytes / (int64_t{16} << 10)));
+      const int64_t step = ((d_ + pieces - 1) / pieces + 7) / 8 * 8;
+      auto task = [&](size_t t) {
+        const int64_t d0 = static_cast<int64_t>(t) * step, d1 = std::min(d_, d0 + step);
+        if (h_ > 0) Dot(Piece{&down_h_, hq ? &qh : nullptr, yh.data(), d_, nullptr, d0, d1}, ah.data(), kh, bad, m);
+        Dot(Piece{&down_l_rows_, lq ? &ql : nullptr, yl.data(), d_, nullptr, d0, d1}, al.data(), kl, bad, m);
+        finish(d0, d1);
+      };
+      ParFor(par, static_cast<size_t>((d_ + step - 1) / step), task);
+      return;
+    }
+    // neuron-major: the light neurons of each row that are not skipped (skip=1: a != 0; else all)
+    std::vector<std::vector<int32_t>> lists(static_cast<size_t>(m));
+    for (int64_t r = 0; r < m; ++r) {
+      auto& list = lists[static_cast<size_t>(r)];
+      list.resize(static_cast<size_t>(l_));
+      const float* ar = al.data() + r * kl;
+      int64_t cnt = 0;
+      for (int64_t j = 0; j < l_; ++j) {  // branch-free (data-dependent)
+        list[static_cast<size_t>(cnt)] = static_cast<int32_t>(j);
+        cnt += !skip_ | (ar[j] != 0.0f);
+      }
+      list.resize(static_cast<size_t>(cnt));
+    }
+    const int64_t rows = down_l_.rows;
+    auto task = [&](size_t t) {
+      const int64_t d0 = static_cast<int64_t>(t) * rows, d1 = std::min(d_, d0 + rows);
+      std::vector<float> facc(static_cast<size_t>(rows));
+      std::vector<int32_t> iacc(static_cast<size_t>(rows));
+      if (h_ > 0) Dot(Piece{&down_h_, hq ? &qh : nullptr, yh.data(), d_, nullptr, d0, d1}, ah.data(), kh, bad, m);
+      for (int64_t r = 0; r < m; ++r) {
+        float* ylr = yl.data() + r * d_;
+        const auto& list = lists[static_cast<size_t>(r)];
+        const int64_t cnt = static_cast<int64_t>(list.size());
+        if (lq && !bad[static_cast<size_t>(r)])
+          nk_->down_q(down_l_, qa.data() + r * down_l_.nb * down_l_.bs, sa.data() + r * down_l_.nb, list.data(), cnt,
+                      d0, d1, iacc.data(), ylr);
+        else
+          nk_->down_f(down_l_, al.data() + r * kl, list.data(), cnt, d0, d1, facc.data(), ylr);
+      }
+      finish(d0, d1);
+    };
+    ParFor(par, static_cast<size_t>(down_l_.chunks()), task);
   }
 
   // one light down output in float64 over the neurons not skipped (skip=1: a != 0; else all)
@@ -681,7 +796,8 @@ class NbKernel {
 
   std::string name_;
   Act act_ = Act::kRelu;
-  bool gated_ = false, skip_ = false, up_l_finite_ = true, neuron_major_ = false;
+  bool gated_ = false, skip_ = false, up_l_finite_ = true, has_rows_ = true, has_nm_ = false;
+  static constexpr double kNmMaxKept = 0.3;  // measured crossover: see the constructor
   float thr_ = 0.0f;
   int hbits_ = 32, lbits_ = 4;
   int64_t hbs_ = 0, lbs_ = 0, level_ = 0;

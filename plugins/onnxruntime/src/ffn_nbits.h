@@ -12,71 +12,113 @@ struct OrtCustomOp;
 
 namespace ffsplit {
 
-// One part W[N, K] stored row-major per output neuron: the MatMulNBits B as given (codes of row n,
-// block after block; 4 bits: low nibble first), with its scales and zero points unpacked per
-// (n, block). bits 32: dense float32 [N, K].
+// One part W[N, K] (bits 4 or 8; bits 32: dense float32 [N, K]). Codes are stored as int values
+// c with the zero point z such that W = (c - z) * s:
+//  * bits 4: c = the uint4 code u, z = its zero point (8 when symmetric);
+//  * bits 8: c = u - 128 stored as int8 (so that the AVX2 kernels multiply signed bytes without
+//    widening), z = zero point - 128 (0 when symmetric).
+// Layout (`tiled`, the default): neurons in tiles of 8, [ceil(N / 8)][nb][8][blob]: the 8 neurons'
+// codes of one block are contiguous, so a tile is one sequential stream (rows past N are zero).
+// Scales and zero points follow the same order ([tile][block][8]). Not tiled (the up rows of the
+// gated light part with skipping, read only for live neurons): row-major [N][nb][blob] as the
+// MatMulNBits B, scales / zero points [N][nb].
 struct NbPart {
   int bits = 32;
   int64_t n = 0, k = 0;
   int64_t bs = 0, nb = 0, blob = 0;  // block size, blocks per row, bytes per block
-  HugeVec<uint8_t> codes;            // [N][nb][blob] + 64 bytes of padding
+  bool tiled = true;
+  HugeVec<uint8_t> codes;            // + 64 bytes of padding
   std::vector<float> dense;          // bits 32: [N, K]
-  std::vector<float> scales;         // [N * nb]
-  std::vector<float> zf;             // [N * nb] zero points (float)
-  std::vector<int32_t> zi;           // [N * nb] zero points
-  std::vector<float> scales_t;       // [ceil(N / 8)][nb][8]: per tile of 8 neurons, block after block
-  std::vector<int32_t> zi_t;         // same layout
+  std::vector<float> sc;             // scales
+  std::vector<int8_t> z;             // zero points (see above)
   int64_t kpad() const { return bits == 32 ? k : nb * bs; }
-  // the dequantized float32 weight (u - z) * s, as the reference computes it
+  // position of (neuron n, block b) in sc / z, and times blob in codes
+  int64_t Index(int64_t n, int64_t b) const { return tiled ? ((n >> 3) * nb + b) * 8 + (n & 7) : n * nb + b; }
+  const uint8_t* Blk(int64_t n, int64_t b) const { return codes.data() + Index(n, b) * blob; }
+  // the int code c of (n, block b, index i in the block)
+  int Code(int64_t n, int64_t b, int64_t i) const {
+    const uint8_t* blk = Blk(n, b);
+    if (bits == 8) return static_cast<int8_t>(blk[i]);
+    return (i & 1) ? blk[i / 2] >> 4 : blk[i / 2] & 15;
+  }
+  // the dequantized float32 weight (c - z) * s, as the reference computes it
   float At(int64_t row, int64_t col) const;
-  size_t bytes() const { return codes.size() + dense.size() * 4 + scales.size() * 4; }
 };
 
 // The light down projection W[D, L] stored neuron-major: the output rows are cut into chunks of
-// kDownRows (one task each); within a chunk, neuron after neuron, each neuron's codes for the
-// chunk's rows are contiguous (4 bits: per 16 rows 8 bytes, rows 0..7 in the low nibbles and 8..15
-// in the high ones, so that two neurons' codes interleave with byte unpacks). A task streams the
-// segments of its active neurons; a skipped neuron costs no byte. The scales and zero points stay
-// per (d, block of bs neurons), stored block-major over d.
-constexpr int64_t kDownRows = 256;
+// `rows` (a multiple of 32; one task each); within a chunk, neuron after neuron, each neuron's codes
+// for the chunk's rows are contiguous (4 bits: per 16 rows 8 bytes, rows 0..7 in the low nibbles and
+// 8..15 in the high ones, so that two neurons' codes interleave with byte unpacks; 8 bits: the int8
+// code c as in NbPart). A task streams the segments of its active neurons; a skipped neuron costs no
+// byte. The scales and zero points stay per (d, block of bs neurons), stored per chunk, block after
+// block ([chunk][nb][rows]), so that a task reads them as one stream.
 struct NbDown {
   int bits = 4;
   int64_t d = 0, l = 0, bs = 0, nb = 0;
   int64_t dpad = 0;                 // D rounded up to 32
+  int64_t rows = 256;               // output rows per chunk
   std::vector<int64_t> chunk_off;   // byte offset of each chunk's segments
   HugeVec<uint8_t> codes;           // + 64 bytes of padding
-  std::vector<float> scales;        // [nb][dpad]
-  std::vector<float> zf;            // [nb][dpad]
-  // neuron j's codes for the chunk starting at row d0 (a multiple of kDownRows); row d at d - d0
-  const uint8_t* Seg(int64_t j, int64_t d0) const {
-    const int64_t rows = std::min(dpad, d0 + kDownRows) - d0;
-    return codes.data() + chunk_off[static_cast<size_t>(d0 / kDownRows)] + j * (bits == 8 ? rows : rows / 2);
+  std::vector<float> scales;        // [chunks][nb][rows]
+  std::vector<int8_t> z;            // [chunks][nb][rows] zero points (as NbPart)
+  // position of (block b, row d) in scales / z, minus d: chunk c = d / rows
+  int64_t SBase(int64_t c, int64_t b) const { return (c * nb + b) * rows - c * rows; }
+  int64_t chunks() const { return (d + rows - 1) / rows; }
+  // the segments of the chunk starting at row d0 (a multiple of rows): neuron j's codes at Of(j),
+  // row d at d - d0
+  struct Chunk {
+    const uint8_t* base;
+    int64_t seg;  // bytes per neuron
+    const uint8_t* Of(int64_t j) const { return base + j * seg; }
+  };
+  Chunk ChunkOf(int64_t d0) const {
+    const int64_t r = std::min(dpad, d0 + rows) - d0;
+    return Chunk{codes.data() + chunk_off[static_cast<size_t>(d0 / rows)], bits == 8 ? r : r / 2};
   }
+  const uint8_t* Seg(int64_t j, int64_t d0) const { return ChunkOf(d0).Of(j); }
   float At(int64_t row, int64_t j) const;
 };
 
-// Row-major kernels: y[r * ldy + n] for n in [n0, n1), r < m.
+// int8 activations of an integer product, per row r: q [kpad], per block scale s and code sum
+// `sum` [nb]; eo (4 bits, block >= 64; else null): q with every 64 values reordered as the 32 even
+// then the 32 odd ones (the low / high nibbles of 32 bytes of codes)
+struct NbQ {
+  const int8_t* q = nullptr;
+  const int8_t* eo = nullptr;
+  const float* s = nullptr;
+  const int32_t* sum = nullptr;
+};
+
+// Kernels over the neurons list[i] (list null: neuron i) for i in [i0, i1), every row r < m:
+// y[r * ldy + neuron]. A tiled part takes no list.
 //   dot_f: exact float32 (x padded with zeros to kpad, row stride ldx)
-//   dot_q: int8 activations qx [m][kpad] with per (row, block) scale xs and code sum xsum [m][nb];
-//          qeo (4 bits, block >= 64; else null): qx with every 64 values reordered as the 32 even
-//          then the 32 odd ones (the low / high nibbles of 32 bytes of B)
-// Neuron-major down kernels for one activation row, output rows [d0, d1) (d0 a multiple of kDownRows, d1 <= d0 + kDownRows):
+//   dot_q: int8 activations (NbQ, row strides kpad and nb)
+// Neuron-major down kernels for one activation row, output rows [d0, d1) (d0 a multiple of w.rows,
+// d1 <= d0 + w.rows):
 //   down_f: y[d] += sum over the listed neurons (ascending) of a[j] * w[d, j] (float, per block)
-//   down_q: the same with qa (int8 per block of bs neurons, scales sa [nb]); acc: scratch of dpad ints
+//   down_q: the same with qa (int8 per block of bs neurons, scales sa [nb]); acc: scratch of w.rows ints
+//   quant: NbQuantize (same results)
+//   act (null: none): s[i] = act(v[i]) by float32 formulas (kind: Act as int), for level 4; returns
+//         how many indices it wrote to redo: those whose value must come from the float64 reference
+//         (|v| >= 80 or non-finite; |s| < 1e-30 for non-relu; | |s| - thr | <= 1e-5 thr when thr > 0, so
+//         that the skip decisions match the reference)
 struct NbKernels {
-  void (*dot_f)(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
-                int64_t n1);
-  void (*dot_q)(const NbPart& p, const int8_t* qx, const int8_t* qeo, const float* xs, const int32_t* xsum,
-                int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1);
+  void (*dot_f)(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const int32_t* list,
+                int64_t i0, int64_t i1);
+  void (*dot_q)(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, const int32_t* list, int64_t i0,
+                int64_t i1);
   void (*down_f)(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1,
                  float* acc, float* y);
   void (*down_q)(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count,
                  int64_t d0, int64_t d1, int32_t* acc, float* y);
+  void (*quant)(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, int8_t* qx, float* xs,
+                int32_t* xsum);
+  int64_t (*act)(int kind, float thr, const float* v, float* s, int64_t n, int32_t* redo);
 };
 const NbKernels& NbKernelsScalar();
 const NbKernels& NbKernelsAvx2();
 
-// code of output row d in one neuron's neuron-major codes
+// the int code c of output row d in one neuron's neuron-major codes
 int DownCode(const uint8_t* c, int bits, int64_t d);
 
 // Quantizes x [m][k] (row stride ldx) per block of bs to int8 (scale max|.| / 127, round to

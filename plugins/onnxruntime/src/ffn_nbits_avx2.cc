@@ -1,14 +1,18 @@
 // AVX2 + FMA kernels of FusedFFNNBits (ffn_nbits.cc; the scalar ones there define what they compute).
-//  dot_f: a block's codes decoded once to floats (u - z), dotted with every row of X, times the scale
-//  dot_q: int8 X blocks: 4 bits with _mm256_maddubs_epi16 (unsigned codes x signed int8, no int16
-//         saturation: 2 * 15 * 127 < 2^15), 8 bits widened to int16 and _mm256_madd_epi16; int32
-//         block sums converted and scaled in vector registers (one horizontal sum per output)
+//  dot_f: a block's codes decoded once to floats (c - z), dotted with every row of X, times the scale
+//  dot_q: int8 X blocks, 8 neurons at a time (a tile, or 8 listed rows): 4 bits with
+//         _mm256_maddubs_epi16 (unsigned codes x signed int8, no int16 saturation: 2 * 15 * 127 <
+//         2^15; blocks >= 64 against X reordered even / odd so nibbles need no unpacking), 8 bits
+//         (signed codes) as |c| x (q with c's sign) with maddubs (2 * 128 * 127 < 2^15); the 8
+//         neurons' int32 block sums reduced together, zero points and scales applied as vectors
 //  down_f / down_q: neuron-major light down; down_q takes the listed neurons in pairs, their codes
 //         interleaved per output row and multiplied with _mm256_madd_epi16 by (qa_j, qa_j')
+//  quant / act: the activation quantization and the level-4 activations (exp / erfc polynomials)
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include "ffn_nbits.h"
 
@@ -37,24 +41,36 @@ inline __m256i Unpack32(const uint8_t* p) {
   return _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
 }
 
-inline __m128i Codes16(const uint8_t* base, int bits, int64_t i) {
-  return bits == 8 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + i)) : Unpack16(base + i / 2);
+// 16 codes of a block from index i as int32 (two halves of 8): 4 bits unsigned, 8 bits signed
+inline void Codes16(const uint8_t* blk, int bits, int64_t i, __m256i& c0, __m256i& c1) {
+  if (bits == 8) {
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i));
+    c0 = _mm256_cvtepi8_epi32(c);
+    c1 = _mm256_cvtepi8_epi32(_mm_srli_si128(c, 8));
+  } else {
+    const __m128i c = Unpack16(blk + i / 2);
+    c0 = _mm256_cvtepu8_epi32(c);
+    c1 = _mm256_cvtepu8_epi32(_mm_srli_si128(c, 8));
+  }
 }
 
-void DotF(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+void DotF(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, const int32_t* list,
+          int64_t i0, int64_t i1) {
   alignas(32) float w[256];
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t ii = i0; ii < i1; ++ii) {
+    const int64_t n = list ? list[ii] : ii;
     for (int64_t r = 0; r < m; ++r) y[r * ldy + n] = 0.0f;
     for (int64_t b = 0; b < p.nb; ++b) {
-      const size_t sb = static_cast<size_t>(n * p.nb + b);
-      const uint8_t* blk = p.codes.data() + sb * p.blob;
-      const __m256 vz = _mm256_set1_ps(p.zf[sb]);
+      const size_t ix = static_cast<size_t>(p.Index(n, b));
+      const uint8_t* blk = p.Blk(n, b);
+      const __m256 vz = _mm256_set1_ps(static_cast<float>(p.z[ix]));
       for (int64_t i = 0; i < p.bs; i += 16) {
-        const __m128i c = Codes16(blk, p.bits, i);
-        _mm256_store_ps(w + i, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(c)), vz));
-        _mm256_store_ps(w + i + 8, _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(c, 8))), vz));
+        __m256i c0, c1;
+        Codes16(blk, p.bits, i, c0, c1);
+        _mm256_store_ps(w + i, _mm256_sub_ps(_mm256_cvtepi32_ps(c0), vz));
+        _mm256_store_ps(w + i + 8, _mm256_sub_ps(_mm256_cvtepi32_ps(c1), vz));
       }
-      const float s = p.scales[sb];
+      const float s = p.sc[ix];
       for (int64_t r = 0; r < m; ++r) {
         const float* xb = x + r * ldx + b * p.bs;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0;
@@ -76,155 +92,215 @@ inline __m256i Reduce8(const __m256i* a) {
   return _mm256_add_epi32(_mm256_permute2x128_si256(q0, q1, 0x20), _mm256_permute2x128_si256(q0, q1, 0x31));
 }
 
-// 8 output neurons n..n+7 at once (n % 8 == 0, block size >= 32): the X block loaded once for the 8 rows, their
-// int32 block sums reduced together, scales and zero points block-major (8 contiguous lanes)
-template <int BITS>
-void DotQTile8(const NbPart& p, const int8_t* q, const int8_t* qeo, const float* xsr, const int32_t* xsumr, float* yr,
-               int64_t n) {
+// The integer dot product of one neuron's block (codes c) with the int8 activations qb (eb: the
+// even / odd order): int32 partial sums in 8 lanes. Kinds:
+enum : int {
+  kI4Eo = 0,  // 4 bits, block >= 64: low nibbles x even values, high x odd; int16 sums over the
+              // block (<= 4 * 2 * 2 * 15 * 127 < 2^15 for blocks <= 256), one madd
+  kI4B32,     // 4 bits, block 32: nibbles unpacked in code order
+  kI4B16,     // 4 bits, block 16
+  kI8,        // 8 bits (signed codes), block >= 32: |c| x (q with c's sign), no int16 saturation
+              // (2 * 128 * 127 < 2^15)
+  kI8B16,     // 8 bits, block 16
+};
+template <int KIND>
+inline __m256i BlockDot(const uint8_t* c, const int8_t* qb, const int8_t* eb, int64_t bs) {
   const __m256i ones = _mm256_set1_epi16(1);
-  const uint8_t* rows[8];
-  for (int t = 0; t < 8; ++t) rows[t] = p.codes.data() + (n + t) * p.nb * p.blob;
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < p.nb; ++b) {
-    const int8_t* qb = q + b * p.bs;
-    __m256i a[8];
-    for (int t = 0; t < 8; ++t) a[t] = _mm256_setzero_si256();
-    const int64_t off = b * p.blob;
-    if (BITS == 4 && qeo) {
-      // 64 codes per 32 bytes: the low nibbles times the even X values, the high ones times the odd;
-      // int16 sums over the block (<= 4 * 2 * 2 * 15 * 127 < 2^15), one madd per block
-      const int8_t* eb = qeo + b * p.bs;
-      const __m256i mask = _mm256_set1_epi8(0x0F);
-      __m256i s16[8];
-      for (int t = 0; t < 8; ++t) s16[t] = _mm256_setzero_si256();
-      for (int64_t i = 0; i < p.bs; i += 64) {
-        const __m256i ve = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(eb + i));
-        const __m256i vo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(eb + i + 32));
-        for (int t = 0; t < 8; ++t) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[t] + off + i / 2));
-          const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-          s16[t] = _mm256_add_epi16(s16[t], _mm256_add_epi16(_mm256_maddubs_epi16(lo, ve), _mm256_maddubs_epi16(hi, vo)));
-        }
-      }
-      for (int t = 0; t < 8; ++t) a[t] = _mm256_madd_epi16(s16[t], ones);
-    } else if (BITS == 4) {
-      for (int64_t i = 0; i < p.bs; i += 32) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + i));
-        for (int t = 0; t < 8; ++t)
-          a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(_mm256_maddubs_epi16(Unpack32(rows[t] + off + i / 2), v), ones));
-      }
-    } else {
-      for (int64_t i = 0; i < p.bs; i += 16) {
-        const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + i)));
-        for (int t = 0; t < 8; ++t) {
-          const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[t] + off + i)));
-          a[t] = _mm256_add_epi32(a[t], _mm256_madd_epi16(c, v));
-        }
-      }
+  if (KIND == kI4Eo) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i s16 = _mm256_setzero_si256();
+    for (int64_t i = 0; i < bs; i += 64) {
+      const __m256i ve = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(eb + i));
+      const __m256i vo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(eb + i + 32));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i / 2));
+      const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+      s16 = _mm256_add_epi16(s16, _mm256_add_epi16(_mm256_maddubs_epi16(lo, ve), _mm256_maddubs_epi16(hi, vo)));
     }
-    __m256i s = Reduce8(a);
-    const size_t tb = static_cast<size_t>(((n / 8) * p.nb + b) * 8);
-    const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.zi_t.data() + tb));
-    s = _mm256_sub_epi32(s, _mm256_mullo_epi32(z, _mm256_set1_epi32(xsumr[b])));
-    const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(p.scales_t.data() + tb), _mm256_set1_ps(xsr[b]));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc);
+    return _mm256_madd_epi16(s16, ones);
+  } else if (KIND == kI4B32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(Unpack32(c), v), ones);
+  } else if (KIND == kI4B16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
+    const __m128i s = _mm_madd_epi16(_mm_maddubs_epi16(Unpack16(c), v), _mm_set1_epi16(1));
+    return _mm256_inserti128_si256(_mm256_setzero_si256(), s, 0);
+  } else if (KIND == kI8) {
+    __m256i a = _mm256_setzero_si256();
+    for (int64_t i = 0; i < bs; i += 32) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i));
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + i));
+      a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(v, w)), ones));
+    }
+    return a;
+  } else {
+    const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
+    const __m128i s = _mm_madd_epi16(_mm_maddubs_epi16(_mm_abs_epi8(w), _mm_sign_epi8(v, w)), _mm_set1_epi16(1));
+    return _mm256_inserti128_si256(_mm256_setzero_si256(), s, 0);
   }
-  alignas(32) float out[8];
-  _mm256_store_ps(out, acc);
-  for (int t = 0; t < 8; ++t) yr[n + t] = out[t];
 }
 
-void DotQ(const NbPart& p, const int8_t* qx, const int8_t* qeo, const float* xs, const int32_t* xsum, int64_t m,
-          float* y, int64_t ldy, int64_t n0, int64_t n1) {
+// bytes ahead of the codes being read that a tile prefetches (measured: 768..1536 equal, 0 or 4096
+// slower on a 2-core EPYC streaming 21 MB of codes)
+constexpr int64_t kTilePrefetch = 1024;
+
+// 8 neurons of a tiled part (tile t) for one activation row: out[0..8) (float)
+template <int KIND>
+void Tile8(const NbPart& p, const int8_t* q, const int8_t* qeo, const float* xs, const int32_t* xsum, int64_t t,
+           float* out) {
+  const int64_t tb = 8 * p.blob;  // bytes of one tile block
+  const uint8_t* base = p.codes.data() + t * p.nb * tb;
+  const float* sc = p.sc.data() + t * p.nb * 8;
+  const int8_t* zt = p.z.data() + t * p.nb * 8;
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b, base += tb) {
+    for (int64_t o = 0; o < tb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(base + kTilePrefetch + o), _MM_HINT_T0);
+    const int8_t* qb = q + b * p.bs;
+    const int8_t* eb = qeo ? qeo + b * p.bs : nullptr;
+    __m256i a[8];
+    for (int u = 0; u < 8; ++u) a[u] = BlockDot<KIND>(base + u * p.blob, qb, eb, p.bs);
+    __m256i s = Reduce8(a);
+    const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + b * 8)));
+    s = _mm256_sub_epi32(s, _mm256_mullo_epi32(z, _mm256_set1_epi32(xsum[b])));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(_mm256_loadu_ps(sc + b * 8), _mm256_set1_ps(xs[b])), acc);
+  }
+  _mm256_storeu_ps(out, acc);
+}
+
+// 8 neurons ns[0..8) of a row-major part for one activation row; next: the rows of the group after
+// (prefetched block by block; null: none)
+template <int KIND>
+void Rows8(const NbPart& p, const int8_t* q, const int8_t* qeo, const float* xs, const int32_t* xsum,
+           const int64_t* ns, const int64_t* next, float* out) {
+  const uint8_t* rows[8];
+  const uint8_t* nrows[8];
+  for (int u = 0; u < 8; ++u) {
+    rows[u] = p.codes.data() + ns[u] * p.nb * p.blob;
+    nrows[u] = next ? p.codes.data() + next[u] * p.nb * p.blob : rows[u];
+  }
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b) {
+    if (next && (b * p.blob) % 64 == 0)  // once per cache line of the next group's rows
+      for (int u = 0; u < 8; ++u)
+        for (int64_t o = 0; o < std::max<int64_t>(p.blob, 64); o += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(nrows[u] + b * p.blob + o), _MM_HINT_T0);
+    const int8_t* qb = q + b * p.bs;
+    const int8_t* eb = qeo ? qeo + b * p.bs : nullptr;
+    __m256i a[8];
+    for (int u = 0; u < 8; ++u) a[u] = BlockDot<KIND>(rows[u] + b * p.blob, qb, eb, p.bs);
+    __m256i s = Reduce8(a);
+    alignas(32) float scv[8];
+    alignas(32) int32_t zv[8];
+    for (int u = 0; u < 8; ++u) {
+      scv[u] = p.sc[static_cast<size_t>(ns[u] * p.nb + b)];
+      zv[u] = p.z[static_cast<size_t>(ns[u] * p.nb + b)];
+    }
+    const __m256i z = _mm256_load_si256(reinterpret_cast<const __m256i*>(zv));
+    s = _mm256_sub_epi32(s, _mm256_mullo_epi32(z, _mm256_set1_epi32(xsum[b])));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(_mm256_load_ps(scv), _mm256_set1_ps(xs[b])), acc);
+  }
+  _mm256_storeu_ps(out, acc);
+}
+
+template <int KIND>
+void DotQKind(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, const int32_t* list, int64_t i0,
+              int64_t i1) {
   const int64_t kpad = p.nb * p.bs;
-  const __m256i ones = _mm256_set1_epi16(1);
-  // whole aligned tiles of 8 neurons, the rest one by one
-  const int64_t t0 = p.bs >= 32 ? std::min(n1, (n0 + 7) / 8 * 8) : n1;
-  const int64_t t1 = p.bs >= 32 ? std::max(t0, n1 / 8 * 8) : n1;
-  for (int64_t nt = t0; nt < t1; nt += 8)
-    for (int64_t r = 0; r < m; ++r) {
-      if (p.bits == 4)
-        DotQTile8<4>(p, qx + r * kpad, qeo ? qeo + r * kpad : nullptr, xs + r * p.nb, xsum + r * p.nb, y + r * ldy, nt);
-      else
-        DotQTile8<8>(p, qx + r * kpad, nullptr, xs + r * p.nb, xsum + r * p.nb, y + r * ldy, nt);
-    }
-  for (int64_t n = n0; n < n1; ++n) {
-    if (n == t0) n = t1;
-    if (n >= n1) break;
-    const uint8_t* row = p.codes.data() + n * p.nb * p.blob;
-    const float* sc = p.scales.data() + n * p.nb;
-    const int32_t* zi = p.zi.data() + n * p.nb;
-    for (int64_t r = 0; r < m; ++r) {
-      const int8_t* q = qx + r * kpad;
-      const float* xsr = xs + r * p.nb;
-      const int32_t* xsumr = xsum + r * p.nb;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t b = 0; b < p.nb; ++b) {
-        const uint8_t* blk = row + b * p.blob;
-        const int8_t* qb = q + b * p.bs;
-        __m256i ai = _mm256_setzero_si256();
-        if (p.bits == 4) {
-          int64_t i = 0;
-          for (; i + 32 <= p.bs; i += 32) {
-            const __m256i c = Unpack32(blk + i / 2);
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qb + i));
-            ai = _mm256_add_epi32(ai, _mm256_madd_epi16(_mm256_maddubs_epi16(c, v), ones));
-          }
-          if (i < p.bs) {  // block of 16
-            const __m128i c = Unpack16(blk + i / 2);
-            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + i));
-            const __m128i s16 = _mm_madd_epi16(_mm_maddubs_epi16(c, v), _mm_set1_epi16(1));
-            ai = _mm256_add_epi32(ai, _mm256_inserti128_si256(_mm256_setzero_si256(), s16, 0));
-          }
-        } else {
-          for (int64_t i = 0; i < p.bs; i += 16) {
-            const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i)));
-            const __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + i)));
-            ai = _mm256_add_epi32(ai, _mm256_madd_epi16(c, v));
-          }
-        }
-        // the zero point's term, exact in int32 (lane 0)
-        ai = _mm256_sub_epi32(ai, _mm256_setr_epi32(zi[b] * xsumr[b], 0, 0, 0, 0, 0, 0, 0));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(sc[b] * xsr[b]), acc);
+  alignas(32) float out[8];
+  if (p.tiled) {  // no list: neurons [i0, i1)
+    for (int64_t t = i0 / 8; t * 8 < i1; ++t) {
+      const int64_t lo = std::max(i0, t * 8), hi = std::min(i1, t * 8 + 8);
+      for (int64_t r = 0; r < m; ++r) {
+        Tile8<KIND>(p, qx.q + r * kpad, qx.eo ? qx.eo + r * kpad : nullptr, qx.s + r * p.nb, qx.sum + r * p.nb, t, out);
+        for (int64_t n = lo; n < hi; ++n) y[r * ldy + n] = out[n - t * 8];
       }
-      y[r * ldy + n] = Hsum(acc);
     }
+    return;
+  }
+  int64_t ns[8], nx[8];
+  auto fill = [&](int64_t g, int64_t* dst) {  // the group of 8 starting at index g (last one repeated)
+    const int64_t e = std::min(i1, g + 8);
+    for (int u = 0; u < 8; ++u) {
+      const int64_t i = std::min(g + u, e - 1);
+      dst[u] = list ? list[i] : i;
+    }
+  };
+  fill(i0, ns);
+  for (int64_t g = i0; g < i1; g += 8) {
+    const bool more = g + 8 < i1;
+    if (more) fill(g + 8, nx);
+    for (int64_t r = 0; r < m; ++r) {
+      Rows8<KIND>(p, qx.q + r * kpad, qx.eo ? qx.eo + r * kpad : nullptr, qx.s + r * p.nb, qx.sum + r * p.nb, ns,
+                  more && r == 0 ? nx : nullptr, out);
+      for (int64_t u = 0; u < std::min<int64_t>(8, i1 - g); ++u) y[r * ldy + ns[u]] = out[u];
+    }
+    if (more) std::copy(nx, nx + 8, ns);
+  }
+}
+
+void DotQ(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, const int32_t* list, int64_t i0,
+          int64_t i1) {
+  if (p.bits == 4) {
+    if (p.bs >= 64 && qx.eo)
+      DotQKind<kI4Eo>(p, qx, m, y, ldy, list, i0, i1);
+    else if (p.bs == 16)
+      DotQKind<kI4B16>(p, qx, m, y, ldy, list, i0, i1);
+    else if (p.bs == 32)
+      DotQKind<kI4B32>(p, qx, m, y, ldy, list, i0, i1);
+    else
+      NbKernelsScalar().dot_q(p, qx, m, y, ldy, list, i0, i1);  // block >= 64 without the even / odd order
+  } else if (p.bs == 16) {
+    DotQKind<kI8B16>(p, qx, m, y, ldy, list, i0, i1);
+  } else {
+    DotQKind<kI8>(p, qx, m, y, ldy, list, i0, i1);
   }
 }
 
 inline int64_t DownEnd(const NbDown& w, int64_t d1) { return std::min(w.dpad, (d1 + 31) / 32 * 32); }
 
-// 16 codes of a neuron-major row group (ffn_nbits.h NbDown): 8 bits: 16 bytes; 4 bits: 8 bytes,
-// rows 0..7 in the low nibbles, 8..15 in the high ones
-inline __m128i DownCodes16(const uint8_t* c, int bits, int64_t d) {
-  if (bits == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d));
+// 16 codes of a neuron-major row group (ffn_nbits.h NbDown) as int32: 8 bits: 16 signed bytes;
+// 4 bits: 8 bytes, rows 0..7 in the low nibbles, 8..15 in the high ones
+inline void DownCodes16(const uint8_t* c, int bits, int64_t d, __m256i& c0, __m256i& c1) {
+  if (bits == 8) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + d));
+    c0 = _mm256_cvtepi8_epi32(v);
+    c1 = _mm256_cvtepi8_epi32(_mm_srli_si128(v, 8));
+    return;
+  }
   const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + d / 2));
   const __m128i m = _mm_set1_epi8(0x0F);
-  return _mm_unpacklo_epi64(_mm_and_si128(raw, m), _mm_and_si128(_mm_srli_epi16(raw, 4), m));
+  c0 = _mm256_cvtepu8_epi32(_mm_and_si128(raw, m));
+  c1 = _mm256_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m));
+}
+
+// 8 int8 zero points as float
+inline __m256 Z8(const int8_t* z) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z))));
 }
 
 void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, int64_t d0, int64_t d1, float* acc,
            float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
+  const NbDown::Chunk ch = w.ChunkOf(d0);
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs;
     std::fill(acc, acc + len, 0.0f);
-    const float* z = w.zf.data() + b * w.dpad;
+    const int8_t* z = w.z.data() + w.SBase(d0 / w.rows, b);
     for (; i < count && list[i] / w.bs == b; ++i) {
       const int64_t j = list[i];
       const __m256 av = _mm256_set1_ps(a[j]);
-      const uint8_t* c = w.Seg(j, d0);
+      const uint8_t* c = ch.Of(j);
       for (int64_t d = d0; d < de; d += 16) {
-        const __m128i cv = DownCodes16(c, w.bits, d - d0);
-        const __m256 f0 = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(cv)), _mm256_loadu_ps(z + d));
-        const __m256 f1 =
-            _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(cv, 8))), _mm256_loadu_ps(z + d + 8));
+        __m256i c0, c1;
+        DownCodes16(c, w.bits, d - d0, c0, c1);
+        const __m256 f0 = _mm256_sub_ps(_mm256_cvtepi32_ps(c0), Z8(z + d));
+        const __m256 f1 = _mm256_sub_ps(_mm256_cvtepi32_ps(c1), Z8(z + d + 8));
         float* ac = acc + (d - d0);
         _mm256_storeu_ps(ac, _mm256_fmadd_ps(av, f0, _mm256_loadu_ps(ac)));
         _mm256_storeu_ps(ac + 8, _mm256_fmadd_ps(av, f1, _mm256_loadu_ps(ac + 8)));
       }
     }
-    const float* s = w.scales.data() + b * w.dpad;
+    const float* s = w.scales.data() + w.SBase(d0 / w.rows, b);
     int64_t d = d0;
     for (; d + 8 <= d1; d += 8)
       _mm256_storeu_ps(y + d, _mm256_fmadd_ps(_mm256_loadu_ps(s + d), _mm256_loadu_ps(acc + (d - d0)),
@@ -236,9 +312,9 @@ void DownF(const NbDown& w, const float* a, const int32_t* list, int64_t count, 
 // acc[d - d0] (int32) += sum over the pairs of sum_j qa_j * code[d, j], for d in [d0, de), the
 // neurons js[0..n) (n <= 16, even; a missing partner has q = 0 and repeats the neuron)
 template <int BITS>
-void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de, int32_t* acc) {
+void PairsSlab(const NbDown::Chunk& ch, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de, int32_t* acc) {
   const uint8_t* ptr[16];
-  for (int k = 0; k < n; ++k) ptr[k] = w.Seg(js[k], d0);
+  for (int k = 0; k < n; ++k) ptr[k] = ch.Of(js[k]);
   __m256i qq[8];
   for (int k = 0; k < n; k += 2) {
     if (BITS == 4)  // signed int8 pairs (q1, q2) for maddubs
@@ -300,8 +376,8 @@ void PairsSlab(const NbDown& w, const int32_t* js, const int8_t* qs, int n, int6
       for (int k = 0; k < n; k += 2) {
         const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr[k] + (d - d0)));
         const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr[k + 1] + (d - d0)));
-        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a1, a2)), qq[k / 2]));
-        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a1, a2)), qq[k / 2]));
+        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a1, a2)), qq[k / 2]));
+        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpackhi_epi8(a1, a2)), qq[k / 2]));
       }
       _mm256_storeu_si256(ac, _mm256_add_epi32(_mm256_loadu_si256(ac), s0));
       _mm256_storeu_si256(ac + 1, _mm256_add_epi32(_mm256_loadu_si256(ac + 1), s1));
@@ -313,13 +389,21 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
            int64_t d1, int32_t* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
   const int64_t seg = w.bits == 8 ? len : len / 2;  // bytes of a neuron's segment read here
+  const NbDown::Chunk ch = w.ChunkOf(d0);
   constexpr int64_t kAhead = 16;
   for (int64_t i = 0; i < std::min(count, kAhead); ++i) {
-    const uint8_t* nx = w.Seg(list[i], d0);
+    const uint8_t* nx = ch.Of(list[i]);
     for (int64_t o = 0; o < seg; o += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + o), _MM_HINT_T0);
   }
+  const int64_t c = d0 / w.rows;
   for (int64_t i = 0; i < count;) {
     const int64_t b = list[i] / w.bs, jend = (b + 1) * w.bs;
+    {  // this block's scales and zero points (one stream per chunk), read after its neurons
+      const char* sp = reinterpret_cast<const char*>(w.scales.data() + w.SBase(c, b) + d0);
+      const char* zp = reinterpret_cast<const char*>(w.z.data() + w.SBase(c, b) + d0);
+      for (int64_t o = 0; o < len * 4; o += 64) _mm_prefetch(sp + o, _MM_HINT_T0);
+      for (int64_t o = 0; o < len; o += 64) _mm_prefetch(zp + o, _MM_HINT_T0);
+    }
     std::fill(acc, acc + len, 0);
     int32_t sumq = 0;
     // the block's neurons with a non-zero code, 16 at a time (8 pairs)
@@ -333,14 +417,14 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
         ++n;
       }
       if (w.bits == 4)
-        PairsSlab<4>(w, js, qs, n, d0, de, acc);
+        PairsSlab<4>(ch, js, qs, n, d0, de, acc);
       else
-        PairsSlab<8>(w, js, qs, n, d0, de, acc);
+        PairsSlab<8>(ch, js, qs, n, d0, de, acc);
       n = 0;
     };
     for (; i < count && list[i] < jend; ++i) {
       if (i + kAhead < count) {  // the segments of the neuron kAhead further in the list
-        const uint8_t* nx = w.Seg(list[i + kAhead], d0);
+        const uint8_t* nx = ch.Of(list[i + kAhead]);
         for (int64_t o = 0; o < seg; o += 64) _mm_prefetch(reinterpret_cast<const char*>(nx + o), _MM_HINT_T0);
       }
       const int8_t q = qa[list[i]];
@@ -351,24 +435,175 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
       if (++n == 16) flush();
     }
     if (n) flush();
-    const float* s = w.scales.data() + b * w.dpad;
-    const float* z = w.zf.data() + b * w.dpad;
-    const float sab = sa[b], fq = static_cast<float>(sumq);
-    const __m256 vsa = _mm256_set1_ps(sab), vfq = _mm256_set1_ps(fq);
+    const float* s = w.scales.data() + w.SBase(d0 / w.rows, b);
+    const int8_t* z = w.z.data() + w.SBase(d0 / w.rows, b);
+    const __m256 vsa = _mm256_set1_ps(sa[b]);
+    const __m256i vq = _mm256_set1_epi32(sumq);
     int64_t d = d0;
     for (; d + 8 <= d1; d += 8) {
-      const __m256 av = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + (d - d0))));
-      const __m256 t = _mm256_fnmadd_ps(_mm256_loadu_ps(z + d), vfq, av);  // acc - z * sum q
-      _mm256_storeu_ps(y + d, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + d), vsa), t, _mm256_loadu_ps(y + d)));
+      const __m256i zi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + d)));
+      const __m256i t = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + (d - d0))),
+                                         _mm256_mullo_epi32(zi, vq));  // acc - z * sum q (exact)
+      _mm256_storeu_ps(y + d, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + d), vsa), _mm256_cvtepi32_ps(t),
+                                              _mm256_loadu_ps(y + d)));
     }
-    for (; d < d1; ++d) y[d] += s[d] * sab * (static_cast<float>(acc[d - d0]) - z[d] * fq);
+    for (; d < d1; ++d) y[d] += s[d] * sa[b] * static_cast<float>(acc[d - d0] - z[d] * sumq);
   }
+}
+
+// NbQuantize with vectors: the same max |x|, scale, products x * (1 / scale) and round to nearest
+// even (cvtps_epi32 in the default rounding mode, as nearbyintf), so the same codes. Blocks that are
+// partial (k not a multiple of bs) or hold NaN go to the scalar function.
+void Quant(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, int8_t* qx, float* xs,
+           int32_t* xsum) {
+  const int64_t nb = kpad / bs;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * ldx;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * bs;
+      int8_t* q = qx + r * kpad + k0;
+      if (bs < 16 || k0 + bs > k) {
+        NbQuantize(xr + k0, ldx, 1, std::max<int64_t>(0, std::min(bs, k - k0)), bs, bs, q, xs + r * nb + b,
+                   xsum + r * nb + b);
+        continue;
+      }
+      __m256 mx = _mm256_setzero_ps(), un = _mm256_setzero_ps();
+      for (int64_t i = 0; i < bs; i += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + k0 + i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v, absmask));
+        un = _mm256_or_ps(un, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float amax = _mm_cvtss_f32(h);
+      if (_mm256_movemask_ps(un) || !(amax < std::numeric_limits<float>::infinity())) {
+        NbQuantize(xr + k0, ldx, 1, bs, bs, bs, q, xs + r * nb + b, xsum + r * nb + b);
+        continue;
+      }
+      if (amax == 0.0f) {
+        std::memset(q, 0, static_cast<size_t>(bs));
+        xs[r * nb + b] = 0.0f;
+        xsum[r * nb + b] = 0;
+        continue;
+      }
+      const float scale = amax / 127.0f;
+      const __m256 inv = _mm256_set1_ps(1.0f / scale);
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t i = 0; i < bs; i += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k0 + i), inv));
+        __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k0 + i + 8), inv));
+        a = _mm256_max_epi32(lo, _mm256_min_epi32(hi, a));
+        c = _mm256_max_epi32(lo, _mm256_min_epi32(hi, c));
+        sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, c));
+        const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                         _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)));
+      }
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      xs[r * nb + b] = scale;
+      xsum[r * nb + b] = _mm_cvtsi128_si32(s4);
+    }
+  }
+}
+
+// e^x for x in [-87.3, 88.7] (callers clamp): 2^n * p(r), r = x - n ln 2 in [-ln2 / 2, ln2 / 2],
+// p the degree-6 Taylor polynomial (relative error < 2e-7)
+inline __m256 Exp(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln 2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline __m256 ClampExpArg(__m256 x) {
+  return _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.0f), x));
+}
+
+// v / (1 + e^-w)
+inline __m256 TimesSigmoid(__m256 v, __m256 w) {
+  const __m256 e = Exp(ClampExpArg(_mm256_sub_ps(_mm256_setzero_ps(), w)));
+  return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+// 0.5 v erfc(-v / sqrt 2), erfc by the Chebyshev fit of Numerical Recipes' erfcc (fractional error
+// < 1.2e-7): t = 1 / (1 + z / 2), erfc(z) = t exp(-z^2 + P(t)) for z >= 0, 2 - that for z < 0
+inline __m256 Gelu(__m256 v) {
+  const __m256 x = _mm256_mul_ps(v, _mm256_set1_ps(-0.70710678118654752f));
+  const __m256 z = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
+  __m256 p = _mm256_set1_ps(0.17087277f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.82215223f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.48851587f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.13520398f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.27886807f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.18628806f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.09678418f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.37409196f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.00002368f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.26551223f));
+  const __m256 arg = _mm256_fnmadd_ps(z, z, p);
+  const __m256 ans = _mm256_mul_ps(t, Exp(ClampExpArg(arg)));
+  const __m256 erfc = _mm256_blendv_ps(ans, _mm256_sub_ps(_mm256_set1_ps(2.0f), ans), x);  // x < 0: 2 - ans
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), erfc);
+}
+
+int64_t ActF(int kind, float thr, const float* v, float* s, int64_t n, int32_t* redo) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 lim = _mm256_set1_ps(80.0f), vthr = _mm256_set1_ps(thr), tol = _mm256_set1_ps(1e-5f * thr);
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t count = 0;
+  auto one = [&](__m256 x) {
+    switch (kind) {
+      case 0: return _mm256_max_ps(x, zero);
+      case 1: return Gelu(x);
+      case 2: {  // v / (1 + e^(-2 y)), y = sqrt(2 / pi) (v + 0.044715 v^3)
+        const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+        const __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                       _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
+        return TimesSigmoid(x, _mm256_add_ps(y, y));
+      }
+      default: return TimesSigmoid(x, x);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_loadu_ps(v + i);
+    const __m256 a = one(x);
+    _mm256_storeu_ps(s + i, a);
+    __m256 bad = _mm256_cmp_ps(_mm256_and_ps(x, absmask), lim, _CMP_NLT_UQ);  // |v| >= 80 or NaN
+    if (kind != 0)  // (near) zero: the reference's exact zeros are skipped
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(a, absmask), _mm256_set1_ps(1e-30f), _CMP_LT_OQ));
+    if (thr > 0.0f)
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(_mm256_and_ps(a, absmask), vthr), absmask), tol,
+                                            _CMP_LE_OQ));
+    int bits = _mm256_movemask_ps(bad);
+    while (bits) {
+      redo[count++] = static_cast<int32_t>(i + __builtin_ctz(bits));
+      bits &= bits - 1;
+    }
+  }
+  for (; i < n; ++i) redo[count++] = static_cast<int32_t>(i);  // the tail: by the reference
+  return count;
 }
 
 }  // namespace
 
 const NbKernels& NbKernelsAvx2() {
-  static const NbKernels k{DotF, DotQ, DownF, DownQ};
+  static const NbKernels k{DotF, DotQ, DownF, DownQ, Quant, ActF};
   return k;
 }
 
