@@ -371,7 +371,9 @@ def build_ffsplit(m: Model, out: Path, opts: dict) -> Path:
         _LAST_COMPRESSED.clear()
         gc.collect()
         kw = cfg.compress_kwargs()
-        _LAST_COMPRESSED[key] = compress(m.model, m.pre, **kw, stats=stats, batches=batches, progress=False).model
+        _LAST_COMPRESSED[key] = compress(
+            m.model, m.pre, **kw, stats=stats, batches=batches, progress=False
+        ).model
     model = _LAST_COMPRESSED[key]
     eo = ExportOptions(
         validate=False,
@@ -742,7 +744,7 @@ def run_whisper(name: str, args, work: Path) -> dict:
     dense = build_dense_speech(m, work / "dense")
     variants: list[tuple[Recipe, Path]] = []
     for rec in whisper_recipes(args.quick):
-        if args.only and not any(s in rec.name for s in args.only):
+        if args.only and rec.kind != "dense" and not any(s in rec.name for s in args.only):
             continue
         slug = "".join(c if c.isalnum() else "-" for c in rec.name)[:80]
         t0 = time.time()
@@ -1009,7 +1011,7 @@ def run_model(name: str, args, work: Path) -> dict:
     variants: list[tuple[Recipe, Path]] = []
     dense = build_dense(m, work / "dense")
     for rec in recipes(args.quick):
-        if args.only and not any(s in rec.name for s in args.only):
+        if args.only and rec.kind != "dense" and not any(s in rec.name for s in args.only):
             continue
         slug = "".join(c if c.isalnum() else "-" for c in rec.name)[:80]
         t0 = time.time()
@@ -1141,7 +1143,9 @@ def main(argv: list[str] | None = None) -> dict:
         default=True,
         help="also time decode in onnxruntime-genai's loop where genai_config.json exists",
     )
-    ap.add_argument("--only", default=None, help="comma-separated substrings of recipe names to keep")
+    ap.add_argument(
+        "--only", default=None, help="comma-separated substrings of recipe names to keep (dense always runs)"
+    )
     ap.add_argument("--bandwidth-gib", type=float, default=None)
     args = ap.parse_args(argv)
     q = args.quick
