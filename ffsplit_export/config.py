@@ -37,6 +37,7 @@ class CompressionConfig:
     int4_grid: str = "symmetric"  # int4 MatMulNBits grid: symmetric, asymmetric, asymmetric-mse
     other_linear: str = "fp32"
     embedding: str = "fp32"
+    lm_head: str | None = None  # the output projection's format; None: other_linear's
     calibration: str | None = None
     num_samples: int = 64
     batch_size: int = 8
@@ -56,6 +57,8 @@ class CompressionConfig:
         norm(self, "int4_grid", str(Int4Grid.parse(self.int4_grid, "--int4-grid")))
         pruning.check_fraction(self.light_sparsity, "--light-sparsity")
         norm(self, "other_linear", str(OtherLinearFormat.parse(self.other_linear, "--other-linear")))
+        if self.lm_head is not None:
+            norm(self, "lm_head", str(OtherLinearFormat.parse(self.lm_head, "--lm-head")))
         if self.group_size not in EXPORT_INT4_GROUP_SIZES:
             raise ConfigError(
                 f"--group-size={self.group_size} is not supported; use one of {EXPORT_INT4_GROUP_SIZES}"
@@ -107,6 +110,7 @@ class CompressionConfig:
             selection=self.selection,
             other_linear=self.other_linear,
             embedding=self.embedding,
+            lm_head=self.lm_head,
             calibration=self.calibration,
             num_samples=self.num_samples,
             batch_size=self.batch_size,
@@ -201,6 +205,7 @@ class CompressionConfig:
             int4_grid=getattr(args, "int4_grid", None),
             other_linear=args.other_linear,
             embedding=args.embedding,
+            lm_head=getattr(args, "lm_head", None),
             calibration=args.calibration,
             num_samples=args.num_samples,
             batch_size=args.batch_size,

@@ -17,6 +17,7 @@ from .plan import PLANNERS, default_candidates, hessian_saliency, plan_budget, p
 from .split import (
     SplitConfig,
     SplitReport,
+    lm_head_name,
     other_linear_names,
     quantize_embeddings_,
     quantize_other_linears_,
@@ -49,6 +50,7 @@ def compress(
     selection: str = "score",
     other_linear: str = "fp32",
     embedding: str = "fp32",
+    lm_head: str | None = None,
     calibration: str | None = None,
     num_samples: int = 64,
     batch_size: int = 8,
@@ -83,7 +85,13 @@ def compress(
     specs = find_ffns(model)
     gptq = str(cfg.quantizer) == "gptq"
     other_fmt = get_format(OtherLinearFormat.parse(other_linear, "--other-linear"))
-    quantize_others = not other_fmt.keeps_original
+    head_fmt = other_fmt if lm_head is None else get_format(OtherLinearFormat.parse(lm_head, "--lm-head"))
+    head_name = lm_head_name(model)
+
+    def fmt_of(name: str):
+        return head_fmt if name == head_name else other_fmt
+
+    quantize_others = not (other_fmt.keeps_original and head_fmt.keeps_original)
     if planner not in PLANNERS:
         raise ConfigError(f"--planner {planner!r} is unknown; use one of {list(PLANNERS)}")
     measured = size_budget is not None and planner == "measured"
@@ -100,7 +108,11 @@ def compress(
     if batches is None:
         # error compensation (GPTQ, SparseGPT, Hessian saliency) needs more tokens than the built-in
         # sentences hold: a decoder-only LM then writes its own calibration text (self_generated)
-        if calibration is None and (need_h or (gptq and other_fmt.gptq)) and generates_text(model):
+        if (
+            calibration is None
+            and (need_h or (gptq and (other_fmt.gptq or head_fmt.gptq)))
+            and generates_text(model)
+        ):
             samples = self_generated(model, preprocessor, num_samples, max_length, seed, progress=progress)
             source = f"{SELF_GENERATED} ({len(samples)} samples, seed {seed})"
         else:
@@ -125,13 +137,15 @@ def compress(
             stats, 0.1 if heavy_fraction is None else heavy_fraction, selection, seed, scores
         )
     others = other_linear_names(model, specs) if quantize_others else []
-    other_h = gptq and other_fmt.gptq
+    others = [n for n in others if not fmt_of(n).keeps_original]
+    h_names = {n for n in others if gptq and fmt_of(n).gptq}  # GPTQ needs their input Hessians
     target = model if inplace else copy.deepcopy(model)
 
     def quantize_others_(names, stop_after=None) -> dict:
-        hs = linear_hessians(target, batches, names, False, stop_after) if other_h and names else None
+        hn = [n for n in names if n in h_names]
+        hs = linear_hessians(target, batches, hn, False, stop_after) if hn else None
         return quantize_other_linears_(
-            target, other_linear, cfg.group_size, specs, config=cfg, hessians=hs, names=names
+            target, other_linear, cfg.group_size, specs, config=cfg, hessians=hs, names=names, lm_head=lm_head
         )
 
     if sequential:
@@ -150,20 +164,30 @@ def compress(
         if others[done:]:
             parts.append(quantize_others_(others[done:]))
         report = SplitReport(infos, cfg.to_dict())
-        other = _merge_other(other_linear, parts)
+        other = _merge_other(other_linear, parts, lm_head)
     else:
-        hs = linear_hessians(model, batches, others, progress) if other_h and others else None
+        hn = [n for n in others if n in h_names]
+        hs = linear_hessians(model, batches, hn, progress) if hn else None
         report = split_ffn_(target, plan, cfg, stats, specs, progress=progress, layer_configs=layer_cfgs)
         other = quantize_other_linears_(
-            target, other_linear, cfg.group_size, specs, config=cfg, hessians=hs, names=others
+            target,
+            other_linear,
+            cfg.group_size,
+            specs,
+            config=cfg,
+            hessians=hs,
+            names=others,
+            lm_head=lm_head,
         )
     emb = quantize_embeddings_(target, embedding, cfg.group_size)
     return CompressResult(target, report, other, plan, stats, batches, emb, planned, source)
 
 
-def _merge_other(fmt: str, parts: list[dict]) -> dict:
+def _merge_other(fmt: str, parts: list[dict], lm_head: str | None = None) -> dict:
     """One ``quantize_other_linears_`` summary of several calls."""
     out = {"format": str(fmt), "layers": 0, "dense_bytes": 0, "bytes": 0}
+    if lm_head is not None and str(lm_head) != str(fmt):
+        out["lm_head"] = str(lm_head)
     for p in parts:
         for key in ("layers", "dense_bytes", "bytes"):
             out[key] += p[key]

@@ -317,21 +317,30 @@ def quantize_other_linears_(
     config: SplitConfig | None = None,
     hessians: dict | None = None,
     names: list[str] | None = None,
+    lm_head: OtherLinearFormat | str | None = None,
 ) -> dict:
     """Weight-quantize every linear layer outside the FFNs (attention, lm_head) as MatMulNBits.
 
     With ``config.quantizer`` gptq, ``hessians`` maps each layer name to its input Hessian
     (:func:`ffsplit_export.calibrate.linear_hessians`); ``names`` limits the pass to those layers.
+    ``lm_head`` (``--lm-head``): the output projection's own format (None: ``fmt`` like the rest).
     """
     fmt = OtherLinearFormat.parse(fmt, "--other-linear")
-    qf = get_format(fmt)
-    if qf.keeps_original:
-        return {"format": str(fmt), "layers": 0, "dense_bytes": 0, "bytes": 0}
+    head_fmt = fmt if lm_head is None else OtherLinearFormat.parse(lm_head, "--lm-head")
+    head = lm_head_name(model)
+    fmts = {fmt: get_format(fmt), head_fmt: get_format(head_fmt)}
     targets = names if names is not None else other_linear_names(model, specs)
+    targets = [n for n in targets if not fmts[head_fmt if n == head else fmt].keeps_original]
+    out = {"format": str(fmt), "layers": 0, "dense_bytes": 0, "bytes": 0}
+    if head_fmt is not fmt:
+        out["lm_head"] = str(head_fmt)
+    if not targets:
+        return out
     cfg = _GroupSize(group_size) if config is None else replace(config, group_size=group_size)
     tied = _input_embedding_weight(model)
     dense = packed = 0
     for name in targets:
+        qf = fmts[head_fmt if name == head else fmt]
         w, b = linear_weight(get_module(model, name))
         q = qf.compress(w, b, hessian=(hessians or {}).get(name), config=cfg)
         if tied is not None and getattr(get_module(model, name), "weight", None) is tied:
@@ -339,7 +348,18 @@ def quantize_other_linears_(
         dense += _dense_nbytes(w, b)
         packed += qf.nbytes(q) + (0 if b is None else b.numel() * 4)
         set_module(model, name, q)
-    return {"format": str(fmt), "layers": len(targets), "dense_bytes": dense, "bytes": packed}
+    return {**out, "layers": len(targets), "dense_bytes": dense, "bytes": packed}
+
+
+def lm_head_name(model: nn.Module) -> str | None:
+    """The module path of the model's output projection (``get_output_embeddings``), if it has one."""
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head and n), None)
 
 
 def _input_embedding_weight(model: nn.Module):

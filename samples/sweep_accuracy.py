@@ -169,6 +169,12 @@ def grid(quick: bool, onnx: bool = True) -> list[Row]:
         bal(overrides=near, note="vs ORT 4-bit"),
         bal(overrides=near, calibration="long", note="vs ORT 4-bit, long calibration"),
         bal(overrides=(("quantizer", "rtn"), *near), note="vs ORT 4-bit, round-to-nearest"),
+        # the bytes left under ORT's best 4-bit model spent on int8 attention, the tied lm_head /
+        # embedding table kept int4 (--lm-head)
+        bal(
+            overrides=(*near, ("other_linear", "int8"), ("lm_head", "int4")),
+            note="vs ORT 4-bit, int8 attention",
+        ),
     ]
     # mixed precision at about equal FFN bytes: a small Hessian-chosen int8 heavy set + GPTQ int4
     # light, against uniform GPTQ int4 (attention / lm_head fp32 in all of them)

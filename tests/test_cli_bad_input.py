@@ -167,6 +167,7 @@ ROWS: list[tuple[str, str, bool]] = [
     (f"{E} --heavy-format int3", "int3", False),
     (f"{E} --prune-method random", "random", False),
     (f"{E} --other-linear int2", "int2", False),
+    (f"{E} --lm-head int2", "int2", False),
     (f"{E} --embedding int2", "int2", False),
     (f"{E} --heavy-selection best", "best", False),
     (f"{E} --target gpu", "gpu", False),
@@ -186,6 +187,7 @@ ROWS: list[tuple[str, str, bool]] = [
     # ------------------------------------------------------------ export: contradictory combinations
     (f"{E} --target tensorrt --light-format int4", "int4", False),
     (f"{E} --target tensorrt --other-linear int4", "int4", False),
+    (f"{E} --target tensorrt --lm-head int4", "--lm-head int4", False),
     (f"{E} --target tensorrt --embedding int8", "int8", False),
     (f"{E} --target tensorrt --embedding int4", "int4", False),
     (f"{E} --target tensorrt --fused-ffn", "--fused-ffn", False),

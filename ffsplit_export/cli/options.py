@@ -353,6 +353,13 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         help="fp32, int8, int4: attention and lm_head as MatMulNBits (default: the preset's; without one fp32)",
     )
     p.add_argument(
+        "--lm-head",
+        type=format_name(OtherLinearFormat),
+        default=None,
+        help="fp32, int8, int4: the lm_head (output projection) alone, e.g. --other-linear int8 --lm-head "
+        "int4 keeps a tied int4 embedding table shared while attention is int8 (default: as --other-linear)",
+    )
+    p.add_argument(
         "--embedding",
         type=format_name(EmbeddingFormat),
         default=None,

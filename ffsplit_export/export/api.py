@@ -71,6 +71,7 @@ def export(
         config.heavy_format,
         config.other_linear,
         config.embedding,
+        config.lm_head,
     )
     if config.size_budget is not None and config.planner == "measured":
         target = Target.parse(opts.target, "--target")

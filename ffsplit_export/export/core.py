@@ -93,6 +93,7 @@ def check_target_format(
     heavy_format: str = "fp32",
     other_linear: str = "fp32",
     embedding: str = "fp32",
+    lm_head: str | None = None,
 ) -> None:
     """Formats that a target cannot carry are rejected before any work is done (the registry decides)."""
     check_target(
@@ -104,6 +105,11 @@ def check_target_format(
             ("embedding", embedding),
         ],
     )
+    if lm_head is not None:  # the other-linear formats, under the option the user gave
+        try:
+            check_target(target, [("other-linear", lm_head)])
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("--other-linear", "--lm-head", 1)) from None
 
 
 class _Sessions:
