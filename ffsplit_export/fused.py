@@ -19,7 +19,10 @@ its down column; ``act(up)`` otherwise, saving the down half), calibrated by
 :func:`calibrate_thresholds_` as the F-quantile of ``|s|`` over the calibration tokens, so that a
 fraction F of (token, light neuron) pairs is skipped on average. A light neuron with
 ``|s| <= t`` contributes nothing, in prefill and decode alike; heavy neurons are always computed.
-The module and the op apply the same rule (the op's ``threshold`` attribute).
+The module and the op apply the same rule (the op's ``threshold`` attribute). Gated FFNs of
+``FusedFFNNBits`` also take ``product_threshold`` on |act(gate) * up| (``--skip-criterion``: ``mixed``, the
+default there, puts a quarter of F on the gate and the rest on the product; ``gate``; ``product``):
+the product sees the up value, so it is far more accurate, and saves only the down column.
 """
 
 from __future__ import annotations
@@ -138,6 +141,7 @@ class FusedFFN(nn.Module):
         self.up, self.down, self.gate = up, down, gate
         self.kind, self.skip, self.name = kind, int(skip), name
         self.threshold = 0.0
+        self.product_threshold = 0.0  # FusedFFNNBits, gated: skip light neurons with |act(gate) * up| <= it
         self.set_threshold(threshold)
         self._recorder = None  # calibrate_thresholds_: called with the light silence scores
 
@@ -148,6 +152,21 @@ class FusedFFN(nn.Module):
 
         try:
             self.threshold = check_threshold(threshold, self.skip)
+        except FormatError as e:
+            raise ConfigError(f"FFN {self.name or '?'}: {e}") from e
+
+    def set_product_threshold(self, threshold: float) -> None:
+        """The op's ``product_threshold`` attribute (``FusedFFNNBits``, gated), rounded to float32."""
+        from .errors import FormatError
+        from .ops._ffn import check_product_threshold
+
+        if threshold > 0 and type(self) is FusedFFN:
+            raise ConfigError(
+                f"FFN {self.name or '?'}: ffsplit::FusedFFN (light sparse-int8) decides on |act(gate)| only; "
+                "use --skip-criterion gate, or the presets' formats (ffsplit::FusedFFNNBits)"
+            )
+        try:
+            self.product_threshold = check_product_threshold(threshold, self.skip, int(self.gate is not None))
         except FormatError as e:
             raise ConfigError(f"FFN {self.name or '?'}: {e}") from e
 
@@ -163,15 +182,23 @@ class FusedFFN(nn.Module):
         pre = _split_apply(self.gate, x) if self.gate is not None else u
         s = _act(self.kind, pre)
         a = s * u if self.gate is not None else s
-        if self._recorder is None and self.threshold <= 0:
+        if self._recorder is None and self.threshold <= 0 and self.product_threshold <= 0:
             return _split_apply(self.down, a)
         h = self.up.n_heavy
         # the silence score as the op computes it: the activation in float64, rounded to float32
-        s_light = _act(self.kind, pre[..., h:].double()).float().abs()
+        s_signed = _act(self.kind, pre[..., h:].double()).float()
+        s_light = s_signed.abs()
         if self._recorder is not None:
             self._recorder(self, s_light, a[..., h:])
-        if self.threshold > 0:
-            a_light = torch.where(s_light <= self.threshold, torch.zeros_like(a[..., h:]), a[..., h:])
+        if self.threshold > 0 or self.product_threshold > 0:
+            quiet = (
+                s_light <= self.threshold
+                if self.threshold > 0
+                else torch.zeros_like(s_light, dtype=torch.bool)
+            )
+            if self.product_threshold > 0:  # |act(gate) * up| in float32 from that activation, as the op
+                quiet = quiet | ((s_signed * u[..., h:]).abs() <= self.product_threshold)
+            a_light = torch.where(quiet, torch.zeros_like(a[..., h:]), a[..., h:])
             a = torch.cat([a[..., :h], a_light], dim=-1)
         return _split_apply(self.down, a)
 
@@ -293,6 +320,7 @@ class FusedFFNNBits(FusedFFN):
             "gated": int(self.gate is not None),
             "skip": self.skip,
             "threshold": float(self.threshold),
+            "product_threshold": float(self.product_threshold),
             "accuracy_level": 4 if int(accuracy_level) == 4 else 0,
         }
 
@@ -368,6 +396,7 @@ class _FusedNBitsFn(_FusedFn):
             skip_i=attrs["skip"],
             accuracy_level_i=attrs["accuracy_level"],
             **({"threshold_f": attrs["threshold"]} if attrs["threshold"] > 0 else {}),
+            **({"product_threshold_f": attrs["product_threshold"]} if attrs["product_threshold"] > 0 else {}),
         )
         try:
             y.setType(x.type().with_sizes([None] * x.type().dim()))
@@ -468,11 +497,12 @@ def fuse_ffns_(
     specs: list[FFNSpec] | None = None,
     batches: list | None = None,
     progress: bool = False,
+    criterion: str | None = None,
 ) -> dict:
     """Replace every fusable split FFN of ``model`` in place; returns the manifest's record.
 
     ``skip`` is the op's skip mode or a parsed ``--activation-sparsity``; with a fraction > 0 the
-    thresholds are calibrated on ``batches`` (:func:`calibrate_thresholds_`) and every FFN must be
+    thresholds are calibrated on ``batches`` (:func:`calibrate_thresholds_`, by ``criterion``) and every FFN must be
     fusable (an FFN left as a subgraph would silently skip nothing).
     """
     sp = skip if isinstance(skip, ActivationSparsity) else ActivationSparsity(int(skip), 0.0)
@@ -515,7 +545,9 @@ def fuse_ffns_(
             )
         if not batches:
             raise ConfigError("--activation-sparsity F needs calibration batches to set the thresholds")
-        record.update(calibrate_thresholds_(model, batches, sp.fraction, progress=progress))
+        record.update(
+            calibrate_thresholds_(model, batches, sp.fraction, progress=progress, criterion=criterion)
+        )
     return record
 
 
@@ -557,6 +589,41 @@ def _run_batches(model: nn.Module, batches: list, recorder, desc: str, progress:
         model.train(was_training)
 
 
+SKIP_CRITERIA = ("mixed", "gate", "product")
+# mixed: the share of F skipped by the gate threshold (CATS: up row and down column saved); the rest by
+# |act(gate) * up| (down column saved). SmolLM2-135M balanced at F = 0.4, PyTorch, README protocol:
+# gate share 0.25 x1.027 of no skipping, 0.5 x1.041, 0.75 x1.120; product only x1.034; gate only x1.247
+GATE_SHARE = 0.25
+
+
+def check_skip_criterion(criterion: str | None) -> str | None:
+    """``--skip-criterion``: None (the op's best: mixed for FusedFFNNBits, gate for FusedFFN) or one of
+    :data:`SKIP_CRITERIA`."""
+    if criterion is None:
+        return None
+    key = str(criterion).strip().lower()
+    if key not in SKIP_CRITERIA:
+        raise ConfigError(
+            f"--skip-criterion={criterion!r} is unknown; use mixed (gate threshold for a quarter of F, "
+            "then |act(gate) * up|), gate (CATS: |act(gate)| only) or product (|act(gate) * up| only)"
+        )
+    return key
+
+
+def _criterion_of(module: FusedFFN, criterion: str | None) -> str:
+    """The criterion one FFN uses: ungated FFNs decide on act(up) (``"up"``)."""
+    if module.gate is None:
+        return "up"
+    if criterion is None:
+        return "gate" if type(module) is FusedFFN else "mixed"
+    if criterion != "gate" and type(module) is FusedFFN:
+        raise ConfigError(
+            f"--skip-criterion {criterion}: FFN {module.name} is an ffsplit::FusedFFN (light sparse-int8), "
+            "which decides on |act(gate)| only; use --skip-criterion gate, or the presets' formats"
+        )
+    return criterion
+
+
 def calibrate_thresholds_(
     model: nn.Module,
     batches: list,
@@ -564,44 +631,71 @@ def calibrate_thresholds_(
     max_values: int = 1_000_000,
     seed: int = 0,
     progress: bool = False,
+    criterion: str | None = None,
 ) -> dict:
-    """Set every FusedFFN's threshold to the ``fraction``-quantile of its light neurons' ``|s|`` over
-    the non-padding calibration tokens (a seeded subsample of at most ``max_values`` values per FFN),
-    with thresholds off; then run the batches again with the thresholds on and count the fraction of
-    (token, light neuron) pairs really skipped (exact zeros included; later layers see the earlier
-    layers' skipping). Returns the manifest's record of both, per FFN."""
+    """Set every FusedFFN's thresholds so that a ``fraction`` of its (token, light neuron) pairs is
+    skipped on the non-padding calibration tokens (a seeded subsample of at most ``max_values`` values
+    per FFN), with thresholds off; then run the batches again with the thresholds on and count the
+    fraction really skipped (exact zeros included; later layers see the earlier layers' skipping).
+
+    ``criterion`` (gated FFNs; :func:`check_skip_criterion`): ``gate``: ``threshold`` = the
+    F-quantile of |act(gate)|; ``product``: ``product_threshold`` = the F-quantile of |act(gate) * up|;
+    ``mixed`` (FusedFFNNBits' default): ``threshold`` at the ``GATE_SHARE * F``-quantile of
+    |act(gate)|, then ``product_threshold`` so that both together skip F. Ungated FFNs: the F-quantile
+    of |act(up)|. Returns the manifest's record of both, per FFN."""
+    criterion = check_skip_criterion(criterion)
     mods = fused_modules(model)
     if not mods:
         raise ConfigError("no fused FFN to calibrate; --activation-sparsity F needs --fused-ffn's op")
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"activation sparsity fraction {fraction!r}; use 0 < F < 1")
+    crit = {id(m): _criterion_of(m, criterion) for m in mods}
     per_batch = max(4096, max_values // max(1, len(batches)))
     gen = torch.Generator().manual_seed(seed)
-    values: dict[int, list[torch.Tensor]] = {id(m): [] for m in mods}
+    values: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {id(m): [] for m in mods}
 
-    def collect(module, s_light, _a, mask):
-        v = (s_light[mask] if mask is not None else s_light).reshape(-1)
-        if v.numel() > per_batch:
-            v = v[torch.randint(v.numel(), (per_batch,), generator=gen)]
-        values[id(module)].append(v.float())
+    def collect(module, s_light, a_light, mask):
+        s = (s_light[mask] if mask is not None else s_light).reshape(-1)
+        a = (a_light[mask] if mask is not None else a_light).reshape(-1)
+        if s.numel() > per_batch:
+            idx = torch.randint(s.numel(), (per_batch,), generator=gen)
+            s, a = s[idx], a[idx]
+        values[id(module)].append((s.float(), a.float().abs()))
 
     for m in mods:
         m.set_threshold(0.0)
+        m.product_threshold = 0.0
     _run_batches(model, batches, collect, "activation thresholds", progress)
-    thresholds, at_calibration = {}, {}
+
+    def quantile(v: torch.Tensor, q: float) -> float:
+        t = float(torch.kthvalue(v, max(1, int(np.ceil(q * v.numel())))).values)
+        return t if np.isfinite(t) else 0.0
+
+    thresholds, products, at_calibration = {}, {}, {}
     for m in mods:
-        v = torch.cat(values.pop(id(m)))
-        if v.numel() == 0:
+        pairs = values.pop(id(m))
+        s = torch.cat([p[0] for p in pairs]) if pairs else torch.zeros(0)
+        if s.numel() == 0:
             raise ConfigError(f"FFN {m.name}: no light neuron activation seen during calibration")
-        k = max(1, int(np.ceil(fraction * v.numel())))
-        t = float(torch.kthvalue(v, k).values)
-        m.set_threshold(t if np.isfinite(t) else 0.0)
+        a = torch.cat([p[1] for p in pairs])
+        c = crit[id(m)]
+        quiet = torch.zeros_like(s, dtype=torch.bool)
+        if c in ("up", "gate", "mixed"):
+            m.set_threshold(quantile(s, fraction * (GATE_SHARE if c == "mixed" else 1.0)))
+            quiet = s <= m.threshold
+        if c in ("product", "mixed"):
+            # the product's threshold over what the gate leaves: the gate-silent pairs count as skipped
+            m.set_product_threshold(quantile(torch.where(quiet, torch.zeros_like(a), a), fraction))
+            quiet = quiet | (a <= m.product_threshold)
+            products[m.name] = m.product_threshold
         thresholds[m.name] = m.threshold
-        at_calibration[m.name] = float((v <= m.threshold).double().mean())
+        at_calibration[m.name] = float(quiet.double().mean())
     counts = {id(m): [0, 0] for m in mods}
 
     def count(module, s_light, a_light, mask):
         skipped = (a_light == 0) | (s_light <= module.threshold)
+        if module.product_threshold > 0:
+            skipped |= a_light.abs() <= module.product_threshold
         if mask is not None:
             skipped = skipped[mask]
         c = counts[id(module)]
@@ -610,9 +704,13 @@ def calibrate_thresholds_(
 
     _run_batches(model, batches, count, "skipped fraction", progress)
     applied = {m.name: counts[id(m)][0] / max(1, counts[id(m)][1]) for m in mods}
+    used = sorted({crit[id(m)] for m in mods})
     return {
         "thresholds": thresholds,
-        "threshold_on": "|act(gate)| (gated FFNs) or |act(up)| of the light neurons, per FFN",
+        **({"product_thresholds": products} if products else {}),
+        "skip_criterion": used[0] if len(used) == 1 else used,
+        "threshold_on": "|act(gate)| (gated FFNs) or |act(up)| of the light neurons, per FFN"
+        + ("; product_thresholds on |act(gate) * up|" if products else ""),
         "skipped_fraction": applied,
         "skipped_fraction_mean": float(np.mean(list(applied.values()))),
         "skipped_fraction_quantile": at_calibration,

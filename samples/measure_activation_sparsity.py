@@ -110,6 +110,8 @@ def _eval_skipped(model, run) -> dict:
 
     def rec(module, s_light, a_light):
         skipped = (a_light == 0) | (s_light <= module.threshold)
+        if module.product_threshold > 0:
+            skipped |= a_light.abs() <= module.product_threshold
         c = counts[id(module)]
         c[0] += int(skipped.sum())
         c[1] += skipped.numel()
@@ -133,7 +135,7 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def preset_lm(name: str, preset: str, fractions, max_chars: int, num_samples: int) -> dict:
+def preset_lm(name: str, preset: str, fractions, max_chars: int, num_samples: int, criteria=(None,)) -> dict:
     """A causal LM (SmolLM2) under ``preset``, README protocol, skipping at each F (PyTorch)."""
     from ffsplit_export.calibrate import make_batches
     from ffsplit_export.config import CompressionConfig
@@ -166,21 +168,24 @@ def preset_lm(name: str, preset: str, fractions, max_chars: int, num_samples: in
         "fused": rec,
         "rows": [],
     }
-    for f in (0.0, *fractions):
+    runs = [(0.0, None)] + [(f, c) for c in criteria for f in fractions]
+    for f, crit in runs:
         if f > 0:
-            cal = calibrate_thresholds_(res.model, batches, f)
+            cal = calibrate_thresholds_(res.model, batches, f, criterion=crit)
         else:
             cal = {}
             for m in fused_modules(res.model):
                 m.set_threshold(0.0)
+                m.product_threshold = 0.0
         ev = _eval_skipped(res.model, ppl)
         p = ev.pop("result")
         base = p if f == 0 else out["rows"][0]["perplexity"]
         row = {"fraction": f, "perplexity": p, "ratio": p / base, **ev, **cal}
         out["rows"].append(row)
         _log(
-            f"{name} {preset} F={f:.2f}: perplexity {p:.4f} (x{p / base:.4f}); skipped on calibration "
-            f"{cal.get('skipped_fraction_mean', 0.0):.3f}, on the text {ev['skipped_fraction_eval_mean']:.3f}"
+            f"{name} {preset} F={f:.2f} {cal.get('skip_criterion', '')}: perplexity {p:.4f} (x{p / base:.4f}); "
+            f"skipped on calibration {cal.get('skipped_fraction_mean', 0.0):.3f}, on the text "
+            f"{ev['skipped_fraction_eval_mean']:.3f}"
         )
     out["seconds"] = round(time.time() - t0, 1)
     return out
@@ -273,6 +278,13 @@ def main() -> None:
         "--models", nargs="+", default=[], help="with --preset: smollm2-135m, whisper-tiny.en, whisper-base"
     )
     ap.add_argument("--num-samples", type=int, default=128, help="SmolLM2 calibration verses")
+    ap.add_argument(
+        "--criteria",
+        nargs="+",
+        default=None,
+        help="with --preset, text models: --skip-criterion values to compare on the same compressed model "
+        "(mixed, gate, product; default: the op's own)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--output", default="activation_sparsity.json")
     args = ap.parse_args()
@@ -292,7 +304,7 @@ def main() -> None:
                 result["models"][name] = preset_whisper(name, preset, args.fractions)
             else:
                 result["models"][name] = preset_lm(
-                    name, preset, args.fractions, args.max_chars, args.num_samples
+                    name, preset, args.fractions, args.max_chars, args.num_samples, args.criteria or (None,)
                 )
             with open(args.output, "w") as fh:  # after every model: a long run keeps what it has
                 json.dump(result, fh, indent=1)

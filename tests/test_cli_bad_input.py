@@ -173,6 +173,8 @@ ROWS: list[tuple[str, str, bool]] = [
     (f"{E} --target gpu", "gpu", False),
     (f"{E} --activation-sparsity 1.5", "1.5", False),
     (f"{E} --activation-sparsity approx", "approx", False),
+    (f"{E} --activation-sparsity 0.4 --skip-criterion both", "both", False),
+    (f"{E} --skip-criterion gate", "--activation-sparsity", False),
     ("export no-such-model-xyz out", "no-such-model-xyz", True),
     ("export ./no/such/dir out", "no/such/dir", True),
     ("export notexport out", "notexport", True),

@@ -103,6 +103,16 @@ def _session(model, isa=None, monkeypatch=None):
     )
 
 
+def _isa_session(model, isa, monkeypatch):
+    """A session on kernels of ``isa``; the test skips where this CPU lacks it."""
+    try:
+        return _session(model, isa, monkeypatch)
+    except Exception as e:
+        if "not supported by this CPU" in str(e):
+            pytest.skip(f"{isa} not supported here")
+        raise
+
+
 def _close(y, r, rtol=1e-5):
     # float32 accumulation (per block, then scaled) over K <= 203 terms of magnitude ~1: measured
     # max |diff| ~1e-6 of outputs ~3
@@ -151,12 +161,7 @@ def test_kernel_matches_reference(isa, kind, gated, skip, monkeypatch):
         if skip == "threshold":  # about 40 % of the light neurons below it
             thr = float(np.quantile(_silence(x, ins, _attrs(kind, act, gated)), 0.4))
         attrs = _attrs(kind, act, gated, skip=int(skip != "off"), threshold=thr)
-        try:
-            sess = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
-        except Exception as e:  # an ISA this CPU lacks
-            if "not supported by this CPU" in str(e):
-                pytest.skip(f"{isa} not supported here")
-            raise
+        sess = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
         for m in (1, 5):
             _close(sess.run(None, {"X": x[:m]})[0], _ref(x[:m], ins, attrs))
         x3 = x[:4].reshape(2, 2, D)  # rank 3
@@ -167,6 +172,47 @@ def test_kernel_matches_reference(isa, kind, gated, skip, monkeypatch):
             _, skipped = _ref(x, ins, attrs, return_skipped=True)
             if skip == "threshold" or act == "relu":
                 assert skipped.mean() > 0.2, skipped.mean()  # the case really skips
+
+
+def _product(x, ins, attrs) -> np.ndarray:
+    """|a| = |act(gate) * up| of the light neurons [M, L] (gated), as the reference computes it."""
+    i = NBITS_PARTS["up_light"] - 1
+    w = _nbits_weight(
+        ins[i : i + 3], "light", None, x.shape[-1], attrs["light_bits"], attrs["light_block_size"]
+    )
+    u = (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+    if ins[6] is not None:
+        u = u + ins[6][-w.shape[0] :]
+    return np.abs(_silence(x, ins, attrs) * u)  # |s| * |u| = |s * u| in float32
+
+
+@needs_plugin
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"h{k[0]}l{k[1]}{'z' if k[2] else 's'}b{k[4]}")
+@pytest.mark.parametrize("level", [0, 4])
+def test_product_threshold_matches_reference(isa, kind, level, monkeypatch):
+    """product_threshold (gated): light neurons with |act(gate) * up| <= it are skipped as well as those
+    under the gate threshold, at decode (M = 1, the CATS path) and prefill (M = 5)."""
+    rng = np.random.default_rng([KINDS.index(kind), level, 11])
+    act = ("silu", "gelu")[KINDS.index(kind) % 2]
+    ins = _inputs(rng, kind, 1)
+    x = rng.standard_normal((5, D)).astype(np.float32)
+    base = _attrs(kind, act, 1)
+    attrs = _attrs(
+        kind, act, 1, skip=1, threshold=float(np.quantile(_silence(x, ins, base), 0.1)), level=level
+    )
+    attrs["product_threshold"] = float(np.quantile(_product(x, ins, base), 0.4))
+    sess = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+    _, skipped = _ref(x, ins, attrs, return_skipped=True)
+    assert 0.38 <= skipped.mean() <= 0.5, skipped.mean()  # the gate's 10 % and the product's 40 % overlap
+    gate_only = _ref(x, ins, {k: v for k, v in attrs.items() if k != "product_threshold"})
+    for m in (1, 5):
+        y, r = sess.run(None, {"X": x[:m]})[0], _ref(x[:m], ins, attrs)
+        if level == 0:
+            _close(y, r)
+        else:  # int8 activations: as test_accuracy_level_4 (the same neurons are skipped)
+            assert _rel_l2(y, r) <= 4e-2, _rel_l2(y, r)
+        assert _rel_l2(r, gate_only[:m]) > 1e-3  # the product threshold changed the output
 
 
 @needs_plugin
@@ -183,12 +229,7 @@ def test_accuracy_level_4(isa, kind, skip, monkeypatch):
         x = rng.standard_normal((5, D)).astype(np.float32)
         thr = float(np.quantile(_silence(x, ins, _attrs(kind, act, gated)), 0.4)) if skip else 0.0
         attrs = _attrs(kind, act, gated, skip=skip, threshold=thr, level=4)
-        try:
-            sess = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
-        except Exception as e:
-            if "not supported by this CPU" in str(e):
-                pytest.skip(f"{isa} not supported here")
-            raise
+        sess = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
         for m in (1, 5):
             y = sess.run(None, {"X": x[:m]})[0]
             r = _ref(x[:m], ins, attrs)
@@ -315,6 +356,8 @@ def test_bad_nodes_refused_at_session_creation():
     _bad(ins, {**ok, "accuracy_level": 2}, "accuracy_level must be 0")
     _bad(ins, {**ok, "threshold": 0.5}, "threshold > 0 needs skip=1")
     _bad(ins, {**ok, "skip": 1, "threshold": -1.0}, "threshold must be a finite float >= 0")
+    _bad(ins, {**ok, "product_threshold": 0.5}, "product_threshold > 0 needs gated=1 and skip=1")
+    _bad(ins, {**ok, "skip": 1, "product_threshold": float("nan")}, "product_threshold must be a finite")
     _bad(ins, {**ok, "gated": 0}, "gate_heavy_B is given with gated=0")
     _bad(ins, {**ok, "light_block_size": 32}, "up light B must be uint8")  # B laid out for 64
     wrong = list(ins)
@@ -344,6 +387,8 @@ def test_reference_bad_input():
         _ref(x, ins, {**attrs, "light_bits": 3})
     with pytest.raises(FormatError, match="threshold=0.5 needs skip=1"):
         _ref(x, ins, {**attrs, "threshold": 0.5})
+    with pytest.raises(FormatError, match="product_threshold=0.5 needs gated=1 and skip=1"):
+        _ref(x, ins, {**attrs, "skip": 1, "product_threshold": 0.5})  # ungated
     with pytest.raises(FormatError, match="up light B must be uint8"):
         _ref(x, ins, {**attrs, "light_block_size": 32})
     wrong = list(ins)

@@ -31,6 +31,7 @@ from .options import (
     output_file,
     positive_float,
     positive_int,
+    skip_criterion,
     text_source,
 )
 
@@ -217,6 +218,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help="with --pytorch --compress: 0 (off), 'exact' or a fraction 0 < F < 1 of light neurons skipped "
         "per token (fused FFNs, thresholds calibrated as export does)",
     )
+    p.add_argument(
+        "--skip-criterion",
+        type=skip_criterion,
+        default=None,
+        help="with --activation-sparsity F: mixed (default for the presets' gated FFNs), gate or product "
+        "(as export)",
+    )
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--text",
@@ -314,9 +322,14 @@ def run_eval(args) -> int:
         if _is_export(name):
             name = _export_manifest(name)["source_model"]
         model, pre, task = load_model(name, args.task)
-        from ..fused import parse_activation_sparsity
+        from ..fused import check_skip_criterion, parse_activation_sparsity
 
         sparsity = parse_activation_sparsity(args.activation_sparsity)
+        if getattr(args, "skip_criterion", None) is not None and sparsity.fraction <= 0:
+            raise ConfigError(
+                f"--skip-criterion {args.skip_criterion} needs --activation-sparsity F (0 < F < 1); "
+                "pass both, or leave it out"
+            )
         if sparsity.skip and not args.compress:
             raise ConfigError(
                 f"--activation-sparsity={args.activation_sparsity} applies to the compressed model; add "
@@ -330,7 +343,13 @@ def run_eval(args) -> int:
             if sparsity.skip:
                 from ..fused import fuse_ffns_
 
-                rec = fuse_ffns_(model, sparsity, batches=res.batches, progress=not args.quiet)
+                rec = fuse_ffns_(
+                    model,
+                    sparsity,
+                    batches=res.batches,
+                    progress=not args.quiet,
+                    criterion=check_skip_criterion(getattr(args, "skip_criterion", None)),
+                )
                 if sparsity.fraction:
                     print(
                         f"activation sparsity {sparsity.fraction}: {rec['skipped_fraction_mean']:.3f} of the light "

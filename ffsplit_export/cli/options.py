@@ -239,6 +239,17 @@ def activation_sparsity(text: str) -> str:
     return text
 
 
+def skip_criterion(text: str) -> str:
+    """``--skip-criterion``: mixed, gate or product (checked by the one parser in fused)."""
+    from ..errors import ConfigError
+    from ..fused import check_skip_criterion
+
+    try:
+        return check_skip_criterion(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--skip-criterion=")) from None
+
+
 def existing_dir(text: str) -> str:
     path = Path(text)
     if not path.exists():
@@ -515,6 +526,14 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "|act(gate)| or |act(up)| calibrated on the calibration data; ort-cpu); implies --fused-ffn",
     )
     p.add_argument(
+        "--skip-criterion",
+        type=skip_criterion,
+        default=None,
+        help="with --activation-sparsity F, gated FFNs of the presets: mixed (default: a quarter of F by "
+        "|act(gate)|, saving up row and down column, the rest by |act(gate) * up|, saving the down column), "
+        "gate (CATS: |act(gate)| only) or product (|act(gate) * up| only)",
+    )
+    p.add_argument(
         "--no-fuse-attention",
         action="store_true",
         help="ort-cpu: keep optimum's graph around the FFN (by default RMSNorm, rotary and attention with "
@@ -544,5 +563,6 @@ def export_options_from_args(args):
         trt_dense_24=args.trt_dense_24,
         fused_ffn=getattr(args, "fused_ffn", False),
         activation_sparsity=getattr(args, "activation_sparsity", "0"),
+        skip_criterion=getattr(args, "skip_criterion", None),
         fuse_attention=False if getattr(args, "no_fuse_attention", False) else None,
     )

@@ -172,7 +172,9 @@ def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> d
     from ..fused import fuse_ffns_
 
     if opts.target is Target.ORT_CPU:
-        return fuse_ffns_(model, opts.sparsity, batches=batches, progress=progress)
+        return fuse_ffns_(
+            model, opts.sparsity, batches=batches, progress=progress, criterion=opts.skip_criterion
+        )
     return {
         "op": None,
         "activation_sparsity": opts.sparsity.label,

@@ -40,6 +40,7 @@ class ExportOptions:
     extra_manifest: dict = field(default_factory=dict)
     fused_ffn: bool = False  # one fused FFN node per split FFN (ort-cpu): FusedFFN or FusedFFNNBits
     activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
+    skip_criterion: str | None = None  # with a fraction: mixed / gate / product (None: the op's best)
     # ort-cpu: fuse RMSNorm / rotary / attention around the FFN into ONNX Runtime contrib ops
     # (export/fusion.py); None = on for ort-cpu, off for the other targets
     fuse_attention: bool | None = None
@@ -50,6 +51,14 @@ class ExportOptions:
 
         self.sparsity = parse_activation_sparsity(self.activation_sparsity)
         self.skip_mode = self.sparsity.skip
+        from ..fused import check_skip_criterion
+
+        self.skip_criterion = check_skip_criterion(self.skip_criterion)
+        if self.skip_criterion is not None and self.sparsity.fraction <= 0:
+            raise ConfigError(
+                f"--skip-criterion {self.skip_criterion} chooses how calibrated thresholds skip light neurons; "
+                "pass --activation-sparsity F (0 < F < 1) with it, or leave it out"
+            )
         if (self.fused_ffn or self.skip_mode) and self.target is Target.TENSORRT:
             raise ConfigError(
                 "--fused-ffn / --activation-sparsity: the fused FFN op has no TensorRT plugin yet; "

@@ -107,6 +107,19 @@ def check_threshold(threshold, skip: int) -> float:
     return float(t)
 
 
+def check_product_threshold(threshold, skip: int, gated: int) -> float:
+    """FusedFFNNBits' ``product_threshold`` as float32 (finite, >= 0, > 0 only gated with skip=1)."""
+    t = np.float32(threshold)
+    if not np.isfinite(t) or t < 0:
+        raise FormatError(f"FusedFFNNBits product_threshold={threshold!r} must be a finite float >= 0")
+    if t > 0 and not (skip == 1 and gated == 1):
+        raise FormatError(
+            f"FusedFFNNBits product_threshold={threshold!r} needs gated=1 and skip=1 (it skips light "
+            "neurons by |act(gate) * up|; ungated FFNs use threshold)"
+        )
+    return float(t)
+
+
 def fused_ffn_reference(
     x, *inputs, activation_kind: str = "relu", gated: int = 0, skip: int = 0, threshold: float = 0.0
 ):
@@ -361,15 +374,18 @@ packed like B); for bits 32, B is float32 [N, K] and scales / zero_points are ab
 Attributes: heavy_bits (4 | 8 | 32), light_bits (4 | 8), heavy_block_size, light_block_size
 (powers of two 16..256; heavy_block_size unused for heavy_bits 32), activation (relu | gelu |
 gelu_tanh | silu), gated (0 | 1), skip (0 | 1), threshold (float >= 0; > 0 needs skip=1),
-accuracy_level (0 | 4)."""
+product_threshold (float >= 0; > 0 needs gated=1 and skip=1), accuracy_level (0 | 4)."""
 
 NBITS_SEMANTICS = """\
 Every part is dequantized (w = (u - zero) * scale in float32, or the dense float32 B); u =
 concat(f32(X @ Wup_h.T), f32(X @ Wup_l.T)) + up_bias, likewise g; a = act(g) * u (float32) if
 gated else act(u), act as FusedFFN's (float64, rounded to float32); the silence score s = act(g)
 (gated) or act(u). With skip=1 a LIGHT neuron j is skipped for a row where a[j] == 0 exactly or
-(threshold > 0) |s[j]| <= threshold: it contributes nothing to that row (its down column is not
-read, so a NaN / inf there does not reach Y). Heavy neurons are always computed. Y =
+(threshold > 0) |s[j]| <= threshold or (gated, product_threshold > 0) |a[j]| <= product_threshold:
+it contributes nothing to that row (its down column is not read, so a NaN / inf there does not
+reach Y). The threshold on s decides before the up row is read (CATS: a skipped gated neuron costs
+neither its up row nor its down column); the one on |a| = |act(g) * u| after (only the down column
+is saved, but it sees the up value). Heavy neurons are always computed. Y =
 (f32(a_h @ Wdown_h.T) + f32(sum over the light neurons not skipped of a_l[j] * Wdown_l[:, j])) +
 down_bias. Every product is dense IEEE arithmetic over k < K (0 * inf = NaN), the float32 rounding
 of the exact value (float32 accumulation error allowed; the kernels recompute non-finite outputs
@@ -484,6 +500,7 @@ def fused_ffn_nbits_reference(
     gated: int = 0,
     skip: int = 0,
     threshold: float = 0.0,
+    product_threshold: float = 0.0,
     heavy_bits: int = 32,
     light_bits: int = 4,
     heavy_block_size: int | None = None,
@@ -502,6 +519,7 @@ def fused_ffn_nbits_reference(
     if gated not in (0, 1) or skip not in (0, 1):
         raise FormatError(f"FusedFFNNBits gated={gated} skip={skip}: both must be 0 or 1")
     t = np.float32(check_threshold(threshold, skip))
+    pt = np.float32(check_product_threshold(product_threshold, skip, gated))
     if len(inputs) > NBITS_INPUTS - 1:
         raise FormatError(f"FusedFFNNBits takes at most {NBITS_INPUTS} inputs, got {len(inputs) + 1}")
     ins = list(inputs) + [None] * (NBITS_INPUTS - 1 - len(inputs))
@@ -562,6 +580,8 @@ def fused_ffn_nbits_reference(
         skipped = a[:, h:] == 0
         if t > 0:
             skipped |= np.abs(s[:, h:]) <= t
+        if pt > 0:
+            skipped |= np.abs(a[:, h:]) <= pt
     wdl = _nbits_weight(part("down_light"), "down light", d, l_, light_bits, light_block_size)
     if heavy_present:
         wdh = _nbits_weight(part("down_heavy"), "down heavy", d, h, heavy_bits, hb)
@@ -648,6 +668,12 @@ def nbits_schema() -> defs.OpSchema:
                 required=False,
             ),
             A(
+                "product_threshold",
+                FLOAT,
+                "gated, with skip=1: also skip light neurons with |act(gate) * up| <= product_threshold",
+                required=False,
+            ),
+            A(
                 "accuracy_level",
                 INT,
                 "0 (exact float32) | 4 (int8 activations, as MatMulNBits)",
@@ -668,6 +694,7 @@ def nbits_reference_op_class(domain: str):
         gated=None,
         skip=None,
         threshold=None,
+        product_threshold=None,
         heavy_bits=None,
         light_bits=None,
         heavy_block_size=None,
@@ -683,6 +710,7 @@ def nbits_reference_op_class(domain: str):
                 gated=int(gated or 0),
                 skip=int(skip or 0),
                 threshold=float(threshold or 0.0),
+                product_threshold=float(product_threshold or 0.0),
                 heavy_bits=heavy_bits,
                 light_bits=light_bits,
                 heavy_block_size=heavy_block_size,
@@ -801,7 +829,7 @@ def stock_nbits_ffn_model(inputs: list, *, accuracy_level: int = 0, **attrs):
     (skip / threshold are not expressible and must be off)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    if attrs.get("skip", 0) or attrs.get("threshold", 0.0):
+    if attrs.get("skip", 0) or attrs.get("threshold", 0.0) or attrs.get("product_threshold", 0.0):
         raise FormatError("the stock FFN subgraph cannot skip neurons; use skip=0, threshold=0")
     ins = list(inputs) + [None] * (NBITS_INPUTS - 1 - len(inputs))
     act, gated = attrs["activation"], int(attrs.get("gated", 0))

@@ -241,6 +241,14 @@ class NbKernel {
     gated_ = attrs.gated;
     skip_ = attrs.skip;
     thr_ = attrs.threshold;
+    if (OrtStatus* st = api.KernelInfoGetAttribute_float(info, "product_threshold", &pthr_)) {
+      api.ReleaseStatus(st);
+      pthr_ = 0.0f;
+    }
+    if (!std::isfinite(pthr_) || pthr_ < 0.0f)
+      Fail("product_threshold must be a finite float >= 0, got " + std::to_string(pthr_));
+    if (pthr_ > 0.0f && !(gated_ && skip_))
+      Fail("product_threshold > 0 needs gated=1 and skip=1 (it skips light neurons by |act(gate) * up|)");
     hbits_ = static_cast<int>(FfnIntAttr(api, info, "heavy_bits", -1));
     lbits_ = static_cast<int>(FfnIntAttr(api, info, "light_bits", -1));
     if (hbits_ != 4 && hbits_ != 8 && hbits_ != 32)
@@ -662,9 +670,10 @@ class NbKernel {
         std::memcpy(ur, sr, static_cast<size_t>(h_) * sizeof(float));
       if (cats) {
         const uint8_t* sil = silent.data() + r * l_;
-        for (int64_t n = h_; n < f_; ++n) ur[n] = sil[n - h_] ? 0.0f : sr[n] * ur[n];
+        for (int64_t n = h_; n < f_; ++n) ur[n] = sil[n - h_] ? 0.0f : Product(pre[static_cast<size_t>(r * f_ + n)], sr[n], ur[n]);
       } else if (gated_) {
-        for (int64_t n = h_; n < f_; ++n) ur[n] = thr > 0.0f && std::fabs(sr[n]) <= thr ? 0.0f : sr[n] * ur[n];
+        for (int64_t n = h_; n < f_; ++n)
+          ur[n] = thr > 0.0f && std::fabs(sr[n]) <= thr ? 0.0f : Product(pre[static_cast<size_t>(r * f_ + n)], sr[n], ur[n]);
       } else {
         for (int64_t n = h_; n < f_; ++n) ur[n] = thr > 0.0f && std::fabs(sr[n]) <= thr ? 0.0f : sr[n];
       }
@@ -673,6 +682,19 @@ class NbKernel {
   }
 
   float threshold() const { return thr_; }
+
+  // a light neuron's a = act(gate) * up (float32); with product_threshold, 0 when |a| <= pthr_ (its
+  // down column is then not read). The float32 activation formulas of level 4 may differ from the
+  // reference's rounding by an ulp, so products within 1e-5 of the threshold are recomputed from the
+  // float64 activation: both levels skip the same neurons.
+  float Product(float g, float s, float u) const {
+    float a = s * u;
+    if (pthr_ <= 0.0f) return a;
+    if (level_ == 4 && nk_->act && std::fabs(std::fabs(a) - pthr_) <= 1e-5f * pthr_)
+      a = static_cast<float>(ActOf(act_, g)) * u;
+    return std::fabs(a) <= pthr_ ? 0.0f : a;
+  }
+
 
   // s[i] = act(v[i]) (float32) for n values: the float64 reference's; at level 4 with a vector kernel
   // its float32 formulas, the values it flags (near the threshold, zeros, large or non-finite) again
@@ -798,7 +820,7 @@ class NbKernel {
   Act act_ = Act::kRelu;
   bool gated_ = false, skip_ = false, up_l_finite_ = true, has_rows_ = true, has_nm_ = false;
   static constexpr double kNmMaxKept = 0.3;  // measured crossover: see the constructor
-  float thr_ = 0.0f;
+  float thr_ = 0.0f, pthr_ = 0.0f;  // threshold on |act(gate)| or |act(up)|; on |act(gate) * up|
   int hbits_ = 32, lbits_ = 4;
   int64_t hbs_ = 0, lbs_ = 0, level_ = 0;
   int64_t h_ = 0, l_ = 0, d_ = 0, f_ = 0;
