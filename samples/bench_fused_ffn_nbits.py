@@ -26,7 +26,9 @@ SmolLM2 / 4 MPT > 32 MiB) stream from DRAM as in a whole model.
   neurons are kept (then neuron-major): at 50 % skipped that beats reading only the kept columns on
   the machine measured, see ``skipXX-nm``; gated, the light up rows of skipped neurons are not read;
 * ``skipXX-nm``: the same with the light down stored neuron-major (FFSPLIT_NBITS_DOWN=neurons): the
-  down columns of skipped neurons are not read.
+  down columns of skipped neurons are not read;
+* ``mixedXX`` (gated shapes): ``--skip-criterion mixed``: the gate threshold skips a quarter of XX %
+  (their up rows unread), ``product_threshold`` on |act(gate) * up| the rest (down columns only).
 
 With ``--baseline-library PATH`` (another build of libffsplit_ort, e.g. main's before a change),
 ``fused``, ``exact`` and the ``skipXX`` variants also run on that library in the same run, named
@@ -142,6 +144,18 @@ def _silence(x, ins, shape) -> np.ndarray:
     return np.abs(activation(shape["activation"], v).astype(np.float32))
 
 
+def _product(x, ins, shape) -> np.ndarray:
+    """|act(gate) * up| of the light neurons (gated shapes), as the reference computes it."""
+    from ffsplit_export.ops._ffn import NBITS_PARTS, _nbits_weight
+
+    i = NBITS_PARTS["up_light"] - 1
+    w = _nbits_weight(ins[i : i + 3], "light", None, shape["d"], KIND["light_bits"], KIND["light_block_size"])
+    u = (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
+    if ins[6] is not None:
+        u = u + ins[6][-w.shape[0] :]
+    return _silence(x, ins, shape) * np.abs(u)
+
+
 def _layer_variants(ins, calib, shape, base, skips) -> dict:
     """The variants of one layer: name -> (model, environment at session creation, reference kwargs)."""
     from ffsplit_export.ops._ffn import fused_ffn_nbits_model, stock_nbits_ffn_model
@@ -164,6 +178,13 @@ def _layer_variants(ins, calib, shape, base, skips) -> dict:
         v[f"skip{round(q * 100)}"] = (model, None, {"skip": 1, "threshold": thr})
         nm = {"FFSPLIT_NBITS_DOWN": "neurons"}
         v[f"skip{round(q * 100)}-nm"] = (model, nm, {"skip": 1, "threshold": thr})
+        if shape["gated"]:  # --skip-criterion mixed: a quarter of q by the gate, the rest by |act(g) * up|
+            from ffsplit_export.fused import GATE_SHARE
+
+            gthr = float(np.quantile(sil, q * GATE_SHARE))
+            prod = np.where(sil <= gthr, 0.0, _product(calib, ins, shape))
+            kw = {"skip": 1, "threshold": gthr, "product_threshold": float(np.quantile(prod, q))}
+            v[f"mixed{round(q * 100)}"] = (fused_ffn_nbits_model(ins, **base, **kw), None, kw)
     return v
 
 
@@ -266,8 +287,19 @@ def main() -> None:
                     x_all, *ins, activation_kind=shape["activation"], return_skipped=True, **ref_kw, **kw
                 )
                 frac = float(skipped.mean())
-                # gated with skipping (M = 1): a light up row is read only for a live neuron
+                # gated with skipping (M = 1): a light up row is read only for a neuron live by the gate
                 live = 1.0 - frac if shape["gated"] else 1.0
+                if kw.get("product_threshold"):
+                    gate_kw = {k: v for k, v in kw.items() if k != "product_threshold"}
+                    _, by_gate = fused_ffn_nbits_reference(
+                        x_all,
+                        *ins,
+                        activation_kind=shape["activation"],
+                        return_skipped=True,
+                        **ref_kw,
+                        **gate_kw,
+                    )
+                    live = 1.0 - float(by_gate.mean())
             else:
                 frac, live = 0.0, 1.0
             # the light down columns of skipped neurons are left unread by the neuron-major layout only:
