@@ -1,0 +1,220 @@
+"""ffsplit::FusedFFNNBits' Triton kernels vs the NumPy reference, under the Triton interpreter on CPU.
+
+As in test_triton_kernels.py, TRITON_INTERPRET=1 must be set before triton is imported, so the
+cases run in a child process (this file run as a script) that prints one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# Max abs error allowed: float32 accumulation (and float32 activations) against the float64
+# reference rounded to float32. Measured max over every case x config x layout: 9.5e-07 (|Y| <= 4.5).
+ATOL = 1e-4
+RTOL = 1e-5
+
+# name: (M, D, F, H, attributes, part kinds, target skipped fraction of light neurons or None)
+# part kinds: heavy_bits, light_bits, block sizes, zero_points (asymmetric grid), biases
+CASES = {
+    # gated silu, dense heavy, int4 symmetric light, M = 1, odd sizes, threshold skipping ~half
+    "silu_gated_h32_l4_m1_thr": (1, 45, 37, 5, dict(activation="silu", gated=1, skip=1), dict(
+        heavy_bits=32, light_bits=4, heavy_block_size=16, light_block_size=16, zero_points=False), 0.5),
+    # gated silu, int8 heavy, int8 light symmetric, M = 3, no skipping
+    "silu_gated_h8_l8_m3": (3, 40, 29, 7, dict(activation="silu", gated=1), dict(
+        heavy_bits=8, light_bits=8, heavy_block_size=32, light_block_size=32, zero_points=False), None),
+    # ungated gelu, dense heavy, int4 light with zero points, biases, M = 5
+    "gelu_h32_l4z_m5": (5, 33, 27, 4, dict(activation="gelu"), dict(
+        heavy_bits=32, light_bits=4, heavy_block_size=16, light_block_size=32, zero_points=True), None),
+    # ungated gelu, int8 heavy and int8 light with zero points, threshold skipping ~half, M = 2
+    "gelu_h8z_l8z_m2_thr": (2, 50, 41, 6, dict(activation="gelu", skip=1), dict(
+        heavy_bits=8, light_bits=8, heavy_block_size=16, light_block_size=16, zero_points=True), 0.5),
+    # relu exact skipping (zeros only), no heavy part (H = 0), int4 light with zero points
+    "relu_h0_l4z_m2_exact": (2, 24, 19, 0, dict(activation="relu", skip=1), dict(
+        heavy_bits=32, light_bits=4, heavy_block_size=16, light_block_size=16, zero_points=True, bias=False),
+        None),
+}  # fmt: skip
+# M > 8 (only the tl.dot configs) and several tiles of neurons (all seven cases: ~5 s in the interpreter)
+SLOW_CASES = {
+    "gelu_tanh_gated_h4_l4_m17_thr": (17, 48, 70, 9, dict(activation="gelu_tanh", gated=1, skip=1), dict(
+        heavy_bits=4, light_bits=4, heavy_block_size=32, light_block_size=16, zero_points=False), 0.4),
+    "silu_gated_h32_l8z_m11": (11, 37, 66, 33, dict(activation="silu", gated=1), dict(
+        heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=64, zero_points=True), None),
+}  # fmt: skip
+
+
+def _inputs(name: str):
+    """(x, inputs 1..21, attrs, skipped fraction of the reference) of one case, seeded by name."""
+    import zlib
+
+    from ffsplit_export.ops._ffn import (
+        NBITS_PARTS,
+        _nbits_weight,
+        activation,
+        fused_ffn_nbits_reference,
+        random_nbits_ffn_inputs,
+    )
+
+    m, d, f, h, attrs, kinds, frac = {**CASES, **SLOW_CASES}[name]
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    ins = random_nbits_ffn_inputs(rng, d, f, h, gated=bool(attrs.get("gated")), **kinds)
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    attrs = {
+        **attrs,
+        "heavy_bits": kinds["heavy_bits"],
+        "light_bits": kinds["light_bits"],
+        "heavy_block_size": kinds["heavy_block_size"],
+        "light_block_size": kinds["light_block_size"],
+    }
+    if frac is not None:
+        # threshold in the widest gap of the sorted light scores near the target fraction, so a
+        # float32 rounding difference cannot move a neuron across it
+        prefix = "gate" if attrs.get("gated") else "up"
+        i = NBITS_PARTS[f"{prefix}_light"] - 1
+        w = _nbits_weight(ins[i : i + 3], "light", None, d, kinds["light_bits"], kinds["light_block_size"])
+        pre = x.astype(np.float64) @ w.astype(np.float64).T
+        bias = ins[6 if prefix == "up" else 20]
+        if bias is not None:
+            pre = pre + bias[h:]
+        s = np.sort(np.abs(activation(attrs["activation"], pre)).ravel())
+        lo, hi = int(len(s) * (frac - 0.1)), int(len(s) * (frac + 0.1))
+        j = lo + int(np.argmax(np.diff(s[lo : hi + 1])))
+        attrs["threshold"] = float((s[j] + s[j + 1]) / 2)
+    _, skipped = fused_ffn_nbits_reference(
+        x, *ins, activation_kind=attrs["activation"], **{k: v for k, v in attrs.items() if k != "activation"},
+        return_skipped=True,
+    )  # fmt: skip
+    return x, ins, attrs, float(skipped.mean()) if skipped.size else 0.0
+
+
+def _layouts(ins):
+    """disk: uint8 as stored; int32: the byte-identical int32 view; wide: one byte per int32."""
+    from ffsplit_export.trt.layout import bytes_as_int32_rows
+
+    def view(a):
+        return bytes_as_int32_rows(a) if a is not None and a.dtype == np.uint8 else a
+
+    def widen(a):
+        return a.astype(np.int32) if a is not None and a.dtype == np.uint8 else a
+
+    return {
+        "disk": (ins, "u8"),
+        "int32": ([view(a) for a in ins], "u8"),
+        "wide": ([widen(a) for a in ins], "i32"),
+    }
+
+
+def _worker(names: list[str]) -> None:
+    import torch
+
+    from ffsplit_export.ops._ffn import fused_ffn_nbits_reference
+    from ffsplit_export.trt.configs import CONFIGS
+    from ffsplit_export.trt.fused_kernels import launch_fused_ffn
+
+    for name in names:
+        x, ins, attrs, frac = _inputs(name)
+        act = attrs.pop("activation")
+        ref = fused_ffn_nbits_reference(x, *ins, activation_kind=act, **attrs)
+        plain = fused_ffn_nbits_reference(
+            x, *ins, activation_kind=act, **{**attrs, "skip": 0, "threshold": 0.0}
+        )
+        effect = float(np.abs(plain - ref).max())  # what skipping changes (0 for exact relu zeros)
+        m = x.shape[0]
+        cfgs = [c for c in CONFIGS if c.block_m >= m][:1] + ([CONFIGS[2]] if m <= 8 else [])
+        for cfg in cfgs:
+            for lname, (ws, elems) in _layouts(ins).items():
+                if lname != "disk" and cfg is not cfgs[0]:
+                    continue
+                y = launch_fused_ffn(
+                    torch.from_numpy(x),
+                    *(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in ws),
+                    activation=act, config=cfg, byte_elems=elems, **attrs,
+                )  # fmt: skip
+                err = float(np.abs(y.numpy() - ref).max())
+                out = {"case": f"{name}/{cfg.name}/{lname}", "err": err, "ref_max": float(np.abs(ref).max())}
+                print(json.dumps({**out, "skipped": frac, "effect": effect}), flush=True)
+        # batched X [B, T, D] takes the reshape path
+        x3 = np.stack([x, x])
+        y3 = launch_fused_ffn(torch.from_numpy(x3), *(None if a is None else torch.from_numpy(a) for a in ins),
+                              activation=act, **attrs)  # fmt: skip
+        err = float(np.abs(y3.numpy() - np.stack([ref, ref])).max())
+        print(
+            json.dumps(
+                {"case": f"{name}/3d", "err": err, "ref_max": float(np.abs(ref).max()), "skipped": frac}
+            )
+        )
+
+
+def _run(names):
+    pytest.importorskip("triton")
+    pytest.importorskip("torch")
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *names],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _check(names, results):
+    for name in names:
+        rows = [r for r in results if r["case"].startswith(name + "/")]
+        assert len(rows) >= 4, (name, rows)  # every layout and the 3-D input ran
+        frac = {**CASES, **SLOW_CASES}[name][-1]
+        if frac is not None:  # the threshold really skips about that fraction, and that changes Y
+            assert abs(rows[0]["skipped"] - frac) <= 0.15, rows[0]
+            assert rows[0]["effect"] > 100 * ATOL, rows[0]
+    bad = [r for r in results if not r["err"] <= ATOL + RTOL * r["ref_max"]]
+    assert not bad, bad[:5]
+
+
+def test_fused_ffn_kernels_match_reference_in_interpreter():
+    names = list(CASES)
+    _check(names, _run(names))
+
+
+def test_fused_ffn_kernels_dot_configs_in_interpreter():
+    names = list(SLOW_CASES)
+    _check(names, _run(names))
+
+
+def test_relu_exact_case_skips_zeros():
+    """The exact-skip case is meaningful: the reference really skips light neurons (relu zeros)."""
+    _, _, _, frac = _inputs("relu_h0_l4z_m2_exact")
+    assert 0.2 < frac < 0.8
+
+
+def test_launch_rejects_bad_input():
+    pytest.importorskip("triton")
+    torch = pytest.importorskip("torch")
+    from ffsplit_export.errors import FormatError
+    from ffsplit_export.trt.fused_kernels import launch_fused_ffn
+
+    x, ins, attrs, _ = _inputs("silu_gated_h8_l8_m3")
+    t = [None if a is None else torch.from_numpy(a) for a in ins]
+    act = attrs.pop("activation")
+    with pytest.raises(FormatError, match="input_threshold"):
+        launch_fused_ffn(torch.from_numpy(x), *t, activation=act, input_threshold=0.1, **attrs)
+    with pytest.raises(FormatError, match="float32"):
+        launch_fused_ffn(torch.from_numpy(x).double(), *t, activation=act, **attrs)
+    with pytest.raises(FormatError, match="activation"):
+        launch_fused_ffn(torch.from_numpy(x), *t, activation="tanh", **attrs)
+    with pytest.raises(FormatError, match="threshold"):
+        launch_fused_ffn(torch.from_numpy(x), *t, activation=act, **{**attrs, "threshold": 0.5})  # skip=0
+    with pytest.raises(FormatError, match="gate"):
+        launch_fused_ffn(torch.from_numpy(x), *t, activation=act, **{**attrs, "gated": 0})
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])
