@@ -276,9 +276,22 @@ def fused_ffn_kernel_specs(
     up_tag = f"{tag}_{activation}{'_gated' if gated else ''}{'_skip' if skip else ''}"
     up_tag += f"{'_ub' if up_bias else ''}{'_gb' if up_fixed['HAS_GATE_BIAS'] else ''}"
     down_tag = f"{tag}{'_skip' if skip else ''}{'_db' if down_bias else ''}"
+    # BLOCK_K 16 in the tl.dot configs: with 32 columns ptxas spilled up to 104 B (prefill_m32, the
+    # gated up kernel's two accumulators and its gathered scales) on sm_80 and sm_90; with 16, ptxas
+    # still capped prefill_m64 (8 warps) at 128 registers and spilled 16 B on sm_90 unless maxnreg is 255
     return (
-        KernelSpec("FusedFFNNBitsUp", "ffn_nbits_up_kernel", up_sig, up_fixed, up_tag),
-        KernelSpec("FusedFFNNBitsDown", "ffn_nbits_down_kernel", down_sig, down_fixed, down_tag),
+        KernelSpec(
+            "FusedFFNNBitsUp", "ffn_nbits_up_kernel", up_sig, up_fixed, up_tag, dot_block_k=16, maxnreg=255
+        ),
+        KernelSpec(
+            "FusedFFNNBitsDown",
+            "ffn_nbits_down_kernel",
+            down_sig,
+            down_fixed,
+            down_tag,
+            dot_block_k=16,
+            maxnreg=255,
+        ),
     )
 
 
