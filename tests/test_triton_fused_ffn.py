@@ -150,6 +150,41 @@ def _worker(names: list[str]) -> None:
         )
 
 
+def _split_model(name):
+    """(x, original one-node model, the model after split_fused_ffn, reference Y) of one case."""
+    from ffsplit_export.ops._ffn import fused_ffn_nbits_model, fused_ffn_nbits_reference
+    from ffsplit_export.trt.fused_nodes import split_fused_ffn
+
+    x, ins, attrs, _ = _inputs(name)
+    act = attrs.pop("activation")
+    model = fused_ffn_nbits_model(ins, activation=act, **attrs)
+    ref = fused_ffn_nbits_reference(x, *ins, activation_kind=act, **attrs)
+    before = model.SerializeToString()
+    assert split_fused_ffn(model) == 1
+    return x, before, model, ref
+
+
+def _node_worker(names: list[str]) -> None:
+    """Child process: the two plugin nodes' own inputs and attributes drive the kernels."""
+    import torch
+    from onnx import helper, numpy_helper
+
+    from ffsplit_export.trt.fused_kernels import launch_plugin_nodes
+
+    for name in names:
+        x, _, model, ref = _split_model(name)
+        inits = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in model.graph.initializer}
+        up, down = model.graph.node
+        attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in (up, down)]
+        for a in attrs:
+            a["activation"] = a.get("activation", b"").decode()
+        y = launch_plugin_nodes(
+            torch.from_numpy(x), [inits[i] for i in up.input[1:]], [inits[i] for i in down.input[1:]], *attrs
+        )
+        err = float(np.abs(y.numpy() - ref).max())
+        print(json.dumps({"case": f"{name}/nodes", "err": err, "ref_max": float(np.abs(ref).max())}))
+
+
 def _run(names):
     pytest.importorskip("triton")
     pytest.importorskip("torch")
@@ -216,5 +251,59 @@ def test_launch_rejects_bad_input():
         launch_fused_ffn(torch.from_numpy(x), *t, activation=act, **{**attrs, "gated": 0})
 
 
+def test_split_fused_ffn_writes_two_plugin_nodes():
+    """The TensorRT form: Up + Down nodes with the plugin attributes, every input an initializer,
+    no UINT8 left (int32 view), the original weights dropped."""
+    import onnx
+
+    from ffsplit_export.trt.fused_nodes import DOWN_INPUTS, DOWN_OP, UP_INPUTS, UP_OP
+    from ffsplit_export.trt.onnx_nodes import check_plugin_node
+
+    for name in ("silu_gated_h32_l4_m1_thr", "relu_h0_l4z_m2_exact"):
+        _, before, model, _ = _split_model(name)
+        up, down = model.graph.node
+        assert (up.op_type, down.op_type) == (UP_OP, DOWN_OP)
+        assert check_plugin_node(up) is None and check_plugin_node(down) is None
+        assert len(up.input) == 1 + len(UP_INPUTS) and len(down.input) == 1 + len(DOWN_INPUTS)
+        assert up.input[0] == "X" and down.input[0] == up.output[0] and down.output[0] == "Y"
+        inits = {t.name: t for t in model.graph.initializer}
+        assert all(i in inits for i in [*up.input[1:], *down.input[1:]])
+        assert all(t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT32) for t in inits.values())
+        assert not any(n.startswith("w") for n in inits)  # the FusedFFNNBits initializers are gone
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in up.attribute}
+        orig = onnx.load_from_string(before)
+        want_h = 5 if name.startswith("silu") else 0
+        assert attrs["heavy_neurons"] == want_h and attrs["skip"] == 1
+        assert attrs["threshold"] > 0 if "thr" in name else attrs["threshold"] == 0
+        assert len(orig.graph.node) == 1
+
+
+def test_split_rejects_input_threshold():
+    from onnx import helper
+
+    from ffsplit_export.errors import FormatError
+    from ffsplit_export.ops._ffn import fused_ffn_nbits_model
+    from ffsplit_export.trt.fused_nodes import split_fused_ffn
+
+    _, ins, attrs, _ = _inputs("silu_gated_h8_l8_m3")
+    model = fused_ffn_nbits_model(ins, **attrs)
+    model.graph.node[0].attribute.append(helper.make_attribute("input_threshold", 0.25))
+    with pytest.raises(FormatError, match="input_threshold"):
+        split_fused_ffn(model)
+
+
+def test_plugin_nodes_match_reference_in_interpreter():
+    """The plugin nodes' inputs (int32 view, dummies) and attributes, fed to the kernels as
+    plugin.py feeds them, give the reference of the original FusedFFNNBits node."""
+    names = ["silu_gated_h32_l4_m1_thr", "gelu_h8z_l8z_m2_thr", "relu_h0_l4z_m2_exact", "silu_gated_h8_l8_m3"]
+    results = _run(["nodes", *names])
+    assert len(results) == len(names)
+    bad = [r for r in results if not r["err"] <= ATOL + RTOL * r["ref_max"]]
+    assert not bad, bad
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1:])
+    if sys.argv[1] == "nodes":
+        _node_worker(sys.argv[2:])
+    else:
+        _worker(sys.argv[1:])

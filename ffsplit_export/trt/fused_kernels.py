@@ -279,7 +279,6 @@ def launch_fused_ffn(
     None where absent. Returns Y float32 [..., D]. ``input_threshold`` (TEAL-style input skipping)
     is not implemented by these kernels: a value > 0 raises.
     """
-    import numpy as np
     import torch
 
     from ..errors import FormatError
@@ -316,7 +315,6 @@ def launch_fused_ffn(
     m = x2.shape[0]
     h = ins[0].shape[0] if heavy else 0
     n_light = ins[3].shape[0]
-    f = h + n_light
     if ins[10].shape[0] != d:
         raise FormatError(f"FusedFFNNBits down light has {ins[10].shape[0]} rows, X has D = {d}")
     if gated and (ins[17] is None or ins[17].shape[0] != n_light):
@@ -357,20 +355,58 @@ def launch_fused_ffn(
         b, s, z = ins[i - 1 : i + 2]
         return arr(b, "f" if bits == 32 else "b"), arr(s, "f"), arr(z, "b")
 
-    thr_bits = int(np.array([t], np.float32).view(np.int32)[0])
-    a_buf = torch.empty((m, f), dtype=torch.float32, device=dev)
-    y = torch.empty((m, d), dtype=torch.float32, device=dev)
+    up_in = [*part(1, hbits), *part(4, light_bits), arr(ins[6], "f"), *part(15, hbits), *part(18, light_bits)]
+    up_in.append(arr(ins[20], "f"))
+    down_in = [*part(8, hbits), *part(11, light_bits), arr(ins[13], "f")]
+    y = _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, t, cfg)
+    return y.reshape(*x.shape[:-1], d)
+
+
+def _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, threshold, cfg):
+    """Launch both kernels on flat torch tensors (14 up inputs, 7 down inputs, in node order)."""
+    import numpy as np
+    import torch
+
+    m, d = x2.shape
+    f = h + n_light
+    thr_bits = int(np.array([threshold], np.float32).view(np.int32)[0])
+    a_buf = torch.empty((m, f), dtype=torch.float32, device=x2.device)
+    y = torch.empty((m, d), dtype=torch.float32, device=x2.device)
     grid1 = (triton.cdiv(f, cfg.block_n), triton.cdiv(m, cfg.block_m))
     ffn_nbits_up_kernel[grid1](
-        x2, *part(1, hbits), *part(4, light_bits), arr(ins[6], "f"),
-        *part(15, hbits), *part(18, light_bits), arr(ins[20], "f"),
-        m, h, n_light, d, hbs, lbs, thr_bits, a_buf,
+        x2, *up_in, m, h, n_light, d, hbs, lbs, thr_bits, a_buf,
         num_warps=cfg.num_warps, **up_spec.constexprs(cfg),
     )  # fmt: skip
     grid2 = (triton.cdiv(d, cfg.block_n), triton.cdiv(m, cfg.block_m))
     ffn_nbits_down_kernel[grid2](
-        a_buf, *part(8, hbits), *part(11, light_bits), arr(ins[13], "f"),
-        m, d, h, n_light, hbs, lbs, y,
+        a_buf, *down_in, m, d, h, n_light, hbs, lbs, y,
         num_warps=cfg.num_warps, **down_spec.constexprs(cfg),
+    )  # fmt: skip
+    return y
+
+
+def launch_plugin_nodes(x, up_inputs, down_inputs, up_attrs: dict, down_attrs: dict, config=None):
+    """Run the two TensorRT plugin nodes of :func:`ffsplit_export.trt.fused_nodes.split_fused_ffn`
+    exactly as the plugin does: their input tensors (int32 view of the byte arrays, dummies for the
+    absent inputs; torch, CUDA or CPU under ``TRITON_INTERPRET=1``) and attributes select and feed
+    the kernels. L comes from the up light B's rows, H from the ``heavy_neurons`` attribute."""
+    import torch
+
+    from .configs import heuristic_config
+    from .fused_nodes import kernel_specs_of
+
+    up_spec, down_spec = kernel_specs_of(up_attrs, down_attrs)
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d).contiguous()
+    cfg = config or heuristic_config(x2.shape[0])
+
+    def flat(t):
+        t = t.contiguous()
+        return t.view(torch.uint8).reshape(-1) if t.dtype == torch.int32 else t.reshape(-1)
+
+    h, n_light = int(up_attrs["heavy_neurons"]), int(up_inputs[3].shape[0])
+    y = _run_phases(
+        x2, [flat(t) for t in up_inputs], [flat(t) for t in down_inputs], up_spec, down_spec, h, n_light,
+        int(up_attrs["heavy_block_size"]), int(up_attrs["light_block_size"]), float(up_attrs["threshold"]), cfg,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], d)
