@@ -389,7 +389,7 @@ def launch_plugin_nodes(x, up_inputs, down_inputs, up_attrs: dict, down_attrs: d
     """Run the two TensorRT plugin nodes of :func:`ffsplit_export.trt.fused_nodes.split_fused_ffn`
     exactly as the plugin does: their input tensors (int32 view of the byte arrays, dummies for the
     absent inputs; torch, CUDA or CPU under ``TRITON_INTERPRET=1``) and attributes select and feed
-    the kernels. L comes from the up light B's rows, H from the ``heavy_neurons`` attribute."""
+    the kernels (H and L from the ``heavy_neurons`` / ``light_neurons`` attributes)."""
     import torch
 
     from .configs import heuristic_config
@@ -404,7 +404,7 @@ def launch_plugin_nodes(x, up_inputs, down_inputs, up_attrs: dict, down_attrs: d
         t = t.contiguous()
         return t.view(torch.uint8).reshape(-1) if t.dtype == torch.int32 else t.reshape(-1)
 
-    h, n_light = int(up_attrs["heavy_neurons"]), int(up_inputs[3].shape[0])
+    h, n_light = int(up_attrs["heavy_neurons"]), int(up_attrs["light_neurons"])
     y = _run_phases(
         x2, [flat(t) for t in up_inputs], [flat(t) for t in down_inputs], up_spec, down_spec, h, n_light,
         int(up_attrs["heavy_block_size"]), int(up_attrs["light_block_size"]), float(up_attrs["threshold"]), cfg,

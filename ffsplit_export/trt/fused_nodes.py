@@ -39,9 +39,11 @@ def _attrs(node) -> dict:
     return out
 
 
-def node_attributes(attrs: dict, present: dict[int, bool], heavy_neurons: int) -> tuple[dict, dict]:
+def node_attributes(
+    attrs: dict, present: dict[int, bool], heavy_neurons: int, light_neurons: int
+) -> tuple[dict, dict]:
     """(up, down) plugin node attributes from a FusedFFNNBits node's ``attrs`` and which of its
-    inputs 1..21 are ``present``; ``heavy_neurons`` = H (rows of up heavy, 0 when absent)."""
+    inputs 1..21 are ``present``; H = rows of up heavy (0 when absent), L = rows of up light."""
     from ..ops._ffn import check_threshold
 
     if float(attrs.get("input_threshold", 0.0) or 0.0) > 0:
@@ -56,6 +58,7 @@ def node_attributes(attrs: dict, present: dict[int, bool], heavy_neurons: int) -
     skip = int(attrs.get("skip", 0) or 0)
     common = {
         "heavy_neurons": int(heavy_neurons),
+        "light_neurons": int(light_neurons),
         "heavy_bits": heavy_bits,
         "light_bits": int(attrs["light_bits"]),
         "heavy_block_size": int(attrs.get("heavy_block_size") or 16) if heavy_bits != 32 else 16,
@@ -144,9 +147,10 @@ def split_fused_ffn(model) -> int:
             )
         arrays = [numpy_helper.to_array(inits[n]) if n else None for n in names]
         h = arrays[0].shape[0] if arrays[0] is not None else 0
-        up_attrs, down_attrs = node_attributes(
-            _attrs(node), {i + 1: a is not None for i, a in enumerate(arrays)}, h
-        )
+        if arrays[3] is None:
+            raise FormatError(f"node {node.name or node.op_type}: the up light part (input 4) is required")
+        present = {i + 1: a is not None for i, a in enumerate(arrays)}
+        up_attrs, down_attrs = node_attributes(_attrs(node), present, h, arrays[3].shape[0])
         up_arr, down_arr = node_arrays(arrays, up_attrs["heavy_bits"])
         tag = node.name or f"ffn{split}"
 
