@@ -38,14 +38,31 @@ CASES = {
     "relu_h0_l4z_m2_exact": (2, 24, 19, 0, dict(activation="relu", skip=1), dict(
         heavy_bits=32, light_bits=4, heavy_block_size=16, light_block_size=16, zero_points=True, bias=False),
         None),
+    # an inf down-light scale (row 3, first block of 16 light neurons): Y[:, 3] is inf / NaN for a
+    # token with a live neuron in that block and finite where the threshold skips all 16 of them
+    "relu_infdown_m6_thr": (6, 20, 35, 3, dict(activation="relu", skip=1), dict(
+        heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=16, zero_points=True), 0.85),
 }  # fmt: skip
-# M > 8 (only the tl.dot configs) and several tiles of neurons (all seven cases: ~5 s in the interpreter)
+# M > 8 (only the tl.dot configs) and several tiles of neurons (all nine cases: ~6 s in the interpreter)
 SLOW_CASES = {
     "gelu_tanh_gated_h4_l4_m17_thr": (17, 48, 70, 9, dict(activation="gelu_tanh", gated=1, skip=1), dict(
         heavy_bits=4, light_bits=4, heavy_block_size=32, light_block_size=16, zero_points=False), 0.4),
     "silu_gated_h32_l8z_m11": (11, 37, 66, 33, dict(activation="silu", gated=1), dict(
         heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=64, zero_points=True), None),
+    "relu_infdown_m17_thr": (17, 20, 35, 3, dict(activation="relu", skip=1), dict(
+        heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=16, zero_points=True), 0.85),
 }  # fmt: skip
+#: cases whose down light scale [row * n_blocks + block] is set to +inf
+NONFINITE = {"relu_infdown_m6_thr": (3, 0), "relu_infdown_m17_thr": (3, 0)}
+
+
+def _err(y: np.ndarray, ref: np.ndarray) -> float:
+    """Max |y - ref| over the finite entries; inf when the NaN / +inf / -inf entries differ."""
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        if not np.array_equal(test(y), test(ref)):
+            return float("inf")
+    ok = np.isfinite(ref)
+    return float(np.abs(y[ok] - ref[ok]).max()) if ok.any() else 0.0
 
 
 def _inputs(name: str):
@@ -64,6 +81,10 @@ def _inputs(name: str):
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     ins = random_nbits_ffn_inputs(rng, d, f, h, gated=bool(attrs.get("gated")), **kinds)
     x = rng.standard_normal((m, d)).astype(np.float32)
+    if name in NONFINITE:
+        row, block = NONFINITE[name]
+        ins[11] = ins[11].copy()  # down light scales [D * n_blocks]
+        ins[11][row * -(-(f - h) // kinds["light_block_size"]) + block] = np.inf
     attrs = {
         **attrs,
         "heavy_bits": kinds["heavy_bits"],
@@ -123,7 +144,7 @@ def _worker(names: list[str]) -> None:
         plain = fused_ffn_nbits_reference(
             x, *ins, activation_kind=act, **{**attrs, "skip": 0, "threshold": 0.0}
         )
-        effect = float(np.abs(plain - ref).max())  # what skipping changes (0 for exact relu zeros)
+        effect = _err(plain, ref)  # what skipping changes (0 for exact relu zeros)
         m = x.shape[0]
         cfgs = [c for c in CONFIGS if c.block_m >= m][:1] + ([CONFIGS[2]] if m <= 8 else [])
         for cfg in cfgs:
@@ -135,17 +156,28 @@ def _worker(names: list[str]) -> None:
                     *(None if a is None else torch.from_numpy(np.ascontiguousarray(a)) for a in ws),
                     activation=act, config=cfg, byte_elems=elems, **attrs,
                 )  # fmt: skip
-                err = float(np.abs(y.numpy() - ref).max())
-                out = {"case": f"{name}/{cfg.name}/{lname}", "err": err, "ref_max": float(np.abs(ref).max())}
+                err = _err(y.numpy(), ref)
+                out = {
+                    "case": f"{name}/{cfg.name}/{lname}",
+                    "err": err,
+                    "ref_max": float(np.nanmax(np.abs(np.where(np.isinf(ref), 0, ref)))),
+                }
+                col = ref[:, NONFINITE[name][0]] if name in NONFINITE else ref[:, 0]
+                out["col_finite"] = int(np.isfinite(col).sum())
                 print(json.dumps({**out, "skipped": frac, "effect": effect}), flush=True)
         # batched X [B, T, D] takes the reshape path
         x3 = np.stack([x, x])
         y3 = launch_fused_ffn(torch.from_numpy(x3), *(None if a is None else torch.from_numpy(a) for a in ins),
                               activation=act, **attrs)  # fmt: skip
-        err = float(np.abs(y3.numpy() - np.stack([ref, ref])).max())
+        err = _err(y3.numpy(), np.stack([ref, ref]))
         print(
             json.dumps(
-                {"case": f"{name}/3d", "err": err, "ref_max": float(np.abs(ref).max()), "skipped": frac}
+                {
+                    "case": f"{name}/3d",
+                    "err": err,
+                    "ref_max": float(np.nanmax(np.abs(np.where(np.isinf(ref), 0, ref)))),
+                    "skipped": frac,
+                }
             )
         )
 
@@ -181,8 +213,16 @@ def _node_worker(names: list[str]) -> None:
         y = launch_plugin_nodes(
             torch.from_numpy(x), [inits[i] for i in up.input[1:]], [inits[i] for i in down.input[1:]], *attrs
         )
-        err = float(np.abs(y.numpy() - ref).max())
-        print(json.dumps({"case": f"{name}/nodes", "err": err, "ref_max": float(np.abs(ref).max())}))
+        err = _err(y.numpy(), ref)
+        print(
+            json.dumps(
+                {
+                    "case": f"{name}/nodes",
+                    "err": err,
+                    "ref_max": float(np.nanmax(np.abs(np.where(np.isinf(ref), 0, ref)))),
+                }
+            )
+        )
 
 
 def _run(names):
@@ -210,6 +250,8 @@ def _check(names, results):
         if frac is not None:  # the threshold really skips about that fraction, and that changes Y
             assert abs(rows[0]["skipped"] - frac) <= 0.15, rows[0]
             assert rows[0]["effect"] > 100 * ATOL, rows[0]
+        if name in NONFINITE:  # both outcomes occur in the inf column: some tokens finite, some not
+            assert 0 < rows[0]["col_finite"] < {**CASES, **SLOW_CASES}[name][0], rows[0]
     bad = [r for r in results if not r["err"] <= ATOL + RTOL * r["ref_max"]]
     assert not bad, bad[:5]
 
@@ -249,6 +291,8 @@ def test_launch_rejects_bad_input():
         launch_fused_ffn(torch.from_numpy(x), *t, activation=act, **{**attrs, "threshold": 0.5})  # skip=0
     with pytest.raises(FormatError, match="gate"):
         launch_fused_ffn(torch.from_numpy(x), *t, activation=act, **{**attrs, "gated": 0})
+    empty = launch_fused_ffn(torch.zeros(2, 0, x.shape[1]), *t, activation=act, **attrs)  # no tokens
+    assert tuple(empty.shape) == (2, 0, x.shape[1])
 
 
 def test_split_fused_ffn_writes_two_plugin_nodes():

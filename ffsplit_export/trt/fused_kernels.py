@@ -9,7 +9,7 @@ Two phases, one launch each (semantics: :data:`ffsplit_export.ops._ffn.NBITS_SEM
 2. :func:`ffn_nbits_down_kernel`: every program owns BLOCK_N outputs of D x BLOCK_M tokens and
    sums the heavy neurons then the light neurons of ``a``; with ``SKIP`` a light neuron whose
    ``a`` is exactly 0 for a token is left out of that token's sum (its down column is masked,
-   so a NaN / inf there does not reach Y) in the broadcast (decode) configs.
+   so a NaN / inf there does not reach Y; the ``tl.dot`` tiles count non-finite terms apart).
 
 Both read the MatMulNBits layout directly: code of W[n, k] at byte ``n * row_bytes + k * bits / 8``
 (low nibble first for 4 bits; ``row_bytes = ceil(K / bs) * bs * bits / 8``), scale
@@ -18,10 +18,6 @@ symmetric grid's ``2^(bits-1)``); a dense part (bits 32) is float32 ``[N, K]``. 
 runtime arguments, so one compiled kernel serves every block size. Products are float32 (IEEE
 ``tl.dot`` past 8 rows): accuracy_level 0 semantics, and level 4 runs the same kernels (the schema
 allows, but does not require, int8 activations at level 4).
-
-Known limit: in the ``tl.dot`` configs (prefill, M > 8) the light down product is a plain matrix
-product, so a non-finite down weight of a skipped neuron (a = 0) gives NaN (0 * inf) instead of
-being left out; finite weights (every finite quantized layout) give the op's result.
 """
 
 from __future__ import annotations
@@ -238,6 +234,13 @@ def ffn_nbits_down_kernel(
         w = _nbits_tile(dh_b_ptr, dh_s_ptr, dh_z_ptr, rn, n_ok, kk, k_ok, H, HEAVY_BS, HEAVY_BITS, HEAVY_ZP)
         acc = _mma(acc, av, w, USE_DOT)
     acc_l = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # SKIP in the tl.dot tiles: the product takes the finite weights; the non-finite ones are
+    # counted per (token, output) over the live neurons only (a != 0; NaN a is live), as
+    # +inf / -inf / NaN terms, from products of 0/1 matrices (exact), so a skipped neuron's
+    # inf / NaN down weight never reaches Y while a live one's does, as the op says
+    n_pinf = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_ninf = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_nan = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, L, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < L
@@ -248,8 +251,27 @@ def ffn_nbits_down_kernel(
         if SKIP and not USE_DOT:
             terms = av[:, None, :] * w[None, :, :]
             acc_l += tl.sum(tl.where(av[:, None, :] != 0, terms, 0.0), axis=2)
+        elif SKIP:
+            w_nan = w != w
+            w_pinf = w == float("inf")
+            w_ninf = w == float("-inf")
+            bad = w_nan | w_pinf | w_ninf
+            acc_l = _mma(acc_l, av, tl.where(bad, 0.0, w), USE_DOT)
+            if tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0) > 0:
+                pos = (av > 0).to(tl.float32)
+                neg = (av < 0).to(tl.float32)
+                live = (av != 0).to(tl.float32)
+                fp = w_pinf.to(tl.float32)
+                fn = w_ninf.to(tl.float32)
+                n_pinf = _mma(_mma(n_pinf, pos, fp, USE_DOT), neg, fn, USE_DOT)
+                n_ninf = _mma(_mma(n_ninf, pos, fn, USE_DOT), neg, fp, USE_DOT)
+                n_nan = _mma(n_nan, live, w_nan.to(tl.float32), USE_DOT)
         else:
             acc_l = _mma(acc_l, av, w, USE_DOT)
+    if SKIP and USE_DOT:
+        both = (n_pinf > 0) & (n_ninf > 0)
+        acc_l = tl.where(n_pinf > 0, float("inf"), tl.where(n_ninf > 0, float("-inf"), acc_l))
+        acc_l = tl.where((n_nan > 0) | both, float("nan"), acc_l)
     acc = acc + acc_l
     if HAS_DOWN_BIAS:
         acc += tl.load(down_bias_ptr + rn64, mask=n_ok, other=0.0)[None, :]
@@ -372,6 +394,8 @@ def _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, th
     thr_bits = int(np.array([threshold], np.float32).view(np.int32)[0])
     a_buf = torch.empty((m, f), dtype=torch.float32, device=x2.device)
     y = torch.empty((m, d), dtype=torch.float32, device=x2.device)
+    if m == 0 or d == 0:
+        return y  # nothing to launch (an empty grid)
     grid1 = (triton.cdiv(f, cfg.block_n), triton.cdiv(m, cfg.block_m))
     ffn_nbits_up_kernel[grid1](
         x2, *up_in, m, h, n_light, d, hbs, lbs, thr_bits, a_buf,
