@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 # Max abs error allowed: float32 accumulation (and float32 activations) against the float64
-# reference rounded to float32. Measured max over every case x config x layout: 9.5e-07 (|Y| <= 4.5).
+# reference rounded to float32. Measured max over every case x config x layout: 9.5e-07 (finite |Y| <= 6.2).
 ATOL = 1e-4
 RTOL = 1e-5
 
