@@ -38,20 +38,34 @@ CASES = {
     "relu_h0_l4z_m2_exact": (2, 24, 19, 0, dict(activation="relu", skip=1), dict(
         heavy_bits=32, light_bits=4, heavy_block_size=16, light_block_size=16, zero_points=True, bias=False),
         None),
+    # product threshold only (|act(gate) * up|), int8 heavy, int4 light with zero points
+    "silu_gated_h8_l4z_m3_prod": (3, 40, 45, 6, dict(activation="silu", gated=1, skip=1), dict(
+        heavy_bits=8, light_bits=4, heavy_block_size=16, light_block_size=16, zero_points=True), None),
+    # both thresholds ("mixed"): a small one on |act(gate)| and the product one
+    "silu_gated_h32_l8_m2_mixed": (2, 36, 50, 5, dict(activation="silu", gated=1, skip=1), dict(
+        heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=32, zero_points=False), 0.1),
     # an inf down-light scale (row 3, first block of 16 light neurons): Y[:, 3] is inf / NaN for a
     # token with a live neuron in that block and finite where the threshold skips all 16 of them
     "relu_infdown_m6_thr": (6, 20, 35, 3, dict(activation="relu", skip=1), dict(
         heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=16, zero_points=True), 0.85),
 }  # fmt: skip
-# M > 8 (only the tl.dot configs) and several tiles of neurons (all nine cases: ~6 s in the interpreter)
+# M > 8 (only the tl.dot configs) and several tiles of neurons (all twelve cases: ~8 s in the interpreter)
 SLOW_CASES = {
     "gelu_tanh_gated_h4_l4_m17_thr": (17, 48, 70, 9, dict(activation="gelu_tanh", gated=1, skip=1), dict(
         heavy_bits=4, light_bits=4, heavy_block_size=32, light_block_size=16, zero_points=False), 0.4),
     "silu_gated_h32_l8z_m11": (11, 37, 66, 33, dict(activation="silu", gated=1), dict(
         heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=64, zero_points=True), None),
+    "gelu_gated_h32_l4_m12_prod": (12, 30, 41, 4, dict(activation="gelu", gated=1, skip=1), dict(
+        heavy_bits=32, light_bits=4, heavy_block_size=16, light_block_size=32, zero_points=False), None),
     "relu_infdown_m17_thr": (17, 20, 35, 3, dict(activation="relu", skip=1), dict(
         heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=16, zero_points=True), 0.85),
 }  # fmt: skip
+#: gated cases with a product_threshold skipping about this fraction (with threshold too: "mixed")
+PRODUCT = {
+    "silu_gated_h8_l4z_m3_prod": 0.4,
+    "silu_gated_h32_l8_m2_mixed": 0.4,
+    "gelu_gated_h32_l4_m12_prod": 0.5,
+}
 #: cases whose down light scale [row * n_blocks + block] is set to +inf
 NONFINITE = {"relu_infdown_m6_thr": (3, 0), "relu_infdown_m17_thr": (3, 0)}
 
@@ -92,20 +106,27 @@ def _inputs(name: str):
         "heavy_block_size": kinds["heavy_block_size"],
         "light_block_size": kinds["light_block_size"],
     }
-    if frac is not None:
-        # threshold in the widest gap of the sorted light scores near the target fraction, so a
-        # float32 rounding difference cannot move a neuron across it
-        prefix = "gate" if attrs.get("gated") else "up"
+
+    def light_pre(prefix):  # float64 pre-activation of the light neurons
         i = NBITS_PARTS[f"{prefix}_light"] - 1
         w = _nbits_weight(ins[i : i + 3], "light", None, d, kinds["light_bits"], kinds["light_block_size"])
         pre = x.astype(np.float64) @ w.astype(np.float64).T
         bias = ins[6 if prefix == "up" else 20]
-        if bias is not None:
-            pre = pre + bias[h:]
-        s = np.sort(np.abs(activation(attrs["activation"], pre)).ravel())
-        lo, hi = int(len(s) * (frac - 0.1)), int(len(s) * (frac + 0.1))
-        j = lo + int(np.argmax(np.diff(s[lo : hi + 1])))
-        attrs["threshold"] = float((s[j] + s[j + 1]) / 2)
+        return pre + bias[h:] if bias is not None else pre
+
+    def cut(scores, fraction):
+        # in the widest gap of the sorted scores near the target fraction, so a float32 rounding
+        # difference cannot move a neuron across it
+        v = np.sort(np.abs(scores).ravel())
+        lo, hi = int(len(v) * (fraction - 0.1)), int(len(v) * (fraction + 0.1))
+        j = lo + int(np.argmax(np.diff(v[lo : hi + 1])))
+        return float((v[j] + v[j + 1]) / 2)
+
+    score = activation(attrs["activation"], light_pre("gate" if attrs.get("gated") else "up"))
+    if frac is not None:
+        attrs["threshold"] = cut(score, frac)
+    if name in PRODUCT:  # CATS-style on |act(gate) * up| (gated only)
+        attrs["product_threshold"] = cut(score * light_pre("up"), PRODUCT[name])
     _, skipped = fused_ffn_nbits_reference(
         x, *ins, activation_kind=attrs["activation"], **{k: v for k, v in attrs.items() if k != "activation"},
         return_skipped=True,
@@ -142,7 +163,7 @@ def _worker(names: list[str]) -> None:
         act = attrs.pop("activation")
         ref = fused_ffn_nbits_reference(x, *ins, activation_kind=act, **attrs)
         plain = fused_ffn_nbits_reference(
-            x, *ins, activation_kind=act, **{**attrs, "skip": 0, "threshold": 0.0}
+            x, *ins, activation_kind=act, **{**attrs, "skip": 0, "threshold": 0.0, "product_threshold": 0.0}
         )
         effect = _err(plain, ref)  # what skipping changes (0 for exact relu zeros)
         m = x.shape[0]
@@ -246,8 +267,8 @@ def _check(names, results):
     for name in names:
         rows = [r for r in results if r["case"].startswith(name + "/")]
         assert len(rows) >= 4, (name, rows)  # every layout and the 3-D input ran
-        frac = {**CASES, **SLOW_CASES}[name][-1]
-        if frac is not None:  # the threshold really skips about that fraction, and that changes Y
+        frac = max({**CASES, **SLOW_CASES}[name][-1] or 0.0, PRODUCT.get(name, 0.0))
+        if frac:  # the thresholds really skip about that fraction, and that changes Y
             assert abs(rows[0]["skipped"] - frac) <= 0.15, rows[0]
             assert rows[0]["effect"] > 100 * ATOL, rows[0]
         if name in NONFINITE:  # both outcomes occur in the inf column: some tokens finite, some not

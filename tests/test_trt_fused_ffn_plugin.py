@@ -70,7 +70,10 @@ def plugin(monkeypatch):
 _TRT_TYPE = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
 
 
-@pytest.mark.parametrize("name", ["silu_gated_h32_l4_m1_thr", "gelu_h8z_l8z_m2_thr", "relu_h0_l4z_m2_exact"])
+@pytest.mark.parametrize(
+    "name",
+    ["silu_gated_h32_l4_m1_thr", "gelu_h8z_l8z_m2_thr", "relu_h0_l4z_m2_exact", "silu_gated_h32_l8_m2_mixed"],
+)
 def test_plugin_functions_follow_the_nodes_and_specs(plugin, name):
     from onnx import helper, numpy_helper
 
@@ -113,10 +116,14 @@ def test_plugin_functions_follow_the_nodes_and_specs(plugin, name):
         assert arch is None and (name_u, name_d) == ("ffn_nbits_up_kernel", "ffn_nbits_down_kernel")
         scalars_u = [k for k, t in spec_u.signature.items() if t == "i32"]
         scalars_d = [k for k, t in spec_d.signature.items() if t == "i32"]
-        thr_bits = int(np.array([ua["threshold"]], np.float32).view(np.int32)[0])
+        from ffsplit_export.trt.fused_kernels import threshold_bits
+
+        thr_bits = threshold_bits(ua["threshold"])
+        assert np.array([thr_bits], np.int32).view(np.float32)[0] == (ua["threshold"] or -1.0)
         assert dict(zip(scalars_u, args_u)) == {
             "M": 6, "H": h, "L": n_light, "D": d, "HEAVY_BS": ua["heavy_block_size"],
             "LIGHT_BS": ua["light_block_size"], "THRESHOLD_BITS": thr_bits,
+            "PRODUCT_THRESHOLD_BITS": threshold_bits(ua["product_threshold"]),
         } and len(args_u) == len(scalars_u)  # fmt: skip
         assert dict(zip(scalars_d, args_d)) == {
             "M": 6, "D": d, "H": h, "L": n_light, "HEAVY_BS": da["heavy_block_size"],

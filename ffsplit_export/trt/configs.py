@@ -229,7 +229,7 @@ def fused_ffn_kernel_specs(
     """The (up, down) kernel specs of one FusedFFNNBits node. ``heavy_bits`` 32 also stands for
     "no heavy part" (H = 0, dummy inputs). Byte arrays (B, zero points) arrive as bytes (or their
     int32 view, same offsets; ``u8``) or one byte value per int32 element (``i32``, TensorRT's
-    parser-widened uint8); block sizes and the threshold's float32 bits are int32 arguments."""
+    parser-widened uint8); block sizes and the thresholds' float32 bits are int32 arguments."""
     if heavy_bits not in (4, 8, 32) or light_bits not in (4, 8):
         raise ConfigError(
             f"FusedFFNNBits heavy_bits={heavy_bits} / light_bits={light_bits}: use 4, 8 (32 heavy)"
@@ -249,7 +249,12 @@ def fused_ffn_kernel_specs(
 
     up_sig = {"x_ptr": "*fp32", **part("uh_"), **part("ul_"), "up_bias_ptr": "*fp32"}
     up_sig.update({**part("gh_"), **part("gl_"), "gate_bias_ptr": "*fp32"})
-    up_sig.update({n: "i32" for n in ("M", "H", "L", "D", "HEAVY_BS", "LIGHT_BS", "THRESHOLD_BITS")})
+    up_sig.update(
+        {
+            n: "i32"
+            for n in ("M", "H", "L", "D", "HEAVY_BS", "LIGHT_BS", "THRESHOLD_BITS", "PRODUCT_THRESHOLD_BITS")
+        }
+    )
     up_sig["a_ptr"] = "*fp32"
     common = {
         "HEAVY_BITS": heavy_bits,

@@ -5,7 +5,8 @@ Two phases, one launch each (semantics: :data:`ffsplit_export.ops._ffn.NBITS_SEM
 1. :func:`ffn_nbits_up_kernel`: every program owns BLOCK_N neurons (heavy-first) x BLOCK_M tokens,
    computes up [and gate] from X over D, adds the biases, applies the activation (and the gate
    product) and writes ``a[M, F]`` in float32. With ``SKIP`` a light neuron whose
-   ``|act(gate)|`` (or ``|act(up)|``) is <= threshold gets ``a = 0`` (threshold > 0 only).
+   ``|act(gate)|`` (or ``|act(up)|``) is <= threshold, or (gated) whose ``|a|`` is <=
+   product_threshold, gets ``a = 0`` (each threshold only when > 0).
 2. :func:`ffn_nbits_down_kernel`: every program owns BLOCK_N outputs of D x BLOCK_M tokens and
    sums the heavy neurons then the light neurons of ``a``; with ``SKIP`` a light neuron whose
    ``a`` is exactly 0 for a token is left out of that token's sum (its down column is masked,
@@ -103,6 +104,7 @@ def ffn_nbits_up_kernel(
     HEAVY_BS,
     LIGHT_BS,
     THRESHOLD_BITS,
+    PRODUCT_THRESHOLD_BITS,
     a_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -118,8 +120,10 @@ def ffn_nbits_up_kernel(
     HAS_UP_BIAS: tl.constexpr,
     HAS_GATE_BIAS: tl.constexpr,
 ):
-    """Phase 1: a[M, H + L] = act(g) * u (gated) or act(u), light neurons under threshold zeroed.
-    THRESHOLD_BITS: the float32 threshold's bit pattern (TensorRT passes int32 scalars only)."""
+    """Phase 1: a[M, H + L] = act(g) * u (gated) or act(u); a light neuron with |act(g)| (|act(u)|)
+    <= threshold or, gated, |a| <= product_threshold gets a = 0. THRESHOLD_BITS /
+    PRODUCT_THRESHOLD_BITS: the float32 bit patterns of the thresholds, -1.0 for an unset (0) one
+    (only exact zeros are skipped then, by phase 2); int32 because TensorRT passes int32 scalars."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     F = H + L
@@ -180,10 +184,13 @@ def ffn_nbits_up_kernel(
         s = _act(acc_u, ACT)
         a = s
     if SKIP:
+        light = (rn >= H)[None, :]
         thr = THRESHOLD_BITS.to(tl.float32, bitcast=True)
-        if thr > 0:  # threshold 0: only exact zeros are skipped, which phase 2 does
-            quiet = (rn >= H)[None, :] & (tl.abs(s) <= thr)
-            a = tl.where(quiet, 0.0, a)
+        pthr = PRODUCT_THRESHOLD_BITS.to(tl.float32, bitcast=True)
+        quiet = light & (tl.abs(s) <= thr)  # an unset threshold arrives as -1: never (NaN: never)
+        if GATED:
+            quiet = quiet | (light & (tl.abs(a) <= pthr))  # |act(g) * u|
+        a = tl.where(quiet, 0.0, a)
     tl.store(a_ptr + rm64[:, None] * F + rn64[None, :], a, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -285,6 +292,7 @@ def launch_fused_ffn(
     gated: int = 0,
     skip: int = 0,
     threshold: float = 0.0,
+    product_threshold: float = 0.0,
     heavy_bits: int = 32,
     light_bits: int = 4,
     heavy_block_size: int | None = None,
@@ -304,7 +312,7 @@ def launch_fused_ffn(
     import torch
 
     from ..errors import FormatError
-    from ..ops._ffn import ACTIVATIONS, NBITS_INPUTS, _nbits_attrs, check_threshold
+    from ..ops._ffn import ACTIVATIONS, NBITS_INPUTS, _nbits_attrs, check_product_threshold, check_threshold
     from .configs import fused_ffn_kernel_specs, heuristic_config
 
     if activation not in ACTIVATIONS:
@@ -319,6 +327,7 @@ def launch_fused_ffn(
             "channels; use input_threshold=0 (or the ONNX Runtime CPU kernel)"
         )
     t = check_threshold(threshold, skip)
+    pt = check_product_threshold(product_threshold, skip, gated)
     if len(inputs) > NBITS_INPUTS - 1:
         raise FormatError(f"FusedFFNNBits takes at most {NBITS_INPUTS} inputs, got {len(inputs) + 1}")
     ins = list(inputs) + [None] * (NBITS_INPUTS - 1 - len(inputs))
@@ -380,25 +389,32 @@ def launch_fused_ffn(
     up_in = [*part(1, hbits), *part(4, light_bits), arr(ins[6], "f"), *part(15, hbits), *part(18, light_bits)]
     up_in.append(arr(ins[20], "f"))
     down_in = [*part(8, hbits), *part(11, light_bits), arr(ins[13], "f")]
-    y = _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, t, cfg)
+    y = _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, (t, pt), cfg)
     return y.reshape(*x.shape[:-1], d)
 
 
-def _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, threshold, cfg):
-    """Launch both kernels on flat torch tensors (14 up inputs, 7 down inputs, in node order)."""
+def threshold_bits(threshold: float) -> int:
+    """The int32 argument of a threshold: its float32 bits, or those of -1.0 when it is 0 (unset)."""
     import numpy as np
+
+    return int(np.array([threshold if threshold > 0 else -1.0], np.float32).view(np.int32)[0])
+
+
+def _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, thresholds, cfg):
+    """Launch both kernels on flat torch tensors (14 up inputs, 7 down inputs, in node order);
+    ``thresholds``: (threshold, product_threshold)."""
     import torch
 
     m, d = x2.shape
     f = h + n_light
-    thr_bits = int(np.array([threshold], np.float32).view(np.int32)[0])
+    thr_bits, pthr_bits = (threshold_bits(t) for t in thresholds)
     a_buf = torch.empty((m, f), dtype=torch.float32, device=x2.device)
     y = torch.empty((m, d), dtype=torch.float32, device=x2.device)
     if m == 0 or d == 0:
         return y  # nothing to launch (an empty grid)
     grid1 = (triton.cdiv(f, cfg.block_n), triton.cdiv(m, cfg.block_m))
     ffn_nbits_up_kernel[grid1](
-        x2, *up_in, m, h, n_light, d, hbs, lbs, thr_bits, a_buf,
+        x2, *up_in, m, h, n_light, d, hbs, lbs, thr_bits, pthr_bits, a_buf,
         num_warps=cfg.num_warps, **up_spec.constexprs(cfg),
     )  # fmt: skip
     grid2 = (triton.cdiv(d, cfg.block_n), triton.cdiv(m, cfg.block_m))
@@ -431,6 +447,7 @@ def launch_plugin_nodes(x, up_inputs, down_inputs, up_attrs: dict, down_attrs: d
     h, n_light = int(up_attrs["heavy_neurons"]), int(up_attrs["light_neurons"])
     y = _run_phases(
         x2, [flat(t) for t in up_inputs], [flat(t) for t in down_inputs], up_spec, down_spec, h, n_light,
-        int(up_attrs["heavy_block_size"]), int(up_attrs["light_block_size"]), float(up_attrs["threshold"]), cfg,
+        int(up_attrs["heavy_block_size"]), int(up_attrs["light_block_size"]),
+        (float(up_attrs["threshold"]), float(up_attrs["product_threshold"])), cfg,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], d)

@@ -7,8 +7,8 @@ phases (every output needs every neuron's activation), so :func:`split_fused_ffn
 plugins take a fixed list of inputs, so every optional input is present: an absent one becomes a
 1-element dummy initializer and a ``has_*`` / ``*_zp`` attribute says it is absent. Byte arrays
 (B, zero points) are given in the int32 view of :mod:`.layout` (same bytes), so the plugin sees
-INT32 (packed) or FP32 (dense heavy) and never UINT8. The threshold is a FLOAT attribute; the
-kernel receives its bit pattern as an int32 argument.
+INT32 (packed) or FP32 (dense heavy) and never UINT8. ``threshold`` and ``product_threshold`` are
+FLOAT attributes; the kernel receives their bit patterns as int32 arguments.
 
 Where it applies: :func:`ffsplit_export.trt.engine.build_engine` (TensorRT's own ONNX parser).
 ONNX Runtime's TensorRT EP cannot run these nodes (it resolves ``ffsplit`` ops through the CPU
@@ -44,7 +44,7 @@ def node_attributes(
 ) -> tuple[dict, dict]:
     """(up, down) plugin node attributes from a FusedFFNNBits node's ``attrs`` and which of its
     inputs 1..21 are ``present``; H = rows of up heavy (0 when absent), L = rows of up light."""
-    from ..ops._ffn import check_threshold
+    from ..ops._ffn import check_product_threshold, check_threshold
 
     if float(attrs.get("input_threshold", 0.0) or 0.0) > 0:
         raise FormatError(
@@ -73,6 +73,9 @@ def node_attributes(
         "gated": gated,
         "activation": str(attrs["activation"]),
         "threshold": check_threshold(float(attrs.get("threshold", 0.0) or 0.0), skip),
+        "product_threshold": check_product_threshold(
+            float(attrs.get("product_threshold", 0.0) or 0.0), skip, gated
+        ),
         "has_up_bias": int(present.get(7, False)),
         "has_gate_bias": int(gated and present.get(21, False)),
     }

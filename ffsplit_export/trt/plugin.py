@@ -26,6 +26,7 @@ import tensorrt.plugin as trtp
 from ..errors import PluginNotFoundError
 from .aot import compile_kernel
 from .configs import CONFIGS, config_for_tactic, kernel_spec
+from .fused_kernels import threshold_bits
 from .onnx_nodes import PLUGIN_NAMESPACE as NAMESPACE
 from .onnx_nodes import PLUGIN_VERSION as VERSION
 
@@ -248,10 +249,6 @@ def _fused_specs(heavy_bits, light_bits, heavy_zp, light_zp, skip, gated=0, acti
     )  # fmt: skip
 
 
-def _threshold_bits(threshold: float) -> int:
-    return int(np.array([threshold], np.float32).view(np.int32)[0])
-
-
 @trtp.register(f"{NAMESPACE}::FusedFFNNBitsUp")
 def _ffn_up_desc(
     x: trtp.TensorDesc, uh_b: trtp.TensorDesc, uh_s: trtp.TensorDesc, uh_z: trtp.TensorDesc,
@@ -260,7 +257,7 @@ def _ffn_up_desc(
     gl_s: trtp.TensorDesc, gl_z: trtp.TensorDesc, gate_bias: trtp.TensorDesc,
     heavy_neurons: int, light_neurons: int, heavy_bits: int, light_bits: int, heavy_block_size: int,
     light_block_size: int, heavy_zp: int, light_zp: int, skip: int, gated: int, activation: str,
-    threshold: float, has_up_bias: int, has_gate_bias: int,
+    threshold: float, product_threshold: float, has_up_bias: int, has_gate_bias: int,
 ) -> tuple[trtp.TensorDesc]:  # fmt: skip
     # a[..., H + L]: the up light B's rows (L) plus H
     return (_out_like_x(x, ul_b.shape_expr[0] + heavy_neurons),)
@@ -276,15 +273,15 @@ def _ffn_up_tune(x, uh_b, uh_s, uh_z, ul_b, ul_s, ul_z, up_bias, gh_b, gh_s, gh_
 @trtp.aot_impl(f"{NAMESPACE}::FusedFFNNBitsUp")
 def _ffn_up_aot(x, uh_b, uh_s, uh_z, ul_b, ul_s, ul_z, up_bias, gh_b, gh_s, gh_z, gl_b, gl_s, gl_z, gate_bias,
                 heavy_neurons, light_neurons, heavy_bits, light_bits, heavy_block_size, light_block_size,
-                heavy_zp, light_zp, skip, gated, activation, threshold, has_up_bias, has_gate_bias,
-                outputs, tactic):  # fmt: skip
+                heavy_zp, light_zp, skip, gated, activation, threshold, product_threshold, has_up_bias,
+                has_gate_bias, outputs, tactic):  # fmt: skip
     up, _ = _fused_specs(heavy_bits, light_bits, heavy_zp, light_zp, skip, gated, activation,
                          has_up_bias, has_gate_bias)  # fmt: skip
     h, n_light = int(heavy_neurons), int(light_neurons)
     m = _rows(x)
     d = x.shape_expr[x.ndim - 1]
     args = [m if m is not None else 1, h, n_light, d, int(heavy_block_size), int(light_block_size),
-            _threshold_bits(threshold)]  # fmt: skip
+            threshold_bits(threshold), threshold_bits(product_threshold)]  # fmt: skip
     return _fused_launch(up, config_for_tactic(tactic), m, h + n_light, args)
 
 
