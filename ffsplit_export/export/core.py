@@ -61,8 +61,10 @@ class ExportOptions:
             )
         if (self.fused_ffn or self.skip_mode) and self.target is Target.TENSORRT:
             raise ConfigError(
-                "--fused-ffn / --activation-sparsity: the fused FFN op has no TensorRT plugin yet; "
-                "use --target ort-cpu (or portable, where exact skipping changes nothing)"
+                "--fused-ffn / --activation-sparsity: --target tensorrt does not export fused FFNs yet (the "
+                "int8 / int4 light formats they take have no TensorRT export; the FusedFFNNBits kernels and "
+                "plugin in ffsplit_export.trt are unwired and untested on a GPU); use --target ort-cpu "
+                "(or portable, where exact skipping changes nothing)"
             )
         if self.sparsity.fraction > 0 and self.target is not Target.ORT_CPU:
             raise ConfigError(

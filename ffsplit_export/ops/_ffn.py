@@ -392,7 +392,8 @@ of the exact value (float32 accumulation error allowed; the kernels recompute no
 in float64). accuracy_level 4: the activations entering an integer product (X for up / gate, a for
 down) may be quantized to int8 per block of K (scale max|.|/127 per block and row) as MatMulNBits
 level 4 does; rows holding NaN / inf are computed at level 0; the skip decision is made on the
-float32 activations, so both levels skip the same neurons."""
+float32 activations, so both levels skip the same neurons. The Triton kernels (GPU, TensorRT plugin;
+ffsplit_export/trt/fused_kernels.py) run level 4 as level 0: float32 products, no int8 activations."""
 
 #: the block sizes the op accepts (MatMulNBits' int4 / int8 blocks)
 NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -114,12 +114,12 @@ def compile_kernel(spec: KernelSpec, cfg: TileConfig, arch: int | None = None) -
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import kernels
+    from . import fused_kernels, kernels
 
     key = (spec.op_type, spec.variant, cfg.name, arch)
     if key in _CACHE:
         return _CACHE[key]
-    fn = getattr(kernels, spec.kernel)
+    fn = getattr(kernels, spec.kernel, None) or getattr(fused_kernels, spec.kernel)
     constexprs = spec.constexprs(cfg)
     src = triton.compiler.ASTSource(fn=fn, signature=spec.full_signature(), constexprs=constexprs)
     target = GPUTarget("cuda", arch, 32) if arch is not None else None

@@ -203,3 +203,115 @@ def all_specs() -> list[KernelSpec]:
         kernel_spec("Sparse24MatMulInt8"),
         kernel_spec("Sparse24MatMulInt8", byte_elems="i32"),
     ]
+
+
+# ----------------------------------------------------------------------------- FusedFFNNBits
+#: the two kernels of ffsplit::FusedFFNNBits (ffsplit_export.trt.fused_kernels): up [+ gate] ->
+#: activation -> a[M, F], then down; TensorRT runs them as two plugin nodes (see plugin.py)
+FUSED_FFN_KERNELS = ("FusedFFNNBitsUp", "FusedFFNNBitsDown")
+_FUSED_ACTS = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+
+
+def fused_ffn_kernel_specs(
+    *,
+    heavy_bits: int,
+    light_bits: int,
+    heavy_zp: bool,
+    light_zp: bool,
+    gated: bool,
+    activation: str,
+    skip: bool,
+    up_bias: bool,
+    gate_bias: bool,
+    down_bias: bool,
+    byte_elems: str = "u8",
+) -> tuple[KernelSpec, KernelSpec]:
+    """The (up, down) kernel specs of one FusedFFNNBits node. ``heavy_bits`` 32 also stands for
+    "no heavy part" (H = 0, dummy inputs). Byte arrays (B, zero points) arrive as bytes (or their
+    int32 view, same offsets; ``u8``) or one byte value per int32 element (``i32``, TensorRT's
+    parser-widened uint8); block sizes and the thresholds' float32 bits are int32 arguments."""
+    if heavy_bits not in (4, 8, 32) or light_bits not in (4, 8):
+        raise ConfigError(
+            f"FusedFFNNBits heavy_bits={heavy_bits} / light_bits={light_bits}: use 4, 8 (32 heavy)"
+        )
+    if activation not in _FUSED_ACTS:
+        raise ConfigError(f"FusedFFNNBits activation {activation!r}; use one of {list(_FUSED_ACTS)}")
+    if byte_elems not in ("u8", "i32"):
+        raise ConfigError(f"byte_elems {byte_elems!r} must be 'u8' or 'i32'")
+    heavy_zp = bool(heavy_zp) and heavy_bits != 32
+    hb = "*fp32" if heavy_bits == 32 else f"*{byte_elems}"
+    lb = f"*{byte_elems}"
+    zp = f"*{byte_elems}"
+
+    def part(prefix):
+        bt = hb if "h_" in prefix else lb
+        return {f"{prefix}b_ptr": bt, f"{prefix}s_ptr": "*fp32", f"{prefix}z_ptr": zp}
+
+    up_sig = {"x_ptr": "*fp32", **part("uh_"), **part("ul_"), "up_bias_ptr": "*fp32"}
+    up_sig.update({**part("gh_"), **part("gl_"), "gate_bias_ptr": "*fp32"})
+    up_sig.update(
+        {
+            n: "i32"
+            for n in ("M", "H", "L", "D", "HEAVY_BS", "LIGHT_BS", "THRESHOLD_BITS", "PRODUCT_THRESHOLD_BITS")
+        }
+    )
+    up_sig["a_ptr"] = "*fp32"
+    common = {
+        "HEAVY_BITS": heavy_bits,
+        "LIGHT_BITS": light_bits,
+        "HEAVY_ZP": heavy_zp,
+        "LIGHT_ZP": bool(light_zp),
+    }
+    up_fixed = {
+        **common,
+        "GATED": bool(gated),
+        "ACT": _FUSED_ACTS[activation],
+        "SKIP": bool(skip),
+        "HAS_UP_BIAS": bool(up_bias),
+        "HAS_GATE_BIAS": bool(gate_bias) and bool(gated),
+    }
+    down_sig = {"a_ptr": "*fp32", **part("dh_"), **part("dl_"), "down_bias_ptr": "*fp32"}
+    down_sig.update({n: "i32" for n in ("M", "D", "H", "L", "HEAVY_BS", "LIGHT_BS")})
+    down_sig["y_ptr"] = "*fp32"
+    down_fixed = {**common, "SKIP": bool(skip), "HAS_DOWN_BIAS": bool(down_bias)}
+    tag = (
+        f"h{heavy_bits}{'z' if heavy_zp else ''}_l{light_bits}{'z' if light_zp else ''}"
+        f"{'_wide' if byte_elems == 'i32' else ''}"
+    )
+    up_tag = f"{tag}_{activation}{'_gated' if gated else ''}{'_skip' if skip else ''}"
+    up_tag += f"{'_ub' if up_bias else ''}{'_gb' if up_fixed['HAS_GATE_BIAS'] else ''}"
+    down_tag = f"{tag}{'_skip' if skip else ''}{'_db' if down_bias else ''}"
+    # BLOCK_K 16 in the tl.dot configs: with 32 columns ptxas spilled up to 104 B (prefill_m32, the
+    # gated up kernel's two accumulators and its gathered scales) on sm_80 and sm_90; with 16, ptxas
+    # still capped prefill_m64 (8 warps) at 128 registers and spilled 16 B on sm_90 unless maxnreg is 255
+    return (
+        KernelSpec(
+            "FusedFFNNBitsUp", "ffn_nbits_up_kernel", up_sig, up_fixed, up_tag, dot_block_k=16, maxnreg=255
+        ),
+        KernelSpec(
+            "FusedFFNNBitsDown",
+            "ffn_nbits_down_kernel",
+            down_sig,
+            down_fixed,
+            down_tag,
+            dot_block_k=16,
+            maxnreg=255,
+        ),
+    )
+
+
+def fused_ffn_specs() -> list[KernelSpec]:
+    """The FusedFFNNBits variants compiled ahead of time (the plugin compiles any other variant
+    for the current GPU when TensorRT builds the engine): the presets' shapes of the op."""
+    variants = [
+        # gated silu (Llama / SmolLM2): dense heavy, int4 light symmetric, threshold skipping
+        dict(heavy_bits=32, light_bits=4, heavy_zp=False, light_zp=False, gated=True, activation="silu",
+             skip=True, up_bias=False, gate_bias=False, down_bias=False),
+        # ungated gelu with biases (Whisper / MPT): int8 heavy, int4 light with zero points
+        dict(heavy_bits=8, light_bits=4, heavy_zp=False, light_zp=True, gated=False, activation="gelu",
+             skip=False, up_bias=True, gate_bias=False, down_bias=True),
+        # relu exact skipping (T5 v1.0 / OPT): int8 light, parser-widened byte arrays
+        dict(heavy_bits=32, light_bits=8, heavy_zp=False, light_zp=False, gated=False, activation="relu",
+             skip=True, up_bias=True, gate_bias=False, down_bias=True, byte_elems="i32"),
+    ]  # fmt: skip
+    return [s for v in variants for s in fused_ffn_kernel_specs(**v)]

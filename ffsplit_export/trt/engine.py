@@ -101,6 +101,7 @@ def build_engine(
     strongly typed, one optimization profile spans every dynamic dim (1..max)."""
     import onnx
 
+    from .fused_nodes import split_fused_ffn
     from .layout import prepare_model
 
     trt = require_tensorrt()
@@ -110,6 +111,7 @@ def build_engine(
     except Exception as e:  # onnx raises DecodeError / OSError / ValueError
         raise ExportError(f"cannot read {onnx_path}: {e}; the file is corrupt or truncated, re-export") from e
     prepare_model(model)
+    split_fused_ffn(model)  # FusedFFNNBits -> FusedFFNNBitsUp + FusedFFNNBitsDown plugin nodes
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -2,7 +2,9 @@
 deployable plugins) and ahead-of-time-compiled Triton kernels.
 
 Importing this module registers ``ffsplit::SparseMatMulInt8``, ``ffsplit::SparseMatMulFP32``,
-``ffsplit::SparseMatMulInt4`` (attribute ``group_size``) and ``ffsplit::Sparse24MatMulInt8`` in TensorRT's plugin registry; it needs ``tensorrt``
+``ffsplit::SparseMatMulInt4`` (attribute ``group_size``), ``ffsplit::Sparse24MatMulInt8`` and the two
+halves of ``ffsplit::FusedFFNNBits`` (``FusedFFNNBitsUp`` / ``FusedFFNNBitsDown``, written by
+:func:`ffsplit_export.trt.fused_nodes.split_fused_ffn`) in TensorRT's plugin registry; it needs ``tensorrt``
 (10.12+ / 11, with ``tensorrt.plugin.aot_impl``) and ``triton``. The engine embeds the
 kernel, so running a built engine needs no Python.
 
@@ -24,6 +26,7 @@ import tensorrt.plugin as trtp
 from ..errors import PluginNotFoundError
 from .aot import compile_kernel
 from .configs import CONFIGS, config_for_tactic, kernel_spec
+from .fused_kernels import threshold_bits
 from .onnx_nodes import PLUGIN_NAMESPACE as NAMESPACE
 from .onnx_nodes import PLUGIN_VERSION as VERSION
 
@@ -208,9 +211,112 @@ def _nm24_aot(x, values, meta, scales, outputs, tactic):
     return _launch(spec, config_for_tactic(tactic), x, values.shape_expr[0], [v_stride, m_stride])
 
 
+# ------------------------------------------------------------ FusedFFNNBits (Up + Down nodes)
+# fused_nodes.split_fused_ffn writes each FusedFFNNBits node as these two plugin nodes: every input
+# present (dummies where the op's input is absent), byte arrays in the int32 view, H / L / the part
+# kinds / the threshold as attributes. Kernels: fused_kernels.ffn_nbits_up_kernel / _down_kernel.
+
+
+def _fused_part_types(heavy_bits: int) -> str:
+    """Types of heavy B, s, z, light B, s, z, bias: packed bytes and dummies arrive as INT32 (the
+    int32 view of fused_nodes.node_arrays), a dense heavy B as FP32."""
+    hb = "FP32" if int(heavy_bits) == 32 else "INT32"
+    return f"{hb}, FP32, INT32, INT32, FP32, INT32, FP32"
+
+
+def _fused_launch(spec, cfg, rows, n_cols, args):
+    """Compile for the current GPU; grid over ``n_cols`` outputs x ``rows`` tokens; int32 ``args``."""
+    ck = compile_kernel(spec, cfg, arch=None)
+    lp = trtp.KernelLaunchParams()
+    lp.grid_x = -(-n_cols // cfg.block_n) if isinstance(n_cols, int) else trtp.cdiv(n_cols, cfg.block_n)
+    lp.grid_y = trtp.cdiv(rows, cfg.block_m) if rows is not None else 1
+    lp.block_x = ck.num_warps * 32
+    lp.shared_mem = ck.shared
+    sym = trtp.SymIntExprs(len(args))
+    for i, a in enumerate(args):
+        sym[i] = trtp.SymInt32(a)
+    return ck.name, ck.ptx, lp, sym
+
+
+def _fused_specs(heavy_bits, light_bits, heavy_zp, light_zp, skip, gated=0, activation="relu",
+                 has_up_bias=0, has_gate_bias=0, has_down_bias=0):  # fmt: skip
+    from .configs import fused_ffn_kernel_specs
+
+    return fused_ffn_kernel_specs(
+        heavy_bits=int(heavy_bits), light_bits=int(light_bits), heavy_zp=bool(heavy_zp),
+        light_zp=bool(light_zp), gated=bool(gated), activation=str(activation), skip=bool(skip),
+        up_bias=bool(has_up_bias), gate_bias=bool(has_gate_bias), down_bias=bool(has_down_bias),
+    )  # fmt: skip
+
+
+@trtp.register(f"{NAMESPACE}::FusedFFNNBitsUp")
+def _ffn_up_desc(
+    x: trtp.TensorDesc, uh_b: trtp.TensorDesc, uh_s: trtp.TensorDesc, uh_z: trtp.TensorDesc,
+    ul_b: trtp.TensorDesc, ul_s: trtp.TensorDesc, ul_z: trtp.TensorDesc, up_bias: trtp.TensorDesc,
+    gh_b: trtp.TensorDesc, gh_s: trtp.TensorDesc, gh_z: trtp.TensorDesc, gl_b: trtp.TensorDesc,
+    gl_s: trtp.TensorDesc, gl_z: trtp.TensorDesc, gate_bias: trtp.TensorDesc,
+    heavy_neurons: int, light_neurons: int, heavy_bits: int, light_bits: int, heavy_block_size: int,
+    light_block_size: int, heavy_zp: int, light_zp: int, skip: int, gated: int, activation: str,
+    threshold: float, product_threshold: float, has_up_bias: int, has_gate_bias: int,
+) -> tuple[trtp.TensorDesc]:  # fmt: skip
+    # a[..., H + L]: the up light B's rows (L) plus H
+    return (_out_like_x(x, ul_b.shape_expr[0] + heavy_neurons),)
+
+
+@trtp.autotune(f"{NAMESPACE}::FusedFFNNBitsUp")
+def _ffn_up_tune(x, uh_b, uh_s, uh_z, ul_b, ul_s, ul_z, up_bias, gh_b, gh_s, gh_z, gl_b, gl_s, gl_z,
+                 gate_bias, heavy_bits, outputs) -> list:  # fmt: skip
+    part = _fused_part_types(heavy_bits)
+    return [trtp.AutoTuneCombination(f"FP32, {part}, {part}, FP32", "LINEAR", TACTICS)]  # X, up, gate, a
+
+
+@trtp.aot_impl(f"{NAMESPACE}::FusedFFNNBitsUp")
+def _ffn_up_aot(x, uh_b, uh_s, uh_z, ul_b, ul_s, ul_z, up_bias, gh_b, gh_s, gh_z, gl_b, gl_s, gl_z, gate_bias,
+                heavy_neurons, light_neurons, heavy_bits, light_bits, heavy_block_size, light_block_size,
+                heavy_zp, light_zp, skip, gated, activation, threshold, product_threshold, has_up_bias,
+                has_gate_bias, outputs, tactic):  # fmt: skip
+    up, _ = _fused_specs(heavy_bits, light_bits, heavy_zp, light_zp, skip, gated, activation,
+                         has_up_bias, has_gate_bias)  # fmt: skip
+    h, n_light = int(heavy_neurons), int(light_neurons)
+    m = _rows(x)
+    d = x.shape_expr[x.ndim - 1]
+    args = [m if m is not None else 1, h, n_light, d, int(heavy_block_size), int(light_block_size),
+            threshold_bits(threshold), threshold_bits(product_threshold)]  # fmt: skip
+    return _fused_launch(up, config_for_tactic(tactic), m, h + n_light, args)
+
+
+@trtp.register(f"{NAMESPACE}::FusedFFNNBitsDown")
+def _ffn_down_desc(
+    a: trtp.TensorDesc, dh_b: trtp.TensorDesc, dh_s: trtp.TensorDesc, dh_z: trtp.TensorDesc,
+    dl_b: trtp.TensorDesc, dl_s: trtp.TensorDesc, dl_z: trtp.TensorDesc, down_bias: trtp.TensorDesc,
+    heavy_neurons: int, light_neurons: int, heavy_bits: int, light_bits: int, heavy_block_size: int,
+    light_block_size: int, heavy_zp: int, light_zp: int, skip: int, has_down_bias: int,
+) -> tuple[trtp.TensorDesc]:  # fmt: skip
+    return (_out_like_x(a, dl_b.shape_expr[0]),)  # Y[..., D]: the down light B's rows
+
+
+@trtp.autotune(f"{NAMESPACE}::FusedFFNNBitsDown")
+def _ffn_down_tune(a, dh_b, dh_s, dh_z, dl_b, dl_s, dl_z, down_bias, heavy_bits, outputs) -> list:
+    return [trtp.AutoTuneCombination(f"FP32, {_fused_part_types(heavy_bits)}, FP32", "LINEAR", TACTICS)]
+
+
+@trtp.aot_impl(f"{NAMESPACE}::FusedFFNNBitsDown")
+def _ffn_down_aot(a, dh_b, dh_s, dh_z, dl_b, dl_s, dl_z, down_bias, heavy_neurons, light_neurons, heavy_bits,
+                  light_bits, heavy_block_size, light_block_size, heavy_zp, light_zp, skip, has_down_bias,
+                  outputs, tactic):  # fmt: skip
+    _, down = _fused_specs(heavy_bits, light_bits, heavy_zp, light_zp, skip, has_down_bias=has_down_bias)
+    m = _rows(a)
+    d = dl_b.shape_expr[0]
+    args = [m if m is not None else 1, d, int(heavy_neurons), int(light_neurons), int(heavy_block_size),
+            int(light_block_size)]  # fmt: skip
+    return _fused_launch(down, config_for_tactic(tactic), m, d, args)
+
+
 PLUGIN_IDS = tuple(
     f"{NAMESPACE}::{op}"
     for op in ("SparseMatMulInt8", "SparseMatMulFP32", "SparseMatMulInt4", "Sparse24MatMulInt8")
 )
+#: the two plugin nodes of a FusedFFNNBits (ffsplit_export.trt.fused_nodes); not run on a GPU here
+FUSED_PLUGIN_IDS = (f"{NAMESPACE}::FusedFFNNBitsUp", f"{NAMESPACE}::FusedFFNNBitsDown")
 
-__all__ = ["NAMESPACE", "PLUGIN_IDS", "TACTICS", "VERSION", "np"]
+__all__ = ["FUSED_PLUGIN_IDS", "NAMESPACE", "PLUGIN_IDS", "TACTICS", "VERSION", "np"]
