@@ -171,7 +171,13 @@ def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> d
     from ..fused import fuse_ffns_
 
     if opts.target is Target.ORT_CPU:
-        return fuse_ffns_(model, opts.sparsity, batches=batches, progress=progress)
+        return fuse_ffns_(
+            model,
+            opts.sparsity,
+            batches=batches,
+            progress=progress,
+            input_sparsity=getattr(opts, "input_fraction", 0.0),
+        )
     return {
         "op": None,
         "activation_sparsity": opts.sparsity.label,

@@ -40,6 +40,8 @@ class ExportOptions:
     extra_manifest: dict = field(default_factory=dict)
     fused_ffn: bool = False  # one fused FFN node per split FFN (ort-cpu): FusedFFN or FusedFFNNBits
     activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
+    # a fraction 0 < F < 1 of the input channels of ungated FFNs skipped (TEAL; implies fused_ffn)
+    input_sparsity: str | float = 0
     # ort-cpu: fuse RMSNorm / rotary / attention around the FFN into ONNX Runtime contrib ops
     # (export/fusion.py); None = on for ort-cpu, off for the other targets
     fuse_attention: bool | None = None
@@ -50,6 +52,16 @@ class ExportOptions:
 
         self.sparsity = parse_activation_sparsity(self.activation_sparsity)
         self.skip_mode = self.sparsity.skip
+        from ..fused import parse_input_sparsity
+
+        self.input_fraction = parse_input_sparsity(self.input_sparsity)
+        if self.input_fraction > 0:
+            if self.target is not Target.ORT_CPU:
+                raise ConfigError(
+                    f"--input-sparsity={self.input_sparsity}: input thresholds run in the fused FFN op "
+                    f"FusedFFNNBits, which --target {self.target} does not have; use --target ort-cpu"
+                )
+            self.fused_ffn = True
         if (self.fused_ffn or self.skip_mode) and self.target is Target.TENSORRT:
             raise ConfigError(
                 "--fused-ffn / --activation-sparsity: the fused FFN op has no TensorRT plugin yet; "
