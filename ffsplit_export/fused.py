@@ -734,7 +734,7 @@ def calibrate_input_thresholds_(
     state: dict = {"count": False, "masks": {}}
 
     def rec(module, x):
-        if id(module) not in values:
+        if id(module) not in counts:
             return
         mask = _token_mask(module, state["masks"], x)
         v = x.detach().float().abs()
