@@ -821,7 +821,7 @@ class NbKernel {
     const int64_t v = e ? std::atoll(e) : 0;
     return v > 0 ? v : kImPieces;
   }
-  static constexpr int64_t kImPieces = 4;
+  static constexpr int64_t kImPieces = 2;
 
   // s[i] = act(v[i]) (float32) for n values: the float64 reference's; at level 4 with a vector kernel
   // its float32 formulas, the values it flags (near the threshold, zeros, large or non-finite) again

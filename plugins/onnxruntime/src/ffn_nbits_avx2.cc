@@ -602,6 +602,9 @@ int64_t ActF(int kind, float thr, const float* v, float* s, int64_t n, int32_t* 
 
 // ------------------------------------------------------------------ input-major light up (NbIm)
 
+// bytes ahead of the codes being read that the input-major kernels prefetch in each kept row
+constexpr int64_t kImAhead = 256;
+
 // the end of the neurons a task computes, rounded up to whole groups of 64 (within lpad)
 inline int64_t ImEnd(const NbIm& w, int64_t n1) { return std::min(w.lpad, (n1 + 63) / 64 * 64); }
 
@@ -685,10 +688,10 @@ void ImF(const NbIm& w, const float* x, const int32_t* ks, int64_t cnt, int64_t 
 }
 
 // acc[n - n0] (int32) += sum over the channel pairs of q1 * c[r1, n] + q2 * c[r2, n], n in [n0, ne);
-// np pairs (<= 4; a missing partner has q = 0 and repeats the row)
+// np pairs (<= 8; a missing partner has q = 0 and repeats the row)
 template <int BITS>
 inline void ImPairs(const uint8_t* const* rows, const int8_t* qs, int np, int64_t n0, int64_t ne, int32_t* acc) {
-  __m256i qq[4];
+  __m256i qq[8];
   for (int k = 0; k < np; ++k) {
     if (BITS == 4)  // (q1, q2) byte pairs for maddubs (unsigned codes x signed q)
       qq[k] = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(static_cast<uint8_t>(qs[2 * k])) |
@@ -700,9 +703,12 @@ inline void ImPairs(const uint8_t* const* rows, const int8_t* qs, int np, int64_
   if (BITS == 4) {
     // per 64 neurons: lo nibbles = neurons 0..31, hi = 32..63; unpacks within 128-bit lanes pair the
     // two channels' codes of neurons {0..7 | 16..23}, {8..15 | 24..31} (and + 32 for hi); int16 sums
-    // <= 4 pairs * 2 * 15 * 127 < 2^15
+    // <= 8 pairs * 2 * 15 * 127 < 2^15
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t n = n0; n < ne; n += 64) {
+      if ((n / 2) % 64 == 0)  // once per cache line of the rows: kImAhead bytes further
+        for (int k = 0; k < 2 * np; ++k)
+          _mm_prefetch(reinterpret_cast<const char*>(rows[k] + n / 2 + kImAhead), _MM_HINT_T0);
       __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
       for (int k = 0; k < np; ++k) {
         const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * k] + n / 2));
@@ -728,6 +734,9 @@ inline void ImPairs(const uint8_t* const* rows, const int8_t* qs, int np, int64_
     return;
   }
   for (int64_t n = n0; n < ne; n += 16) {
+    if (n % 64 == 0)
+      for (int k = 0; k < 2 * np; ++k)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[k] + n + kImAhead), _MM_HINT_T0);
     __m256i s0 = _mm256_setzero_si256(), s1 = s0;
     for (int k = 0; k < np; ++k) {
       const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[2 * k] + n));
@@ -747,8 +756,8 @@ void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, c
   for (int64_t i = 0; i < cnt;) {
     const int64_t b = ks[i] / w.bs;
     std::fill(acc, acc + (ne - n0), 0);
-    const uint8_t* rows[8];
-    int8_t qs[8];
+    const uint8_t* rows[16];
+    int8_t qs[16];
     int nr = 0;
     auto flush = [&]() {
       if (nr & 1) {
@@ -767,7 +776,7 @@ void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, c
       if (!qv) continue;  // a zero code contributes nothing: its row is not read either
       rows[nr] = w.Row(ks[i]);
       qs[nr] = qv;
-      if (++nr == 8) flush();
+      if (++nr == 16) flush();
     }
     if (nr) flush();
     const float* s = w.sc.data() + b * w.lpad;
