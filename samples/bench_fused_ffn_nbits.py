@@ -32,7 +32,7 @@ Input skipping (``--input-skip XX ...``, ungated shapes; TEAL-style ``input_thre
 sees X with the channels |x| <= t zeroed, t the XX % quantile of |x| on the calibration tokens):
 
 * ``inXX``: skip 1, input_threshold only: at M = 1 the light up is read input-major, only the kept
-  channels' rows (3.1 KB each for the MPT shape's int4 light up);
+  channels' rows (3.7 KB each for the MPT shape's int4 light up);
 * ``inXX-tiled``: the same node with the light up read tiled and whole after zeroing the channels
   (FFSPLIT_NBITS_UP=tiled): the layout comparison;
 * ``inXX+skipYY``: both thresholds (the neuron threshold's quantile taken with the input skipping on).
