@@ -289,6 +289,8 @@ ROWS: list[tuple[str, str, bool]] = [
     ("eval lmexport --compress", "--compress", False),
     ("eval lmexport --heavy-fraction 1.5", "1.5", False),
     ("eval no-such-model-xyz --pytorch", "no-such-model-xyz", True),
+    ("eval tiny-mpt --pytorch --input-sparsity 0.4", "--input-sparsity=0.4", True),
+    ("eval tiny-mpt --pytorch --compress --input-sparsity 2", "2", True),
     # ------------------------------------------------------------ bench
     (f"{B} --sparsities 1.5", "1.5", False),
     (f"{B} --sparsities 0.5,nan", "nan", False),

@@ -217,6 +217,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help="with --pytorch --compress: 0 (off), 'exact' or a fraction 0 < F < 1 of light neurons skipped "
         "per token (fused FFNs, thresholds calibrated as export does)",
     )
+    p.add_argument(
+        "--input-sparsity",
+        default="0",
+        help="with --pytorch --compress: 0 (off) or a fraction 0 < F < 1 of the input channels of ungated FFNs "
+        "skipped by their light up projection (input thresholds calibrated as export does)",
+    )
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--text",
@@ -314,9 +320,15 @@ def run_eval(args) -> int:
         if _is_export(name):
             name = _export_manifest(name)["source_model"]
         model, pre, task = load_model(name, args.task)
-        from ..fused import parse_activation_sparsity
+        from ..fused import parse_activation_sparsity, parse_input_sparsity
 
         sparsity = parse_activation_sparsity(args.activation_sparsity)
+        input_sparsity = parse_input_sparsity(getattr(args, "input_sparsity", "0"))
+        if input_sparsity and not args.compress:
+            raise ConfigError(
+                f"--input-sparsity={args.input_sparsity} applies to the compressed model; pass "
+                "--pytorch --compress (an export folder carries its own thresholds)"
+            )
         if sparsity.skip and not args.compress:
             raise ConfigError(
                 f"--activation-sparsity={args.activation_sparsity} applies to the compressed model; add "
@@ -327,10 +339,21 @@ def run_eval(args) -> int:
 
             res = compress(model, pre, **compress_kwargs(args))
             model = res.model
-            if sparsity.skip:
+            if sparsity.skip or input_sparsity:
                 from ..fused import fuse_ffns_
 
-                rec = fuse_ffns_(model, sparsity, batches=res.batches, progress=not args.quiet)
+                rec = fuse_ffns_(
+                    model,
+                    sparsity,
+                    batches=res.batches,
+                    progress=not args.quiet,
+                    input_sparsity=input_sparsity,
+                )
+                if input_sparsity:
+                    print(
+                        f"input sparsity {input_sparsity}: {rec['input_skipped_fraction_mean']:.3f} of the input "
+                        "channels skipped on the calibration data"
+                    )
                 if sparsity.fraction:
                     print(
                         f"activation sparsity {sparsity.fraction}: {rec['skipped_fraction_mean']:.3f} of the light "
