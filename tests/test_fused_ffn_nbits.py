@@ -438,7 +438,7 @@ def test_input_threshold_non_finite():
         _close(sess.run(None, {"X": x[i : i + 1]})[0], _ref(x[i : i + 1], ins, attrs))
     wrong = list(ins)
     sc = ins[4].copy()
-    sc[7] = np.nan  # up light scale of (neuron 0, block 7 of the 128-channel blocks)? any block
+    sc[7] = np.nan  # up light scale of light neuron 3, block 1 (2 blocks of 64 over D = 72)
     wrong[4] = sc
     r = _ref(x[:1], wrong, attrs)
     _close(_session(fused_ffn_nbits_model(wrong, **attrs)).run(None, {"X": x[:1]})[0], r)
