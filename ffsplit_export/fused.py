@@ -23,6 +23,15 @@ The module and the op apply the same rule (the op's ``threshold`` attribute). Ga
 ``FusedFFNNBits`` also take ``product_threshold`` on |act(gate) * up| (``--skip-criterion``: ``mixed``, the
 default there, puts a quarter of F on the gate and the rest on the product; ``gate``; ``product``):
 the product sees the up value, so it is far more accurate, and saves only the down column.
+
+``--input-sparsity F`` (0 < F < 1; ungated FFNs carried by ``FusedFFNNBits`` only), TEAL-style:
+per FFN one threshold ``t_in`` on the FFN input ``|x|``, calibrated by
+:func:`calibrate_input_thresholds_` as the F-quantile of ``|x|`` over the calibration tokens; the
+LIGHT up projection sees ``x`` with every channel ``|x_k| <= t_in`` set to 0 (the op then reads
+only the kept channels' light up weights at decode), the heavy up the full ``x``. For an ungated
+FFN a neuron's activation is known only after its up row is read, so this is what shrinks the up
+half; the neuron threshold (``--activation-sparsity``) still applies after it and is calibrated
+with the input skipping on. The op's ``input_threshold`` attribute.
 """
 
 from __future__ import annotations
@@ -86,6 +95,27 @@ def parse_activation_sparsity(value) -> ActivationSparsity:
     return ActivationSparsity(1, frac)
 
 
+def parse_input_sparsity(value) -> float:
+    """``--input-sparsity``: 0 (off) or a fraction 0 < F < 1 of the FFN input's channels whose light
+    up weights are skipped per token (ungated FFNs; thresholds on |x| calibrated per layer)."""
+    fix = (
+        "use 0 (off) or a fraction 0 < F < 1 of the input channels of ungated FFNs (MPT, Whisper, GPT-2, "
+        "OPT, T5 v1.0) to skip per token, e.g. 0.4"
+    )
+    key = str(value).strip().lower()
+    if key == "off":
+        return 0.0
+    try:
+        frac = float(key)
+    except ValueError:
+        raise ConfigError(f"--input-sparsity={value!r} is not a number; {fix}") from None
+    if frac == 0.0:
+        return 0.0
+    if not (0.0 < frac < 1.0):  # also NaN
+        raise ConfigError(f"--input-sparsity={value!r} is out of range; {fix}")
+    return frac
+
+
 class Passthrough(nn.Module):
     """Identity in place of an activation / down projection that the fused module already applied."""
 
@@ -143,7 +173,9 @@ class FusedFFN(nn.Module):
         self.threshold = 0.0
         self.product_threshold = 0.0  # FusedFFNNBits, gated: skip light neurons with |act(gate) * up| <= it
         self.set_threshold(threshold)
+        self.input_threshold = 0.0  # FusedFFNNBits only (set_input_threshold)
         self._recorder = None  # calibrate_thresholds_: called with the light silence scores
+        self._input_recorder = None  # calibrate_input_thresholds_: called with the FFN input
 
     def set_threshold(self, threshold: float) -> None:
         """The op's ``threshold`` attribute, rounded to float32 as the node stores it."""
@@ -178,7 +210,9 @@ class FusedFFN(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """What the split modules compute (their non-export arithmetic, so it also runs under the
         exporter's tracer without nesting their custom-op functions)."""
-        u = _split_apply(self.up, x)
+        if self._input_recorder is not None:
+            self._input_recorder(self, x)
+        u = self._up(x)
         pre = _split_apply(self.gate, x) if self.gate is not None else u
         s = _act(self.kind, pre)
         a = s * u if self.gate is not None else s
@@ -201,6 +235,17 @@ class FusedFFN(nn.Module):
             a_light = torch.where(quiet, torch.zeros_like(a[..., h:]), a[..., h:])
             a = torch.cat([a[..., :h], a_light], dim=-1)
         return _split_apply(self.down, a)
+
+    def _up(self, x: torch.Tensor) -> torch.Tensor:
+        """The up projection; with ``input_threshold`` > 0 the light part sees x' (every channel with
+        |x| <= input_threshold zeroed), the heavy part the full x (the op's semantics)."""
+        t = self.input_threshold
+        if t <= 0:
+            return _split_apply(self.up, x)
+        xl = torch.where(x.abs() <= t, torch.zeros_like(x), x)
+        outs = [_linear(self.up.heavy, x)] if self.up.heavy is not None else []
+        outs.append(_linear(self.up.light, xl))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def onnx_inputs(self) -> list[torch.Tensor]:
         """Inputs 1.. of the node (heavy-first neuron order of :mod:`ffsplit_export.split`)."""
@@ -300,6 +345,18 @@ class FusedFFNNBits(FusedFFN):
         if self.light_kind[0] == 32:
             raise ConfigError(f"FFN {name or '?'}: a dense light part; the op takes int8 / int4")
 
+    def set_input_threshold(self, input_threshold: float) -> None:
+        """The op's ``input_threshold`` attribute (float32; > 0 only ungated with skip=1)."""
+        from .errors import FormatError
+        from .ops._ffn import check_input_threshold
+
+        try:
+            self.input_threshold = check_input_threshold(
+                input_threshold, int(self.gate is not None), self.skip
+            )
+        except FormatError as e:
+            raise ConfigError(f"FFN {self.name or '?'}: {e}") from e
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ARG002
         if torch.onnx.is_in_onnx_export():
             return _FusedNBitsFn.apply(x, self)
@@ -321,6 +378,7 @@ class FusedFFNNBits(FusedFFN):
             "skip": self.skip,
             "threshold": float(self.threshold),
             "product_threshold": float(self.product_threshold),
+            "input_threshold": float(self.input_threshold),
             "accuracy_level": 4 if int(accuracy_level) == 4 else 0,
         }
 
@@ -397,6 +455,7 @@ class _FusedNBitsFn(_FusedFn):
             accuracy_level_i=attrs["accuracy_level"],
             **({"threshold_f": attrs["threshold"]} if attrs["threshold"] > 0 else {}),
             **({"product_threshold_f": attrs["product_threshold"]} if attrs["product_threshold"] > 0 else {}),
+            **({"input_threshold_f": attrs["input_threshold"]} if attrs["input_threshold"] > 0 else {}),
         )
         try:
             y.setType(x.type().with_sizes([None] * x.type().dim()))
@@ -498,14 +557,21 @@ def fuse_ffns_(
     batches: list | None = None,
     progress: bool = False,
     criterion: str | None = None,
+    input_sparsity: float = 0.0,
 ) -> dict:
     """Replace every fusable split FFN of ``model`` in place; returns the manifest's record.
 
     ``skip`` is the op's skip mode or a parsed ``--activation-sparsity``; with a fraction > 0 the
     thresholds are calibrated on ``batches`` (:func:`calibrate_thresholds_`, by ``criterion``) and every FFN must be
-    fusable (an FFN left as a subgraph would silently skip nothing).
+    fusable (an FFN left as a subgraph would silently skip nothing). ``input_sparsity`` (a parsed
+    ``--input-sparsity``, 0 < F < 1): every FFN must be ungated and carried by ``FusedFFNNBits``;
+    its input thresholds are calibrated first (:func:`calibrate_input_thresholds_`, skip mode 1
+    implied), then the neuron thresholds with the input skipping on.
     """
     sp = skip if isinstance(skip, ActivationSparsity) else ActivationSparsity(int(skip), 0.0)
+    input_sparsity = parse_input_sparsity(input_sparsity)
+    if input_sparsity > 0 and not sp.skip:
+        sp = ActivationSparsity(1, sp.fraction)  # input_threshold needs skip=1 (exact zeros: no change)
     specs = specs if specs is not None else find_ffns(model)
     fused, kept, ops = [], {}, {}
     for spec in specs:
@@ -517,6 +583,17 @@ def fuse_ffns_(
         up, down = get_module(model, spec.up), get_module(model, spec.down)
         gate = get_module(model, spec.gate) if spec.gate is not None else None
         cls = FusedFFN if op == SPARSE_OP else FusedFFNNBits
+        if input_sparsity > 0 and (cls is not FusedFFNNBits or gate is not None):
+            why = (
+                "it is gated (a gate decides the skipped neurons: use --activation-sparsity)"
+                if gate is not None
+                else ("its parts are fp32 + sparse-int8 (ffsplit::FusedFFN has no input skipping)")
+            )
+            raise ConfigError(
+                f"--input-sparsity={input_sparsity}: FFN {spec.name} cannot skip input channels: {why}; "
+                "--input-sparsity applies to ungated FFNs (MPT, Whisper, GPT-2, OPT, T5 v1.0) with light "
+                "int8 / int4 parts (the presets); leave --input-sparsity out"
+            )
         module = cls(up, down, gate, kind, sp.skip, name=spec.name)
         ops[op] = ops.get(op, 0) + 1
         if gate is not None:
@@ -534,6 +611,18 @@ def fuse_ffns_(
         "fused": len(fused),
         "kept_subgraph": kept,
     }
+    if input_sparsity > 0:
+        if kept:
+            first = next(iter(kept.items()))
+            raise ConfigError(
+                f"--input-sparsity={input_sparsity}: {len(kept)} FFN(s) cannot be fused ({first[0]}: "
+                f"{first[1]}), so their input channels would never be skipped; use light int8 / int4 with "
+                "heavy fp32 / int8 (the presets), or leave --input-sparsity out"
+            )
+        if not batches:
+            raise ConfigError("--input-sparsity F needs calibration batches to set the input thresholds")
+        record["input_sparsity"] = input_sparsity
+        record.update(calibrate_input_thresholds_(model, batches, input_sparsity, progress=progress))
     if sp.fraction > 0:
         if kept:
             first = next(iter(kept.items()))
@@ -714,4 +803,84 @@ def calibrate_thresholds_(
         "skipped_fraction": applied,
         "skipped_fraction_mean": float(np.mean(list(applied.values()))),
         "skipped_fraction_quantile": at_calibration,
+    }
+
+
+@torch.no_grad()
+def calibrate_input_thresholds_(
+    model: nn.Module,
+    batches: list,
+    fraction: float,
+    max_values: int = 1_000_000,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Set every ungated FusedFFNNBits' ``input_threshold`` to the ``fraction``-quantile of ``|x|`` at
+    its input over the non-padding calibration tokens (a seeded subsample of at most ``max_values``
+    values per FFN), input skipping off; then run the batches again with it on and count the fraction
+    of (token, channel) pairs whose light up weights are skipped (|x| <= threshold; later layers see
+    the earlier layers' skipping). Returns the manifest's record of both, per FFN."""
+    mods = [m for m in fused_modules(model) if isinstance(m, FusedFFNNBits) and m.gate is None]
+    if not mods:
+        raise ConfigError("no ungated FusedFFNNBits FFN to calibrate; --input-sparsity needs one")
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"input sparsity fraction {fraction!r}; use 0 < F < 1")
+    per_batch = max(4096, max_values // max(1, len(batches)))
+    gen = torch.Generator().manual_seed(seed)
+    values: dict[int, list[torch.Tensor]] = {id(m): [] for m in mods}
+    counts = {id(m): [0, 0] for m in mods}
+    state: dict = {"count": False, "masks": {}}
+
+    def rec(module, x):
+        if id(module) not in counts:
+            return
+        mask = _token_mask(module, state["masks"], x)
+        v = x.detach().float().abs()
+        v = v[mask] if mask is not None else v.reshape(-1, v.shape[-1])
+        if state["count"]:
+            c = counts[id(module)]
+            c[0] += int((v <= module.input_threshold).sum())
+            c[1] += v.numel()
+            return
+        v = v.reshape(-1)
+        if v.numel() > per_batch:
+            v = v[torch.randint(v.numel(), (per_batch,), generator=gen)]
+        values[id(module)].append(v)
+
+    def run(desc):
+        was_training = model.training
+        model.eval()
+        for m in mods:
+            m._input_recorder = rec
+        try:
+            for b in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+                state["masks"] = dict(b.masks)
+                model(**b.inputs)
+        finally:
+            for m in mods:
+                m._input_recorder = None
+            model.train(was_training)
+
+    for m in mods:
+        m.set_input_threshold(0.0)
+    run("input thresholds")
+    thresholds, at_calibration = {}, {}
+    for m in mods:
+        v = torch.cat(values.pop(id(m)))
+        if v.numel() == 0:
+            raise ConfigError(f"FFN {m.name}: no input value seen during calibration")
+        k = max(1, int(np.ceil(fraction * v.numel())))
+        t = float(torch.kthvalue(v, k).values)
+        m.set_input_threshold(t if np.isfinite(t) else 0.0)
+        thresholds[m.name] = m.input_threshold
+        at_calibration[m.name] = float((v <= m.input_threshold).double().mean())
+    state["count"] = True
+    run("input skipped fraction")
+    applied = {m.name: counts[id(m)][0] / max(1, counts[id(m)][1]) for m in mods}
+    return {
+        "input_thresholds": thresholds,
+        "input_threshold_on": "|x| at the FFN input (the light up projection's skipped channels), per FFN",
+        "input_skipped_fraction": applied,
+        "input_skipped_fraction_mean": float(np.mean(list(applied.values()))),
+        "input_skipped_fraction_quantile": at_calibration,
     }

@@ -55,6 +55,7 @@ class Manifest(dict):
                 "nbits_accuracy_level": options.nbits_accuracy_level or 0,
                 "fused_ffn": bool(getattr(options, "fused_ffn", False)),
                 "activation_sparsity": getattr(getattr(options, "sparsity", None), "label", 0),
+                "input_sparsity": getattr(options, "input_fraction", 0.0),
                 "preset": config.preset,
                 "fuse_attention": bool(getattr(options, "fuse_attention", False)),
                 "calibration_source": getattr(result, "calibration_source", None),

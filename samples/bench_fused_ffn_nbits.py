@@ -30,6 +30,15 @@ SmolLM2 / 4 MPT > 32 MiB) stream from DRAM as in a whole model.
 * ``mixedXX`` (gated shapes): ``--skip-criterion mixed``: the gate threshold skips a quarter of XX %
   (their up rows unread), ``product_threshold`` on |act(gate) * up| the rest (down columns only).
 
+Input skipping (``--input-skip XX ...``, ungated shapes; TEAL-style ``input_threshold``: the light up
+sees X with the channels |x| <= t zeroed, t the XX % quantile of |x| on the calibration tokens):
+
+* ``inXX``: skip 1, input_threshold only: at M = 1 the light up is read input-major, only the kept
+  channels' rows (3.7 KB each for the MPT shape's int4 light up);
+* ``inXX-tiled``: the same node with the light up read tiled and whole after zeroing the channels
+  (FFSPLIT_NBITS_UP=tiled): the layout comparison;
+* ``inXX+skipYY``: both thresholds (the neuron threshold's quantile taken with the input skipping on).
+
 With ``--baseline-library PATH`` (another build of libffsplit_ort, e.g. main's before a change),
 ``fused``, ``exact`` and the ``skipXX`` variants also run on that library in the same run, named
 ``<variant>@base`` (ONNX Runtime keeps each session's custom-op library apart).
@@ -156,7 +165,11 @@ def _product(x, ins, shape) -> np.ndarray:
     return _silence(x, ins, shape) * np.abs(u)
 
 
-def _layer_variants(ins, calib, shape, base, skips) -> dict:
+def _zeroed(x, t):
+    return np.where(np.abs(x) <= np.float32(t), np.float32(0), x).astype(np.float32)
+
+
+def _layer_variants(ins, calib, shape, base, skips, input_skips=()) -> dict:
     """The variants of one layer: name -> (model, environment at session creation, reference kwargs)."""
     from ffsplit_export.ops._ffn import fused_ffn_nbits_model, stock_nbits_ffn_model
 
@@ -185,6 +198,18 @@ def _layer_variants(ins, calib, shape, base, skips) -> dict:
             prod = np.where(sil <= gthr, 0.0, _product(calib, ins, shape))
             kw = {"skip": 1, "threshold": gthr, "product_threshold": float(np.quantile(prod, q))}
             v[f"mixed{round(q * 100)}"] = (fused_ffn_nbits_model(ins, **base, **kw), None, kw)
+    for qi in input_skips if not shape["gated"] else ():
+        tin = float(np.quantile(np.abs(calib), qi))
+        name = f"in{round(qi * 100)}"
+        model = fused_ffn_nbits_model(ins, **base, skip=1, input_threshold=tin)
+        kw = {"skip": 1, "input_threshold": tin}
+        v[name] = (model, None, kw)
+        v[f"{name}-tiled"] = (model, {"FFSPLIT_NBITS_UP": "tiled"}, kw)
+        sil_in = _silence(_zeroed(calib, tin), ins, shape)
+        for q in skips:
+            thr = float(np.quantile(sil_in, q))
+            model = fused_ffn_nbits_model(ins, **base, skip=1, threshold=thr, input_threshold=tin)
+            v[f"{name}+skip{round(q * 100)}"] = (model, None, {**kw, "threshold": thr})
     return v
 
 
@@ -192,11 +217,13 @@ def _nbytes(*arrays) -> int:
     return int(sum(a.nbytes for a in arrays if a is not None))
 
 
-def _bytes_per_token(ins, shape, active: float, live: float) -> int:
+def _bytes_per_token(ins, shape, active: float, live: float, kept_channels: float = 1.0) -> int:
     """Weights read for one token: ``active`` fraction of light neurons not skipped (down columns),
-    ``live`` fraction of light up rows read (gated with skipping; else 1)."""
+    ``live`` fraction of light up rows read (gated with skipping; else 1), ``kept_channels``
+    fraction of the light up's input channels read (input-major: codes of the kept channels only;
+    the block scales / zero points are read whole)."""
     heavy = _nbytes(*ins[0:3], *ins[7:10]) + (_nbytes(*ins[14:17]) if shape["gated"] else 0)
-    up_l = _nbytes(*ins[3:6])
+    up_l = _nbytes(ins[3]) * kept_channels + _nbytes(*ins[4:6])
     gate_l = _nbytes(*ins[17:20]) if shape["gated"] else 0
     down_l = _nbytes(*ins[10:13])
     return int(heavy + gate_l + up_l * live + down_l * active)
@@ -226,6 +253,14 @@ def main() -> None:
     ap.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--skip", type=float, nargs="+", default=[0.25, 0.4, 0.5])
+    ap.add_argument(
+        "--input-skip",
+        type=float,
+        nargs="*",
+        default=[],
+        help="ungated shapes: also the inXX / inXX-tiled / inXX+skipYY variants (input_threshold at the "
+        "XX %% quantile of |x|)",
+    )
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=8, help="benchmark tokens (cycled)")
@@ -267,7 +302,7 @@ def main() -> None:
         xs = [rng.standard_normal((1, d)).astype(np.float32) for _ in range(args.tokens)]
         base = dict(activation=shape["activation"], gated=shape["gated"], accuracy_level=4, **KIND)
 
-        per_layer = [_layer_variants(x, calib, shape, base, args.skip) for x in layers]
+        per_layer = [_layer_variants(x, calib, shape, base, args.skip, args.input_skip) for x in layers]
         # the skip fractions and bytes below are layer 0's (the layers are alike)
         variants = {
             k: (_stack([lv[k][0] for lv in per_layer]), env, kw) for k, (_, env, kw) in per_layer[0].items()
@@ -304,10 +339,20 @@ def main() -> None:
                 frac, live = 0.0, 1.0
             # the light down columns of skipped neurons are left unread by the neuron-major layout only:
             # forced (-nm), the library before tiling (@base), or chosen when <= 30 % are kept
-            nm = bool(env) or (k.endswith("@base") and kw) or (bool(kw) and frac >= 0.7)
+            nm = (
+                (bool(env) and "FFSPLIT_NBITS_DOWN" in env)
+                or (k.endswith("@base") and kw)
+                or (bool(kw) and frac >= 0.7)
+            )
+            tin = kw.get("input_threshold", 0.0)
+            in_frac = float((np.abs(x_all) <= np.float32(tin)).mean()) if tin else 0.0
+            im = tin > 0 and not (env and "FFSPLIT_NBITS_UP" in env)
             info[k] = {
                 "skipped": frac,
-                "bytes": _bytes_per_token(ins, shape, 1.0 - frac if nm else 1.0, live),
+                "input_skipped": in_frac,
+                "bytes": _bytes_per_token(
+                    ins, shape, 1.0 - frac if nm else 1.0, live, 1.0 - in_frac if im else 1.0
+                ),
             }
         for threads in args.threads:
             sessions = {
@@ -327,6 +372,7 @@ def main() -> None:
                         "vs_stock": ms["stock"] / ms[k],
                         "vs_fused": ms["fused"] / ms[k],
                         "skipped_light": info[k]["skipped"],
+                        "skipped_input": info[k]["input_skipped"],
                         "bytes_per_token": info[k]["bytes"],
                         "load": f"{load0} -> {_load()}",
                     }
@@ -336,12 +382,14 @@ def main() -> None:
                 + (f", {args.layers} layers (ms per layer)" if args.layers > 1 else "")
             )
             print(
-                f"{'variant':12} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'MB/token':>9}  load"
+                f"{'variant':16} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'in skip':>8} "
+                f"{'MB/token':>9}  load"
             )
             for r in rows[-len(variants) :]:
                 print(
-                    f"{r['variant']:12} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "
-                    f"{r['skipped_light']:8.1%} {r['bytes_per_token'] / 1e6:9.2f}  {r['load']}"
+                    f"{r['variant']:16} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "
+                    f"{r['skipped_light']:8.1%} {r['skipped_input']:8.1%} {r['bytes_per_token'] / 1e6:9.2f}  "
+                    f"{r['load']}"
                 )
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as fh:

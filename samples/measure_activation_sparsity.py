@@ -22,6 +22,14 @@
     OMP_NUM_THREADS=1 python samples/measure_activation_sparsity.py --preset balanced \
         --models smollm2-135m whisper-tiny.en whisper-base --threads 1 \
         --output samples/results/activation_sparsity_balanced.json
+
+* ``--input-sparsity`` (Whisper with ``--preset``): the fractions are ``--input-sparsity`` fractions
+  (TEAL-style input thresholds of the ungated FFNs, :func:`ffsplit_export.fused.calibrate_input_thresholds_`;
+  neuron skipping exact zeros only), with the realised fraction of skipped input channels on the
+  calibration data and while transcribing.
+
+    OMP_NUM_THREADS=1 python samples/measure_activation_sparsity.py --preset balanced --input-sparsity \
+        --models whisper-tiny.en --threads 1 --output samples/results/input_sparsity_balanced.json
 """
 
 from __future__ import annotations
@@ -131,6 +139,34 @@ def _eval_skipped(model, run) -> dict:
     }
 
 
+def _eval_input_skipped(model, run) -> dict:
+    """The fraction of (token, input channel) pairs the light up skips while ``run()`` evaluates
+    (every fused FFN's input threshold on)."""
+    from ffsplit_export.fused import fused_modules
+
+    mods = [m for m in fused_modules(model) if m.input_threshold > 0]
+    counts = {id(m): [0, 0] for m in mods}
+
+    def rec(module, x):
+        c = counts[id(module)]
+        c[0] += int((x.abs() <= module.input_threshold).sum())
+        c[1] += x.numel()
+
+    for m in mods:
+        m._input_recorder = rec
+    try:
+        out = run()
+    finally:
+        for m in mods:
+            m._input_recorder = None
+    per = {m.name: counts[id(m)][0] / max(1, counts[id(m)][1]) for m in mods}
+    return {
+        "result": out,
+        "input_skipped_fraction_eval": per,
+        "input_skipped_fraction_eval_mean": sum(per.values()) / max(1, len(per)),
+    }
+
+
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -191,14 +227,21 @@ def preset_lm(name: str, preset: str, fractions, max_chars: int, num_samples: in
     return out
 
 
-def preset_whisper(name: str, preset: str, fractions, num_samples: int = 16) -> dict:
+def preset_whisper(
+    name: str, preset: str, fractions, num_samples: int = 16, input_sparsity: bool = False
+) -> dict:
     """A Whisper model under ``preset`` (frontier protocol, PyTorch): WER and dense-transcript perplexity."""
     from ffsplit_export.calibrate import make_batches
     from ffsplit_export.config import CompressionConfig
     from ffsplit_export.data.calibration import load_samples
     from ffsplit_export.data.evaldata import librispeech_clips
     from ffsplit_export.eval.evaluate import transcribe, transcript_perplexity, word_error_rate
-    from ffsplit_export.fused import calibrate_thresholds_, fuse_ffns_, fused_modules
+    from ffsplit_export.fused import (
+        calibrate_input_thresholds_,
+        calibrate_thresholds_,
+        fuse_ffns_,
+        fused_modules,
+    )
     from ffsplit_export.models.loading import load_model
     from ffsplit_export.pipeline import compress
 
@@ -236,15 +279,21 @@ def preset_whisper(name: str, preset: str, fractions, num_samples: int = 16) -> 
             tp = transcript_perplexity(res.model, pre, dense_clips).perplexity
         return w, tp
 
+    out["fractions_are"] = "--input-sparsity" if input_sparsity else "--activation-sparsity"
     for f in (0.0, *fractions):
-        if f > 0:
+        if f > 0 and input_sparsity:
+            cal = calibrate_input_thresholds_(res.model, batches, f)
+        elif f > 0:
             cal = calibrate_thresholds_(res.model, batches, f)
         else:
             cal = {}
             for m in fused_modules(res.model):
                 m.set_threshold(0.0)
-        ev = _eval_skipped(res.model, measure)
+                m.set_input_threshold(0.0)
+        ev_in = _eval_input_skipped(res.model, lambda: _eval_skipped(res.model, measure))
+        ev = ev_in.pop("result")
         w, tp = ev.pop("result")
+        ev.update(ev_in)
         base = tp if f == 0 else out["rows"][0]["transcript_perplexity"]
         errors = w.substitutions + w.deletions + w.insertions
         row = {
@@ -260,8 +309,9 @@ def preset_whisper(name: str, preset: str, fractions, num_samples: int = 16) -> 
         out["rows"].append(row)
         _log(
             f"{name} {preset} F={f:.2f}: WER {w.wer:.4f} ({errors} errors), transcript ppl {tp:.4f} "
-            f"(x{tp / base:.4f}); skipped on calibration {cal.get('skipped_fraction_mean', 0.0):.3f}, "
-            f"while transcribing {ev['skipped_fraction_eval_mean']:.3f}"
+            f"(x{tp / base:.4f}); skipped on calibration "
+            f"{cal.get('input_skipped_fraction_mean' if input_sparsity else 'skipped_fraction_mean', 0.0):.3f}, "
+            f"while transcribing (input channels) {ev['input_skipped_fraction_eval_mean']:.3f}"
         )
     out["seconds"] = round(time.time() - t0, 1)
     return out
@@ -285,6 +335,11 @@ def main() -> None:
         help="with --preset, text models: --skip-criterion values to compare on the same compressed model "
         "(mixed, gate, product; default: the op's own)",
     )
+    ap.add_argument(
+        "--input-sparsity",
+        action="store_true",
+        help="Whisper with --preset: the fractions are --input-sparsity fractions (input channels)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--output", default="activation_sparsity.json")
     args = ap.parse_args()
@@ -301,7 +356,9 @@ def main() -> None:
         result["models"] = {}
         for name in args.models:
             if "whisper" in name:
-                result["models"][name] = preset_whisper(name, preset, args.fractions)
+                result["models"][name] = preset_whisper(
+                    name, preset, args.fractions, input_sparsity=args.input_sparsity
+                )
             else:
                 result["models"][name] = preset_lm(
                     name, preset, args.fractions, args.max_chars, args.num_samples, args.criteria or (None,)

@@ -415,3 +415,94 @@ def test_gate_silent_but_up_infinite():
     y, r = _session(fused_ffn_nbits_model(ins, **attrs)).run(None, {"X": x})[0], _ref(x, ins, attrs)
     assert np.isnan(r).all()
     _close(y, r)
+
+
+def _input_threshold(x, frac) -> float:
+    """The frac-quantile of |x| (about frac of the channels skipped per row)."""
+    return float(np.quantile(np.abs(x), frac))
+
+
+@needs_plugin
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"h{k[0]}l{k[1]}{'z' if k[2] else 's'}b{k[4]}")
+@pytest.mark.parametrize("level", [0, 4])
+def test_input_threshold_matches_reference(isa, kind, level, monkeypatch):
+    """input_threshold (ungated, TEAL-style): about half of X's channels zeroed for the light up.
+    M = 1 reads the input-major copy (only kept channels), M > 1 zeroes the channels and reads the
+    tiled part; both against the reference (level 0: float tolerance; level 4: relative L2), and at
+    level 4 the input-major decode against the tiled path (the same integer sums)."""
+    rng = np.random.default_rng([KINDS.index(kind), level, 12])
+    for h, d, f, nthr in ((H, D, F, 0.0), (0, 200, 700, 0.3)):
+        act = ACTS[(KINDS.index(kind) + h) % 4]
+        ins = _inputs(rng, kind, 0, h=h, d=d, f=f)
+        x = rng.standard_normal((5, d)).astype(np.float32)
+        tin = _input_threshold(x, 0.5)
+        thr = float(np.quantile(_silence(x, ins, _attrs(kind, act, 0)), nthr)) if nthr else 0.0
+        attrs = {**_attrs(kind, act, 0, skip=1, threshold=thr, level=level), "input_threshold": tin}
+        try:
+            sess = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+        except Exception as e:
+            if "not supported by this CPU" in str(e):
+                pytest.skip(f"{isa} not supported here")
+            raise
+        monkeypatch.setenv("FFSPLIT_NBITS_UP", "tiled")
+        tiled = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+        monkeypatch.delenv("FFSPLIT_NBITS_UP")
+        r_off = _ref(x, ins, {**attrs, "input_threshold": 0.0})
+        for m in (1, 5):
+            rows = [x[i : i + 1] for i in range(m)] if m == 1 else [x[:m]]
+            for xr in rows:
+                y, r = sess.run(None, {"X": xr})[0], _ref(xr, ins, attrs)
+                if level == 0:
+                    _close(y, r)
+                else:
+                    # int8 activations: measured relative L2 <= 1.6e-2; neurons near the threshold can
+                    # flip (see test_accuracy_level_4)
+                    assert _rel_l2(y, r) <= (4e-2 if thr else 2e-2), _rel_l2(y, r)
+                if m == 1 and level == 4:
+                    yt = tiled.run(None, {"X": xr})[0]
+                    # the same int32 block sums; float32 scale products in another order
+                    assert _rel_l2(y, yt) <= 1e-5, _rel_l2(y, yt)
+        # the input skipping really changes the function (a channel of |x| <= t is dropped)
+        assert _rel_l2(_ref(x, ins, attrs), r_off) > 1e-3
+
+
+@needs_plugin
+def test_input_threshold_non_finite():
+    """A NaN / inf channel is kept (|NaN| <= t is false): its row follows the reference's IEEE rules
+    through the tiled path; a NaN light up scale keeps the tiled path too (0 * NaN reaches Y)."""
+    rng = np.random.default_rng(21)
+    kind = KINDS[0]
+    ins = _inputs(rng, kind, 0)
+    x = rng.standard_normal((3, D)).astype(np.float32)
+    attrs = {**_attrs(kind, "gelu", 0, skip=1), "input_threshold": _input_threshold(x, 0.5)}
+    x[1, 3] = np.nan
+    x[2, 4] = np.inf
+    sess = _session(fused_ffn_nbits_model(ins, **attrs))
+    for i in range(3):
+        _close(sess.run(None, {"X": x[i : i + 1]})[0], _ref(x[i : i + 1], ins, attrs))
+    wrong = list(ins)
+    sc = ins[4].copy()
+    sc[7] = np.nan  # up light scale of light neuron 3, block 1 (2 blocks of 64 over D = 72)
+    wrong[4] = sc
+    r = _ref(x[:1], wrong, attrs)
+    _close(_session(fused_ffn_nbits_model(wrong, **attrs)).run(None, {"X": x[:1]})[0], r)
+
+
+@needs_plugin
+def test_input_threshold_bad_nodes():
+    rng = np.random.default_rng(22)
+    kind = KINDS[0]
+    ungated = _attrs(kind, "gelu", 0, skip=1)
+    ins = _inputs(rng, kind, 0)
+    _bad(ins, {**ungated, "input_threshold": -0.5}, "input_threshold must be a finite float >= 0")
+    _bad(
+        ins, {**ungated, "skip": 0, "input_threshold": 0.5}, "input_threshold=0.5.* needs gated=0 and skip=1"
+    )
+    gated = _inputs(rng, kind, 1)
+    _bad(gated, {**_attrs(kind, "silu", 1, skip=1), "input_threshold": 0.5}, "needs gated=0 and skip=1")
+    x = rng.standard_normal((2, D)).astype(np.float32)
+    with pytest.raises(FormatError, match="input_threshold=0.5 needs gated=0 and skip=1"):
+        _ref(x, ins, {**ungated, "skip": 0, "input_threshold": 0.5})
+    with pytest.raises(FormatError, match="input_threshold=-1.0 must be a finite float"):
+        _ref(x, ins, {**ungated, "input_threshold": -1.0})

@@ -225,6 +225,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help="with --activation-sparsity F: mixed (default for the presets' gated FFNs), gate or product "
         "(as export)",
     )
+    p.add_argument(
+        "--input-sparsity",
+        default="0",
+        help="with --pytorch --compress: 0 (off) or a fraction 0 < F < 1 of the input channels of ungated FFNs "
+        "skipped by their light up projection (input thresholds calibrated as export does)",
+    )
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--text",
@@ -322,13 +328,19 @@ def run_eval(args) -> int:
         if _is_export(name):
             name = _export_manifest(name)["source_model"]
         model, pre, task = load_model(name, args.task)
-        from ..fused import check_skip_criterion, parse_activation_sparsity
+        from ..fused import check_skip_criterion, parse_activation_sparsity, parse_input_sparsity
 
         sparsity = parse_activation_sparsity(args.activation_sparsity)
         if getattr(args, "skip_criterion", None) is not None and sparsity.fraction <= 0:
             raise ConfigError(
                 f"--skip-criterion {args.skip_criterion} needs --activation-sparsity F (0 < F < 1); "
                 "pass both, or leave it out"
+            )
+        input_sparsity = parse_input_sparsity(getattr(args, "input_sparsity", "0"))
+        if input_sparsity and not args.compress:
+            raise ConfigError(
+                f"--input-sparsity={args.input_sparsity} applies to the compressed model; pass "
+                "--pytorch --compress (an export folder carries its own thresholds)"
             )
         if sparsity.skip and not args.compress:
             raise ConfigError(
@@ -340,7 +352,7 @@ def run_eval(args) -> int:
 
             res = compress(model, pre, **compress_kwargs(args))
             model = res.model
-            if sparsity.skip:
+            if sparsity.skip or input_sparsity:
                 from ..fused import fuse_ffns_
 
                 rec = fuse_ffns_(
@@ -349,7 +361,13 @@ def run_eval(args) -> int:
                     batches=res.batches,
                     progress=not args.quiet,
                     criterion=check_skip_criterion(getattr(args, "skip_criterion", None)),
+                    input_sparsity=input_sparsity,
                 )
+                if input_sparsity:
+                    print(
+                        f"input sparsity {input_sparsity}: {rec['input_skipped_fraction_mean']:.3f} of the input "
+                        "channels skipped on the calibration data"
+                    )
                 if sparsity.fraction:
                     print(
                         f"activation sparsity {sparsity.fraction}: {rec['skipped_fraction_mean']:.3f} of the light "

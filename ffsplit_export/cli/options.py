@@ -225,6 +225,20 @@ def output_file(text: str) -> str:
     return text
 
 
+def input_sparsity(text: str) -> str:
+    """``--input-sparsity``: 0 or a fraction 0 < F < 1 (checked by the one parser in fused)."""
+    from ..errors import ConfigError
+    from ..fused import parse_input_sparsity
+
+    try:
+        parse_input_sparsity(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: " + str(e).removeprefix(f"--input-sparsity={text!r}: ")
+        ) from None
+    return text
+
+
 def activation_sparsity(text: str) -> str:
     """``--activation-sparsity``: 0 or exact (the text itself, checked by the one parser in fused)."""
     from ..errors import ConfigError
@@ -534,6 +548,14 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "gate (CATS: |act(gate)| only) or product (|act(gate) * up| only)",
     )
     p.add_argument(
+        "--input-sparsity",
+        type=input_sparsity,
+        default="0",
+        help="0 (default, off) or a fraction 0 < F < 1 of the FFN input's channels skipped per token by "
+        "the light up projection of ungated FFNs (MPT, Whisper, GPT-2, OPT, T5 v1.0; TEAL-style per-layer "
+        "thresholds on |x| calibrated on the calibration data; ort-cpu, FusedFFNNBits); implies --fused-ffn",
+    )
+    p.add_argument(
         "--no-fuse-attention",
         action="store_true",
         help="ort-cpu: keep optimum's graph around the FFN (by default RMSNorm, rotary and attention with "
@@ -564,5 +586,6 @@ def export_options_from_args(args):
         fused_ffn=getattr(args, "fused_ffn", False),
         activation_sparsity=getattr(args, "activation_sparsity", "0"),
         skip_criterion=getattr(args, "skip_criterion", None),
+        input_sparsity=getattr(args, "input_sparsity", "0"),
         fuse_attention=False if getattr(args, "no_fuse_attention", False) else None,
     )

@@ -89,6 +89,8 @@ def export(
     with output_lock(output):  # one export per OUTPUT; a killed export's leftovers are removed
         model, pre, task = load_model(model_name_or_path, task)
         check_task(model, task)
+        if getattr(opts, "input_fraction", 0.0) > 0:
+            check_input_sparsity(model, opts.input_fraction)
         res = compress(model, pre, **config.compress_kwargs(), progress=progress)
         extra = before_export(model, res, pre) if before_export is not None else None
         manifest = Manifest.build(
@@ -113,6 +115,19 @@ def export(
         manifest = export_split_model(res.model, pre, output, task, opts, manifest)
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest
+
+
+def check_input_sparsity(model, fraction: float) -> None:
+    """``--input-sparsity`` needs ungated FFNs: refused before calibration for a model with a gate."""
+    from ..adapters import find_ffns
+
+    gated = [s.name for s in find_ffns(model) if s.gate is not None]
+    if gated:
+        raise ConfigError(
+            f"--input-sparsity={fraction}: FFN {gated[0]} is gated ({len(gated)} gated FFN(s); a gate decides "
+            "the skipped neurons there: use --activation-sparsity); --input-sparsity applies to ungated FFNs "
+            "(MPT, Whisper, GPT-2, OPT, T5 v1.0); leave --input-sparsity out"
+        )
 
 
 def check_export_request(config: CompressionConfig, opts: ExportOptions, output: str | Path) -> None:
@@ -173,7 +188,12 @@ def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> d
 
     if opts.target is Target.ORT_CPU:
         return fuse_ffns_(
-            model, opts.sparsity, batches=batches, progress=progress, criterion=opts.skip_criterion
+            model,
+            opts.sparsity,
+            batches=batches,
+            progress=progress,
+            criterion=opts.skip_criterion,
+            input_sparsity=getattr(opts, "input_fraction", 0.0),
         )
     return {
         "op": None,

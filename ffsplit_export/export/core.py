@@ -41,6 +41,8 @@ class ExportOptions:
     fused_ffn: bool = False  # one fused FFN node per split FFN (ort-cpu): FusedFFN or FusedFFNNBits
     activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
     skip_criterion: str | None = None  # with a fraction: mixed / gate / product (None: the op's best)
+    # a fraction 0 < F < 1 of the input channels of ungated FFNs skipped (TEAL; implies fused_ffn)
+    input_sparsity: str | float = 0
     # ort-cpu: fuse RMSNorm / rotary / attention around the FFN into ONNX Runtime contrib ops
     # (export/fusion.py); None = on for ort-cpu, off for the other targets
     fuse_attention: bool | None = None
@@ -59,6 +61,16 @@ class ExportOptions:
                 f"--skip-criterion {self.skip_criterion} chooses how calibrated thresholds skip light neurons; "
                 "pass --activation-sparsity F (0 < F < 1) with it, or leave it out"
             )
+        from ..fused import parse_input_sparsity
+
+        self.input_fraction = parse_input_sparsity(self.input_sparsity)
+        if self.input_fraction > 0:
+            if self.target is not Target.ORT_CPU:
+                raise ConfigError(
+                    f"--input-sparsity={self.input_sparsity}: input thresholds run in the fused FFN op "
+                    f"FusedFFNNBits, which --target {self.target} does not have; use --target ort-cpu"
+                )
+            self.fused_ffn = True
         if (self.fused_ffn or self.skip_mode) and self.target is Target.TENSORRT:
             raise ConfigError(
                 "--fused-ffn / --activation-sparsity: --target tensorrt does not export fused FFNs yet (the "

@@ -374,11 +374,15 @@ packed like B); for bits 32, B is float32 [N, K] and scales / zero_points are ab
 Attributes: heavy_bits (4 | 8 | 32), light_bits (4 | 8), heavy_block_size, light_block_size
 (powers of two 16..256; heavy_block_size unused for heavy_bits 32), activation (relu | gelu |
 gelu_tanh | silu), gated (0 | 1), skip (0 | 1), threshold (float >= 0; > 0 needs skip=1),
-product_threshold (float >= 0; > 0 needs gated=1 and skip=1), accuracy_level (0 | 4)."""
+product_threshold (float >= 0; > 0 needs gated=1 and skip=1), input_threshold (float >= 0, default 0 =
+off; > 0 needs gated=0 and skip=1), accuracy_level (0 | 4)."""
 
 NBITS_SEMANTICS = """\
 Every part is dequantized (w = (u - zero) * scale in float32, or the dense float32 B); u =
-concat(f32(X @ Wup_h.T), f32(X @ Wup_l.T)) + up_bias, likewise g; a = act(g) * u (float32) if
+concat(f32(X @ Wup_h.T), f32(X' @ Wup_l.T)) + up_bias, likewise g (with X); X' = X, except with
+input_threshold t_in > 0 (ungated only, TEAL-style input sparsity): X' = X with every channel
+|X[m, k]| <= t_in set to 0 for that row (the LIGHT up projection reads only the kept channels'
+weights; the heavy up uses the full X); a = act(g) * u (float32) if
 gated else act(u), act as FusedFFN's (float64, rounded to float32); the silence score s = act(g)
 (gated) or act(u). With skip=1 a LIGHT neuron j is skipped for a row where a[j] == 0 exactly or
 (threshold > 0) |s[j]| <= threshold or (gated, product_threshold > 0) |a[j]| <= product_threshold:
@@ -391,9 +395,11 @@ down_bias. Every product is dense IEEE arithmetic over k < K (0 * inf = NaN), th
 of the exact value (float32 accumulation error allowed; the kernels recompute non-finite outputs
 in float64). accuracy_level 4: the activations entering an integer product (X for up / gate, a for
 down) may be quantized to int8 per block of K (scale max|.|/127 per block and row) as MatMulNBits
-level 4 does; rows holding NaN / inf are computed at level 0; the skip decision is made on the
-float32 activations, so both levels skip the same neurons. The Triton kernels (GPU, TensorRT plugin;
-ffsplit_export/trt/fused_kernels.py) run level 4 as level 0: float32 products, no int8 activations."""
+level 4 does (with input_threshold > 0 the light up's int8 activations are those of X', so
+prefill and decode agree); rows holding NaN / inf are computed at level 0; the skip decision is
+made on the float32 activations, so both levels skip the same neurons. The Triton kernels (GPU,
+TensorRT plugin; ffsplit_export/trt/fused_kernels.py) run level 4 as level 0: float32 products,
+no int8 activations."""
 
 #: the block sizes the op accepts (MatMulNBits' int4 / int8 blocks)
 NBITS_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -494,6 +500,27 @@ def _dense64(x2: np.ndarray, w: np.ndarray) -> np.ndarray:
         return y.astype(np.float32)
 
 
+def check_input_threshold(input_threshold, gated: int, skip: int) -> float:
+    """The ``input_threshold`` attribute as float32 (finite, >= 0; > 0 only with gated=0, skip=1)."""
+    t = np.float32(input_threshold)
+    if not np.isfinite(t) or t < 0:
+        raise FormatError(f"FusedFFNNBits input_threshold={input_threshold!r} must be a finite float >= 0")
+    if t > 0 and (gated or skip != 1):
+        raise FormatError(
+            f"FusedFFNNBits input_threshold={input_threshold!r} needs gated=0 and skip=1 (it skips the "
+            "input channels of an ungated FFN's light up projection); set input_threshold=0 otherwise"
+        )
+    return float(t)
+
+
+def zero_silent_channels(x2: np.ndarray, input_threshold: float) -> np.ndarray:
+    """X' of :data:`NBITS_SEMANTICS`: ``x2`` with every |x| <= input_threshold set to 0 (NaN kept)."""
+    t = np.float32(input_threshold)
+    if t <= 0:
+        return x2
+    return np.where(np.abs(x2) <= t, np.float32(0), x2).astype(np.float32)
+
+
 def fused_ffn_nbits_reference(
     x,
     *inputs,
@@ -502,6 +529,7 @@ def fused_ffn_nbits_reference(
     skip: int = 0,
     threshold: float = 0.0,
     product_threshold: float = 0.0,
+    input_threshold: float = 0.0,
     heavy_bits: int = 32,
     light_bits: int = 4,
     heavy_block_size: int | None = None,
@@ -521,6 +549,7 @@ def fused_ffn_nbits_reference(
         raise FormatError(f"FusedFFNNBits gated={gated} skip={skip}: both must be 0 or 1")
     t = np.float32(check_threshold(threshold, skip))
     pt = np.float32(check_product_threshold(product_threshold, skip, gated))
+    t_in = check_input_threshold(input_threshold, gated, skip)
     if len(inputs) > NBITS_INPUTS - 1:
         raise FormatError(f"FusedFFNNBits takes at most {NBITS_INPUTS} inputs, got {len(inputs) + 1}")
     ins = list(inputs) + [None] * (NBITS_INPUTS - 1 - len(inputs))
@@ -558,7 +587,8 @@ def fused_ffn_nbits_reference(
             if any(p is not None for p in part(f"{prefix}_heavy")):
                 raise FormatError(f"FusedFFNNBits {prefix} heavy is given but up heavy is absent (H = 0)")
             wh = np.zeros((0, d), np.float32)
-        y = np.concatenate([_dense64(x2, wh), _dense64(x2, wl)], axis=1)
+        xl = zero_silent_channels(x2, t_in) if prefix == "up" else x2
+        y = np.concatenate([_dense64(x2, wh), _dense64(xl, wl)], axis=1)
         bias = ins[NBITS_BIASES[f"{prefix}_bias"] - 1]
         if bias is not None:
             with np.errstate(all="ignore"):
@@ -675,6 +705,12 @@ def nbits_schema() -> defs.OpSchema:
                 required=False,
             ),
             A(
+                "input_threshold",
+                FLOAT,
+                "gated=0, skip=1: the light up projection sees X with every |x| <= input_threshold set to 0",
+                required=False,
+            ),
+            A(
                 "accuracy_level",
                 INT,
                 "0 (exact float32) | 4 (int8 activations, as MatMulNBits)",
@@ -696,6 +732,7 @@ def nbits_reference_op_class(domain: str):
         skip=None,
         threshold=None,
         product_threshold=None,
+        input_threshold=None,
         heavy_bits=None,
         light_bits=None,
         heavy_block_size=None,
@@ -712,6 +749,7 @@ def nbits_reference_op_class(domain: str):
                 skip=int(skip or 0),
                 threshold=float(threshold or 0.0),
                 product_threshold=float(product_threshold or 0.0),
+                input_threshold=float(input_threshold or 0.0),
                 heavy_bits=heavy_bits,
                 light_bits=light_bits,
                 heavy_block_size=heavy_block_size,

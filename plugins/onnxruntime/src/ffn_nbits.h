@@ -79,6 +79,30 @@ struct NbDown {
   float At(int64_t row, int64_t j) const;
 };
 
+// The light up projection W[L, K] of an ungated FFN stored input-major (input_threshold > 0; read at
+// decode): channel after channel, a channel's codes for every light neuron contiguous (`Row(k)`), so
+// that a skipped channel's row is never read. lpad = L rounded up to 64 (zero codes past L).
+// 8 bits: lpad bytes, the int8 code c of NbPart; 4 bits: lpad / 2 bytes, per 64 neurons 32 bytes:
+// byte i holds neuron i in its low nibble and neuron 32 + i in its high one (so that the AVX2 kernels
+// get 32 neurons in order from one mask / shift). Scales and zero points (as NbPart) per block of bs
+// channels, neuron-contiguous: [nb][lpad].
+struct NbIm {
+  int bits = 4;
+  int64_t l = 0, k = 0, bs = 0, nb = 0, lpad = 0;
+  HugeVec<uint8_t> codes;  // + 64 bytes of padding
+  std::vector<float> sc;
+  std::vector<int8_t> z;
+  int64_t RowBytes() const { return bits == 8 ? lpad : lpad / 2; }
+  const uint8_t* Row(int64_t ch) const { return codes.data() + ch * RowBytes(); }
+  int Code(int64_t ch, int64_t n) const {
+    const uint8_t* r = Row(ch);
+    if (bits == 8) return static_cast<int8_t>(r[n]);
+    const int64_t g = n / 64, i = n % 64;
+    const uint8_t byte = r[g * 32 + (i & 31)];
+    return i < 32 ? byte & 15 : byte >> 4;
+  }
+};
+
 // int8 activations of an integer product, per row r: q [kpad], per block scale s and code sum
 // `sum` [nb]; eo (4 bits, block >= 64; else null): q with every 64 values reordered as the 32 even
 // then the 32 odd ones (the low / high nibbles of 32 bytes of codes)
@@ -114,6 +138,15 @@ struct NbKernels {
   void (*quant)(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_t kpad, int8_t* qx, float* xs,
                 int32_t* xsum);
   int64_t (*act)(int kind, float thr, const float* v, float* s, int64_t n, int32_t* redo);
+  // Input-major light up (NbIm) for one activation row, neurons [n0, n1) (n0 a multiple of 64), over
+  // the kept channels ks[0..cnt) (ascending): y[n] = sum over blocks of the block scale times the
+  // block's sum over kept channels of (c - z) * x (im_f: float32, x padded to the grid) or of
+  // q * c - z * xsum (im_q: int8 x' per block, scales xs, code sums xsum). acc: scratch of
+  // n1 - n0 + 64 values.
+  void (*im_f)(const NbIm& w, const float* x, const int32_t* ks, int64_t cnt, int64_t n0, int64_t n1, float* acc,
+               float* y);
+  void (*im_q)(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
+               int64_t n0, int64_t n1, int32_t* acc, float* y);
 };
 const NbKernels& NbKernelsScalar();
 const NbKernels& NbKernelsAvx2();

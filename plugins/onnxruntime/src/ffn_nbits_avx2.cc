@@ -600,10 +600,205 @@ int64_t ActF(int kind, float thr, const float* v, float* s, int64_t n, int32_t* 
   return count;
 }
 
+// ------------------------------------------------------------------ input-major light up (NbIm)
+
+// bytes ahead of the codes being read that the input-major kernels prefetch in each kept row
+constexpr int64_t kImAhead = 256;
+
+// the end of the neurons a task computes, rounded up to whole groups of 64 (within lpad)
+inline int64_t ImEnd(const NbIm& w, int64_t n1) { return std::min(w.lpad, (n1 + 63) / 64 * 64); }
+
+// y[n] += s[b, n] * (acc[n - n0] - z[b, n] * zsum) for n in [n0, n1) (float acc)
+inline void ImFinishF(const NbIm& w, int64_t b, float zsum, const float* acc, int64_t n0, int64_t n1, float* y) {
+  const float* s = w.sc.data() + b * w.lpad;
+  const int8_t* z = w.z.data() + b * w.lpad;
+  const __m256 vz = _mm256_set1_ps(zsum);
+  int64_t n = n0;
+  for (; n + 8 <= n1; n += 8) {
+    const __m256 t = _mm256_fnmadd_ps(Z8(z + n), vz, _mm256_loadu_ps(acc + (n - n0)));
+    _mm256_storeu_ps(y + n, _mm256_fmadd_ps(_mm256_loadu_ps(s + n), t, _mm256_loadu_ps(y + n)));
+  }
+  for (; n < n1; ++n) y[n] += s[n] * (acc[n - n0] - static_cast<float>(z[n]) * zsum);
+}
+
+// acc[n - n0] += sum over the channels r[0..4) of x[r] * c[r, n], n in [n0, ne) (float)
+template <int BITS>
+inline void ImSlabF(const NbIm& w, const uint8_t* const* rows, const float* xv, int nr, int64_t n0, int64_t ne,
+                    float* acc) {
+  __m256 vx[4];
+  for (int u = 0; u < 4; ++u) vx[u] = _mm256_set1_ps(u < nr ? xv[u] : 0.0f);
+  const uint8_t* r[4];
+  for (int u = 0; u < 4; ++u) r[u] = rows[u < nr ? u : 0];
+  if (BITS == 8) {
+    for (int64_t n = n0; n < ne; n += 8) {
+      __m256 a = _mm256_loadu_ps(acc + (n - n0));
+      for (int u = 0; u < 4; ++u) {
+        const __m256 c = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r[u] + n))));
+        a = _mm256_fmadd_ps(c, vx[u], a);
+      }
+      _mm256_storeu_ps(acc + (n - n0), a);
+    }
+    return;
+  }
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < ne; n += 64) {
+    __m256i lo[4], hi[4];
+    for (int u = 0; u < 4; ++u) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[u] + n / 2));
+      lo[u] = _mm256_and_si256(v, m4);
+      hi[u] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    }
+    for (int g = 0; g < 8; ++g) {  // neurons n + 8g .. n + 8g + 7
+      float* ap = acc + (n - n0) + 8 * g;
+      __m256 a = _mm256_loadu_ps(ap);
+      for (int u = 0; u < 4; ++u) {
+        const __m256i src = g < 4 ? lo[u] : hi[u];
+        const int part = g & 3;  // 8 bytes at 8 * part
+        const __m128i h = part < 2 ? _mm256_castsi256_si128(src) : _mm256_extracti128_si256(src, 1);
+        const __m128i e = (part & 1) ? _mm_srli_si128(h, 8) : h;
+        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(e)), vx[u], a);
+      }
+      _mm256_storeu_ps(ap, a);
+    }
+  }
+}
+
+void ImF(const NbIm& w, const float* x, const int32_t* ks, int64_t cnt, int64_t n0, int64_t n1, float* acc, float* y) {
+  const int64_t ne = ImEnd(w, n1);
+  for (int64_t i = 0; i < cnt;) {
+    const int64_t b = ks[i] / w.bs;
+    std::fill(acc, acc + (ne - n0), 0.0f);
+    float xsum = 0.0f;
+    while (i < cnt && ks[i] / w.bs == b) {
+      const uint8_t* rows[4];
+      float xv[4];
+      int nr = 0;
+      for (; nr < 4 && i < cnt && ks[i] / w.bs == b; ++i, ++nr) {
+        rows[nr] = w.Row(ks[i]);
+        xv[nr] = x[ks[i]];
+        xsum += xv[nr];
+      }
+      if (w.bits == 8)
+        ImSlabF<8>(w, rows, xv, nr, n0, ne, acc);
+      else
+        ImSlabF<4>(w, rows, xv, nr, n0, ne, acc);
+    }
+    ImFinishF(w, b, xsum, acc, n0, n1, y);
+  }
+}
+
+// acc[n - n0] (int32) += sum over the channel pairs of q1 * c[r1, n] + q2 * c[r2, n], n in [n0, ne);
+// np pairs (<= 8; a missing partner has q = 0 and repeats the row)
+template <int BITS>
+inline void ImPairs(const uint8_t* const* rows, const int8_t* qs, int np, int64_t n0, int64_t ne, int32_t* acc) {
+  __m256i qq[8];
+  for (int k = 0; k < np; ++k) {
+    if (BITS == 4)  // (q1, q2) byte pairs for maddubs (unsigned codes x signed q)
+      qq[k] = _mm256_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(static_cast<uint8_t>(qs[2 * k])) |
+                                                     (static_cast<uint16_t>(static_cast<uint8_t>(qs[2 * k + 1])) << 8)));
+    else  // int16 pairs for madd
+      qq[k] = _mm256_set1_epi32(static_cast<int32_t>((static_cast<uint32_t>(qs[2 * k]) & 0xFFFF) |
+                                                     (static_cast<uint32_t>(qs[2 * k + 1]) << 16)));
+  }
+  if (BITS == 4) {
+    // per 64 neurons: lo nibbles = neurons 0..31, hi = 32..63; unpacks within 128-bit lanes pair the
+    // two channels' codes of neurons {0..7 | 16..23}, {8..15 | 24..31} (and + 32 for hi); int16 sums
+    // <= 8 pairs * 2 * 15 * 127 < 2^15
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t n = n0; n < ne; n += 64) {
+      if ((n / 2) % 64 == 0)  // once per cache line of the rows: kImAhead bytes further
+        for (int k = 0; k < 2 * np; ++k)
+          _mm_prefetch(reinterpret_cast<const char*>(rows[k] + n / 2 + kImAhead), _MM_HINT_T0);
+      __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+      for (int k = 0; k < np; ++k) {
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * k] + n / 2));
+        const __m256i v2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * k + 1] + n / 2));
+        const __m256i lo1 = _mm256_and_si256(v1, m4), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+        const __m256i lo2 = _mm256_and_si256(v2, m4), hi2 = _mm256_and_si256(_mm256_srli_epi16(v2, 4), m4);
+        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo1, lo2), qq[k]));
+        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo1, lo2), qq[k]));
+        s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(hi1, hi2), qq[k]));
+        s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(_mm256_unpackhi_epi8(hi1, hi2), qq[k]));
+      }
+      int32_t* a = acc + (n - n0);
+      // (vector, first neuron of its low lane; the high lane's is + 16)
+      const __m256i* parts[4] = {&s0, &s1, &s2, &s3};
+      const int first[4] = {0, 8, 32, 40};
+      for (int g = 0; g < 4; ++g) {
+        __m256i* lo = reinterpret_cast<__m256i*>(a + first[g]);
+        __m256i* hi = reinterpret_cast<__m256i*>(a + first[g] + 16);
+        _mm256_storeu_si256(lo, _mm256_add_epi32(_mm256_loadu_si256(lo), _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*parts[g]))));
+        _mm256_storeu_si256(hi, _mm256_add_epi32(_mm256_loadu_si256(hi), _mm256_cvtepi16_epi32(_mm256_extracti128_si256(*parts[g], 1))));
+      }
+    }
+    return;
+  }
+  for (int64_t n = n0; n < ne; n += 16) {
+    if (n % 64 == 0)
+      for (int k = 0; k < 2 * np; ++k)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[k] + n + kImAhead), _MM_HINT_T0);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0;
+    for (int k = 0; k < np; ++k) {
+      const __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[2 * k] + n));
+      const __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[2 * k + 1] + n));
+      s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpacklo_epi8(a1, a2)), qq[k]));
+      s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_unpackhi_epi8(a1, a2)), qq[k]));
+    }
+    __m256i* ac = reinterpret_cast<__m256i*>(acc + (n - n0));
+    _mm256_storeu_si256(ac, _mm256_add_epi32(_mm256_loadu_si256(ac), s0));
+    _mm256_storeu_si256(ac + 1, _mm256_add_epi32(_mm256_loadu_si256(ac + 1), s1));
+  }
+}
+
+void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
+         int64_t n0, int64_t n1, int32_t* acc, float* y) {
+  const int64_t ne = ImEnd(w, n1);
+  for (int64_t i = 0; i < cnt;) {
+    const int64_t b = ks[i] / w.bs;
+    std::fill(acc, acc + (ne - n0), 0);
+    const uint8_t* rows[16];
+    int8_t qs[16];
+    int nr = 0;
+    auto flush = [&]() {
+      if (nr & 1) {
+        rows[nr] = rows[nr - 1];
+        qs[nr] = 0;
+        ++nr;
+      }
+      if (w.bits == 4)
+        ImPairs<4>(rows, qs, nr / 2, n0, ne, acc);
+      else
+        ImPairs<8>(rows, qs, nr / 2, n0, ne, acc);
+      nr = 0;
+    };
+    for (; i < cnt && ks[i] / w.bs == b; ++i) {
+      const int8_t qv = q[ks[i]];
+      if (!qv) continue;  // a zero code contributes nothing: its row is not read either
+      rows[nr] = w.Row(ks[i]);
+      qs[nr] = qv;
+      if (++nr == 16) flush();
+    }
+    if (nr) flush();
+    const float* s = w.sc.data() + b * w.lpad;
+    const int8_t* z = w.z.data() + b * w.lpad;
+    const __m256 vs = _mm256_set1_ps(xs[b]);
+    const __m256i vq = _mm256_set1_epi32(xsum[b]);
+    int64_t n = n0;
+    for (; n + 8 <= n1; n += 8) {
+      const __m256i zi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(z + n)));
+      const __m256i t = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + (n - n0))),
+                                         _mm256_mullo_epi32(zi, vq));
+      _mm256_storeu_ps(y + n, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(s + n), vs), _mm256_cvtepi32_ps(t),
+                                              _mm256_loadu_ps(y + n)));
+    }
+    for (; n < n1; ++n) y[n] += s[n] * xs[b] * static_cast<float>(acc[n - n0] - z[n] * xsum[b]);
+  }
+}
+
 }  // namespace
 
 const NbKernels& NbKernelsAvx2() {
-  static const NbKernels k{DotF, DotQ, DownF, DownQ, Quant, ActF};
+  static const NbKernels k{DotF, DotQ, DownF, DownQ, Quant, ActF, ImF, ImQ};
   return k;
 }
 
