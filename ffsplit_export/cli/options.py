@@ -225,32 +225,32 @@ def output_file(text: str) -> str:
     return text
 
 
-def input_sparsity(text: str) -> str:
-    """``--input-sparsity``: 0 or a fraction 0 < F < 1 (checked by the one parser in fused)."""
-    from ..errors import ConfigError
-    from ..fused import parse_input_sparsity
+def _parsed_by_fused(parser: str, option: str, doc: str):
+    """An argparse type that checks its text with ``ffsplit_export.fused.<parser>`` (the one parser of
+    ``option``) and returns the text itself; a bad value becomes one argparse error line."""
 
-    try:
-        parse_input_sparsity(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: " + str(e).removeprefix(f"--input-sparsity={text!r}: ")
-        ) from None
-    return text
+    def check(text: str) -> str:
+        from .. import fused
+        from ..errors import ConfigError
+
+        try:
+            getattr(fused, parser)(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: " + str(e).removeprefix(f"{option}={text!r}: ")
+            ) from None
+        return text
+
+    check.__name__, check.__doc__ = option.lstrip("-").replace("-", "_"), doc
+    return check
 
 
-def activation_sparsity(text: str) -> str:
-    """``--activation-sparsity``: 0 or exact (the text itself, checked by the one parser in fused)."""
-    from ..errors import ConfigError
-    from ..fused import parse_activation_sparsity
-
-    try:
-        parse_activation_sparsity(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: " + str(e).removeprefix(f"--activation-sparsity={text!r}: ")
-        ) from None
-    return text
+input_sparsity = _parsed_by_fused(
+    "parse_input_sparsity", "--input-sparsity", "``--input-sparsity``: 0 or a fraction 0 < F < 1."
+)
+activation_sparsity = _parsed_by_fused(
+    "parse_activation_sparsity", "--activation-sparsity", "``--activation-sparsity``: 0, exact or 0 < F < 1."
+)
 
 
 def skip_criterion(text: str) -> str:
