@@ -81,6 +81,26 @@ def _nbits_tile(b_ptr, s_ptr, z_ptr, rows, r_ok, kk, k_ok, K, BS, BITS: tl.const
 
 
 @triton.jit
+def _up_gate(
+    acc_u, acc_g, x_ptr, rm64, m_ok, rk, D, u_b_ptr, u_s_ptr, u_z_ptr, g_b_ptr, g_s_ptr, g_z_ptr,
+    rows, r_ok, BS, BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr,
+    GATED: tl.constexpr, USE_DOT: tl.constexpr,
+):  # fmt: skip
+    """acc_u (and, gated, acc_g) += X @ W.T over all of K for one part (heavy or light) of up / gate:
+    ``rows`` are the part's rows of this tile (``r_ok`` the valid ones)."""
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < D
+        x = tl.load(x_ptr + rm64[:, None] * D + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = _nbits_tile(u_b_ptr, u_s_ptr, u_z_ptr, rows, r_ok, kk, k_ok, D, BS, BITS, HAS_ZP)
+        acc_u = _mma(acc_u, x, w, USE_DOT)
+        if GATED:
+            wg = _nbits_tile(g_b_ptr, g_s_ptr, g_z_ptr, rows, r_ok, kk, k_ok, D, BS, BITS, HAS_ZP)
+            acc_g = _mma(acc_g, x, wg, USE_DOT)
+    return acc_u, acc_g
+
+
+@triton.jit
 def ffn_nbits_up_kernel(
     x_ptr,
     uh_b_ptr,
@@ -137,40 +157,16 @@ def ffn_nbits_up_kernel(
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if n0 < H:  # heavy neurons in this tile
         h_ok = rn < H
-        rh = tl.where(h_ok, rn, 0)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < D
-            x = tl.load(
-                x_ptr + rm64[:, None] * D + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            w = _nbits_tile(
-                uh_b_ptr, uh_s_ptr, uh_z_ptr, rh, h_ok, kk, k_ok, D, HEAVY_BS, HEAVY_BITS, HEAVY_ZP
-            )
-            acc_u = _mma(acc_u, x, w, USE_DOT)
-            if GATED:
-                wg = _nbits_tile(
-                    gh_b_ptr, gh_s_ptr, gh_z_ptr, rh, h_ok, kk, k_ok, D, HEAVY_BS, HEAVY_BITS, HEAVY_ZP
-                )
-                acc_g = _mma(acc_g, x, wg, USE_DOT)
+        acc_u, acc_g = _up_gate(
+            acc_u, acc_g, x_ptr, rm64, m_ok, rk, D, uh_b_ptr, uh_s_ptr, uh_z_ptr, gh_b_ptr, gh_s_ptr,
+            gh_z_ptr, tl.where(h_ok, rn, 0), h_ok, HEAVY_BS, BLOCK_K, HEAVY_BITS, HEAVY_ZP, GATED, USE_DOT,
+        )  # fmt: skip
     if n0 + BLOCK_N > H:  # light neurons in this tile
         l_ok = (rn >= H) & (rn < F)
-        rl = tl.where(l_ok, rn - H, 0)
-        for k0 in range(0, D, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < D
-            x = tl.load(
-                x_ptr + rm64[:, None] * D + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
-            )
-            w = _nbits_tile(
-                ul_b_ptr, ul_s_ptr, ul_z_ptr, rl, l_ok, kk, k_ok, D, LIGHT_BS, LIGHT_BITS, LIGHT_ZP
-            )
-            acc_u = _mma(acc_u, x, w, USE_DOT)
-            if GATED:
-                wg = _nbits_tile(
-                    gl_b_ptr, gl_s_ptr, gl_z_ptr, rl, l_ok, kk, k_ok, D, LIGHT_BS, LIGHT_BITS, LIGHT_ZP
-                )
-                acc_g = _mma(acc_g, x, wg, USE_DOT)
+        acc_u, acc_g = _up_gate(
+            acc_u, acc_g, x_ptr, rm64, m_ok, rk, D, ul_b_ptr, ul_s_ptr, ul_z_ptr, gl_b_ptr, gl_s_ptr,
+            gl_z_ptr, tl.where(l_ok, rn - H, 0), l_ok, LIGHT_BS, BLOCK_K, LIGHT_BITS, LIGHT_ZP, GATED, USE_DOT,
+        )  # fmt: skip
     n_ok = rn < F
     rn64 = rn.to(tl.int64)
     if HAS_UP_BIAS:
