@@ -58,7 +58,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -210,6 +212,7 @@ def _layer_variants(ins, calib, shape, base, skips, input_skips=()) -> dict:
             thr = float(np.quantile(sil_in, q))
             model = fused_ffn_nbits_model(ins, **base, skip=1, threshold=thr, input_threshold=tin)
             v[f"{name}+skip{round(q * 100)}"] = (model, None, {**kw, "threshold": thr})
+            v[f"{name}+skip{round(q * 100)}-nm"] = (model, {"FFSPLIT_NBITS_DOWN": "neurons"}, {**kw, "threshold": thr})
     return v
 
 
@@ -231,9 +234,9 @@ def _bytes_per_token(ins, shape, active: float, live: float, kept_channels: floa
 
 def _time(sessions: dict, xs: list[np.ndarray], repeats: int, inner: int) -> dict:
     times = {k: [] for k in sessions}
-    for s in sessions.values():  # warm-up
-        for x in xs:
-            s.run(None, {"X": x})
+    for s in sessions.values():  # warm-up, past the kernel's layout tuning (its first 20 single-row calls)
+        for i in range(max(len(xs), 24)):
+            s.run(None, {"X": xs[i % len(xs)]})
     for _ in range(repeats):
         for k, s in sessions.items():
             t0 = time.perf_counter()
@@ -273,6 +276,13 @@ def main() -> None:
         help="N layers of the shape (own weights) on the same X, outputs summed; times are per layer "
         "(e.g. 32 SmolLM2 or 4 MPT layers exceed a 32 MiB L3: the weights stream from DRAM)",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="time only these variants (and stock / fused, the baselines), e.g. in50+skip50 in50+skip50-nm: "
+        "fewer sessions, less memory with many --layers",
+    )
     ap.add_argument("--output", default="samples/results/bench_fused_ffn_nbits.json")
     ap.add_argument(
         "--baseline-library",
@@ -303,15 +313,20 @@ def main() -> None:
         base = dict(activation=shape["activation"], gated=shape["gated"], accuracy_level=4, **KIND)
 
         per_layer = [_layer_variants(x, calib, shape, base, args.skip, args.input_skip) for x in layers]
+        names = list(per_layer[0])
+        if args.variants:
+            unknown = sorted(set(args.variants) - set(names))
+            if unknown:
+                raise SystemExit(f"--variants: unknown {unknown}; this run has {sorted(names)}")
+            names = [k for k in names if k in {"stock", "fused", "fused@base", *args.variants}]
         # the skip fractions and bytes below are layer 0's (the layers are alike)
-        variants = {
-            k: (_stack([lv[k][0] for lv in per_layer]), env, kw) for k, (_, env, kw) in per_layer[0].items()
-        }
+        variants = {k: (_stack([lv[k][0] for lv in per_layer]), *per_layer[0][k][1:]) for k in names}
+        del per_layer  # the stacked models hold what is timed
         if args.baseline_library:
             for k in [k for k in variants if k == "exact" or (k.startswith("skip") and "-" not in k)]:
                 variants[f"{k}@base"] = variants[k]
         else:
-            del variants["fused@base"]
+            variants.pop("fused@base", None)
         # skipped fractions on the benchmark tokens (reference) and bytes read
         x_all = np.concatenate(xs)
         ref_kw = {k: v for k, v in base.items() if k != "activation"}
@@ -338,11 +353,17 @@ def main() -> None:
             else:
                 frac, live = 0.0, 1.0
             # the light down columns of skipped neurons are left unread by the neuron-major layout only:
-            # forced (-nm), the library before tiling (@base), or chosen when <= 30 % are kept
-            nm = (
-                (bool(env) and "FFSPLIT_NBITS_DOWN" in env)
+            # forced (-nm), the library before tiling (@base), chosen when <= 30 % are kept, or chosen
+            # by the kernel's timing of both layouts (read from its FFSPLIT_NBITS_TUNE_LOG after the run)
+            forced = bool(env) and "FFSPLIT_NBITS_DOWN" in env
+            down = (
+                "neurons"
+                if forced and env["FFSPLIT_NBITS_DOWN"] == "neurons"
                 or (k.endswith("@base") and kw)
                 or (bool(kw) and frac >= 0.7)
+                else "rows"
+                if forced or not kw
+                else "tuned"
             )
             tin = kw.get("input_threshold", 0.0)
             in_frac = float((np.abs(x_all) <= np.float32(tin)).mean()) if tin else 0.0
@@ -350,18 +371,32 @@ def main() -> None:
             info[k] = {
                 "skipped": frac,
                 "input_skipped": in_frac,
-                "bytes": _bytes_per_token(
-                    ins, shape, 1.0 - frac if nm else 1.0, live, 1.0 - in_frac if im else 1.0
-                ),
+                "down": down,
+                "bytes": _bytes_per_token(ins, shape, 1.0, live, 1.0 - in_frac if im else 1.0),
+                "bytes_nm": _bytes_per_token(ins, shape, 1.0 - frac, live, 1.0 - in_frac if im else 1.0),
             }
         for threads in args.threads:
+            logs = tempfile.mkdtemp(prefix="ffsplit_tune_")
             sessions = {
-                k: _session(m, threads, env, args.baseline_library if k.endswith("@base") else None)
+                k: _session(
+                    m,
+                    threads,
+                    {**(env or {}), "FFSPLIT_NBITS_TUNE_LOG": os.path.join(logs, k)},
+                    args.baseline_library if k.endswith("@base") else None,
+                )
                 for k, (m, env, _) in variants.items()
             }
             load0 = _load()
             ms = {k: v / args.layers for k, v in _time(sessions, xs, args.repeats, args.inner).items()}
             for k in variants:
+                down = info[k]["down"]
+                if down == "tuned":  # each layer's node chose by timing; the majority's layout
+                    path = os.path.join(logs, k)
+                    picks = open(path).read().split() if os.path.exists(path) else []
+                    nm_votes = sum(p == "down=neurons" for p in picks)
+                    row_votes = sum(p == "down=rows" for p in picks)
+                    down = f"tuned:{'neurons' if nm_votes > row_votes else 'rows'} ({nm_votes}/{nm_votes + row_votes})"
+                nbytes = info[k]["bytes_nm"] if "neurons" in down.split(" ")[0] else info[k]["bytes"]
                 rows.append(
                     {
                         "shape": name,
@@ -373,7 +408,8 @@ def main() -> None:
                         "vs_fused": ms["fused"] / ms[k],
                         "skipped_light": info[k]["skipped"],
                         "skipped_input": info[k]["input_skipped"],
-                        "bytes_per_token": info[k]["bytes"],
+                        "down_layout": down,
+                        "bytes_per_token": nbytes,
                         "load": f"{load0} -> {_load()}",
                     }
                 )
@@ -383,14 +419,15 @@ def main() -> None:
             )
             print(
                 f"{'variant':16} {'ms':>8} {'x stock':>8} {'x fused':>8} {'skipped':>8} {'in skip':>8} "
-                f"{'MB/token':>9}  load"
+                f"{'MB/token':>9}  {'light down':20} load"
             )
             for r in rows[-len(variants) :]:
                 print(
                     f"{r['variant']:16} {r['ms']:8.3f} {r['vs_stock']:8.2f} {r['vs_fused']:8.2f} "
                     f"{r['skipped_light']:8.1%} {r['skipped_input']:8.1%} {r['bytes_per_token'] / 1e6:9.2f}  "
-                    f"{r['load']}"
+                    f"{r['down_layout']:20} {r['load']}"
                 )
+            shutil.rmtree(logs, ignore_errors=True)
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     with open(args.output, "w") as fh:
         lib = os.environ.get("FFSPLIT_ORT_LIBRARY", "")

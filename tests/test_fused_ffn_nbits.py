@@ -323,6 +323,43 @@ def test_wide_model_several_down_chunks(isa, level, monkeypatch):
 
 
 @needs_plugin
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("level", [0, 4])
+def test_down_layout_tuning(isa, level, monkeypatch, tmp_path):
+    """skip=1 with about half the light neurons kept: single-row calls time both light-down layouts
+    (the first 20 alternate), then keep the faster; every call, during and after, equals the
+    reference, and the choice is written to FFSPLIT_NBITS_TUNE_LOG."""
+    rng = np.random.default_rng(17)
+    kind = KINDS[0]
+    ins = _inputs(rng, kind, 0, h=16, d=600, f=300)
+    x = rng.standard_normal((24, 600)).astype(np.float32)
+    thr = float(np.quantile(_silence(x, ins, _attrs(kind, "gelu", 0)), 0.5))
+    attrs = _attrs(kind, "gelu", 0, skip=1, threshold=thr, level=level)
+    log = tmp_path / "tune.log"
+    monkeypatch.setenv("FFSPLIT_NBITS_TUNE_LOG", str(log))
+    sess = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+    for i in range(24):
+        y = sess.run(None, {"X": x[i : i + 1]})[0]
+        r = _ref(x[i : i + 1], ins, attrs)
+        if level == 0:
+            _close(y, r)
+        else:  # int8 activations, as test_wide_model_several_down_chunks
+            assert _rel_l2(y, r) <= 4e-2, (i, _rel_l2(y, r))
+        assert log.exists() == (i >= 19), i  # chosen after 2 x (2 dropped + 8 timed) calls
+    words = log.read_text().split()
+    assert len(words) == 3 and words[0] in ("down=rows", "down=neurons"), words
+    assert all(float(w.split("=")[1]) > 0 for w in words[1:]), words
+    # overridden: FFSPLIT_NBITS_DOWN fixes the layout, nothing is timed
+    log2 = tmp_path / "forced.log"
+    monkeypatch.setenv("FFSPLIT_NBITS_TUNE_LOG", str(log2))
+    monkeypatch.setenv("FFSPLIT_NBITS_DOWN", "rows")
+    sess = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+    for i in range(24):
+        sess.run(None, {"X": x[i : i + 1]})
+    assert not log2.exists()
+
+
+@needs_plugin
 def test_prefill_rows_and_empty():
     """Many rows (prefill, M = 37 > the decode path's 4) and M = 0."""
     rng = np.random.default_rng(9)

@@ -37,11 +37,16 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -392,12 +397,14 @@ class NbKernel {
     for (float s : up_l_.sc) up_l_finite_ &= std::isfinite(s);
     for (int64_t j = h_; j < f_; ++j) up_l_finite_ &= std::isfinite(up_b_[static_cast<size_t>(j)]);
     // The light down, tiled (read whole; skipped neurons have a = 0 and contribute exactly 0) and,
-    // with skip=1, also neuron-major (a skipped neuron's column is never read); each call reads the
-    // neuron-major copy when at most kNmMaxKept of the light neurons are kept (Down). Measured on a
-    // 2-core EPYC (AVX2), weights streamed from DRAM (samples/bench_fused_ffn_nbits.py --layers):
-    // at 50 % skipped the tiled down read whole beats the neuron-major one reading half the bytes
-    // (the skipped 128-byte segments are holes in a stream the hardware prefetcher reads anyway, and
-    // a slab's 16 neuron streams cost DRAM efficiency); at 90 % skipped neuron-major wins. Only
+    // with skip=1, also neuron-major (a skipped neuron's column is never read). A call reads the
+    // neuron-major copy when at most kNmMaxKept of the light neurons are kept; between that and all
+    // kept, which layout is faster depends on the machine (samples/bench_fused_ffn_nbits.py
+    // --layers, weights streamed from DRAM, 50 % skipped, 1 thread): on a 2-core EPYC the tiled down
+    // read whole was 1.16x faster than neuron-major reading half the bytes, on a 2-core Xeon
+    // neuron-major was 1.09x faster. So single-row calls (decode) time both: the first 2 * kTune
+    // alternate the layouts, then the one with the lower median is kept (DownTuner; its choice is
+    // appended to the file FFSPLIT_NBITS_TUNE_LOG names, if set when the session is created). Only
     // neuron-major when skip=1 and a down scale is non-finite (0 * NaN would reach y) or with
     // FFSPLIT_NBITS_DOWN=neurons; only tiled with FFSPLIT_NBITS_DOWN=rows (benchmark overrides).
     bool down_finite = true;
@@ -406,6 +413,10 @@ class NbKernel {
     has_nm_ = layout == "neurons" || (skip_ && (layout != "rows" || !down_finite));
     has_rows_ = layout != "neurons" && !(skip_ && !down_finite);
     if (has_nm_) down_l_ = ToNeuronMajor(down_l_rows_);
+    if (has_nm_ && has_rows_) {
+      tuner_ = std::make_unique<DownTuner>();
+      if (const char* log = std::getenv("FFSPLIT_NBITS_TUNE_LOG")) tuner_->log = log;
+    }
     // input_threshold > 0: the light up also input-major (decode reads only the kept channels' rows),
     // unless a light up scale is non-finite (0 * NaN must reach the output: the tiled path then) or
     // FFSPLIT_NBITS_UP=tiled (benchmark override: zero the channels and read the tiled part whole)
@@ -872,12 +883,32 @@ class NbKernel {
     const int64_t kl = has_rows_ ? down_l_rows_.kpad() : l_;
     // the layout this call reads: neuron-major when few light neurons are kept (or the only one)
     bool nm = has_nm_;
+    int timed = -1;  // the layout this call times for the tuner (single rows, until it has chosen)
     if (has_nm_ && has_rows_) {
       int64_t kept = 0;
       for (int64_t r = 0; r < m; ++r)
         for (int64_t j = 0; j < l_; ++j) kept += a[r * f_ + h_ + j] != 0.0f;
       nm = static_cast<double>(kept) <= kNmMaxKept * static_cast<double>(m * l_);
+      if (!nm && m == 1) {
+        const int c = tuner_->choice.load(std::memory_order_relaxed);
+        if (c >= 0) {
+          nm = c == 1;
+        } else {
+          timed = tuner_->Next();
+          nm = timed == 1;
+        }
+      }
     }
+    // records this call's time when it returns (either path)
+    struct Timer {
+      DownTuner* t;
+      int layout;
+      std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+      ~Timer() {
+        if (layout >= 0)
+          t->Add(layout, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+    } timer{tuner_.get(), timed};
     std::vector<float> ah(static_cast<size_t>(m * std::max<int64_t>(kh, 1)), 0.0f),
         al(static_cast<size_t>(m * std::max<int64_t>(kl, 1)), 0.0f);
     std::vector<uint8_t> bad(static_cast<size_t>(m), 0);
@@ -976,7 +1007,41 @@ class NbKernel {
   std::string name_;
   Act act_ = Act::kRelu;
   bool gated_ = false, skip_ = false, up_l_finite_ = true, has_rows_ = true, has_nm_ = false;
-  static constexpr double kNmMaxKept = 0.3;  // measured crossover: see the constructor
+  static constexpr double kNmMaxKept = 0.3;  // neuron-major at most this kept: see the constructor
+  // Chooses the light down's layout for single-row calls by timing both (see the constructor): calls
+  // alternate rows (0) / neuron-major (1); the first kWarm of each are dropped, then after kTune more
+  // of each the layout with the lower median is kept. Thread-safe (a session may run concurrently).
+  struct DownTuner {
+    static constexpr int kWarm = 2, kTune = 8;
+    std::mutex mu;
+    std::vector<double> ms[2];
+    int calls[2] = {0, 0};
+    std::atomic<int> choice{-1};
+    std::string log;
+    int Next() {
+      std::lock_guard<std::mutex> g(mu);
+      return calls[0] <= calls[1] ? 0 : 1;
+    }
+    static double Median(std::vector<double> v) {
+      std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+      return v[v.size() / 2];
+    }
+    void Add(int layout, double t) {
+      std::lock_guard<std::mutex> g(mu);
+      if (choice.load() >= 0) return;
+      if (++calls[layout] > kWarm) ms[layout].push_back(t);
+      if (ms[0].size() < static_cast<size_t>(kTune) || ms[1].size() < static_cast<size_t>(kTune)) return;
+      const double rows = Median(ms[0]), nm = Median(ms[1]);
+      choice.store(nm < rows ? 1 : 0);
+      if (!log.empty()) {
+        if (FILE* f = std::fopen(log.c_str(), "a")) {
+          std::fprintf(f, "down=%s rows_ms=%.4f neurons_ms=%.4f\n", nm < rows ? "neurons" : "rows", rows, nm);
+          std::fclose(f);
+        }
+      }
+    }
+  };
+  std::unique_ptr<DownTuner> tuner_;
   float thr_ = 0.0f, pthr_ = 0.0f, tin_ = 0.0f;  // threshold (|act(gate)| or |act(up)|), on |act(gate) * up|, input_threshold
   bool has_im_ = false;  // up_im_ packed
   NbIm up_im_;
