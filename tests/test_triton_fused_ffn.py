@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 # Max abs error allowed: float32 accumulation (and float32 activations) against the float64
-# reference rounded to float32. Measured max over every case x config x layout: 9.5e-07 (finite |Y| <= 6.2).
+# reference rounded to float32. Measured max over every case x config x layout: 9.5e-07 (finite |Y| <= 6.2);
+# the input_threshold (TEAL) cases: 4.8e-07.
 ATOL = 1e-4
 RTOL = 1e-5
 
@@ -48,6 +49,16 @@ CASES = {
     # token with a live neuron in that block and finite where the threshold skips all 16 of them
     "relu_infdown_m6_thr": (6, 20, 35, 3, dict(activation="relu", skip=1), dict(
         heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=16, zero_points=True), 0.85),
+    # TEAL input skipping (INPUT below), ungated: gelu, dense heavy, int4 light with zero points, M = 1
+    "gelu_in_h32_l4z_m1": (1, 40, 30, 5, dict(activation="gelu", skip=1), dict(
+        heavy_bits=32, light_bits=4, heavy_block_size=16, light_block_size=16, zero_points=True), None),
+    # ... with neuron threshold skipping too, int8 heavy, int8 light symmetric, M = 3
+    "gelu_in_h8_l8_m3_thr": (3, 36, 33, 4, dict(activation="gelu", skip=1), dict(
+        heavy_bits=8, light_bits=8, heavy_block_size=16, light_block_size=32, zero_points=False), 0.4),
+    # ... relu, no heavy part, a NaN (row 0) and an inf (row 1) in X (NONFINITE_X), row 2 finite
+    "relu_in_h0_l8z_m3_nanx": (3, 24, 21, 0, dict(activation="relu", skip=1), dict(
+        heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=16, zero_points=True, bias=False),
+        None),
 }  # fmt: skip
 # M > 8 (only the tl.dot configs) and several tiles of neurons (all twelve cases: ~8 s in the interpreter)
 SLOW_CASES = {
@@ -59,6 +70,9 @@ SLOW_CASES = {
         heavy_bits=32, light_bits=4, heavy_block_size=16, light_block_size=32, zero_points=False), None),
     "relu_infdown_m17_thr": (17, 20, 35, 3, dict(activation="relu", skip=1), dict(
         heavy_bits=32, light_bits=8, heavy_block_size=16, light_block_size=16, zero_points=True), 0.85),
+    # TEAL input skipping at M = 10 (tl.dot tiles), int4 heavy and light, a NaN in X (row 4)
+    "gelu_in_h4_l4_m10_thr_nanx": (10, 40, 45, 6, dict(activation="gelu", skip=1), dict(
+        heavy_bits=4, light_bits=4, heavy_block_size=32, light_block_size=16, zero_points=False), 0.3),
 }  # fmt: skip
 #: gated cases with a product_threshold skipping about this fraction (with threshold too: "mixed")
 PRODUCT = {
@@ -68,6 +82,20 @@ PRODUCT = {
 }
 #: cases whose down light scale [row * n_blocks + block] is set to +inf
 NONFINITE = {"relu_infdown_m6_thr": (3, 0), "relu_infdown_m17_thr": (3, 0)}
+#: ungated cases with an input_threshold that zeroes about this fraction of X's entries for the light up
+INPUT = {
+    "gelu_in_h32_l4z_m1": 0.5,
+    "gelu_in_h8_l8_m3_thr": 0.3,
+    "relu_in_h0_l8z_m3_nanx": 0.5,
+    "gelu_in_h4_l4_m10_thr_nanx": 0.5,
+}
+#: cases with one X entry set to -input_threshold exactly (|x| <= t: zeroed, the boundary included)
+TIE_X = {"gelu_in_h32_l4z_m1": (0, 11)}
+#: cases with non-finite X entries {(row, channel): value}; |NaN| <= t is false, so X' keeps them
+NONFINITE_X = {
+    "relu_in_h0_l8z_m3_nanx": {(0, 3): np.nan, (1, 7): np.inf},
+    "gelu_in_h4_l4_m10_thr_nanx": {(4, 9): np.nan},
+}
 
 
 def _err(y: np.ndarray, ref: np.ndarray) -> float:
@@ -89,6 +117,7 @@ def _inputs(name: str):
         activation,
         fused_ffn_nbits_reference,
         random_nbits_ffn_inputs,
+        zero_silent_channels,
     )
 
     m, d, f, h, attrs, kinds, frac = {**CASES, **SLOW_CASES}[name]
@@ -99,6 +128,8 @@ def _inputs(name: str):
         row, block = NONFINITE[name]
         ins[11] = ins[11].copy()  # down light scales [D * n_blocks]
         ins[11][row * -(-(f - h) // kinds["light_block_size"]) + block] = np.inf
+    for (row, col), v in NONFINITE_X.get(name, {}).items():
+        x[row, col] = v
     attrs = {
         **attrs,
         "heavy_bits": kinds["heavy_bits"],
@@ -107,10 +138,11 @@ def _inputs(name: str):
         "light_block_size": kinds["light_block_size"],
     }
 
-    def light_pre(prefix):  # float64 pre-activation of the light neurons
+    def light_pre(prefix):  # float64 pre-activation of the light neurons (up: from X')
         i = NBITS_PARTS[f"{prefix}_light"] - 1
         w = _nbits_weight(ins[i : i + 3], "light", None, d, kinds["light_bits"], kinds["light_block_size"])
-        pre = x.astype(np.float64) @ w.astype(np.float64).T
+        xl = zero_silent_channels(x, attrs.get("input_threshold", 0.0)) if prefix == "up" else x
+        pre = np.nan_to_num(xl, nan=0.0, posinf=0.0).astype(np.float64) @ w.astype(np.float64).T
         bias = ins[6 if prefix == "up" else 20]
         return pre + bias[h:] if bias is not None else pre
 
@@ -122,6 +154,10 @@ def _inputs(name: str):
         j = lo + int(np.argmax(np.diff(v[lo : hi + 1])))
         return float((v[j] + v[j + 1]) / 2)
 
+    if name in INPUT:  # TEAL: |x| at about that quantile
+        attrs["input_threshold"] = float(np.float32(cut(x[np.isfinite(x)], INPUT[name])))
+        if name in TIE_X:
+            x[TIE_X[name]] = -np.float32(attrs["input_threshold"])
     score = activation(attrs["activation"], light_pre("gate" if attrs.get("gated") else "up"))
     if frac is not None:
         attrs["threshold"] = cut(score, frac)
@@ -162,10 +198,16 @@ def _worker(names: list[str]) -> None:
         x, ins, attrs, frac = _inputs(name)
         act = attrs.pop("activation")
         ref = fused_ffn_nbits_reference(x, *ins, activation_kind=act, **attrs)
-        plain = fused_ffn_nbits_reference(
-            x, *ins, activation_kind=act, **{**attrs, "skip": 0, "threshold": 0.0, "product_threshold": 0.0}
-        )
+        off = {"skip": 0, "threshold": 0.0, "product_threshold": 0.0, "input_threshold": 0.0}
+        plain = fused_ffn_nbits_reference(x, *ins, activation_kind=act, **{**attrs, **off})
         effect = _err(plain, ref)  # what skipping changes (0 for exact relu zeros)
+        in_effect = 0.0  # what the input threshold alone changes, on the finite rows
+        if attrs.get("input_threshold"):
+            no_in = fused_ffn_nbits_reference(
+                x, *ins, activation_kind=act, **{**attrs, "input_threshold": 0.0}
+            )
+            fin = np.isfinite(x).all(axis=1)
+            in_effect = _err(no_in[fin], ref[fin])
         m = x.shape[0]
         cfgs = [c for c in CONFIGS if c.block_m >= m][:1] + ([CONFIGS[2]] if m <= 8 else [])
         for cfg in cfgs:
@@ -185,7 +227,10 @@ def _worker(names: list[str]) -> None:
                 }
                 col = ref[:, NONFINITE[name][0]] if name in NONFINITE else ref[:, 0]
                 out["col_finite"] = int(np.isfinite(col).sum())
-                print(json.dumps({**out, "skipped": frac, "effect": effect}), flush=True)
+                out["nonfinite_rows"] = [bool(~np.isfinite(ref[r]).all()) for r in range(ref.shape[0])]
+                print(
+                    json.dumps({**out, "skipped": frac, "effect": effect, "in_effect": in_effect}), flush=True
+                )
         # batched X [B, T, D] takes the reshape path
         x3 = np.stack([x, x])
         y3 = launch_fused_ffn(torch.from_numpy(x3), *(None if a is None else torch.from_numpy(a) for a in ins),
@@ -273,6 +318,13 @@ def _check(names, results):
             assert rows[0]["effect"] > 100 * ATOL, rows[0]
         if name in NONFINITE:  # both outcomes occur in the inf column: some tokens finite, some not
             assert 0 < rows[0]["col_finite"] < {**CASES, **SLOW_CASES}[name][0], rows[0]
+        if name in INPUT:  # zeroing X's silent channels for the light up changes Y (finite rows)
+            assert rows[0]["in_effect"] > 100 * ATOL, rows[0]
+        if name in NONFINITE_X:  # X' keeps NaN / inf: exactly the rows holding one are non-finite
+            want = [
+                any(r == row for r, _ in NONFINITE_X[name]) for row in range(len(rows[0]["nonfinite_rows"]))
+            ]
+            assert rows[0]["nonfinite_rows"] == want, rows[0]
     bad = [r for r in results if not r["err"] <= ATOL + RTOL * r["ref_max"]]
     assert not bad, bad[:5]
 
@@ -302,8 +354,18 @@ def test_launch_rejects_bad_input():
     x, ins, attrs, _ = _inputs("silu_gated_h8_l8_m3")
     t = [None if a is None else torch.from_numpy(a) for a in ins]
     act = attrs.pop("activation")
-    with pytest.raises(FormatError, match="input_threshold"):
+    with pytest.raises(FormatError, match="input_threshold=0.1 needs gated=0"):  # TEAL is for ungated FFNs
         launch_fused_ffn(torch.from_numpy(x), *t, activation=act, input_threshold=0.1, **attrs)
+    xu, insu, attrsu, _ = _inputs("gelu_in_h32_l4z_m1")
+    tu = [None if a is None else torch.from_numpy(a) for a in insu]
+    actu = attrsu.pop("activation")
+    for bad, want in (
+        ({"input_threshold": -0.5}, ">= 0"),
+        ({"input_threshold": float("nan")}, "finite"),
+        ({"skip": 0}, "skip=1"),
+    ):
+        with pytest.raises(FormatError, match=want):
+            launch_fused_ffn(torch.from_numpy(xu), *tu, activation=actu, **{**attrsu, **bad})
     with pytest.raises(FormatError, match="float32"):
         launch_fused_ffn(torch.from_numpy(x).double(), *t, activation=act, **attrs)
     with pytest.raises(FormatError, match="activation"):
@@ -324,7 +386,7 @@ def test_split_fused_ffn_writes_two_plugin_nodes():
     from ffsplit_export.trt.fused_nodes import DOWN_INPUTS, DOWN_OP, UP_INPUTS, UP_OP
     from ffsplit_export.trt.onnx_nodes import check_plugin_node
 
-    for name in ("silu_gated_h32_l4_m1_thr", "relu_h0_l4z_m2_exact"):
+    for name in ("silu_gated_h32_l4_m1_thr", "relu_h0_l4z_m2_exact", "gelu_in_h8_l8_m3_thr"):
         _, before, model, _ = _split_model(name)
         up, down = model.graph.node
         assert (up.op_type, down.op_type) == (UP_OP, DOWN_OP)
@@ -337,30 +399,40 @@ def test_split_fused_ffn_writes_two_plugin_nodes():
         assert not any(n.startswith("w") for n in inits)  # the FusedFFNNBits initializers are gone
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in up.attribute}
         orig = onnx.load_from_string(before)
-        want_h = 5 if name.startswith("silu") else 0
+        want_h = {"silu": 5, "relu": 0, "gelu": 4}[name[:4]]
         assert attrs["heavy_neurons"] == want_h and attrs["skip"] == 1
         assert attrs["threshold"] > 0 if "thr" in name else attrs["threshold"] == 0
+        orig_attrs = {a.name: onnx.helper.get_attribute_value(a) for a in orig.graph.node[0].attribute}
+        assert attrs["input_threshold"] == orig_attrs.get("input_threshold", 0.0)
+        assert (attrs["input_threshold"] > 0) == (name in INPUT)
         assert len(orig.graph.node) == 1
 
 
-def test_split_rejects_input_threshold():
+def test_split_rejects_bad_input_threshold():
+    """input_threshold is checked as the op checks it (ungated, skip=1, finite >= 0)."""
     from onnx import helper
 
     from ffsplit_export.errors import FormatError
     from ffsplit_export.ops._ffn import fused_ffn_nbits_model
     from ffsplit_export.trt.fused_nodes import split_fused_ffn
 
-    _, ins, attrs, _ = _inputs("silu_gated_h8_l8_m3")
-    model = fused_ffn_nbits_model(ins, **attrs)
-    model.graph.node[0].attribute.append(helper.make_attribute("input_threshold", 0.25))
-    with pytest.raises(FormatError, match="input_threshold"):
-        split_fused_ffn(model)
+    for name, value, want in (
+        ("silu_gated_h8_l8_m3", 0.25, "needs gated=0"),
+        ("gelu_in_h32_l4z_m1", -0.25, ">= 0"),
+    ):
+        _, ins, attrs, _ = _inputs(name)
+        attrs.pop("input_threshold", None)
+        model = fused_ffn_nbits_model(ins, **attrs)
+        model.graph.node[0].attribute.append(helper.make_attribute("input_threshold", value))
+        with pytest.raises(FormatError, match=want):
+            split_fused_ffn(model)
 
 
 def test_plugin_nodes_match_reference_in_interpreter():
     """The plugin nodes' inputs (int32 view, dummies) and attributes, fed to the kernels as
     plugin.py feeds them, give the reference of the original FusedFFNNBits node."""
     names = ["silu_gated_h32_l4_m1_thr", "gelu_h8z_l8z_m2_thr", "relu_h0_l4z_m2_exact", "silu_gated_h8_l8_m3"]
+    names += ["gelu_in_h8_l8_m3_thr", "relu_in_h0_l8z_m3_nanx"]  # input_threshold (TEAL), NaN / inf in X
     results = _run(["nodes", *names])
     assert len(results) == len(names)
     bad = [r for r in results if not r["err"] <= ATOL + RTOL * r["ref_max"]]

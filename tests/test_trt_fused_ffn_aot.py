@@ -39,16 +39,32 @@ def _check(out, summary, n_expected):
         assert sig[-1] == "*fp32" and list(spec.signature)[-1] in ("a_ptr", "y_ptr")
 
 
+def _reads_param(ptx: str, index: int) -> bool:
+    """Whether the kernel body loads its ``index``-th .param (0-based)."""
+    name = _entry_params(ptx)[index].split()[-1]
+    return re.search(r"\[" + re.escape(name) + r"\]", ptx.split("{", 1)[1]) is not None
+
+
 def test_one_fused_variant_compiles(tmp_path):
-    """Fast: the gated silu variant's two kernels, decode and prefill tiles, sm_90."""
+    """Fast: the gated silu variant's two kernels and the TEAL (input_threshold) variant's up kernel,
+    decode and prefill tiles, sm_90; only the TEAL up kernel reads INPUT_THRESHOLD_BITS."""
     pytest.importorskip("triton")
     from ffsplit_export.trt.aot import compile_all
     from ffsplit_export.trt.configs import CONFIGS, fused_ffn_specs
 
-    specs = fused_ffn_specs()[:2]
+    teal = [s for s in fused_ffn_specs() if s.kernel == "ffn_nbits_up_kernel" and s.fixed_constexprs["SKIP"]]
+    teal = [s for s in teal if not s.fixed_constexprs["GATED"] and s.fixed_constexprs["ACT"] == 1]
+    assert len(teal) == 1, teal
+    specs = fused_ffn_specs()[:2] + teal
     cfgs = [CONFIGS[0], CONFIGS[2]]
     summary = compile_all(tmp_path, [90], specs=specs, configs=cfgs)
     _check(tmp_path, summary, len(specs) * len(cfgs))
+    for e in summary["kernels"]:
+        if e["kernel"] != "FusedFFNNBitsUp":
+            continue
+        sig = [k for k, t in specs[0].full_signature().items() if t != "constexpr"]
+        reads = _reads_param((tmp_path / e["ptx"]).read_text(), sig.index("INPUT_THRESHOLD_BITS"))
+        assert reads == (e["variant"] == teal[0].variant), (e["variant"], e["config"]["name"])
 
 
 @pytest.mark.slow
@@ -74,6 +90,10 @@ def test_specs_name_their_variant_and_reject_bad_values():
     assert up.fixed_constexprs["ACT"] == 3 and up.fixed_constexprs["GATED"] and up.fixed_constexprs["SKIP"]
     assert down.fixed_constexprs["HAS_DOWN_BIAS"] is False and up.constexprs(CONFIGS[2])["BLOCK_K"] == 16
     assert up.signature["uh_b_ptr"] == "*u8" and up.signature["THRESHOLD_BITS"] == "i32"
+    # the thresholds' float32 bits, then a: TensorRT passes the int32 args in this order (plugin.py)
+    assert list(up.signature)[-4:] == [
+        "THRESHOLD_BITS", "PRODUCT_THRESHOLD_BITS", "INPUT_THRESHOLD_BITS", "a_ptr"
+    ]  # fmt: skip
     dense, _ = fused_ffn_kernel_specs(**{**kw, "heavy_bits": 32})
     assert dense.signature["uh_b_ptr"] == "*fp32" and dense.fixed_constexprs["HEAVY_ZP"] is False
     wide, _ = fused_ffn_kernel_specs(**kw, byte_elems="i32")

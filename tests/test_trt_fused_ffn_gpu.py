@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_triton_fused_ffn import ATOL, CASES, RTOL, SLOW_CASES, _inputs
+from test_triton_fused_ffn import ATOL, CASES, RTOL, SLOW_CASES, _err, _inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -34,11 +34,15 @@ def test_kernels_on_cuda_match_reference(name):
     t = [None if a is None else torch.from_numpy(a).cuda() for a in ins]
     for cfg in CONFIGS:
         y = launch_fused_ffn(torch.from_numpy(x).cuda(), *t, activation=act, config=cfg, **attrs)
-        np.testing.assert_allclose(y.cpu().numpy(), ref, atol=ATOL + RTOL * np.abs(ref).max(), rtol=0)
+        # same NaN / +inf / -inf entries, finite ones within ATOL + RTOL * max finite |ref|
+        assert _err(y.cpu().numpy(), ref) <= ATOL + RTOL * np.abs(ref[np.isfinite(ref)]).max(), cfg.name
 
 
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("name", ["silu_gated_h32_l4_m1_thr", "gelu_h8z_l8z_m2_thr", "relu_h0_l4z_m2_exact"])
+@pytest.mark.parametrize(
+    "name",
+    ["silu_gated_h32_l4_m1_thr", "gelu_h8z_l8z_m2_thr", "relu_h0_l4z_m2_exact", "gelu_in_h8_l8_m3_thr"],
+)
 def test_engine_matches_reference(tmp_path, name):
     torch = _cuda_torch()
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")

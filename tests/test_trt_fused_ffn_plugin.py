@@ -72,7 +72,13 @@ _TRT_TYPE = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
 
 @pytest.mark.parametrize(
     "name",
-    ["silu_gated_h32_l4_m1_thr", "gelu_h8z_l8z_m2_thr", "relu_h0_l4z_m2_exact", "silu_gated_h32_l8_m2_mixed"],
+    [
+        "silu_gated_h32_l4_m1_thr",
+        "gelu_h8z_l8z_m2_thr",
+        "relu_h0_l4z_m2_exact",
+        "silu_gated_h32_l8_m2_mixed",
+        "gelu_in_h8_l8_m3_thr",  # input_threshold (TEAL)
+    ],
 )
 def test_plugin_functions_follow_the_nodes_and_specs(plugin, name):
     from onnx import helper, numpy_helper
@@ -124,7 +130,11 @@ def test_plugin_functions_follow_the_nodes_and_specs(plugin, name):
             "M": 6, "H": h, "L": n_light, "D": d, "HEAVY_BS": ua["heavy_block_size"],
             "LIGHT_BS": ua["light_block_size"], "THRESHOLD_BITS": thr_bits,
             "PRODUCT_THRESHOLD_BITS": threshold_bits(ua["product_threshold"]),
+            "INPUT_THRESHOLD_BITS": threshold_bits(ua["input_threshold"]),
         } and len(args_u) == len(scalars_u)  # fmt: skip
+        assert (ua["input_threshold"] > 0) == ("_in_" in name)
+        in_bits = np.array([args_u[scalars_u.index("INPUT_THRESHOLD_BITS")]], np.int32).view(np.float32)[0]
+        assert in_bits == (ua["input_threshold"] or -1.0)
         assert dict(zip(scalars_d, args_d)) == {
             "M": 6, "D": d, "H": h, "L": n_light, "HEAVY_BS": da["heavy_block_size"],
             "LIGHT_BS": da["light_block_size"],

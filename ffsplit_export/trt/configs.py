@@ -249,12 +249,8 @@ def fused_ffn_kernel_specs(
 
     up_sig = {"x_ptr": "*fp32", **part("uh_"), **part("ul_"), "up_bias_ptr": "*fp32"}
     up_sig.update({**part("gh_"), **part("gl_"), "gate_bias_ptr": "*fp32"})
-    up_sig.update(
-        {
-            n: "i32"
-            for n in ("M", "H", "L", "D", "HEAVY_BS", "LIGHT_BS", "THRESHOLD_BITS", "PRODUCT_THRESHOLD_BITS")
-        }
-    )
+    thresholds = ("THRESHOLD_BITS", "PRODUCT_THRESHOLD_BITS", "INPUT_THRESHOLD_BITS")
+    up_sig.update({n: "i32" for n in ("M", "H", "L", "D", "HEAVY_BS", "LIGHT_BS", *thresholds)})
     up_sig["a_ptr"] = "*fp32"
     common = {
         "HEAVY_BITS": heavy_bits,
@@ -310,6 +306,10 @@ def fused_ffn_specs() -> list[KernelSpec]:
         # ungated gelu with biases (Whisper / MPT): int8 heavy, int4 light with zero points
         dict(heavy_bits=8, light_bits=4, heavy_zp=False, light_zp=True, gated=False, activation="gelu",
              skip=False, up_bias=True, gate_bias=False, down_bias=True),
+        # TEAL input skipping (--input-sparsity: MPT / Whisper): ungated gelu, skip, int4 light with zero
+        # points, biases; the up kernel zeroes the light up's silent input channels (input_threshold)
+        dict(heavy_bits=8, light_bits=4, heavy_zp=False, light_zp=True, gated=False, activation="gelu",
+             skip=True, up_bias=True, gate_bias=False, down_bias=True),
         # relu exact skipping (T5 v1.0 / OPT): int8 light, parser-widened byte arrays
         dict(heavy_bits=32, light_bits=8, heavy_zp=False, light_zp=False, gated=False, activation="relu",
              skip=True, up_bias=True, gate_bias=False, down_bias=True, byte_elems="i32"),

@@ -6,7 +6,10 @@ Two phases, one launch each (semantics: :data:`ffsplit_export.ops._ffn.NBITS_SEM
    computes up [and gate] from X over D, adds the biases, applies the activation (and the gate
    product) and writes ``a[M, F]`` in float32. With ``SKIP`` a light neuron whose
    ``|act(gate)|`` (or ``|act(up)|``) is <= threshold, or (gated) whose ``|a|`` is <=
-   product_threshold, gets ``a = 0`` (each threshold only when > 0).
+   product_threshold, gets ``a = 0`` (each threshold only when > 0); ungated with ``SKIP`` and
+   input_threshold > 0 (TEAL), the light up reads X' = X with every ``|x| <= input_threshold``
+   zeroed (NaN / inf kept), the heavy up the full X (zeroed channels' weights are still read:
+   the op's result, no bytes saved).
 2. :func:`ffn_nbits_down_kernel`: every program owns BLOCK_N outputs of D x BLOCK_M tokens and
    sums the heavy neurons then the light neurons of ``a``; with ``SKIP`` a light neuron whose
    ``a`` is exactly 0 for a token is left out of that token's sum (its down column is masked,
@@ -83,15 +86,18 @@ def _nbits_tile(b_ptr, s_ptr, z_ptr, rows, r_ok, kk, k_ok, K, BS, BITS: tl.const
 @triton.jit
 def _up_gate(
     acc_u, acc_g, x_ptr, rm64, m_ok, rk, D, u_b_ptr, u_s_ptr, u_z_ptr, g_b_ptr, g_s_ptr, g_z_ptr,
-    rows, r_ok, BS, BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr,
-    GATED: tl.constexpr, USE_DOT: tl.constexpr,
+    rows, r_ok, BS, t_in, BLOCK_K: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr,
+    GATED: tl.constexpr, USE_DOT: tl.constexpr, ZERO_X: tl.constexpr,
 ):  # fmt: skip
     """acc_u (and, gated, acc_g) += X @ W.T over all of K for one part (heavy or light) of up / gate:
-    ``rows`` are the part's rows of this tile (``r_ok`` the valid ones)."""
+    ``rows`` are the part's rows of this tile (``r_ok`` the valid ones). ``ZERO_X`` (ungated light
+    part): X' = X with every |x| <= ``t_in`` set to 0 (NaN kept; -1.0 = unset zeroes nothing)."""
     for k0 in range(0, D, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < D
         x = tl.load(x_ptr + rm64[:, None] * D + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if ZERO_X and not GATED:
+            x = tl.where(tl.abs(x) <= t_in, 0.0, x)
         w = _nbits_tile(u_b_ptr, u_s_ptr, u_z_ptr, rows, r_ok, kk, k_ok, D, BS, BITS, HAS_ZP)
         acc_u = _mma(acc_u, x, w, USE_DOT)
         if GATED:
@@ -125,6 +131,7 @@ def ffn_nbits_up_kernel(
     LIGHT_BS,
     THRESHOLD_BITS,
     PRODUCT_THRESHOLD_BITS,
+    INPUT_THRESHOLD_BITS,
     a_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -141,9 +148,11 @@ def ffn_nbits_up_kernel(
     HAS_GATE_BIAS: tl.constexpr,
 ):
     """Phase 1: a[M, H + L] = act(g) * u (gated) or act(u); a light neuron with |act(g)| (|act(u)|)
-    <= threshold or, gated, |a| <= product_threshold gets a = 0. THRESHOLD_BITS /
-    PRODUCT_THRESHOLD_BITS: the float32 bit patterns of the thresholds, -1.0 for an unset (0) one
-    (only exact zeros are skipped then, by phase 2); int32 because TensorRT passes int32 scalars."""
+    <= threshold or, gated, |a| <= product_threshold gets a = 0; ungated with SKIP, the light up
+    reads X' (every |x| <= input_threshold zeroed), the heavy up X. THRESHOLD_BITS /
+    PRODUCT_THRESHOLD_BITS / INPUT_THRESHOLD_BITS: the float32 bit patterns of the thresholds, -1.0
+    for an unset (0) one (only exact zeros are skipped then, by phase 2; no input channel is
+    zeroed); int32 because TensorRT passes int32 scalars."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     F = H + L
@@ -159,13 +168,15 @@ def ffn_nbits_up_kernel(
         h_ok = rn < H
         acc_u, acc_g = _up_gate(
             acc_u, acc_g, x_ptr, rm64, m_ok, rk, D, uh_b_ptr, uh_s_ptr, uh_z_ptr, gh_b_ptr, gh_s_ptr,
-            gh_z_ptr, tl.where(h_ok, rn, 0), h_ok, HEAVY_BS, BLOCK_K, HEAVY_BITS, HEAVY_ZP, GATED, USE_DOT,
+            gh_z_ptr, tl.where(h_ok, rn, 0), h_ok, HEAVY_BS, -1.0, BLOCK_K, HEAVY_BITS, HEAVY_ZP, GATED,
+            USE_DOT, False,
         )  # fmt: skip
     if n0 + BLOCK_N > H:  # light neurons in this tile
         l_ok = (rn >= H) & (rn < F)
         acc_u, acc_g = _up_gate(
             acc_u, acc_g, x_ptr, rm64, m_ok, rk, D, ul_b_ptr, ul_s_ptr, ul_z_ptr, gl_b_ptr, gl_s_ptr,
-            gl_z_ptr, tl.where(l_ok, rn - H, 0), l_ok, LIGHT_BS, BLOCK_K, LIGHT_BITS, LIGHT_ZP, GATED, USE_DOT,
+            gl_z_ptr, tl.where(l_ok, rn - H, 0), l_ok, LIGHT_BS, INPUT_THRESHOLD_BITS.to(tl.float32, bitcast=True),
+            BLOCK_K, LIGHT_BITS, LIGHT_ZP, GATED, USE_DOT, SKIP,
         )  # fmt: skip
     n_ok = rn < F
     rn64 = rn.to(tl.int64)
@@ -302,13 +313,20 @@ def launch_fused_ffn(
 
     ``inputs``: the op's inputs 1..21 as torch tensors in the on-disk layout (or its int32 view;
     ``byte_elems="i32"``: one byte value per int32 element, as TensorRT's parser widens uint8),
-    None where absent. Returns Y float32 [..., D]. ``input_threshold`` (TEAL-style input skipping)
-    is not implemented by these kernels: a value > 0 raises.
+    None where absent. Returns Y float32 [..., D]. ``input_threshold`` (TEAL-style input skipping;
+    > 0 only with gated=0, skip=1): the light up projection sees X with every |x| <= it zeroed.
     """
     import torch
 
     from ..errors import FormatError
-    from ..ops._ffn import ACTIVATIONS, NBITS_INPUTS, _nbits_attrs, check_product_threshold, check_threshold
+    from ..ops._ffn import (
+        ACTIVATIONS,
+        NBITS_INPUTS,
+        _nbits_attrs,
+        check_input_threshold,
+        check_product_threshold,
+        check_threshold,
+    )
     from .configs import fused_ffn_kernel_specs, heuristic_config
 
     if activation not in ACTIVATIONS:
@@ -317,13 +335,9 @@ def launch_fused_ffn(
         )
     if gated not in (0, 1) or skip not in (0, 1):
         raise FormatError(f"FusedFFNNBits gated={gated} skip={skip}: both must be 0 or 1")
-    if float(input_threshold) > 0:
-        raise FormatError(
-            f"FusedFFNNBits input_threshold={input_threshold!r}: the Triton kernels do not skip input "
-            "channels; use input_threshold=0 (or the ONNX Runtime CPU kernel)"
-        )
     t = check_threshold(threshold, skip)
     pt = check_product_threshold(product_threshold, skip, gated)
+    t_in = check_input_threshold(input_threshold, gated, skip)
     if len(inputs) > NBITS_INPUTS - 1:
         raise FormatError(f"FusedFFNNBits takes at most {NBITS_INPUTS} inputs, got {len(inputs) + 1}")
     ins = list(inputs) + [None] * (NBITS_INPUTS - 1 - len(inputs))
@@ -385,7 +399,7 @@ def launch_fused_ffn(
     up_in = [*part(1, hbits), *part(4, light_bits), arr(ins[6], "f"), *part(15, hbits), *part(18, light_bits)]
     up_in.append(arr(ins[20], "f"))
     down_in = [*part(8, hbits), *part(11, light_bits), arr(ins[13], "f")]
-    y = _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, (t, pt), cfg)
+    y = _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, (t, pt, t_in), cfg)
     return y.reshape(*x.shape[:-1], d)
 
 
@@ -398,19 +412,19 @@ def threshold_bits(threshold: float) -> int:
 
 def _run_phases(x2, up_in, down_in, up_spec, down_spec, h, n_light, hbs, lbs, thresholds, cfg):
     """Launch both kernels on flat torch tensors (14 up inputs, 7 down inputs, in node order);
-    ``thresholds``: (threshold, product_threshold)."""
+    ``thresholds``: (threshold, product_threshold, input_threshold)."""
     import torch
 
     m, d = x2.shape
     f = h + n_light
-    thr_bits, pthr_bits = (threshold_bits(t) for t in thresholds)
+    thr_bits = [threshold_bits(t) for t in thresholds]
     a_buf = torch.empty((m, f), dtype=torch.float32, device=x2.device)
     y = torch.empty((m, d), dtype=torch.float32, device=x2.device)
     if m == 0 or d == 0:
         return y  # nothing to launch (an empty grid)
     grid1 = (triton.cdiv(f, cfg.block_n), triton.cdiv(m, cfg.block_m))
     ffn_nbits_up_kernel[grid1](
-        x2, *up_in, m, h, n_light, d, hbs, lbs, thr_bits, pthr_bits, a_buf,
+        x2, *up_in, m, h, n_light, d, hbs, lbs, *thr_bits, a_buf,
         num_warps=cfg.num_warps, **up_spec.constexprs(cfg),
     )  # fmt: skip
     grid2 = (triton.cdiv(d, cfg.block_n), triton.cdiv(m, cfg.block_m))
@@ -444,6 +458,6 @@ def launch_plugin_nodes(x, up_inputs, down_inputs, up_attrs: dict, down_attrs: d
     y = _run_phases(
         x2, [flat(t) for t in up_inputs], [flat(t) for t in down_inputs], up_spec, down_spec, h, n_light,
         int(up_attrs["heavy_block_size"]), int(up_attrs["light_block_size"]),
-        (float(up_attrs["threshold"]), float(up_attrs["product_threshold"])), cfg,
+        tuple(float(up_attrs[k]) for k in ("threshold", "product_threshold", "input_threshold")), cfg,
     )  # fmt: skip
     return y.reshape(*x.shape[:-1], d)

@@ -7,8 +7,9 @@ phases (every output needs every neuron's activation), so :func:`split_fused_ffn
 plugins take a fixed list of inputs, so every optional input is present: an absent one becomes a
 1-element dummy initializer and a ``has_*`` / ``*_zp`` attribute says it is absent. Byte arrays
 (B, zero points) are given in the int32 view of :mod:`.layout` (same bytes), so the plugin sees
-INT32 (packed) or FP32 (dense heavy) and never UINT8. ``threshold`` and ``product_threshold`` are
-FLOAT attributes; the kernel receives their bit patterns as int32 arguments.
+INT32 (packed) or FP32 (dense heavy) and never UINT8. ``threshold``, ``product_threshold`` and
+``input_threshold`` (TEAL, ungated: the light up reads X with every |x| <= it zeroed) are FLOAT
+attributes of the up node; the kernel receives their bit patterns as int32 arguments.
 
 Where it applies: :func:`ffsplit_export.trt.engine.build_engine` (TensorRT's own ONNX parser).
 ONNX Runtime's TensorRT EP cannot run these nodes (it resolves ``ffsplit`` ops through the CPU
@@ -44,13 +45,8 @@ def node_attributes(
 ) -> tuple[dict, dict]:
     """(up, down) plugin node attributes from a FusedFFNNBits node's ``attrs`` and which of its
     inputs 1..21 are ``present``; H = rows of up heavy (0 when absent), L = rows of up light."""
-    from ..ops._ffn import check_product_threshold, check_threshold
+    from ..ops._ffn import check_input_threshold, check_product_threshold, check_threshold
 
-    if float(attrs.get("input_threshold", 0.0) or 0.0) > 0:
-        raise FormatError(
-            f"FusedFFNNBits input_threshold={attrs['input_threshold']!r}: the TensorRT plugin does not skip "
-            "input channels; export with input_threshold 0 (no TEAL input skipping) for --target tensorrt"
-        )
     if int(attrs.get("accuracy_level", 0) or 0) not in (0, 4):
         raise FormatError(f"FusedFFNNBits accuracy_level={attrs.get('accuracy_level')!r}; use 0 or 4")
     heavy = heavy_neurons > 0
@@ -75,6 +71,9 @@ def node_attributes(
         "threshold": check_threshold(float(attrs.get("threshold", 0.0) or 0.0), skip),
         "product_threshold": check_product_threshold(
             float(attrs.get("product_threshold", 0.0) or 0.0), skip, gated
+        ),
+        "input_threshold": check_input_threshold(
+            float(attrs.get("input_threshold", 0.0) or 0.0), gated, skip
         ),
         "has_up_bias": int(present.get(7, False)),
         "has_gate_bias": int(gated and present.get(21, False)),

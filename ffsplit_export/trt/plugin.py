@@ -214,7 +214,7 @@ def _nm24_aot(x, values, meta, scales, outputs, tactic):
 # ------------------------------------------------------------ FusedFFNNBits (Up + Down nodes)
 # fused_nodes.split_fused_ffn writes each FusedFFNNBits node as these two plugin nodes: every input
 # present (dummies where the op's input is absent), byte arrays in the int32 view, H / L / the part
-# kinds / the threshold as attributes. Kernels: fused_kernels.ffn_nbits_up_kernel / _down_kernel.
+# kinds / the three thresholds as attributes. Kernels: fused_kernels.ffn_nbits_up_kernel / _down_kernel.
 
 
 def _fused_part_types(heavy_bits: int) -> str:
@@ -257,7 +257,7 @@ def _ffn_up_desc(
     gl_s: trtp.TensorDesc, gl_z: trtp.TensorDesc, gate_bias: trtp.TensorDesc,
     heavy_neurons: int, light_neurons: int, heavy_bits: int, light_bits: int, heavy_block_size: int,
     light_block_size: int, heavy_zp: int, light_zp: int, skip: int, gated: int, activation: str,
-    threshold: float, product_threshold: float, has_up_bias: int, has_gate_bias: int,
+    threshold: float, product_threshold: float, input_threshold: float, has_up_bias: int, has_gate_bias: int,
 ) -> tuple[trtp.TensorDesc]:  # fmt: skip
     # a[..., H + L]: the up light B's rows (L) plus H
     return (_out_like_x(x, ul_b.shape_expr[0] + heavy_neurons),)
@@ -273,15 +273,15 @@ def _ffn_up_tune(x, uh_b, uh_s, uh_z, ul_b, ul_s, ul_z, up_bias, gh_b, gh_s, gh_
 @trtp.aot_impl(f"{NAMESPACE}::FusedFFNNBitsUp")
 def _ffn_up_aot(x, uh_b, uh_s, uh_z, ul_b, ul_s, ul_z, up_bias, gh_b, gh_s, gh_z, gl_b, gl_s, gl_z, gate_bias,
                 heavy_neurons, light_neurons, heavy_bits, light_bits, heavy_block_size, light_block_size,
-                heavy_zp, light_zp, skip, gated, activation, threshold, product_threshold, has_up_bias,
-                has_gate_bias, outputs, tactic):  # fmt: skip
+                heavy_zp, light_zp, skip, gated, activation, threshold, product_threshold, input_threshold,
+                has_up_bias, has_gate_bias, outputs, tactic):  # fmt: skip
     up, _ = _fused_specs(heavy_bits, light_bits, heavy_zp, light_zp, skip, gated, activation,
                          has_up_bias, has_gate_bias)  # fmt: skip
     h, n_light = int(heavy_neurons), int(light_neurons)
     m = _rows(x)
     d = x.shape_expr[x.ndim - 1]
     args = [m if m is not None else 1, h, n_light, d, int(heavy_block_size), int(light_block_size),
-            threshold_bits(threshold), threshold_bits(product_threshold)]  # fmt: skip
+            threshold_bits(threshold), threshold_bits(product_threshold), threshold_bits(input_threshold)]  # fmt: skip
     return _fused_launch(up, config_for_tactic(tactic), m, h + n_light, args)
 
 
