@@ -209,6 +209,18 @@ def test_bad_activation_sparsity():
         assert "\n" not in str(e.value) and "0 < F < 1" in str(e.value)
     with pytest.raises(ConfigError, match="TensorRT"):
         ExportOptions(target="tensorrt", fused_ffn=True)
+    # tensorrt: one message for each fused option, naming the option, what exists and the fix
+    for kw, flag in (
+        ({"fused_ffn": True}, "--fused-ffn"),
+        ({"activation_sparsity": "exact"}, "--activation-sparsity=exact"),
+        ({"activation_sparsity": "0.4"}, "--activation-sparsity=0.4"),
+        ({"input_sparsity": "0.3"}, "--input-sparsity=0.3"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            ExportOptions(target="tensorrt", **kw)
+        msg = str(e.value)
+        assert msg.startswith(flag) and "FusedFFNNBitsUp" in msg and "--target ort-cpu" in msg, msg
+        assert ("portable" in msg) == ("input_sparsity" not in kw), msg
     with pytest.raises(ConfigError, match="--target ort-cpu"):
         ExportOptions(target="portable", activation_sparsity="0.4")
     assert ExportOptions(activation_sparsity="exact").skip_mode == 1

@@ -64,6 +64,8 @@ class ExportOptions:
         from ..fused import parse_input_sparsity
 
         self.input_fraction = parse_input_sparsity(self.input_sparsity)
+        if self.target is Target.TENSORRT:
+            self._refuse_tensorrt_fused()
         if self.input_fraction > 0:
             if self.target is not Target.ORT_CPU:
                 raise ConfigError(
@@ -71,13 +73,6 @@ class ExportOptions:
                     f"FusedFFNNBits, which --target {self.target} does not have; use --target ort-cpu"
                 )
             self.fused_ffn = True
-        if (self.fused_ffn or self.skip_mode) and self.target is Target.TENSORRT:
-            raise ConfigError(
-                "--fused-ffn / --activation-sparsity: --target tensorrt does not export fused FFNs yet (the "
-                "int8 / int4 light formats they take have no TensorRT export; the FusedFFNNBits kernels and "
-                "plugin in ffsplit_export.trt are unwired and untested on a GPU); use --target ort-cpu "
-                "(or portable, where exact skipping changes nothing)"
-            )
         if self.sparsity.fraction > 0 and self.target is not Target.ORT_CPU:
             raise ConfigError(
                 f"--activation-sparsity={self.activation_sparsity}: calibrated thresholds run in the "
@@ -108,6 +103,34 @@ class ExportOptions:
             raise ConfigError(
                 f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)"
             )
+
+    def _refuse_tensorrt_fused(self) -> None:
+        """The fused FFN options on --target tensorrt: refused, saying what exists and what is missing."""
+        asked = [
+            flag
+            for flag, on in (
+                ("--fused-ffn", self.fused_ffn),
+                (
+                    f"--activation-sparsity={self.activation_sparsity}",
+                    self.skip_mode or self.sparsity.fraction > 0,
+                ),
+                (f"--input-sparsity={self.input_sparsity}", self.input_fraction > 0),
+            )
+            if on
+        ]
+        if not asked:
+            return
+        raise ConfigError(
+            f"{' / '.join(asked)}: --target tensorrt does not export fused FFNs yet: the TensorRT plugin nodes "
+            "FusedFFNNBitsUp / FusedFFNNBitsDown and their Triton kernels exist (ffsplit_export.trt, threshold, "
+            "product_threshold and input_threshold included), but the export does not write them and nothing "
+            "validates such a graph against PyTorch without a GPU (none has run it); use --target ort-cpu"
+            + (
+                ""
+                if self.input_fraction > 0
+                else " (or portable, where --fused-ffn / exact skipping keep standard ops)"
+            )
+        )
 
 
 def check_target_format(
