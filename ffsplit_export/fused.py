@@ -10,8 +10,9 @@ the dense float32 weight, heavy-first). Either needs an activation the op knows.
 and pass-throughs at the activation and down projection (their container also holds attention).
 In PyTorch the module computes exactly what the op computes (the split modules, the activation,
 and ``exact`` skipping, which changes nothing but the bytes read: a zero activation contributes
-nothing). At ONNX export with ``--target ort-cpu`` it becomes one node; other FFNs keep today's
-subgraph and the report says why.
+nothing). At ONNX export with ``--target ort-cpu`` it becomes one node (``--target tensorrt``:
+``FusedFFNNBits`` only, split into its two plugin nodes after validation); other FFNs keep today's
+subgraph and the report says why (on tensorrt that is refused).
 
 ``--activation-sparsity F`` (0 < F < 1): per FFN one threshold ``t`` on the light neurons' silence
 score ``s`` (``act(gate)`` for gated FFNs, CATS-style: a skipped neuron costs neither its up row nor

@@ -207,20 +207,16 @@ def test_bad_activation_sparsity():
         with pytest.raises(ConfigError, match="--activation-sparsity") as e:
             ExportOptions(activation_sparsity=bad)
         assert "\n" not in str(e.value) and "0 < F < 1" in str(e.value)
-    with pytest.raises(ConfigError, match="TensorRT"):
-        ExportOptions(target="tensorrt", fused_ffn=True)
-    # tensorrt: one message for each fused option, naming the option, what exists and the fix
+    # tensorrt: the kernels compute level 0; the message names the fused options given
     for kw, flag in (
         ({"fused_ffn": True}, "--fused-ffn"),
         ({"activation_sparsity": "exact"}, "--activation-sparsity=exact"),
-        ({"activation_sparsity": "0.4"}, "--activation-sparsity=0.4"),
         ({"input_sparsity": "0.3"}, "--input-sparsity=0.3"),
     ):
-        with pytest.raises(ConfigError) as e:
-            ExportOptions(target="tensorrt", **kw)
-        msg = str(e.value)
-        assert msg.startswith(flag) and "FusedFFNNBitsUp" in msg and "--target ort-cpu" in msg, msg
-        assert ("portable" in msg) == ("input_sparsity" not in kw), msg
+        assert ExportOptions(target="tensorrt", **kw).fused_trt
+        with pytest.raises(ConfigError, match="--nbits-accuracy-level=4") as e:
+            ExportOptions(target="tensorrt", nbits_accuracy_level=4, **kw)
+        assert flag in str(e.value) and "level 0" in str(e.value)
     with pytest.raises(ConfigError, match="--target ort-cpu"):
         ExportOptions(target="portable", activation_sparsity="0.4")
     assert ExportOptions(activation_sparsity="exact").skip_mode == 1

@@ -529,7 +529,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--fused-ffn",
         action="store_true",
         help="ort-cpu: one node per split FFN: ffsplit::FusedFFNNBits (the presets: heavy fp32 / int8, light "
-        "int8 / int4) or ffsplit::FusedFFN (heavy fp32, light sparse-int8)",
+        "int8 / int4) or ffsplit::FusedFFN (heavy fp32, light sparse-int8); tensorrt: FusedFFNNBits only "
+        "(pass --light-format int4 / int8, --heavy-format fp32 / int8), written as its two plugin nodes",
     )
     p.add_argument(
         "--activation-sparsity",
@@ -537,7 +538,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         default="0",
         help="0 (default, off), 'exact' (skip light neurons whose activation is exactly zero; lossless, "
         "ReLU models) or a fraction 0 < F < 1 of light neurons skipped per token (per-layer thresholds on "
-        "|act(gate)| or |act(up)| calibrated on the calibration data; ort-cpu); implies --fused-ffn",
+        "|act(gate)| or |act(up)| calibrated on the calibration data; ort-cpu, tensorrt); implies --fused-ffn",
     )
     p.add_argument(
         "--skip-criterion",
@@ -553,7 +554,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         default="0",
         help="0 (default, off) or a fraction 0 < F < 1 of the FFN input's channels skipped per token by "
         "the light up projection of ungated FFNs (MPT, Whisper, GPT-2, OPT, T5 v1.0; TEAL-style per-layer "
-        "thresholds on |x| calibrated on the calibration data; ort-cpu, FusedFFNNBits); implies --fused-ffn",
+        "thresholds on |x| calibrated on the calibration data; ort-cpu, tensorrt, FusedFFNNBits); implies --fused-ffn",
     )
     p.add_argument(
         "--no-fuse-attention",

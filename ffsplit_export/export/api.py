@@ -14,7 +14,7 @@ from ..manifest import Manifest
 from ..models.loading import load_model
 from ..pipeline import compress
 from ..split import SplitConfig
-from .core import ExportOptions, check_target_format, export_split_model
+from .core import FUSED_TRT_FORMATS, ExportOptions, check_target_format, export_split_model
 from .lock import output_lock
 
 
@@ -72,6 +72,7 @@ def export(
         config.other_linear,
         config.embedding,
         config.lm_head,
+        fused_ffn=opts.fused_trt,
     )
     if config.size_budget is not None and config.planner == "measured":
         target = Target.parse(opts.target, "--target")
@@ -145,6 +146,16 @@ def check_export_request(config: CompressionConfig, opts: ExportOptions, output:
             f"--trt-dense-24 applies to the 2:4-int8 light format, not {light}; use --light-format 2:4-int8, "
             "or leave --trt-dense-24 out"
         )
+    if opts.fused_trt:
+        heavy = str(config.heavy_format)
+        if str(light) not in FUSED_TRT_FORMATS["light"] or heavy not in FUSED_TRT_FORMATS["heavy"]:
+            raise ConfigError(
+                f"{opts.fused_flags()} with --target tensorrt: the TensorRT "
+                f"plugin carries ffsplit::FusedFFNNBits only (light int8 / int4, heavy fp32 / int8), not light "
+                f"{light} / heavy {heavy}"
+                + (f" (set by --preset {config.preset} for tensorrt)" if config.preset else "")
+                + "; pass --light-format int4 --heavy-format int8, or leave the fused options out"
+            )
     if (opts.fused_ffn or opts.skip_mode) and opts.target is Target.ORT_CPU:
         heavy = str(config.heavy_format)
         # ffsplit::FusedFFN takes fp32 + sparse-int8; ffsplit::FusedFFNNBits the presets' parts
@@ -182,12 +193,13 @@ def check_task(model, task: str) -> None:
 
 
 def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> dict:
-    """One fused FFN node (FusedFFN / FusedFFNNBits) per split FFN on ort-cpu (thresholds
-    calibrated on ``batches`` for ``--activation-sparsity F``); portable keeps standard ops."""
-    from ..fused import fuse_ffns_
+    """One fused FFN node (FusedFFN / FusedFFNNBits) per split FFN on ort-cpu, FusedFFNNBits for every
+    FFN on tensorrt (thresholds calibrated on ``batches`` for ``--activation-sparsity F``); portable
+    keeps standard ops."""
+    from ..fused import NBITS_OP, fuse_ffns_
 
-    if opts.target is Target.ORT_CPU:
-        return fuse_ffns_(
+    if opts.target in (Target.ORT_CPU, Target.TENSORRT):
+        record = fuse_ffns_(
             model,
             opts.sparsity,
             batches=batches,
@@ -195,6 +207,23 @@ def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> d
             criterion=opts.skip_criterion,
             input_sparsity=getattr(opts, "input_fraction", 0.0),
         )
+        other = {op: n for op, n in record["ops"].items() if op != NBITS_OP}
+        if opts.target is Target.TENSORRT and (record["kept_subgraph"] or other):
+            # an FFN left as a subgraph would carry int8 / int4 parts TensorRT has no form for
+            why = next(iter(record["kept_subgraph"].items()), None) or (
+                f"{other} node(s)",
+                "no Triton kernel",
+            )
+            raise ConfigError(
+                f"{opts.fused_flags()} with --target tensorrt: every FFN must be one FusedFFNNBits node (the TensorRT "
+                f"plugin's op); FFN {why[0]}: {why[1]}; use light int8 / int4 with heavy fp32 / int8, or leave "
+                "the fused options out"
+            )
+        if opts.target is Target.TENSORRT:
+            record["tensorrt"] = (
+                "each FusedFFNNBits node is written as FusedFFNNBitsUp + FusedFFNNBitsDown plugin nodes"
+            )
+        return record
     return {
         "op": None,
         "activation_sparsity": opts.sparsity.label,

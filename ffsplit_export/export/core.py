@@ -27,6 +27,10 @@ from .validate import all_nodes
 logger = logging.getLogger(__name__)
 
 
+#: the parts FusedFFNNBits carries on --target tensorrt (its plugin nodes read them directly)
+FUSED_TRT_FORMATS = {"light": ("int8", "int4"), "heavy": ("fp32", "int8")}
+
+
 @dataclass
 class ExportOptions:
     target: Target | str = Target.ORT_CPU
@@ -64,19 +68,17 @@ class ExportOptions:
         from ..fused import parse_input_sparsity
 
         self.input_fraction = parse_input_sparsity(self.input_sparsity)
-        if self.target is Target.TENSORRT:
-            self._refuse_tensorrt_fused()
         if self.input_fraction > 0:
-            if self.target is not Target.ORT_CPU:
+            if self.target is Target.PORTABLE:
                 raise ConfigError(
                     f"--input-sparsity={self.input_sparsity}: input thresholds run in the fused FFN op "
-                    f"FusedFFNNBits, which --target {self.target} does not have; use --target ort-cpu"
+                    f"FusedFFNNBits, which --target {self.target} does not have; use --target ort-cpu or tensorrt"
                 )
             self.fused_ffn = True
-        if self.sparsity.fraction > 0 and self.target is not Target.ORT_CPU:
+        if self.sparsity.fraction > 0 and self.target is Target.PORTABLE:
             raise ConfigError(
                 f"--activation-sparsity={self.activation_sparsity}: calibrated thresholds run in the "
-                f"fused FFN ops, which --target {self.target} does not have; use --target ort-cpu"
+                f"fused FFN ops, which --target {self.target} does not have; use --target ort-cpu or tensorrt"
             )
         if self.atol is not None and (
             isinstance(self.atol, bool)
@@ -103,33 +105,29 @@ class ExportOptions:
             raise ConfigError(
                 f"--nbits-accuracy-level={self.nbits_accuracy_level}; use 0 (exact fp32) to 4 (int8 compute)"
             )
+        if self.fused_trt and self.nbits_accuracy_level not in (None, 0):
+            raise ConfigError(
+                f"--nbits-accuracy-level={self.nbits_accuracy_level} with --target tensorrt and {self.fused_flags()}: the "
+                "TensorRT kernels compute float32 products (level 0); use --nbits-accuracy-level 0 or leave it out"
+            )
 
-    def _refuse_tensorrt_fused(self) -> None:
-        """The fused FFN options on --target tensorrt: refused, saying what exists and what is missing."""
-        asked = [
-            flag
-            for flag, on in (
-                ("--fused-ffn", self.fused_ffn),
-                (
-                    f"--activation-sparsity={self.activation_sparsity}",
-                    self.skip_mode or self.sparsity.fraction > 0,
-                ),
-                (f"--input-sparsity={self.input_sparsity}", self.input_fraction > 0),
-            )
-            if on
+    def fused_flags(self) -> str:
+        """The fused FFN options given, as the command line spells them (for messages)."""
+        flags = [
+            ("--fused-ffn", self.fused_ffn and not self.input_fraction),
+            (
+                f"--activation-sparsity={self.activation_sparsity}",
+                self.skip_mode or self.sparsity.fraction > 0,
+            ),
+            (f"--input-sparsity={self.input_sparsity}", self.input_fraction > 0),
         ]
-        if not asked:
-            return
-        raise ConfigError(
-            f"{' / '.join(asked)}: --target tensorrt does not export fused FFNs yet: the TensorRT plugin nodes "
-            "FusedFFNNBitsUp / FusedFFNNBitsDown and their Triton kernels exist (ffsplit_export.trt, threshold, "
-            "product_threshold and input_threshold included), but the export does not write them and nothing "
-            "validates such a graph against PyTorch without a GPU (none has run it); use --target ort-cpu"
-            + (
-                ""
-                if self.input_fraction > 0
-                else " (or portable, where --fused-ffn / exact skipping keep standard ops)"
-            )
+        return " / ".join(f for f, on in flags if on) or "--fused-ffn"
+
+    @property
+    def fused_trt(self) -> bool:
+        """Fused FFNs on --target tensorrt: FusedFFNNBits nodes, split into the plugin nodes after export."""
+        return self.target is Target.TENSORRT and bool(
+            self.fused_ffn or self.skip_mode or self.input_fraction > 0
         )
 
 
@@ -140,17 +138,17 @@ def check_target_format(
     other_linear: str = "fp32",
     embedding: str = "fp32",
     lm_head: str | None = None,
+    fused_ffn: bool = False,
 ) -> None:
-    """Formats that a target cannot carry are rejected before any work is done (the registry decides)."""
-    check_target(
-        target,
-        [
-            ("light", light_format),
-            ("heavy", heavy_format),
-            ("other-linear", other_linear),
-            ("embedding", embedding),
-        ],
-    )
+    """Formats that a target cannot carry are rejected before any work is done (the registry decides).
+
+    ``fused_ffn`` on tensorrt: the FFN parts that ``FusedFFNNBits`` takes (light int8 / int4, heavy
+    fp32 / int8) travel inside its plugin nodes, so they need no TensorRT form of their own (every FFN
+    must then be fused: :func:`ffsplit_export.export.api.check_export_request` and ``_fuse``)."""
+    chosen = [("light", light_format), ("heavy", heavy_format)]
+    if fused_ffn and Target.parse(target, "--target") is Target.TENSORRT:
+        chosen = [(r, v) for r, v in chosen if str(v) not in FUSED_TRT_FORMATS[r]]
+    check_target(target, [*chosen, ("other-linear", other_linear), ("embedding", embedding)])
     if lm_head is not None:  # the other-linear formats, under the option the user gave
         try:
             check_target(target, [("other-linear", lm_head)])
@@ -253,7 +251,13 @@ def _export_locked(
 
 
 def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptions) -> dict:
-    sessions = _Sessions(options.target)
+    from ..fused import fused_modules
+
+    # fused FFNs on tensorrt: exported as FusedFFNNBits (ONNX Runtime runs them with the CPU library),
+    # then split into the plugin nodes (the onnx reference evaluator runs those): _split_for_tensorrt
+    fused_trt = options.target is Target.TENSORRT and bool(fused_modules(model))
+    # (ONNX Runtime needs the CPU library to run FusedFFNNBits: only when validating)
+    sessions = _Sessions(Target.ORT_CPU if fused_trt and options.validate else options.target)
     atol = default_atol(options)
     results: dict = {}
     ref_ops = None
@@ -264,6 +268,11 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         from ..ops import reference_ops
 
         ref_ops = reference_ops(include_contrib=True)
+        if fused_trt:
+            from ..trt.fused_nodes import plugin_reference_ops
+
+            ref_ops += plugin_reference_ops()
+    presplit: dict = {}  # fused tensorrt: file name -> its graph before the split (ONNX Runtime runs it)
 
     def validator(
         models_and_onnx_configs,
@@ -316,7 +325,7 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
                 outs,
                 {**(input_shapes or {}), **shapes},
                 model_kwargs,
-                sessions,
+                (lambda p: sessions(presplit.get(Path(p).name, p))) if presplit else sessions,
                 ref_ops if use_ref else None,
                 full_attention_mask=bool(shapes),
                 reference_path=unfused.get(fname),
@@ -325,6 +334,11 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
             r["seconds"] = round(time.time() - t0, 2)
             if shapes:
                 r["inputs"] = {**shapes, "attention_mask": "all ones"}
+            if fname in presplit:
+                r["tensorrt_split"] = (
+                    "ONNX Runtime ran the graph before the split (FusedFFNNBits, CPU library); the reference "
+                    "evaluator ran the split graph (FusedFFNNBitsUp / Down in NumPy) against it"
+                )
             key = fname if fname not in results else f"{fname} (use_cache_branch)"
             results[key] = r
             print(f"validated {key}: " + validation_summary(r))
@@ -370,6 +384,8 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
     with tempfile.TemporaryDirectory(prefix=".unfused-", dir=out) as keep:
         if options.fuse_attention:
             fusion.update(_fuse_files(model, out, Path(keep) if ref_ops is not None else None, unfused))
+        if fused_trt:
+            fusion["tensorrt_split"] = _split_for_tensorrt(out, Path(keep), presplit)
         for call in pending:
             run_validation(*call)
     if preprocessor is not None:
@@ -427,6 +443,34 @@ def _fuse_files(model, out: Path, keep: Path | None, unfused: dict) -> dict:
     return stats
 
 
+def _split_for_tensorrt(out: Path, keep: Path, presplit: dict) -> dict:
+    """Every ``FusedFFNNBits`` node of every ONNX file in ``out`` -> the two TensorRT plugin nodes,
+    in place; each rewritten file's graph before the split is copied into ``keep`` (``presplit[name]``:
+    its path). Returns the number of FFN nodes split per file."""
+    import shutil
+
+    from ..trt.fused_nodes import split_fused_ffn
+
+    counts = {}
+    for path in sorted(out.glob("*.onnx")):
+        bare = onnx.load(str(path), load_external_data=False)
+        locations = {e.value for t in bare.graph.initializer for e in t.external_data if e.key == "location"}
+        m = onnx.load(str(path), load_external_data=True)
+        counts[path.name] = split_fused_ffn(m)
+        if not counts[path.name]:
+            continue
+        for name in [path.name, *locations]:
+            shutil.copy2(path.parent / name, keep / name)
+        presplit[path.name] = keep / path.name
+        for name in locations:  # rewritten whole (onnx would append to an existing data file)
+            (path.parent / name).unlink()
+        if locations:
+            onnx.save_model(m, str(path), save_as_external_data=True, location=path.name + "_data")
+        else:
+            onnx.save_model(m, str(path))
+    return counts
+
+
 def _emits_plugin_nodes(model, options: ExportOptions) -> bool:
     """Whether the tensorrt export of ``model`` has ffsplit plugin nodes (ONNX Runtime cannot run them)."""
     from ..linear import SparseLinear
@@ -441,13 +485,18 @@ def _check_tensorrt_graphs(out: Path) -> dict:
     """TensorRT graphs cannot run here: check their structure and plugin attributes."""
     from ..linear import TRT_PLUGIN_DOMAIN
     from ..ops import OPS
+    from ..trt.fused_nodes import DOWN_OP, UP_OP
     from ..trt.onnx_nodes import check_plugin_node
 
     res = {}
     for path in sorted(out.glob("*.onnx")):
         m = onnx.load(str(path), load_external_data=False)
         nodes = list(all_nodes(m.graph))
-        plugins = [n for n in nodes if n.domain == TRT_PLUGIN_DOMAIN and n.op_type in OPS]
+        plugins = [
+            n
+            for n in nodes
+            if n.domain == TRT_PLUGIN_DOMAIN and (n.op_type in OPS or n.op_type in (UP_OP, DOWN_OP))
+        ]
         for n in plugins:
             why = check_plugin_node(n)
             if why:

@@ -561,30 +561,49 @@ def fused_ffn_nbits_reference(
     if x.dtype != np.float32 or x.ndim < 1:
         raise FormatError(f"FusedFFNNBits X must be float32 of rank >= 1, got {x.dtype} rank {x.ndim}")
 
-    def part(name):
-        i = NBITS_PARTS[name] - 1
-        return ins[i : i + 3]
-
     if not gated and any(ins[i - 1] is not None for i in range(15, 22)):
         raise FormatError("FusedFFNNBits with gated=0 takes no gate inputs (15-21); set gated=1 or drop them")
     # D from down light (rows), L from up light (rows), H from up heavy (absent: 0)
-    dl_b = part("down_light")[0]
-    ul_b = part("up_light")[0]
-    if dl_b is None or ul_b is None:
+    if ins[NBITS_PARTS["down_light"] - 1] is None or ins[NBITS_PARTS["up_light"] - 1] is None:
         raise FormatError("FusedFFNNBits needs the up light and down light parts (inputs 4 and 11)")
     d = x.shape[-1]
-    l_ = np.asarray(ul_b).shape[0] if np.asarray(ul_b).ndim >= 1 else -1
-    heavy_present = part("up_heavy")[0] is not None
-    h = np.asarray(part("up_heavy")[0]).shape[0] if heavy_present else 0
-    hb = heavy_block_size if heavy_bits != 32 else 0
-    x2 = x.reshape(-1, d)
+    heavy_present = ins[NBITS_PARTS["up_heavy"] - 1] is not None
+    h = np.asarray(ins[NBITS_PARTS["up_heavy"] - 1]).shape[0] if heavy_present else 0
+    kinds = dict(heavy_bits=heavy_bits, light_bits=light_bits, light_block_size=light_block_size, h=h,
+                 heavy_block_size=heavy_block_size if heavy_bits != 32 else 0)  # fmt: skip
+    a, skipped = nbits_up_phase(
+        x.reshape(-1, d), ins, activation_kind=activation_kind, gated=gated, skip=skip, thresholds=(t, pt, t_in),
+        **kinds,
+    )  # fmt: skip
+    y = nbits_down_phase(a, skipped, ins, d=d, **kinds)
+    y = y.reshape(*x.shape[:-1], d).astype(np.float32)
+    return (y, skipped) if return_skipped else y
+
+
+def _nbits_part(ins: list, name: str) -> list:
+    i = NBITS_PARTS[name] - 1
+    return ins[i : i + 3]
+
+
+def nbits_up_phase(
+    x2, ins, *, activation_kind, gated, skip, thresholds, h, heavy_bits, heavy_block_size, light_bits,
+    light_block_size,
+):  # fmt: skip
+    """Phase 1 of :func:`fused_ffn_nbits_reference` on X [M, D] (attributes already checked):
+    (a float32 [M, H + L] with the skipped light neurons' a set to 0, skipped bool [M, L]).
+    ``thresholds``: (threshold, product_threshold, input_threshold); ``ins``: inputs 1..21."""
+    t, pt, t_in = (np.float32(v) for v in thresholds)
+    d = x2.shape[1]
+    heavy_present = ins[NBITS_PARTS["up_heavy"] - 1] is not None
 
     def project(prefix):
-        wl = _nbits_weight(part(f"{prefix}_light"), f"{prefix} light", None, d, light_bits, light_block_size)
+        wl = _nbits_weight(_nbits_part(ins, f"{prefix}_light"), f"{prefix} light", None, d, light_bits,
+                           light_block_size)  # fmt: skip
         if heavy_present:
-            wh = _nbits_weight(part(f"{prefix}_heavy"), f"{prefix} heavy", h, d, heavy_bits, hb)
+            wh = _nbits_weight(_nbits_part(ins, f"{prefix}_heavy"), f"{prefix} heavy", h, d, heavy_bits,
+                               heavy_block_size)  # fmt: skip
         else:
-            if any(p is not None for p in part(f"{prefix}_heavy")):
+            if any(p is not None for p in _nbits_part(ins, f"{prefix}_heavy")):
                 raise FormatError(f"FusedFFNNBits {prefix} heavy is given but up heavy is absent (H = 0)")
             wh = np.zeros((0, d), np.float32)
         xl = zero_silent_channels(x2, t_in) if prefix == "up" else x2
@@ -606,18 +625,30 @@ def fused_ffn_nbits_reference(
             a = s * u
     else:
         a = s = activation(activation_kind, u).astype(np.float32)
-    skipped = np.zeros((a.shape[0], l_), bool)
+    skipped = np.zeros((a.shape[0], f - h), bool)
     if skip:
         skipped = a[:, h:] == 0
         if t > 0:
             skipped |= np.abs(s[:, h:]) <= t
         if pt > 0:
             skipped |= np.abs(a[:, h:]) <= pt
-    wdl = _nbits_weight(part("down_light"), "down light", d, l_, light_bits, light_block_size)
+    a = a.copy()
+    a[:, h:][skipped] = 0
+    return a, skipped
+
+
+def nbits_down_phase(
+    a, skipped, ins, *, d, h, heavy_bits, heavy_block_size, light_bits, light_block_size
+) -> np.ndarray:
+    """Phase 2 of :func:`fused_ffn_nbits_reference`: Y float32 [M, D] from ``a`` [M, H + L] and the
+    skipped light neurons (bool [M, L]; their down columns are not read); ``ins``: inputs 1..21."""
+    l_ = a.shape[1] - h
+    heavy_present = ins[NBITS_PARTS["up_heavy"] - 1] is not None or h > 0
+    wdl = _nbits_weight(_nbits_part(ins, "down_light"), "down light", d, l_, light_bits, light_block_size)
     if heavy_present:
-        wdh = _nbits_weight(part("down_heavy"), "down heavy", d, h, heavy_bits, hb)
+        wdh = _nbits_weight(_nbits_part(ins, "down_heavy"), "down heavy", d, h, heavy_bits, heavy_block_size)
     else:
-        if any(p is not None for p in part("down_heavy")):
+        if any(p is not None for p in _nbits_part(ins, "down_heavy")):
             raise FormatError("FusedFFNNBits down heavy is given but up heavy is absent (H = 0)")
         wdh = np.zeros((d, 0), np.float32)
     yh = _dense64(a[:, :h], wdh)
@@ -632,8 +663,7 @@ def fused_ffn_nbits_reference(
         bias = ins[NBITS_BIASES["down_bias"] - 1]
         if bias is not None:
             y = y + _bias(bias, d, "down_bias")
-    y = y.reshape(*x.shape[:-1], d).astype(np.float32)
-    return (y, skipped) if return_skipped else y
+    return y.astype(np.float32)
 
 
 def nbits_schema() -> defs.OpSchema:
