@@ -175,6 +175,37 @@ def test_prepare_model_rewrites_plugin_inputs_and_keeps_semantics():
     np.testing.assert_array_equal(before, after)
 
 
+def test_prepare_model_follows_identity_of_a_shared_weight():
+    """A second plugin node reading the first one's row_ptr through an Identity (what the exporter
+    writes for equal weights, seen on a tiny-mpt --target tensorrt export) is rewritten too."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    from ffsplit_export.ops import reference_ops
+    from ffsplit_export.trt.layout import prepare_model
+
+    model, _ = _plugin_graph()
+    first = model.graph.node[0]
+    alias = helper.make_node("Identity", ["r"], ["r_shared"])
+    second = helper.make_node(first.op_type, ["X", "m", "v", "r_shared", "s"], ["Y2"], domain="ffsplit")
+    second.attribute.extend(first.attribute)
+    add = helper.make_node("Add", ["Y", "Y2"], ["Z"])
+    first.output[0] = "Y"
+    model.graph.node.extend([alias, second, add])
+    model.graph.output[0].name = "Z"
+    from onnx import numpy_helper
+
+    row_ptr = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "r"))
+    assert ReferenceEvaluator(model, new_ops=reference_ops()).run(None, {"X": np.ones((2, 13), np.float32)})
+    assert prepare_model(model) == 2
+    assert model.graph.node[2].input[3] == "r_shared__trt_i32"
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name in ("r__trt_i32", "r_shared__trt_i32"):  # the int32 view of the same row pointers
+        assert inits[name].dtype == np.int32
+        np.testing.assert_array_equal(inits[name], row_ptr)
+    assert prepare_model(model) == 0  # idempotent
+
+
 def test_missing_tensorrt_is_a_typed_error(tmp_path):
     from ffsplit_export.trt import TensorRTUnavailableError, build_engines
 

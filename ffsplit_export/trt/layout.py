@@ -80,7 +80,8 @@ def _graphs(graph):
 
 def prepare_model(model, plugin_ops=None) -> int:
     """Rewrite an ``onnx.ModelProto`` in place: constant integer inputs of plugin nodes (also
-    inside If/Loop subgraphs) in the on-disk layout become their int32 view. Idempotent;
+    inside If/Loop subgraphs, and initializers reached through Identity nodes, as the exporter
+    writes weights it de-duplicated) in the on-disk layout become their int32 view. Idempotent;
     returns the number of nodes changed."""
     from onnx import numpy_helper
 
@@ -89,6 +90,14 @@ def prepare_model(model, plugin_ops=None) -> int:
     ops = set(plugin_ops or OP_TYPES)
     graphs = list(_graphs(model.graph))
     owner = {t.name: (g, t) for g in graphs for t in g.initializer}
+    changed = True
+    while changed:  # weights the exporter de-duplicated: Identity chains of an initializer
+        changed = False
+        for g in graphs:
+            for n in g.node:
+                if n.op_type == "Identity" and n.input[0] in owner and n.output[0] not in owner:
+                    owner[n.output[0]] = owner[n.input[0]]
+                    changed = True
     replaced: set[str] = set()
     changed = 0
     for graph in graphs:
