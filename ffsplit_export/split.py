@@ -52,12 +52,18 @@ class SplitConfig:
     gptq_damp: float = 0.01
     gptq_block_size: int = 128
     gptq_act_order: bool = True
+    # pruned light formats with calibration Hessians: the heavy down columns absorb the light down's
+    # compression error (compensate_heavy; SmolLM2 joint SparseGPT + GPTQ, 30 % int8 heavy: 75 %
+    # light sparsity x3.771 -> x3.654 of dense, 50 % x1.464 -> x1.462)
+    heavy_compensation: bool = True
 
     def __post_init__(self):
         self.quantizer = Quantizer.parse(self.quantizer, "--quantizer")
         self.int4_grid = Int4Grid.parse(self.int4_grid, "--int4-grid")
         if not (isinstance(self.gptq_damp, (int, float)) and 0.0 <= self.gptq_damp < 1.0):
             raise ConfigError(f"gptq_damp={self.gptq_damp!r} is out of range; use 0 <= damp < 1 (e.g. 0.01)")
+        if not isinstance(self.heavy_compensation, bool):
+            raise ConfigError(f"heavy_compensation={self.heavy_compensation!r}; use True or False")
         if not isinstance(self.gptq_block_size, int) or self.gptq_block_size < 1:
             raise ConfigError(f"gptq_block_size={self.gptq_block_size!r}; use a whole number >= 1 (e.g. 128)")
         self.light_format = LightFormat.parse(self.light_format, "--light-format")
@@ -254,14 +260,36 @@ def split_modules(
         lt = make_light(w[lidx], pick(b, lidx), cfg, x_norm, h_x) if nl else None
         out[path] = SplitLinear("out", hv, lt, nh)
 
-    h_h = None if st is None or st.hessian_act is None or not nh else st.hessian_act[hidx][:, hidx]
-    hv = make_heavy(w_down[:, hidx], None, cfg.heavy_format, cfg, h_h) if nh else None
+    h_full = None if st is None else st.hessian_act
+    h_h = None if h_full is None or not nh else h_full[hidx][:, hidx]
     lt = None
     if nl:
-        h_a = None if st is None or st.hessian_act is None else st.hessian_act[lidx][:, lidx]
+        h_a = None if h_full is None else h_full[lidx][:, lidx]
         lt = make_light(w_down[:, lidx], None, cfg, None if a_norm is None else a_norm[lidx], h_a)
+    w_heavy = w_down[:, hidx]
+    if nh and lt is not None and h_h is not None and cfg.heavy_compensation and lt.format.pruned:
+        w_heavy = compensate_heavy(w_down, lt.dense_weight(), hidx, lidx, h_full, cfg.gptq_damp)
+    hv = make_heavy(w_heavy, None, cfg.heavy_format, cfg, h_h) if nh else None
     out[spec.down] = SplitLinear("in", hv, lt, nh, b_down)
     return out, int(dense)
+
+
+def compensate_heavy(w_down, light_dense, hidx, lidx, hessian, damp: float) -> torch.Tensor:
+    """The heavy columns of a down projection updated to absorb the light part's compression error.
+
+    With activations ``a = [a_H, a_L]`` and ``H = E[a a^T]`` (the calibration Hessian of the down's
+    input), the light error ``E = W_L - W_L'`` leaves ``E a_L`` in the output; the heavy columns
+    ``W_H + D`` with ``D = E H_LH H_HH^-1`` minimise ``E||D a_H - E a_L||^2`` (the OBS update of
+    the heavy columns when the light ones are compressed first: least squares on the calibration
+    activations, H_HH damped by ``damp`` x its mean diagonal as GPTQ does).
+    """
+    h = hessian.double()
+    h_hh = h[hidx][:, hidx].clone()
+    h_hh += torch.eye(h_hh.shape[0], dtype=h.dtype) * (damp * float(torch.mean(torch.diag(h_hh))) + 1e-12)
+    h_lh = h[lidx][:, hidx]
+    err = w_down[:, lidx].double() - light_dense.double()
+    delta = torch.linalg.solve(h_hh, (err @ h_lh).T).T  # H_HH symmetric
+    return (w_down[:, hidx].double() + delta).to(w_down.dtype)
 
 
 def _split_one(model, spec: FFNSpec, heavy_idx: np.ndarray, cfg: SplitConfig, st) -> FFNSplitInfo:
