@@ -409,7 +409,11 @@ def test_nonfinite_scales(scale, isa, monkeypatch):
         ref = reference_matmul("SparseMatMulInt8", x, *weights)
         np.testing.assert_array_equal(np.isnan(y), np.isnan(ref))
         np.testing.assert_array_equal(np.isinf(y) & (y > 0), np.isinf(ref) & (ref > 0))
-        np.testing.assert_allclose(y[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5, atol=1e-5)
+        fin = np.isfinite(ref)
+        if isa == "avx512vnni":  # int8 activations: the signal-to-noise check of check_close
+            check_close("SparseMatMulInt8", isa, y[fin], ref[fin], k)
+        else:
+            np.testing.assert_allclose(y[fin], ref[fin], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("isa", ISAS)

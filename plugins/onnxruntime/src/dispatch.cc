@@ -207,7 +207,8 @@ void MatMul(const Packed& p, const float* x, float* y, int64_t m, int64_t k, Isa
   job.m = m;
   job.k = k;
   job.isa = isa;
-  const bool int8_act = isa == Isa::kAvx512Vnni && p.int8 && k <= 65536;  // int32 sums cannot overflow
+  // int32 sums cannot overflow; K = 0 (an empty sum, y = 0) takes the float paths
+  const bool int8_act = isa == Isa::kAvx512Vnni && p.int8 && k > 0 && k <= 65536;
   if (int8_act && m >= kGemmI8MinM) {
     // int8 activations, larger M: X quantized per row, transposed by dwords ([k/4][mbp][4]), and
     // multiplied with dense-decoded tiles of W (weights decoded once per call)
