@@ -35,6 +35,7 @@ class CompressionConfig:
     group_size: int = 128
     quantizer: str = "rtn"
     int4_grid: str = "symmetric"  # int4 MatMulNBits grid: symmetric, asymmetric, asymmetric-mse
+    gptq_damp: float = 0.01  # GPTQ / SparseGPT relative damping of diag(H)
     other_linear: str = "fp32"
     embedding: str = "fp32"
     lm_head: str | None = None  # the output projection's format; None: other_linear's
@@ -56,6 +57,9 @@ class CompressionConfig:
         norm(self, "quantizer", str(Quantizer.parse(self.quantizer, "--quantizer")))
         norm(self, "int4_grid", str(Int4Grid.parse(self.int4_grid, "--int4-grid")))
         pruning.check_fraction(self.light_sparsity, "--light-sparsity")
+        d = self.gptq_damp
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+            raise ConfigError(f"--gptq-damp={d!r} is out of range; use 0 <= damp < 1 (e.g. 0.01)")
         norm(self, "other_linear", str(OtherLinearFormat.parse(self.other_linear, "--other-linear")))
         if self.lm_head is not None:
             norm(self, "lm_head", str(OtherLinearFormat.parse(self.lm_head, "--lm-head")))
@@ -99,6 +103,7 @@ class CompressionConfig:
             group_size=self.group_size,
             quantizer=self.quantizer,
             int4_grid=self.int4_grid,
+            gptq_damp=float(self.gptq_damp),
         )
 
     def compress_kwargs(self) -> dict:
@@ -138,6 +143,7 @@ class CompressionConfig:
             group_size=split.group_size,
             quantizer=str(split.quantizer),
             int4_grid=str(getattr(split, "int4_grid", "symmetric")),
+            gptq_damp=float(getattr(split, "gptq_damp", 0.01)),
         )
         twice = sorted(set(base) & set(kwargs)) if given else []
         if twice:
@@ -203,6 +209,7 @@ class CompressionConfig:
             group_size=args.group_size,
             quantizer=getattr(args, "quantizer", None),
             int4_grid=getattr(args, "int4_grid", None),
+            gptq_damp=getattr(args, "gptq_damp", None),
             other_linear=args.other_linear,
             embedding=args.embedding,
             lm_head=getattr(args, "lm_head", None),

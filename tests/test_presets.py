@@ -161,3 +161,16 @@ def test_api_default_export_is_balanced_and_manifest_records_it(tmp_path):
     assert (
         cc.preset == "fast" and cc.other_linear == "int8" and cc.group_size == PRESETS["fast"]["group_size"]
     )
+
+
+def test_gptq_damp_reaches_the_obs_pass():
+    """--gptq-damp: CLI -> CompressionConfig -> SplitConfig -> the GPTQ options; default 0.01."""
+    from ffsplit_export.formats.gptq import GPTQOptions
+
+    assert CompressionConfig.from_args(_args()).gptq_damp == 0.01
+    cfg = CompressionConfig.from_args(_args("--gptq-damp", "0.1"))
+    assert cfg.gptq_damp == 0.1 and cfg.split_config().gptq_damp == 0.1
+    assert GPTQOptions.of(cfg.split_config()).damp == 0.1
+    assert CompressionConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="gptq-damp"):
+        CompressionConfig(gptq_damp=1.0)

@@ -406,6 +406,14 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the preset's; without one rtn)",
     )
     p.add_argument(
+        "--gptq-damp",
+        type=fraction,
+        default=None,
+        help="GPTQ / SparseGPT damping, a fraction of the Hessian's mean diagonal added to it, 0 <= d < 1 "
+        "(default 0.01; SmolLM2 joint SparseGPT + GPTQ at 50 %% light sparsity: 0.1 gave x1.300 of dense, "
+        "0.01 x1.315)",
+    )
+    p.add_argument(
         "--int4-grid",
         type=format_name(Int4Grid),
         default=None,
