@@ -152,14 +152,9 @@ def _constants(graph, outer: dict) -> dict:
             and [a.name for a in n.attribute] == ["value"]
         ):
             found[n.output[0]] = (graph, n)
-    changed = True
-    while changed:  # Identity chains, in any node order
-        changed = False
-        for n in graph.node:
-            if n.op_type == "Identity" and n.input[0] in found and n.output[0] not in found:
-                found[n.output[0]] = found[n.input[0]]
-                changed = True
-    return found
+    from .layout import follow_identities
+
+    return follow_identities(graph.node, found)
 
 
 def _array(entry) -> np.ndarray:

@@ -78,6 +78,19 @@ def _graphs(graph):
                 yield from _graphs(g)
 
 
+def follow_identities(nodes, found: dict) -> dict:
+    """Add to ``found`` (name -> value) the outputs of Identity nodes among ``nodes`` whose input
+    is in it, through chains in any node order (how the exporter writes a weight it de-duplicated)."""
+    changed = True
+    while changed:
+        changed = False
+        for n in nodes:
+            if n.op_type == "Identity" and n.input[0] in found and n.output[0] not in found:
+                found[n.output[0]] = found[n.input[0]]
+                changed = True
+    return found
+
+
 def prepare_model(model, plugin_ops=None) -> int:
     """Rewrite an ``onnx.ModelProto`` in place: constant integer inputs of plugin nodes (also
     inside If/Loop subgraphs, and initializers reached through Identity nodes, as the exporter
@@ -90,14 +103,7 @@ def prepare_model(model, plugin_ops=None) -> int:
     ops = set(plugin_ops or OP_TYPES)
     graphs = list(_graphs(model.graph))
     owner = {t.name: (g, t) for g in graphs for t in g.initializer}
-    changed = True
-    while changed:  # weights the exporter de-duplicated: Identity chains of an initializer
-        changed = False
-        for g in graphs:
-            for n in g.node:
-                if n.op_type == "Identity" and n.input[0] in owner and n.output[0] not in owner:
-                    owner[n.output[0]] = owner[n.input[0]]
-                    changed = True
+    follow_identities([n for g in graphs for n in g.node], owner)  # weights the exporter de-duplicated
     replaced: set[str] = set()
     changed = 0
     for graph in graphs:
