@@ -31,6 +31,8 @@ except PluginNotFoundError as _e:
 needs_plugin = pytest.mark.skipif(bool(_MISSING), reason=f"ffsplit ORT library not built: {_MISSING}")
 
 ACTS = ("relu", "gelu", "gelu_tanh", "silu")
+# kernel paths: avx512vnni is the AVX2 kernels with a VNNI dot_q at level 4 (skipped where the CPU lacks it)
+ISAS = ("scalar", "avx2", "avx512vnni")
 # (heavy_bits, light_bits, zero points, heavy_block_size, light_block_size)
 KINDS = (
     (8, 4, True, 128, 64),  # the presets' shape: int8 heavy, int4 light with zero points
@@ -147,7 +149,7 @@ def test_reference_matches_stock_subgraph():
 
 
 @needs_plugin
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"h{k[0]}l{k[1]}{'z' if k[2] else 's'}b{k[4]}")
 @pytest.mark.parametrize("gated", [0, 1])
 @pytest.mark.parametrize("skip", ["off", "exact", "threshold"])
@@ -187,7 +189,7 @@ def _product(x, ins, attrs) -> np.ndarray:
 
 
 @needs_plugin
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"h{k[0]}l{k[1]}{'z' if k[2] else 's'}b{k[4]}")
 @pytest.mark.parametrize("level", [0, 4])
 def test_product_threshold_matches_reference(isa, kind, level, monkeypatch):
@@ -216,7 +218,7 @@ def test_product_threshold_matches_reference(isa, kind, level, monkeypatch):
 
 
 @needs_plugin
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"h{k[0]}l{k[1]}{'z' if k[2] else 's'}b{k[4]}")
 @pytest.mark.parametrize("skip", [0, 1])
 def test_accuracy_level_4(isa, kind, skip, monkeypatch):
@@ -250,7 +252,7 @@ def test_accuracy_level_4(isa, kind, skip, monkeypatch):
 
 @needs_plugin
 @pytest.mark.parametrize("level", [0, 4])
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_skipped_neuron_nan_does_not_reach_y(level, isa, monkeypatch):
     """A block of light neurons silent in every row (relu of a very negative pre-activation) with NaN
     down scales: skip=1 never reads them, skip=0 multiplies 0 by NaN (dense semantics)."""
@@ -268,7 +270,7 @@ def test_skipped_neuron_nan_does_not_reach_y(level, isa, monkeypatch):
     x = rng.standard_normal((5, D)).astype(np.float32)
     for skip in (0, 1):
         attrs = _attrs(kind, "relu", 0, skip=skip, level=level)
-        sess = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+        sess = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
         y, r = sess.run(None, {"X": x})[0], _ref(x, ins, attrs)
         assert np.isnan(r).all() != bool(skip)
         if level == 0:
@@ -303,7 +305,7 @@ def test_non_finite_x(level):
 
 
 @needs_plugin
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("level", [0, 4])
 def test_wide_model_several_down_chunks(isa, level, monkeypatch):
     """D = 600: the neuron-major light down spans three chunks of output rows (the last one short)."""
@@ -314,7 +316,7 @@ def test_wide_model_several_down_chunks(isa, level, monkeypatch):
         thr = float(np.quantile(_silence(x, ins, _attrs(kind, "gelu", 1)), 0.3))
         for skip, t in ((0, 0.0), (1, thr)):
             attrs = _attrs(kind, "gelu", 1, skip=skip, threshold=t, level=level)
-            y = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch).run(None, {"X": x})[0]
+            y = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch).run(None, {"X": x})[0]
             r = _ref(x, ins, attrs)
             if level == 0:
                 _close(y, r)
@@ -323,7 +325,7 @@ def test_wide_model_several_down_chunks(isa, level, monkeypatch):
 
 
 @needs_plugin
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("level", [0, 4])
 def test_down_layout_tuning(isa, level, monkeypatch, tmp_path):
     """skip=1 with about half the light neurons kept: single-row calls time both light-down layouts
@@ -357,6 +359,39 @@ def test_down_layout_tuning(isa, level, monkeypatch, tmp_path):
     for i in range(24):
         sess.run(None, {"X": x[i : i + 1]})
     assert not log2.exists()
+
+
+@needs_plugin
+@pytest.mark.parametrize(
+    "kind",
+    [
+        (8, 4, True, 256, 64),  # int8 heavy block 256 (64-byte loads), int4 light g64 (pairs, the presets)
+        (8, 4, True, 32, 128),  # int8 heavy block 32 (pairs), int4 light g128 (rearranged activations)
+        (4, 8, False, 256, 64),  # int4 block 256, int8 light block 64
+        (4, 4, True, 32, 16),  # blocks the VNNI kernel leaves to AVX2
+    ],
+    ids=lambda k: f"h{k[0]}b{k[3]}l{k[1]}b{k[4]}",
+)
+@pytest.mark.parametrize("gated", [0, 1])
+@pytest.mark.parametrize("skip", [0, 1])
+def test_vnni_bit_identical_to_avx2(kind, gated, skip, monkeypatch):
+    """At accuracy_level 4 the AVX-512 VNNI dot products give exactly the AVX2 kernel's outputs (the
+    integer block sums are exact in both, the float steps after them the same), decode and prefill;
+    gated with skipping the light up rows of live neurons are read as listed rows."""
+    rng = np.random.default_rng(23)
+    d, f = 576, 300
+    ins = _inputs(rng, kind, gated, h=37, d=d, f=f)
+    act = "silu" if gated else "gelu"
+    x = rng.standard_normal((5, d)).astype(np.float32)
+    thr = float(np.quantile(_silence(x, ins, _attrs(kind, act, gated)), 0.4)) if skip else 0.0
+    attrs = _attrs(kind, act, gated, skip=skip, threshold=thr, level=4)
+    vnni = _isa_session(fused_ffn_nbits_model(ins, **attrs), "avx512vnni", monkeypatch)
+    avx2 = _isa_session(fused_ffn_nbits_model(ins, **attrs), "avx2", monkeypatch)
+    for xs in (x[:1], x[3:4], x):
+        y, r = vnni.run(None, {"X": xs})[0], avx2.run(None, {"X": xs})[0]
+        np.testing.assert_array_equal(y, r)
+    # and both near the float64 reference (int8 activations)
+    assert _rel_l2(y, _ref(x, ins, attrs)) <= 4e-2
 
 
 @needs_plugin
@@ -460,7 +495,7 @@ def _input_threshold(x, frac) -> float:
 
 
 @needs_plugin
-@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"h{k[0]}l{k[1]}{'z' if k[2] else 's'}b{k[4]}")
 @pytest.mark.parametrize("level", [0, 4])
 def test_input_threshold_matches_reference(isa, kind, level, monkeypatch):
@@ -477,13 +512,13 @@ def test_input_threshold_matches_reference(isa, kind, level, monkeypatch):
         thr = float(np.quantile(_silence(x, ins, _attrs(kind, act, 0)), nthr)) if nthr else 0.0
         attrs = {**_attrs(kind, act, 0, skip=1, threshold=thr, level=level), "input_threshold": tin}
         try:
-            sess = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+            sess = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
         except Exception as e:
             if "not supported by this CPU" in str(e):
                 pytest.skip(f"{isa} not supported here")
             raise
         monkeypatch.setenv("FFSPLIT_NBITS_UP", "tiled")
-        tiled = _session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+        tiled = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
         monkeypatch.delenv("FFSPLIT_NBITS_UP")
         r_off = _ref(x, ins, {**attrs, "input_threshold": 0.0})
         for m in (1, 5):

@@ -6,7 +6,8 @@
 // parts are validated and packed when the kernel is created:
 //  * up / gate (heavy and light) and the down parts are stored per output neuron in tiles of 8
 //    (ffn_nbits.h NbPart: a tile's codes of one block contiguous, so a tile is one sequential
-//    stream; int8 codes stored signed), read by the dot kernels (ffn_nbits_avx2.cc, scalar below);
+//    stream; int8 codes stored signed), read by the dot kernels (ffn_nbits_avx2.cc, scalar below;
+//    at level 4 on a CPU with AVX-512 VNNI the tiled parts by ffn_nbits_vnni.cc, same outputs);
 //    gated with skip=1 the light up rows stay one per neuron (MatMulNBits order): only live rows
 //    are read;
 //  * the light down part W[D, L] is re-stored neuron-major (NbDown: per chunk of output rows a
@@ -429,11 +430,13 @@ class NbKernel {
     }
     if (!has_rows_) down_l_rows_ = NbPart();
     try {
-      isa_ = SelectIsa(false);
+      isa_ = SelectIsa(level_ == 4);  // auto: avx512vnni at level 4 where the CPU has it
     } catch (const std::exception& e) {
       Fail(e.what());
     }
-    nk_ = isa_ == Isa::kScalar ? &NbKernelsScalar() : &NbKernelsAvx2();
+    nk_ = isa_ == Isa::kScalar ? &NbKernelsScalar()
+          : isa_ == Isa::kAvx512Vnni ? &NbKernelsAvx512Vnni()
+                                     : &NbKernelsAvx2();
     fk_ = isa_ == Isa::kScalar ? &FfnKernelsScalar() : &FfnKernelsAvx2();
   }
 

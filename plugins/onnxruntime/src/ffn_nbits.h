@@ -150,6 +150,8 @@ struct NbKernels {
 };
 const NbKernels& NbKernelsScalar();
 const NbKernels& NbKernelsAvx2();
+// NbKernelsAvx2 with an AVX-512 VNNI dot_q for tiled parts (ffn_nbits_vnni.cc; bit-identical outputs)
+const NbKernels& NbKernelsAvx512Vnni();
 
 // the int code c of output row d in one neuron's neuron-major codes
 int DownCode(const uint8_t* c, int bits, int64_t d);
