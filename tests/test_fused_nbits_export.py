@@ -526,6 +526,13 @@ def test_export_graph_has_one_node_per_ffn(name, preset, opts, tmp_path, monkeyp
         fusion = man["graph_fusion"]["model.onnx"]
         assert fusion["GroupQueryAttention"] == len(specs), fusion
         assert fusion["SkipSimplifiedLayerNormalization"] > 0
+        # the exporter's shape-pinning Reshape after each node is dropped (Y already has X's shape)
+        assert fusion["fused_ffn_unpinned"] == len(specs), fusion
+        nodes = list(onnx.load(out / "model.onnx", load_external_data=False).graph.node)
+        ys = {n.output[0] for n in nodes if n.op_type == "FusedFFNNBits"}
+        assert not [n.name for n in nodes if n.op_type in ("Reshape", "Shape") and set(n.input) & ys]
+        assert not [n.name for n in nodes if n.op_type == "Shape" and n.input[0] in {
+            x.input[0] for x in nodes if x.op_type == "FusedFFNNBits"}]
 
 
 def test_export_request_accepts_the_presets_and_names_the_rest(tmp_path):
