@@ -377,7 +377,8 @@ def test_down_layout_tuning(isa, level, monkeypatch, tmp_path):
 def test_vnni_bit_identical_to_avx2(kind, gated, skip, monkeypatch):
     """At accuracy_level 4 the AVX-512 VNNI dot products give exactly the AVX2 kernel's outputs (the
     integer block sums are exact in both, the float steps after them the same), decode and prefill;
-    gated with skipping the light up rows of live neurons are read as listed rows."""
+    with skipping the light up rows of live neurons (gated) or the kept channels' input-major rows
+    (ungated) and the neuron-major down of kept neurons, 128 rows / neurons per 64-byte step."""
     rng = np.random.default_rng(23)
     d, f = 576, 300
     ins = _inputs(rng, kind, gated, h=37, d=d, f=f)
@@ -385,6 +386,10 @@ def test_vnni_bit_identical_to_avx2(kind, gated, skip, monkeypatch):
     x = rng.standard_normal((5, d)).astype(np.float32)
     thr = float(np.quantile(_silence(x, ins, _attrs(kind, act, gated)), 0.4)) if skip else 0.0
     attrs = _attrs(kind, act, gated, skip=skip, threshold=thr, level=4)
+    if skip:  # the neuron-major light down every call (no layout timing), and ungated the input-major up
+        monkeypatch.setenv("FFSPLIT_NBITS_DOWN", "neurons")
+        if not gated:
+            attrs["input_threshold"] = _input_threshold(x, 0.5)
     vnni = _isa_session(fused_ffn_nbits_model(ins, **attrs), "avx512vnni", monkeypatch)
     avx2 = _isa_session(fused_ffn_nbits_model(ins, **attrs), "avx2", monkeypatch)
     for xs in (x[:1], x[3:4], x):

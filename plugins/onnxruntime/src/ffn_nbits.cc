@@ -7,7 +7,7 @@
 //  * up / gate (heavy and light) and the down parts are stored per output neuron in tiles of 8
 //    (ffn_nbits.h NbPart: a tile's codes of one block contiguous, so a tile is one sequential
 //    stream; int8 codes stored signed), read by the dot kernels (ffn_nbits_avx2.cc, scalar below;
-//    at level 4 on a CPU with AVX-512 VNNI the tiled parts by ffn_nbits_vnni.cc, same outputs);
+//    at level 4 on a CPU with AVX-512 VNNI ffn_nbits_vnni.cc's wider kernels, same outputs);
 //    gated with skip=1 the light up rows stay one per neuron (MatMulNBits order): only live rows
 //    are read;
 //  * the light down part W[D, L] is re-stored neuron-major (NbDown: per chunk of output rows a

@@ -148,6 +148,25 @@ struct NbKernels {
   void (*im_q)(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
                int64_t n0, int64_t n1, int32_t* acc, float* y);
 };
+// The pair kernels under the AVX2 down_q / im_q (ffn_nbits_avx2.cc): acc += the int8 activations
+// of pairs of neurons (down: listed light neurons js, their neuron-major codes of output rows
+// [d0, de)) or of input channels (im: their input-major rows, neurons [n0, ne)) times their codes;
+// 4 and 8 bits. An AVX-512 build swaps in wider ones (ffn_nbits_vnni.cc).
+struct NbPairs {
+  void (*im4)(const uint8_t* const* rows, const int8_t* qs, int np, int64_t n0, int64_t ne, int32_t* acc);
+  void (*im8)(const uint8_t* const* rows, const int8_t* qs, int np, int64_t n0, int64_t ne, int32_t* acc);
+  void (*down4)(const NbDown::Chunk& ch, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de,
+                int32_t* acc);
+  void (*down8)(const NbDown::Chunk& ch, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de,
+                int32_t* acc);
+};
+const NbPairs& NbPairsAvx2();
+// NbKernels::down_q / im_q of the AVX2 kernels over the given pair kernels
+void NbDownQWith(const NbPairs& pk, const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list,
+                 int64_t count, int64_t d0, int64_t d1, int32_t* acc, float* y);
+void NbImQWith(const NbPairs& pk, const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum,
+               const int32_t* ks, int64_t cnt, int64_t n0, int64_t n1, int32_t* acc, float* y);
+
 const NbKernels& NbKernelsScalar();
 const NbKernels& NbKernelsAvx2();
 // NbKernelsAvx2 with an AVX-512 VNNI dot_q for tiled parts (ffn_nbits_vnni.cc; bit-identical outputs)

@@ -385,8 +385,8 @@ void PairsSlab(const NbDown::Chunk& ch, const int32_t* js, const int8_t* qs, int
   }
 }
 
-void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
-           int64_t d1, int32_t* acc, float* y) {
+void DownQWith(const NbPairs& pk, const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list,
+               int64_t count, int64_t d0, int64_t d1, int32_t* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
   const int64_t seg = w.bits == 8 ? len : len / 2;  // bytes of a neuron's segment read here
   const NbDown::Chunk ch = w.ChunkOf(d0);
@@ -417,9 +417,9 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
         ++n;
       }
       if (w.bits == 4)
-        PairsSlab<4>(ch, js, qs, n, d0, de, acc);
+        pk.down4(ch, js, qs, n, d0, de, acc);
       else
-        PairsSlab<8>(ch, js, qs, n, d0, de, acc);
+        pk.down8(ch, js, qs, n, d0, de, acc);
       n = 0;
     };
     for (; i < count && list[i] < jend; ++i) {
@@ -750,8 +750,8 @@ inline void ImPairs(const uint8_t* const* rows, const int8_t* qs, int np, int64_
   }
 }
 
-void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
-         int64_t n0, int64_t n1, int32_t* acc, float* y) {
+void ImQWith(const NbPairs& pk, const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum,
+             const int32_t* ks, int64_t cnt, int64_t n0, int64_t n1, int32_t* acc, float* y) {
   const int64_t ne = ImEnd(w, n1);
   for (int64_t i = 0; i < cnt;) {
     const int64_t b = ks[i] / w.bs;
@@ -766,9 +766,9 @@ void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, c
         ++nr;
       }
       if (w.bits == 4)
-        ImPairs<4>(rows, qs, nr / 2, n0, ne, acc);
+        pk.im4(rows, qs, nr / 2, n0, ne, acc);
       else
-        ImPairs<8>(rows, qs, nr / 2, n0, ne, acc);
+        pk.im8(rows, qs, nr / 2, n0, ne, acc);
       nr = 0;
     };
     for (; i < cnt && ks[i] / w.bs == b; ++i) {
@@ -793,6 +793,35 @@ void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, c
     }
     for (; n < n1; ++n) y[n] += s[n] * xs[b] * static_cast<float>(acc[n - n0] - z[n] * xsum[b]);
   }
+}
+
+}  // namespace
+
+const NbPairs& NbPairsAvx2() {
+  static const NbPairs k{ImPairs<4>, ImPairs<8>, PairsSlab<4>, PairsSlab<8>};
+  return k;
+}
+
+void NbDownQWith(const NbPairs& pk, const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list,
+                 int64_t count, int64_t d0, int64_t d1, int32_t* acc, float* y) {
+  DownQWith(pk, w, qa, sa, list, count, d0, d1, acc, y);
+}
+
+void NbImQWith(const NbPairs& pk, const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum,
+               const int32_t* ks, int64_t cnt, int64_t n0, int64_t n1, int32_t* acc, float* y) {
+  ImQWith(pk, w, q, xs, xsum, ks, cnt, n0, n1, acc, y);
+}
+
+namespace {
+
+void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
+           int64_t d1, int32_t* acc, float* y) {
+  DownQWith(NbPairsAvx2(), w, qa, sa, list, count, d0, d1, acc, y);
+}
+
+void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
+         int64_t n0, int64_t n1, int32_t* acc, float* y) {
+  ImQWith(NbPairsAvx2(), w, q, xs, xsum, ks, cnt, n0, n1, acc, y);
 }
 
 }  // namespace

@@ -1,9 +1,14 @@
-// AVX-512 VNNI dot_q of FusedFFNNBits (accuracy_level 4): the int8-activation products of the tiled
-// parts (every part read whole) and of row-major parts for listed neurons (the gated light up rows
-// of live neurons with skipping). The AVX2 kernel (ffn_nbits_avx2.cc) multiplies 32 bytes per instruction pair
-// (maddubs + madd); here vpdpbusd multiplies and accumulates 64 bytes per instruction into int32.
-// The integer block sums are exact in both, and the float steps after them (zero point, scale,
-// accumulation) are the AVX2 kernel's, so the outputs are bit-identical to it.
+// AVX-512 kernels of FusedFFNNBits at accuracy_level 4 (the rest is ffn_nbits_avx2.cc's):
+//  * dot_q with VNNI: the int8-activation products of the tiled parts (every part read whole) and of
+//    row-major parts for listed neurons (the gated light up rows of live neurons with skipping);
+//  * down_q / im_q (the neuron-major light down of kept neurons, the input-major light up of kept
+//    channels), 4 bits: the AVX2 pair kernels widened to 64-byte vectors (maddubs), 128 output rows /
+//    neurons per step, the AVX2 drivers around them.
+// All integer sums are exact and the float steps after them (zero point, scale, accumulation) are
+// the AVX2 kernels', so the outputs are bit-identical to theirs.
+//
+// dot_q: the AVX2 kernel multiplies 32 bytes per instruction pair (maddubs + madd); vpdpbusd
+// multiplies and accumulates 64 bytes per instruction into int32.
 //
 // A tiled part stores per block the 8 neurons' codes one after another (NbPart), blob bytes each.
 // Two shapes of that block are read 64 bytes at a time:
@@ -238,12 +243,106 @@ void DotQ(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, cons
   Run<4, false>(p, re.data(), qx, m, y, ldy, list, i0, i1);
 }
 
+// (q1, q2) byte pairs broadcast, for maddubs (unsigned codes x signed q)
+inline __m512i BytePair(int8_t a, int8_t b) {
+  return _mm512_set1_epi16(static_cast<int16_t>(static_cast<uint16_t>(static_cast<uint8_t>(a)) |
+                                                (static_cast<uint16_t>(static_cast<uint8_t>(b)) << 8)));
+}
+
+// acc[i + o] += the int16 sums of part g's 128-bit lane L, for the output offsets o = first[g] + off[L]
+inline void AddLanes(const __m512i* parts, const int* first, const int* off, int32_t* acc) {
+  for (int g = 0; g < 4; ++g)
+    for (int l = 0; l < 4; ++l) {
+      __m256i* a = reinterpret_cast<__m256i*>(acc + first[g] + off[l]);
+      const __m128i v = _mm512_extracti32x4_epi32(parts[g], 0);
+      const __m128i w = l == 0 ? v
+                        : l == 1 ? _mm512_extracti32x4_epi32(parts[g], 1)
+                        : l == 2 ? _mm512_extracti32x4_epi32(parts[g], 2)
+                                 : _mm512_extracti32x4_epi32(parts[g], 3);
+      _mm256_storeu_si256(a, _mm256_add_epi32(_mm256_loadu_si256(a), _mm256_cvtepi16_epi32(w)));
+    }
+}
+
+// The 4-bit pair kernels with 64-byte vectors (AVX-512BW maddubs; twice the AVX2 kernel's width,
+// the same int16 bound: <= 8 pairs * 2 * 15 * 127 < 2^15), the tail by the AVX2 kernel.
+// Neuron-major light down: 128 output rows per step (64 bytes of each neuron; per 16 rows 8 bytes,
+// low nibbles rows 0..7, high 8..15): byte unpacks within 128-bit lane L pair the two neurons' codes
+// of rows 32 L + {0..7 | 8..15 | 16..23 | 24..31}.
+void Down4(const NbDown::Chunk& ch, const int32_t* js, const int8_t* qs, int n, int64_t d0, int64_t de, int32_t* acc) {
+  const uint8_t* ptr[16];
+  for (int k = 0; k < n; ++k) ptr[k] = ch.Of(js[k]);
+  __m512i qq[8];
+  for (int k = 0; k < n; k += 2) qq[k / 2] = BytePair(qs[k], qs[k + 1]);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  static const int first[4] = {0, 8, 16, 24}, off[4] = {0, 32, 64, 96};
+  int64_t d = d0;
+  for (; d + 128 <= de; d += 128) {
+    __m512i s[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int k = 0; k < n; k += 2) {
+      const __m512i v1 = _mm512_loadu_si512(ptr[k] + (d - d0) / 2), v2 = _mm512_loadu_si512(ptr[k + 1] + (d - d0) / 2);
+      const __m512i lo1 = _mm512_and_si512(v1, m4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+      const __m512i lo2 = _mm512_and_si512(v2, m4), hi2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4);
+      s[0] = _mm512_add_epi16(s[0], _mm512_maddubs_epi16(_mm512_unpacklo_epi8(lo1, lo2), qq[k / 2]));
+      s[1] = _mm512_add_epi16(s[1], _mm512_maddubs_epi16(_mm512_unpacklo_epi8(hi1, hi2), qq[k / 2]));
+      s[2] = _mm512_add_epi16(s[2], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(lo1, lo2), qq[k / 2]));
+      s[3] = _mm512_add_epi16(s[3], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(hi1, hi2), qq[k / 2]));
+    }
+    AddLanes(s, first, off, acc + (d - d0));
+  }
+  if (d < de)  // the rest (a multiple of 32 rows) from row d: the chunk's segments advanced to it
+    NbPairsAvx2().down4(NbDown::Chunk{ch.base + (d - d0) / 2, ch.seg}, js, qs, n, d, de, acc + (d - d0));
+}
+
+// Input-major light up: 128 neurons per step (64 bytes of each channel's row; per 64 neurons 32
+// bytes, low nibbles neurons 0..31, high 32..63): lane L holds neurons {0, 16, 64, 80}[L] + {0..15,
+// 32..47}; byte unpacks pair the two channels' codes of neurons base + {0..7 | 8..15 | 32..39 | 40..47}.
+void Im4(const uint8_t* const* rows, const int8_t* qs, int np, int64_t n0, int64_t ne, int32_t* acc) {
+  __m512i qq[8];
+  for (int k = 0; k < np; ++k) qq[k] = BytePair(qs[2 * k], qs[2 * k + 1]);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  static const int first[4] = {0, 8, 32, 40}, off[4] = {0, 16, 64, 80};
+  int64_t n = n0;
+  for (; n + 128 <= ne; n += 128) {
+    for (int k = 0; k < 2 * np; ++k)  // the next step's cache lines of each row
+      _mm_prefetch(reinterpret_cast<const char*>(rows[k] + n / 2 + 256), _MM_HINT_T0);
+    __m512i s[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int k = 0; k < np; ++k) {
+      const __m512i v1 = _mm512_loadu_si512(rows[2 * k] + n / 2), v2 = _mm512_loadu_si512(rows[2 * k + 1] + n / 2);
+      const __m512i lo1 = _mm512_and_si512(v1, m4), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4);
+      const __m512i lo2 = _mm512_and_si512(v2, m4), hi2 = _mm512_and_si512(_mm512_srli_epi16(v2, 4), m4);
+      s[0] = _mm512_add_epi16(s[0], _mm512_maddubs_epi16(_mm512_unpacklo_epi8(lo1, lo2), qq[k]));
+      s[1] = _mm512_add_epi16(s[1], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(lo1, lo2), qq[k]));
+      s[2] = _mm512_add_epi16(s[2], _mm512_maddubs_epi16(_mm512_unpacklo_epi8(hi1, hi2), qq[k]));
+      s[3] = _mm512_add_epi16(s[3], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(hi1, hi2), qq[k]));
+    }
+    AddLanes(s, first, off, acc + (n - n0));
+  }
+  if (n < ne) NbPairsAvx2().im4(rows, qs, np, n, ne, acc + (n - n0));
+}
+
+const NbPairs& Pairs512() {
+  static const NbPairs k{Im4, NbPairsAvx2().im8, Down4, NbPairsAvx2().down8};
+  return k;
+}
+
+void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
+           int64_t d1, int32_t* acc, float* y) {
+  NbDownQWith(Pairs512(), w, qa, sa, list, count, d0, d1, acc, y);
+}
+
+void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
+         int64_t n0, int64_t n1, int32_t* acc, float* y) {
+  NbImQWith(Pairs512(), w, q, xs, xsum, ks, cnt, n0, n1, acc, y);
+}
+
 }  // namespace
 
 const NbKernels& NbKernelsAvx512Vnni() {
   static const NbKernels k = [] {
     NbKernels v = NbKernelsAvx2();
     v.dot_q = DotQ;
+    v.down_q = DownQ;
+    v.im_q = ImQ;
     return v;
   }();
   return k;
