@@ -537,7 +537,8 @@ def _unpin_fused_ffns(model) -> int:
 
     ``ffsplit::FusedFFN`` / ``FusedFFNNBits`` already give Y the shape of X (whose last dim is D), so
     that Reshape is the identity, but ONNX Runtime still runs it and its Shape / Slice / Concat once
-    per layer and token (about 4 % of SmolLM2's decode time in its profile). Returns how many.
+    per layer and token (1.3 of 12.6 ms of node time in one profile of SmolLM2's decode). Returns how
+    many.
     """
     out_map = model.output_name_to_node()
     outputs = {o.name for o in model.model.graph.output}

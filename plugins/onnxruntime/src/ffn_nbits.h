@@ -169,7 +169,8 @@ void NbImQWith(const NbPairs& pk, const NbIm& w, const int8_t* q, const float* x
 
 const NbKernels& NbKernelsScalar();
 const NbKernels& NbKernelsAvx2();
-// NbKernelsAvx2 with an AVX-512 VNNI dot_q for tiled parts (ffn_nbits_vnni.cc; bit-identical outputs)
+// NbKernelsAvx2 with AVX-512 dot_q (VNNI), down_q and im_q (64-byte pair kernels) (ffn_nbits_vnni.cc;
+// bit-identical outputs)
 const NbKernels& NbKernelsAvx512Vnni();
 
 // the int code c of output row d in one neuron's neuron-major codes
