@@ -385,8 +385,10 @@ void PairsSlab(const NbDown::Chunk& ch, const int32_t* js, const int8_t* qs, int
   }
 }
 
-void DownQWith(const NbPairs& pk, const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list,
-               int64_t count, int64_t d0, int64_t d1, int32_t* acc, float* y) {
+}  // namespace
+
+void NbDownQWith(const NbPairs& pk, const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list,
+                 int64_t count, int64_t d0, int64_t d1, int32_t* acc, float* y) {
   const int64_t de = DownEnd(w, d1), len = de - d0;
   const int64_t seg = w.bits == 8 ? len : len / 2;  // bytes of a neuron's segment read here
   const NbDown::Chunk ch = w.ChunkOf(d0);
@@ -450,6 +452,8 @@ void DownQWith(const NbPairs& pk, const NbDown& w, const int8_t* qa, const float
     for (; d < d1; ++d) y[d] += s[d] * sa[b] * static_cast<float>(acc[d - d0] - z[d] * sumq);
   }
 }
+
+namespace {
 
 // NbQuantize with vectors: the same max |x|, scale, products x * (1 / scale) and round to nearest
 // even (cvtps_epi32 in the default rounding mode, as nearbyintf), so the same codes. Blocks that are
@@ -750,8 +754,10 @@ inline void ImPairs(const uint8_t* const* rows, const int8_t* qs, int np, int64_
   }
 }
 
-void ImQWith(const NbPairs& pk, const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum,
-             const int32_t* ks, int64_t cnt, int64_t n0, int64_t n1, int32_t* acc, float* y) {
+}  // namespace
+
+void NbImQWith(const NbPairs& pk, const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum,
+               const int32_t* ks, int64_t cnt, int64_t n0, int64_t n1, int32_t* acc, float* y) {
   const int64_t ne = ImEnd(w, n1);
   for (int64_t i = 0; i < cnt;) {
     const int64_t b = ks[i] / w.bs;
@@ -795,33 +801,21 @@ void ImQWith(const NbPairs& pk, const NbIm& w, const int8_t* q, const float* xs,
   }
 }
 
-}  // namespace
-
 const NbPairs& NbPairsAvx2() {
   static const NbPairs k{ImPairs<4>, ImPairs<8>, PairsSlab<4>, PairsSlab<8>};
   return k;
-}
-
-void NbDownQWith(const NbPairs& pk, const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list,
-                 int64_t count, int64_t d0, int64_t d1, int32_t* acc, float* y) {
-  DownQWith(pk, w, qa, sa, list, count, d0, d1, acc, y);
-}
-
-void NbImQWith(const NbPairs& pk, const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum,
-               const int32_t* ks, int64_t cnt, int64_t n0, int64_t n1, int32_t* acc, float* y) {
-  ImQWith(pk, w, q, xs, xsum, ks, cnt, n0, n1, acc, y);
 }
 
 namespace {
 
 void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
            int64_t d1, int32_t* acc, float* y) {
-  DownQWith(NbPairsAvx2(), w, qa, sa, list, count, d0, d1, acc, y);
+  NbDownQWith(NbPairsAvx2(), w, qa, sa, list, count, d0, d1, acc, y);
 }
 
 void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
          int64_t n0, int64_t n1, int32_t* acc, float* y) {
-  ImQWith(NbPairsAvx2(), w, q, xs, xsum, ks, cnt, n0, n1, acc, y);
+  NbImQWith(NbPairsAvx2(), w, q, xs, xsum, ks, cnt, n0, n1, acc, y);
 }
 
 }  // namespace
