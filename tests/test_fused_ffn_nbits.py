@@ -374,13 +374,17 @@ def test_down_layout_tuning(isa, level, monkeypatch, tmp_path):
 )
 @pytest.mark.parametrize("gated", [0, 1])
 @pytest.mark.parametrize("skip", [0, 1])
-def test_vnni_bit_identical_to_avx2(kind, gated, skip, monkeypatch):
+@pytest.mark.parametrize("d,rows", [(576, None), (571, "192")], ids=["d576", "d571r192"])
+def test_vnni_bit_identical_to_avx2(kind, gated, skip, d, rows, monkeypatch):
     """At accuracy_level 4 the AVX-512 VNNI dot products give exactly the AVX2 kernel's outputs (the
     integer block sums are exact in both, the float steps after them the same), decode and prefill;
     with skipping the light up rows of live neurons (gated) or the kept channels' input-major rows
-    (ungated) and the neuron-major down of kept neurons, 128 rows / neurons per 64-byte step."""
+    (ungated) and the neuron-major down of kept neurons (4 neurons' codes per int32 lane, 256 / 128 /
+    64 rows per step; D = 571 with chunks of 192 rows: the 64-row step and the rows past the last 8)."""
     rng = np.random.default_rng(23)
-    d, f = 576, 300
+    f = 300
+    if rows:
+        monkeypatch.setenv("FFSPLIT_NBITS_DOWN_ROWS", rows)
     ins = _inputs(rng, kind, gated, h=37, d=d, f=f)
     act = "silu" if gated else "gelu"
     x = rng.standard_normal((5, d)).astype(np.float32)

@@ -11,8 +11,9 @@
 //    gated with skip=1 the light up rows stay one per neuron (MatMulNBits order): only live rows
 //    are read;
 //  * the light down part W[D, L] is re-stored neuron-major (NbDown: per chunk of output rows a
-//    neuron's codes contiguous, same codes and scales) when skip=1, so a skipped light neuron's
-//    bytes are never read; with skip=0 it is tiled like the others (every column is read anyway).
+//    neuron's codes contiguous, same codes and scales; chunks as long as the threads allow, see
+//    DownChunkRows) when skip=1, so a skipped light neuron's bytes are never read; with skip=0 it is
+//    tiled like the others (every column is read anyway).
 //  * input_threshold > 0 (ungated, skip=1; TEAL-style): the light up's input is X' (channels with
 //    |x| <= input_threshold zeroed; level 4 quantizes X'). M > 1 (or a row holding NaN / inf): X' then
 //    the tiled part as usual. M = 1: the light up is also stored input-major (NbIm, packed at session
@@ -50,6 +51,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ffn.h"
@@ -529,11 +531,22 @@ class NbKernel {
       }
   }
 
-  // chunk rows of the neuron-major light down: about D / 8 (a multiple of 64: the AVX2 kernel's step),
-  // so that the tasks over chunks balance across threads and a neuron's segment is >= 32 bytes
+  // Chunk rows of the neuron-major light down (one task each at decode): D / max(2, cores), a
+  // multiple of 64, at most 1024. A chunk of R rows stores a neuron's codes of those rows as one
+  // segment of R / 2 bytes (4 bits), and the longer the segments the better skipped neurons' gaps
+  // are skipped by the memory system: on the 2-core Xeon, reading half of 128-byte pieces ran at 6
+  // GB/s, of 512-byte pieces at 11 (13 for all of them), so 2 chunks there; with more cores, more
+  // and shorter chunks keep every thread busy. The rows do not change any output (each row sums its
+  // blocks in the same order). FFSPLIT_NBITS_DOWN_ROWS=R overrides (tests, benchmarks).
   static int64_t DownChunkRows(int64_t d) {
     const int64_t dpad = (d + 31) / 32 * 32;
-    return std::min(dpad, std::max<int64_t>(64, ((d + 7) / 8 + 63) / 64 * 64));
+    int64_t rows = 0;
+    if (const char* e = std::getenv("FFSPLIT_NBITS_DOWN_ROWS")) rows = std::atoll(e) / 64 * 64;
+    if (rows <= 0) {
+      const int64_t cores = std::max<int64_t>(2, std::thread::hardware_concurrency());
+      rows = std::min<int64_t>(1024, ((d + cores - 1) / cores + 63) / 64 * 64);
+    }
+    return std::min(dpad, std::max<int64_t>(64, rows));
   }
 
   static NbIm ToInputMajor(const NbPart& p) {

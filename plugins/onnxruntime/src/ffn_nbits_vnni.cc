@@ -1,9 +1,11 @@
 // AVX-512 kernels of FusedFFNNBits at accuracy_level 4 (the rest is ffn_nbits_avx2.cc's):
 //  * dot_q with VNNI: the int8-activation products of the tiled parts (every part read whole) and of
 //    row-major parts for listed neurons (the gated light up rows of live neurons with skipping);
-//  * down_q / im_q (the neuron-major light down of kept neurons, the input-major light up of kept
-//    channels), 4 bits: the AVX2 pair kernels widened to 64-byte vectors (maddubs), 128 output rows /
-//    neurons per step, the AVX2 drivers around them.
+//  * down_q, 4 bits (the neuron-major light down of kept neurons): 4 neurons' codes per int32 lane
+//    multiplied with vpdpbusd, the sums of up to 256 output rows held in registers, the next block's
+//    segments prefetched while one block is computed (DownQ below);
+//  * im_q, 4 bits (the input-major light up of kept channels): the AVX2 pair kernel widened to
+//    64-byte vectors (maddubs), 128 neurons per step, the AVX2 driver around it.
 // All integer sums are exact and the float steps after them (zero point, scale, accumulation) are
 // the AVX2 kernels', so the outputs are bit-identical to theirs.
 //
@@ -325,9 +327,186 @@ const NbPairs& Pairs512() {
   return k;
 }
 
+// out[L] = (a.L, b.L, c.L, d.L): the 128-bit lanes of four vectors transposed
+inline void Transpose4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i* out) {
+  const __m512i t0 = _mm512_shuffle_i32x4(a, b, 0x44), t1 = _mm512_shuffle_i32x4(a, b, 0xEE);
+  const __m512i t2 = _mm512_shuffle_i32x4(c, d, 0x44), t3 = _mm512_shuffle_i32x4(c, d, 0xEE);
+  out[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+  out[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  out[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+  out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+}
+
+// The neuron-major light down, 4 bits, with the sums in registers: 4 kept neurons per step, their
+// codes of 128 output rows (64 bytes each; per 16 rows 8 bytes, rows 0..7 in the low nibbles) put
+// side by side per row (two byte and two 16-bit unpacks: int32 lane = the 4 neurons' codes of one
+// row) and multiplied by the 4 int8 activations with vpdpbusd. U units of 128 rows at a time (8
+// accumulators each): in 128-bit lane L, accumulator 0 / 1 / 4 / 5 holds rows 32 L + 0..3 / 4..7 /
+// 8..11 / 12..15 and 2 / 3 / 6 / 7 the same + 16, so a lane transpose gives 16 rows in order.
+// The integer sums equal the pair kernels' and the float steps are theirs (bit-identical).
+template <int U, bool HALF, class P>
+inline void DownUnits(const uint8_t* const* ptr, const int32_t* quads, int64_t n, int64_t off, P& pf, __m512i* rows) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512i a[8 * U];
+  for (int t = 0; t < 8 * U; ++t) a[t] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < n; k += 4) {
+    const __m512i qv = _mm512_set1_epi32(quads[k / 4]);
+    pf.Step();
+    for (int u = 0; u < U; ++u) {
+      __m512i lo[4], hi[4];
+      for (int v = 0; v < 4; ++v) {
+        const __m512i c = HALF ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr[k + v] + off)))
+                               : _mm512_loadu_si512(ptr[k + v] + off + 64 * u);
+        lo[v] = _mm512_and_si512(c, m4);
+        hi[v] = _mm512_and_si512(_mm512_srli_epi16(c, 4), m4);
+      }
+      __m512i* s = a + 8 * u;
+      for (int h = 0; h < 2; ++h) {  // low nibbles (rows + 0), high (+ 8)
+        const __m512i* c = h ? hi : lo;
+        const __m512i p0 = _mm512_unpacklo_epi8(c[0], c[1]), p1 = _mm512_unpacklo_epi8(c[2], c[3]);
+        const __m512i p2 = _mm512_unpackhi_epi8(c[0], c[1]), p3 = _mm512_unpackhi_epi8(c[2], c[3]);
+        s[4 * h + 0] = _mm512_dpbusd_epi32(s[4 * h + 0], _mm512_unpacklo_epi16(p0, p1), qv);
+        s[4 * h + 1] = _mm512_dpbusd_epi32(s[4 * h + 1], _mm512_unpackhi_epi16(p0, p1), qv);
+        s[4 * h + 2] = _mm512_dpbusd_epi32(s[4 * h + 2], _mm512_unpacklo_epi16(p2, p3), qv);
+        s[4 * h + 3] = _mm512_dpbusd_epi32(s[4 * h + 3], _mm512_unpackhi_epi16(p2, p3), qv);
+      }
+    }
+  }
+  for (int u = 0; u < U; ++u) {  // rows[8 u + 2 L] = rows 128 u + 32 L + 0..15, [8 u + 2 L + 1] = + 16..31
+    const __m512i* s = a + 8 * u;
+    __m512i x[4], z[4];
+    Transpose4(s[0], s[1], s[4], s[5], x);
+    Transpose4(s[2], s[3], s[6], s[7], z);
+    for (int l = 0; l < 4; ++l) {
+      rows[8 * u + 2 * l] = x[l];
+      rows[8 * u + 2 * l + 1] = z[l];
+    }
+  }
+}
+
 void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* list, int64_t count, int64_t d0,
            int64_t d1, int32_t* acc, float* y) {
-  NbDownQWith(Pairs512(), w, qa, sa, list, count, d0, d1, acc, y);
+  const int64_t de = std::min(w.dpad, (d1 + 31) / 32 * 32), len = de - d0;
+  if (w.bits != 4 || len % 64) {
+    NbDownQWith(Pairs512(), w, qa, sa, list, count, d0, d1, acc, y);
+    return;
+  }
+  const NbDown::Chunk ch = w.ChunkOf(d0);
+  const int64_t seg = len / 2, c = d0 / w.rows;
+  // the kept neurons with a non-zero code, per block of bs: their segments, 4 codes per quad
+  thread_local std::vector<const uint8_t*> ptr;
+  thread_local std::vector<int32_t> quads, bstart, blk, sumq;
+  ptr.clear();
+  quads.clear();
+  bstart.clear();
+  blk.clear();
+  sumq.clear();
+  uint32_t quad = 0;
+  for (int64_t i = 0; i < count;) {
+    const int64_t b = list[i] / w.bs, jend = (b + 1) * w.bs;
+    const size_t first = ptr.size();
+    int32_t sq = 0;
+    for (; i < count && list[i] < jend; ++i) {
+      const int8_t q = qa[list[i]];
+      if (!q) continue;
+      sq += q;
+      const size_t k = ptr.size() - first;
+      quad |= static_cast<uint32_t>(static_cast<uint8_t>(q)) << (8 * (k & 3));
+      ptr.push_back(ch.Of(list[i]));
+      if ((k & 3) == 3) {
+        quads.push_back(static_cast<int32_t>(quad));
+        quad = 0;
+      }
+    }
+    if (ptr.size() == first) continue;
+    while ((ptr.size() - first) & 3) ptr.push_back(ptr.back());  // code 0 for the repeats
+    if (quad) quads.push_back(static_cast<int32_t>(quad));
+    else if (quads.size() * 4 < ptr.size()) quads.push_back(0);
+    quad = 0;
+    bstart.push_back(static_cast<int32_t>(first));
+    blk.push_back(static_cast<int32_t>(b));
+    sumq.push_back(sq);
+  }
+  bstart.push_back(static_cast<int32_t>(ptr.size()));
+  // The next block's segments, scales and zero points are prefetched (to L2) while this block is
+  // computed, a few cache lines per group of 4 neurons, so that the reads overlap the arithmetic
+  // (prefetching a block's lines all at once stalls on the fill buffers and overlaps nothing).
+  struct Prefetch {
+    const uint8_t* const* ptr = nullptr;  // neurons [k, k1) of the block ahead, seg bytes each
+    int64_t k = 0, k1 = 0, seg = 0, o = 0;
+    const char* extra[2] = {nullptr, nullptr};  // its scales and zero points
+    int64_t extra_len[2] = {0, 0}, eo = 0;
+    int per = 0;
+    void Line(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+    void Step() {
+      for (int i = 0; i < per; ++i) {
+        if (k < k1) {
+          Line(ptr[k] + o);
+          if ((o += 64) >= seg) o = 0, ++k;
+        } else if (eo < extra_len[0] + extra_len[1]) {
+          Line(eo < extra_len[0] ? extra[0] + eo : extra[1] + (eo - extra_len[0]));
+          eo += 64;
+        } else {
+          return;
+        }
+      }
+    }
+  };
+  const size_t nblk = bstart.size() - 1;
+  auto ahead = [&](size_t g) {  // the Prefetch of block g (none past the last)
+    Prefetch p;
+    if (g >= nblk) return p;
+    p.ptr = ptr.data();
+    p.k = bstart[g];
+    p.k1 = bstart[g + 1];
+    p.seg = seg;
+    p.extra[0] = reinterpret_cast<const char*>(w.scales.data() + w.SBase(c, blk[g]) + d0);
+    p.extra[1] = reinterpret_cast<const char*>(w.z.data() + w.SBase(c, blk[g]) + d0);
+    p.extra_len[0] = len * 4;
+    p.extra_len[1] = len;
+    return p;
+  };
+  if (nblk) {  // the first block now
+    Prefetch p = ahead(0);
+    p.per = 1 << 30;
+    p.Step();
+  }
+  const int64_t dv = d0 + (d1 - d0) / 8 * 8;  // rows [d0, dv) by vectors of 8 / 16, the rest as the AVX2 tail
+  for (size_t g = 0; g < nblk; ++g) {
+    const int64_t k0 = bstart[g], k1 = bstart[g + 1], b = blk[g];
+    Prefetch pf = ahead(g + 1);
+    const int64_t steps = (k1 - k0) / 4 * ((len + 255) / 256 + (len % 256 > 128));
+    const int64_t lines = (pf.k1 - pf.k) * ((seg + 63) / 64) + (len * 5 + 63) / 64;
+    pf.per = static_cast<int>(lines / std::max<int64_t>(1, steps) + 1);
+    const float* s = w.scales.data() + w.SBase(c, b);
+    const int8_t* z = w.z.data() + w.SBase(c, b);
+    const __m512 vsa = _mm512_set1_ps(sa[b]);
+    const __m512i vq = _mm512_set1_epi32(sumq[g]);
+    for (int64_t r = 0; r < len;) {
+      __m512i out[16];
+      const int64_t step = len - r >= 256 ? 256 : len - r >= 128 ? 128 : 64;
+      if (step == 256)
+        DownUnits<2, false>(ptr.data() + k0, quads.data() + k0 / 4, k1 - k0, r / 2, pf, out);
+      else if (step == 128)
+        DownUnits<1, false>(ptr.data() + k0, quads.data() + k0 / 4, k1 - k0, r / 2, pf, out);
+      else  // the last 64 rows: 32 bytes of each neuron, the vectors' upper halves zero
+        DownUnits<1, true>(ptr.data() + k0, quads.data() + k0 / 4, k1 - k0, r / 2, pf, out);
+      for (int t = 0; t < step / 16; ++t) {
+        const int64_t d = d0 + r + 16 * t;
+        if (dv < d1 && d <= dv && dv < d + 16) _mm512_storeu_si512(acc + (d - d0), out[t]);  // the tail's sums
+        if (d >= dv) break;
+        const __mmask16 m = d + 16 <= dv ? 0xFFFF : static_cast<__mmask16>((1u << (dv - d)) - 1);
+        const __m512i zi = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, z + d));
+        const __m512i v = _mm512_sub_epi32(out[t], _mm512_mullo_epi32(zi, vq));  // acc - z * sum q (exact)
+        const __m512 yv = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, s + d), vsa), _mm512_cvtepi32_ps(v),
+                                          _mm512_maskz_loadu_ps(m, y + d));
+        _mm512_mask_storeu_ps(y + d, m, yv);
+      }
+      r += step;
+    }
+    for (int64_t d = dv; d < d1; ++d)
+      y[d] += s[d] * sa[b] * static_cast<float>(acc[d - d0] - z[d] * sumq[g]);
+  }
 }
 
 void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
