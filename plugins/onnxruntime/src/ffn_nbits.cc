@@ -533,10 +533,10 @@ class NbKernel {
 
   // Chunk rows of the neuron-major light down (one task each at decode): D / max(2, cores), a
   // multiple of 64, at most 1024. A chunk of R rows stores a neuron's codes of those rows as one
-  // segment of R / 2 bytes (4 bits), and the longer the segments the better skipped neurons' gaps
-  // are skipped by the memory system: on the 2-core Xeon, reading half of 128-byte pieces ran at 6
-  // GB/s, of 512-byte pieces at 11 (13 for all of them), so 2 chunks there; with more cores, more
-  // and shorter chunks keep every thread busy. The rows do not change any output (each row sums its
+  // segment of R / 2 bytes (4 bits), and the longer the segments the faster a random half of them
+  // is read: on the 2-core Xeon, 0.70 of the sequential speed for 128-byte pieces, 0.79 for 512-byte
+  // ones, 0.86 for 1 KB (samples/memprobe/scattered_reads.py, 1 thread), so 2 chunks there; with
+  // more cores, more and shorter chunks keep every thread busy. The rows do not change any output (each row sums its
   // blocks in the same order). FFSPLIT_NBITS_DOWN_ROWS=R overrides (tests, benchmarks).
   static int64_t DownChunkRows(int64_t d) {
     const int64_t dpad = (d + 31) / 32 * 32;
