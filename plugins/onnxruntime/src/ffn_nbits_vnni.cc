@@ -1,6 +1,7 @@
 // AVX-512 kernels of FusedFFNNBits at accuracy_level 4 (the rest is ffn_nbits_avx2.cc's):
-//  * dot_q with VNNI: the int8-activation products of the tiled parts (every part read whole) and of
-//    row-major parts for listed neurons (the gated light up rows of live neurons with skipping);
+//  * dot_q with VNNI: the int8-activation products of the tiled parts (every part read whole; with
+//    M > 1, 4 rows (2 for blocks wider than 64 bytes) per read of a tile's codes) and of row-major
+//    parts for listed neurons (the gated light up rows of live neurons with skipping);
 //  * down_q, 4 bits (the neuron-major light down of kept neurons): 4 neurons' codes per int32 lane
 //    multiplied with vpdpbusd, the sums of up to 256 output rows held in registers, the next block's
 //    segments prefetched while one block is computed (DownQ below);
@@ -187,16 +188,95 @@ void Listed(const NbPart& p, const int8_t* a, const NbQ& qx, int64_t m, float* y
   }
 }
 
+// BlockSums for R activation rows (row r at a + r * lda) from one read of the codes: each 64-byte
+// load is unpacked once and multiplied by every row's activations (prefill: M > 1). y[r][u] as
+// BlockSums' y[u] for row r.
+template <int BITS, bool PAIRS, int R>
+inline void BlockSumsRows(const uint8_t* c, const int8_t* a, int64_t lda, int64_t blob, __m256i (*y)[8]) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  if (PAIRS) {
+    __m512i ve[R], vo[R];
+    for (int r = 0; r < R; ++r) {
+      ve[r] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * lda)));
+      vo[r] = BITS == 4 ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * lda + 32)))
+                        : ve[r];
+    }
+    for (int j = 0; j < 4; ++j) {
+      const __m512i w = _mm512_loadu_si512(c + 64 * j);
+      const __m512i lo = BITS == 4 ? _mm512_and_si512(w, m4) : _mm512_xor_si512(w, flip);
+      const __m512i hi = BITS == 4 ? _mm512_and_si512(_mm512_srli_epi16(w, 4), m4) : lo;
+      for (int r = 0; r < R; ++r) {
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ve[r]);
+        if (BITS == 4) s = _mm512_dpbusd_epi32(s, hi, vo[r]);
+        y[r][2 * j] = Lo(s);
+        y[r][2 * j + 1] = Hi(s);
+      }
+    }
+    return;
+  }
+  __m512i s[R][8];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 8; ++u) s[r][u] = _mm512_setzero_si512();
+  for (int64_t o = 0; o < blob; o += 64) {
+    for (int u = 0; u < 8; ++u) {
+      const __m512i w = _mm512_loadu_si512(c + u * blob + o);
+      if (BITS == 4) {
+        const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+        for (int r = 0; r < R; ++r) {
+          s[r][u] = _mm512_dpbusd_epi32(s[r][u], lo, _mm512_loadu_si512(a + r * lda + 2 * o));
+          s[r][u] = _mm512_dpbusd_epi32(s[r][u], hi, _mm512_loadu_si512(a + r * lda + 2 * o + 64));
+        }
+      } else {
+        const __m512i wf = _mm512_xor_si512(w, flip);
+        for (int r = 0; r < R; ++r) s[r][u] = _mm512_dpbusd_epi32(s[r][u], wf, _mm512_loadu_si512(a + r * lda + o));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 8; ++u) y[r][u] = _mm256_add_epi32(Lo(s[r][u]), Hi(s[r][u]));
+}
+
+// Tile8 for R activation rows at once (row r: a + r * kpad, xs / xsum + r * nb): out[r][0..8)
+template <int BITS, bool PAIRS, int R>
+void Tile8Rows(const NbPart& p, const int8_t* a, const float* xs, const int32_t* xsum, int64_t t, float (*out)[8]) {
+  const int64_t tb = 8 * p.blob, kpad = p.nb * p.bs;
+  const uint8_t* base = p.codes.data() + t * p.nb * tb;
+  const float* sc = p.sc.data() + t * p.nb * 8;
+  const int8_t* zt = p.z.data() + t * p.nb * 8;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b, base += tb) {
+    for (int64_t o = 0; o < tb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(base + kPrefetch + o), _MM_HINT_T0);
+    __m256i y[R][8];
+    BlockSumsRows<BITS, PAIRS, R>(base, a + b * p.bs, kpad, p.blob, y);
+    const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + b * 8)));
+    const __m256 scv = _mm256_loadu_ps(sc + b * 8);
+    for (int r = 0; r < R; ++r)
+      acc[r] = Accumulate<BITS>(y[r], z, scv, xs[r * p.nb + b], xsum[r * p.nb + b], acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+// the rows of a tiled part, R at a time where M allows (each tile's codes read once per R rows;
+// the same sums and float steps per row as one at a time)
 template <int BITS, bool PAIRS>
 void Tiles(const NbPart& p, const int8_t* a, const NbQ& qx, int64_t m, float* y, int64_t ldy, int64_t i0,
            int64_t i1) {
+  constexpr int R = PAIRS ? 4 : 2;  // PAIRS: 4 rows' activations in registers; else 8 R accumulators
   const int64_t kpad = p.nb * p.bs;
-  alignas(32) float out[8];
+  alignas(32) float out[R][8];
   for (int64_t t = i0 / 8; t * 8 < i1; ++t) {
     const int64_t lo = std::max(i0, t * 8), hi = std::min(i1, t * 8 + 8);
-    for (int64_t r = 0; r < m; ++r) {
-      Tile8<BITS, PAIRS>(p, a + r * kpad, qx.s + r * p.nb, qx.sum + r * p.nb, t, out);
-      for (int64_t n = lo; n < hi; ++n) y[r * ldy + n] = out[n - t * 8];
+    int64_t r = 0;
+    for (; r + R <= m; r += R) {
+      Tile8Rows<BITS, PAIRS, R>(p, a + r * kpad, qx.s + r * p.nb, qx.sum + r * p.nb, t, out);
+      for (int q = 0; q < R; ++q)
+        for (int64_t n = lo; n < hi; ++n) y[(r + q) * ldy + n] = out[q][n - t * 8];
+    }
+    for (; r < m; ++r) {
+      Tile8<BITS, PAIRS>(p, a + r * kpad, qx.s + r * p.nb, qx.sum + r * p.nb, t, out[0]);
+      for (int64_t n = lo; n < hi; ++n) y[r * ldy + n] = out[0][n - t * 8];
     }
   }
 }
