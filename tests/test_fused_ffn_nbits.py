@@ -368,7 +368,7 @@ def test_down_layout_tuning(isa, level, monkeypatch, tmp_path):
         (8, 4, True, 256, 64),  # int8 heavy block 256 (64-byte loads), int4 light g64 (pairs, the presets)
         (8, 4, True, 32, 128),  # int8 heavy block 32 (pairs), int4 light g128 (rearranged activations)
         (4, 8, False, 256, 64),  # int4 block 256, int8 light block 64
-        (4, 4, True, 32, 16),  # blocks the VNNI kernel leaves to AVX2
+        (4, 4, True, 32, 16),  # int4 heavy block 32 (4 neurons per load), light block 16 (left to AVX2)
     ],
     ids=lambda k: f"h{k[0]}b{k[3]}l{k[1]}b{k[4]}",
 )

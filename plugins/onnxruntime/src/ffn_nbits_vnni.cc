@@ -20,7 +20,9 @@
 //  * blob a multiple of 64 (4 bits at block 128, 256, ...; 8 bits at block 64, 128, ... and per
 //    channel): one load holds 64 bytes of one neuron, multiplied by the matching activations.
 // Row-major parts: the same with 8 row pointers (two 32-byte loads per 64 bytes when blob == 32).
-// Other block shapes (4 bits at block 16 / 32, 8 bits at block 16) go to the AVX2 kernel.
+// Tiled 4 bits at block 32 (blob 16: the fast preset's light part): four neurons per load (TilesB16).
+// Other block shapes (4 bits at block 16, row-major 4 bits at block 32, 8 bits at block 16) go to
+// the AVX2 kernel.
 // 4 bits: codes are unsigned nibbles; against X in the even / odd order (NbQ::eo), low nibbles
 // times the 32 even values, high nibbles times the 32 odd ones. For blob >= 64 two such 32-byte
 // halves come from two 64-value steps, so the activations are first rearranged per 128 values as
@@ -109,12 +111,18 @@ inline void BlockSums(const C& c, const int8_t* a, int64_t blob, __m256i* y) {
   for (int u = 0; u < 8; ++u) y[u] = _mm256_add_epi32(Lo(s[u]), Hi(s[u]));
 }
 
-// one block's 8 sums, zero points (zv) and scales (scv) applied, added to acc
+// one block's 8 neuron sums (lane u: neuron u), zero points (zv) and scales (scv) applied, added to acc
+template <int BITS>
+inline __m256 AccumulateSums(__m256i sums, __m256i zv, __m256 scv, float xs, int32_t xsum, __m256 acc) {
+  const __m256i z = _mm256_add_epi32(zv, _mm256_set1_epi32(BITS == 8 ? 128 : 0));
+  const __m256i s = _mm256_sub_epi32(sums, _mm256_mullo_epi32(z, _mm256_set1_epi32(xsum)));
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scv, _mm256_set1_ps(xs)), acc);
+}
+
+// the same from the 8 neurons' partial sums (y[u]: 8 lanes of neuron u)
 template <int BITS>
 inline __m256 Accumulate(const __m256i* y, __m256i zv, __m256 scv, float xs, int32_t xsum, __m256 acc) {
-  const __m256i z = _mm256_add_epi32(zv, _mm256_set1_epi32(BITS == 8 ? 128 : 0));
-  const __m256i s = _mm256_sub_epi32(LaneSums(y), _mm256_mullo_epi32(z, _mm256_set1_epi32(xsum)));
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(scv, _mm256_set1_ps(xs)), acc);
+  return AccumulateSums<BITS>(LaneSums(y), zv, scv, xs, xsum, acc);
 }
 
 // 8 neurons of tile t for one activation row (a: q for 8 bits; for 4 bits eo, or its 128-value
@@ -290,8 +298,80 @@ void Run(const NbPart& p, const int8_t* a, const NbQ& qx, int64_t m, float* y, i
     Listed<BITS, PAIRS>(p, a, qx, m, y, ldy, list, i0, i1);
 }
 
+// 4 bits at block 32 (blob 16: the fast preset's light part), tiled: one 64-byte load holds 4
+// neurons' codes of a block (one per 128-bit lane), multiplied by the block's 16 even and 16 odd
+// activations (a: per 32 values the 16 even then the 16 odd ones) broadcast to the 4 lanes; each
+// lane's 4 sums are added within the lane and the 8 neurons' totals gathered into one vector. R
+// activation rows per read of the codes (row r at a + r * kpad). out[r][0..8).
+template <int R>
+void Tile8B16(const NbPart& p, const int8_t* a, const float* xs, const int32_t* xsum, int64_t t, float (*out)[8]) {
+  constexpr int64_t tb = 8 * 16;
+  const int64_t kpad = p.nb * p.bs;
+  const uint8_t* base = p.codes.data() + t * p.nb * tb;
+  const float* sc = p.sc.data() + t * p.nb * 8;
+  const int8_t* zt = p.z.data() + t * p.nb * 8;
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i first = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b, base += tb) {
+    for (int64_t o = 0; o < tb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(base + kPrefetch + o), _MM_HINT_T0);
+    const __m512i w0 = _mm512_loadu_si512(base), w1 = _mm512_loadu_si512(base + 64);
+    const __m512i lo0 = _mm512_and_si512(w0, m4), hi0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), m4);
+    const __m512i lo1 = _mm512_and_si512(w1, m4), hi1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), m4);
+    const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + b * 8)));
+    const __m256 scv = _mm256_loadu_ps(sc + b * 8);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* ar = a + r * kpad + b * 32;
+      const __m512i ve = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ar)));
+      const __m512i vo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ar + 16)));
+      __m512i s0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo0, ve), hi0, vo);
+      __m512i s1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo1, ve), hi1, vo);
+      s0 = _mm512_add_epi32(s0, _mm512_shuffle_epi32(s0, _MM_PERM_BADC));  // (0+2, 1+3, ..) per lane
+      s0 = _mm512_add_epi32(s0, _mm512_shuffle_epi32(s0, _MM_PERM_CDAB));  // lane total in each
+      s1 = _mm512_add_epi32(s1, _mm512_shuffle_epi32(s1, _MM_PERM_BADC));
+      s1 = _mm512_add_epi32(s1, _mm512_shuffle_epi32(s1, _MM_PERM_CDAB));
+      const __m256i sums = _mm512_castsi512_si256(_mm512_permutex2var_epi32(s0, first, s1));
+      acc[r] = AccumulateSums<4>(sums, z, scv, xs[r * p.nb + b], xsum[r * p.nb + b], acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], acc[r]);
+}
+
+// a tiled 4-bit part at block 32: the activations rearranged per 32 values as 16 even, 16 odd
+// (two byte shuffles), then 4 rows at a time where M allows
+void TilesB16(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, int64_t i0, int64_t i1) {
+  const int64_t kpad = p.nb * p.bs, n = m * kpad;
+  thread_local std::vector<int8_t> eo;
+  if (static_cast<int64_t>(eo.size()) < n) eo.resize(static_cast<size_t>(n));
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12,
+                                         14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t o = 0; o < n; o += 32) {  // per 16 values even / odd, then the two lanes' halves paired
+    const __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q + o)), split);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(eo.data() + o), _mm256_permute4x64_epi64(v, 0xD8));
+  }
+  alignas(32) float out[4][8];
+  for (int64_t t = i0 / 8; t * 8 < i1; ++t) {
+    const int64_t lo = std::max(i0, t * 8), hi = std::min(i1, t * 8 + 8);
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) {
+      Tile8B16<4>(p, eo.data() + r * kpad, qx.s + r * p.nb, qx.sum + r * p.nb, t, out);
+      for (int q = 0; q < 4; ++q)
+        for (int64_t k = lo; k < hi; ++k) y[(r + q) * ldy + k] = out[q][k - t * 8];
+    }
+    for (; r < m; ++r) {
+      Tile8B16<1>(p, eo.data() + r * kpad, qx.s + r * p.nb, qx.sum + r * p.nb, t, out);
+      for (int64_t k = lo; k < hi; ++k) y[r * ldy + k] = out[0][k - t * 8];
+    }
+  }
+}
+
 void DotQ(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, const int32_t* list, int64_t i0,
           int64_t i1) {
+  if (p.bits == 4 && p.blob == 16 && p.tiled && !qx.eo) {
+    TilesB16(p, qx, m, y, ldy, i0, i1);
+    return;
+  }
   const bool pairs = p.blob == 32, whole = p.blob % 64 == 0;
   if (p.bits == 32 || (p.bits == 4 && !qx.eo) || !(pairs || whole)) {
     NbKernelsAvx2().dot_q(p, qx, m, y, ldy, list, i0, i1);
