@@ -52,6 +52,18 @@ inline __m256i LaneSums(const __m256i* v) {
 inline __m256i Lo(__m512i v) { return _mm512_castsi512_si256(v); }
 inline __m256i Hi(__m512i v) { return _mm512_extracti64x4_epi64(v, 1); }
 
+// lane u = the total of neuron u, from s[j] holding neuron 2j's 8 partial sums in its low 256 bits
+// and neuron 2j + 1's in its high ones (12 instructions; LaneSums over the 8 halves takes about 25)
+inline __m256i PairSums(const __m512i* s) {
+  const __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(s[0], s[1]), _mm512_unpackhi_epi32(s[0], s[1]));
+  const __m512i b = _mm512_add_epi32(_mm512_unpacklo_epi32(s[2], s[3]), _mm512_unpackhi_epi32(s[2], s[3]));
+  // per 128-bit lane: the lane's sums of s[0..3]; lanes 0, 1: neurons 0, 2, 4, 6; lanes 2, 3: 1, 3, 5, 7
+  const __m512i c = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+  const __m512i d = _mm512_add_epi32(c, _mm512_shuffle_i32x4(c, c, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 0, 8, 1, 9, 2, 10, 3, 11);
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi32(order, d));
+}
+
 // Where the 8 neurons' codes of one block are: a tile block (contiguous, blob bytes each) or 8
 // rows of a row-major part (one pointer each, already at the block)
 struct TileBlock {
@@ -111,6 +123,29 @@ inline void BlockSums(const C& c, const int8_t* a, int64_t blob, __m256i* y) {
   for (int u = 0; u < 8; ++u) y[u] = _mm256_add_epi32(Lo(s[u]), Hi(s[u]));
 }
 
+// A tile block with blob 32 (4 loads of 2 neurons) times R activation rows (row r at a + r * lda):
+// s[r][j] = the partial sums of neurons 2j (low half) and 2j + 1 (high half)
+template <int BITS, int R>
+inline void BlockPairs(const uint8_t* c, const int8_t* a, int64_t lda, __m512i (*s)[4]) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i ve[R], vo[R];
+  for (int r = 0; r < R; ++r) {
+    ve[r] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * lda)));
+    vo[r] = BITS == 4 ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * lda + 32)))
+                      : ve[r];
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i w = _mm512_loadu_si512(c + 64 * j);
+    const __m512i lo = BITS == 4 ? _mm512_and_si512(w, m4) : _mm512_xor_si512(w, flip);
+    const __m512i hi = BITS == 4 ? _mm512_and_si512(_mm512_srli_epi16(w, 4), m4) : lo;
+    for (int r = 0; r < R; ++r) {
+      s[r][j] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ve[r]);
+      if (BITS == 4) s[r][j] = _mm512_dpbusd_epi32(s[r][j], hi, vo[r]);
+    }
+  }
+}
+
 // one block's 8 neuron sums (lane u: neuron u), zero points (zv) and scales (scv) applied, added to acc
 template <int BITS>
 inline __m256 AccumulateSums(__m256i sums, __m256i zv, __m256 scv, float xs, int32_t xsum, __m256 acc) {
@@ -136,9 +171,15 @@ void Tile8(const NbPart& p, const int8_t* a, const float* xs, const int32_t* xsu
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < p.nb; ++b, base += tb) {
     for (int64_t o = 0; o < tb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(base + kPrefetch + o), _MM_HINT_T0);
+    const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + b * 8)));
+    if (PAIRS) {
+      __m512i s[4];
+      BlockPairs<BITS, 1>(base, a + b * p.bs, 0, &s);
+      acc = AccumulateSums<BITS>(PairSums(s), z, _mm256_loadu_ps(sc + b * 8), xs[b], xsum[b], acc);
+      continue;
+    }
     __m256i y[8];
     BlockSums<BITS, PAIRS>(TileBlock{base, p.blob}, a + b * p.bs, p.blob, y);
-    const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + b * 8)));
     acc = Accumulate<BITS>(y, z, _mm256_loadu_ps(sc + b * 8), xs[b], xsum[b], acc);
   }
   _mm256_storeu_ps(out, acc);
@@ -196,33 +237,13 @@ void Listed(const NbPart& p, const int8_t* a, const NbQ& qx, int64_t m, float* y
   }
 }
 
-// BlockSums for R activation rows (row r at a + r * lda) from one read of the codes: each 64-byte
-// load is unpacked once and multiplied by every row's activations (prefill: M > 1). y[r][u] as
-// BlockSums' y[u] for row r.
-template <int BITS, bool PAIRS, int R>
+// BlockSums for R activation rows (row r at a + r * lda) from one read of the codes, blob a multiple
+// of 64 (blob 32 is BlockPairs): each 64-byte load is unpacked once and multiplied by every row's
+// activations (prefill: M > 1). y[r][u] as BlockSums' y[u] for row r.
+template <int BITS, int R>
 inline void BlockSumsRows(const uint8_t* c, const int8_t* a, int64_t lda, int64_t blob, __m256i (*y)[8]) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  if (PAIRS) {
-    __m512i ve[R], vo[R];
-    for (int r = 0; r < R; ++r) {
-      ve[r] = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * lda)));
-      vo[r] = BITS == 4 ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + r * lda + 32)))
-                        : ve[r];
-    }
-    for (int j = 0; j < 4; ++j) {
-      const __m512i w = _mm512_loadu_si512(c + 64 * j);
-      const __m512i lo = BITS == 4 ? _mm512_and_si512(w, m4) : _mm512_xor_si512(w, flip);
-      const __m512i hi = BITS == 4 ? _mm512_and_si512(_mm512_srli_epi16(w, 4), m4) : lo;
-      for (int r = 0; r < R; ++r) {
-        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, ve[r]);
-        if (BITS == 4) s = _mm512_dpbusd_epi32(s, hi, vo[r]);
-        y[r][2 * j] = Lo(s);
-        y[r][2 * j + 1] = Hi(s);
-      }
-    }
-    return;
-  }
   __m512i s[R][8];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < 8; ++u) s[r][u] = _mm512_setzero_si512();
@@ -256,10 +277,17 @@ void Tile8Rows(const NbPart& p, const int8_t* a, const float* xs, const int32_t*
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < p.nb; ++b, base += tb) {
     for (int64_t o = 0; o < tb; o += 64) _mm_prefetch(reinterpret_cast<const char*>(base + kPrefetch + o), _MM_HINT_T0);
-    __m256i y[R][8];
-    BlockSumsRows<BITS, PAIRS, R>(base, a + b * p.bs, kpad, p.blob, y);
     const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + b * 8)));
     const __m256 scv = _mm256_loadu_ps(sc + b * 8);
+    if (PAIRS) {
+      __m512i ps[R][4];
+      BlockPairs<BITS, R>(base, a + b * p.bs, kpad, ps);
+      for (int r = 0; r < R; ++r)
+        acc[r] = AccumulateSums<BITS>(PairSums(ps[r]), z, scv, xs[r * p.nb + b], xsum[r * p.nb + b], acc[r]);
+      continue;
+    }
+    __m256i y[R][8];
+    BlockSumsRows<BITS, R>(base, a + b * p.bs, kpad, p.blob, y);
     for (int r = 0; r < R; ++r)
       acc[r] = Accumulate<BITS>(y[r], z, scv, xs[r * p.nb + b], xsum[r * p.nb + b], acc[r]);
   }
