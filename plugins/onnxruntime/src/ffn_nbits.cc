@@ -536,8 +536,9 @@ class NbKernel {
   // segment of R / 2 bytes (4 bits), and the longer the segments the faster a random half of them
   // is read: on the 2-core Xeon, 0.70 of the sequential speed for 128-byte pieces, 0.79 for 512-byte
   // ones, 0.86 for 1 KB (samples/memprobe/scattered_reads.py, 1 thread), so 2 chunks there; with
-  // more cores, more and shorter chunks keep every thread busy. The rows do not change any output (each row sums its
-  // blocks in the same order). FFSPLIT_NBITS_DOWN_ROWS=R overrides (tests, benchmarks).
+  // more cores, more and shorter chunks keep every thread busy. The rows do not change any output
+  // (each row sums its blocks in the same order). FFSPLIT_NBITS_DOWN_ROWS=R overrides (tests,
+  // benchmarks).
   static int64_t DownChunkRows(int64_t d) {
     const int64_t dpad = (d + 31) / 32 * 32;
     int64_t rows = 0;
