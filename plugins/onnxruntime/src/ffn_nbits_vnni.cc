@@ -81,29 +81,12 @@ struct RowBlocks {
   }
 };
 
-// the int32 block sums (before zero points) of one block of 8 neurons: y[u] for neuron u, 8 lanes each
-template <int BITS, bool PAIRS, class C>
+// the int32 block sums (before zero points) of one block of 8 neurons, blob a multiple of 64 (blob
+// 32: BlockPairs): y[u] for neuron u, 8 lanes each
+template <int BITS, class C>
 inline void BlockSums(const C& c, const int8_t* a, int64_t blob, __m256i* y) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  if (PAIRS) {  // load j: neurons 2j and 2j + 1, one 32-byte cell each
-    const __m512i ve = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
-    const __m512i vo = BITS == 4 ? _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 32)))
-                                 : ve;
-    for (int j = 0; j < 4; ++j) {
-      const __m512i w = c.Pair(j);
-      __m512i s;
-      if (BITS == 4) {
-        s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, m4), ve);
-        s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(w, 4), m4), vo);
-      } else {
-        s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(w, flip), ve);
-      }
-      y[2 * j] = Lo(s);
-      y[2 * j + 1] = Hi(s);
-    }
-    return;
-  }
   __m512i s[8];
   for (int u = 0; u < 8; ++u) s[u] = _mm512_setzero_si512();
   for (int64_t o = 0; o < blob; o += 64) {  // 64 code bytes of each neuron: 128 (4 bits) / 64 values
@@ -125,8 +108,8 @@ inline void BlockSums(const C& c, const int8_t* a, int64_t blob, __m256i* y) {
 
 // A tile block with blob 32 (4 loads of 2 neurons) times R activation rows (row r at a + r * lda):
 // s[r][j] = the partial sums of neurons 2j (low half) and 2j + 1 (high half)
-template <int BITS, int R>
-inline void BlockPairs(const uint8_t* c, const int8_t* a, int64_t lda, __m512i (*s)[4]) {
+template <int BITS, int R, class C>
+inline void BlockPairs(const C& c, const int8_t* a, int64_t lda, __m512i (*s)[4]) {
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i ve[R], vo[R];
@@ -136,7 +119,7 @@ inline void BlockPairs(const uint8_t* c, const int8_t* a, int64_t lda, __m512i (
                       : ve[r];
   }
   for (int j = 0; j < 4; ++j) {
-    const __m512i w = _mm512_loadu_si512(c + 64 * j);
+    const __m512i w = c.Pair(j);
     const __m512i lo = BITS == 4 ? _mm512_and_si512(w, m4) : _mm512_xor_si512(w, flip);
     const __m512i hi = BITS == 4 ? _mm512_and_si512(_mm512_srli_epi16(w, 4), m4) : lo;
     for (int r = 0; r < R; ++r) {
@@ -174,12 +157,12 @@ void Tile8(const NbPart& p, const int8_t* a, const float* xs, const int32_t* xsu
     const __m256i z = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zt + b * 8)));
     if (PAIRS) {
       __m512i s[4];
-      BlockPairs<BITS, 1>(base, a + b * p.bs, 0, &s);
+      BlockPairs<BITS, 1>(TileBlock{base, p.blob}, a + b * p.bs, 0, &s);
       acc = AccumulateSums<BITS>(PairSums(s), z, _mm256_loadu_ps(sc + b * 8), xs[b], xsum[b], acc);
       continue;
     }
     __m256i y[8];
-    BlockSums<BITS, PAIRS>(TileBlock{base, p.blob}, a + b * p.bs, p.blob, y);
+    BlockSums<BITS>(TileBlock{base, p.blob}, a + b * p.bs, p.blob, y);
     acc = Accumulate<BITS>(y, z, _mm256_loadu_ps(sc + b * 8), xs[b], xsum[b], acc);
   }
   _mm256_storeu_ps(out, acc);
@@ -198,16 +181,24 @@ void Rows8(const NbPart& p, const int8_t* a, const float* xs, const int32_t* xsu
       for (int u = 0; u < 8; ++u)
         for (int64_t o = 0; o < std::max<int64_t>(p.blob, 64); o += 64)
           _mm_prefetch(reinterpret_cast<const char*>(p.Blk(next[u], b) + o), _MM_HINT_T0);
-    __m256i y[8];
-    BlockSums<BITS, PAIRS>(RowBlocks{cur}, a + b * p.bs, p.blob, y);
+    __m256i sums;
+    if (PAIRS) {
+      __m512i ps[4];
+      BlockPairs<BITS, 1>(RowBlocks{cur}, a + b * p.bs, 0, &ps);
+      sums = PairSums(ps);
+    } else {
+      __m256i y[8];
+      BlockSums<BITS>(RowBlocks{cur}, a + b * p.bs, p.blob, y);
+      sums = LaneSums(y);
+    }
     alignas(32) float scv[8];
     alignas(32) int32_t zv[8];
     for (int u = 0; u < 8; ++u) {
       scv[u] = p.sc[static_cast<size_t>(p.Index(ns[u], b))];
       zv[u] = p.z[static_cast<size_t>(p.Index(ns[u], b))];
     }
-    acc = Accumulate<BITS>(y, _mm256_load_si256(reinterpret_cast<const __m256i*>(zv)), _mm256_load_ps(scv), xs[b],
-                           xsum[b], acc);
+    acc = AccumulateSums<BITS>(sums, _mm256_load_si256(reinterpret_cast<const __m256i*>(zv)), _mm256_load_ps(scv), xs[b],
+                               xsum[b], acc);
   }
   _mm256_storeu_ps(out, acc);
 }
@@ -281,7 +272,7 @@ void Tile8Rows(const NbPart& p, const int8_t* a, const float* xs, const int32_t*
     const __m256 scv = _mm256_loadu_ps(sc + b * 8);
     if (PAIRS) {
       __m512i ps[R][4];
-      BlockPairs<BITS, R>(base, a + b * p.bs, kpad, ps);
+      BlockPairs<BITS, R>(TileBlock{base, p.blob}, a + b * p.bs, kpad, ps);
       for (int r = 0; r < R; ++r)
         acc[r] = AccumulateSums<BITS>(PairSums(ps[r]), z, scv, xs[r * p.nb + b], xsum[r * p.nb + b], acc[r]);
       continue;
