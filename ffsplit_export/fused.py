@@ -559,8 +559,11 @@ def fuse_ffns_(
     progress: bool = False,
     criterion: str | None = None,
     input_sparsity: float = 0.0,
+    allowed: tuple[str, ...] | None = None,
 ) -> dict:
     """Replace every fusable split FFN of ``model`` in place; returns the manifest's record.
+
+    ``allowed``: the fused ops allowed (None: both); an FFN whose parts need another keeps its subgraph.
 
     ``skip`` is the op's skip mode or a parsed ``--activation-sparsity``; with a fraction > 0 the
     thresholds are calibrated on ``batches`` (:func:`calibrate_thresholds_`, by ``criterion``) and every FFN must be
@@ -577,6 +580,8 @@ def fuse_ffns_(
     fused, kept, ops = [], {}, {}
     for spec in specs:
         op, reason = fused_op_for(model, spec)
+        if op is not None and allowed is not None and op not in allowed:
+            op, reason = None, f"its parts are {op}'s, not {' / '.join(allowed)}'s (pass --fused-ffn to fuse them)"
         if op is None:
             kept[spec.name] = reason
             continue

@@ -131,12 +131,15 @@ def recipes(quick: bool) -> list[Recipe]:
     )
     for name, p in PRESETS.items():
         fields = {k: v for k, v in p.items() if k != "note"}
-        out.append(ffsplit_recipe(f"preset {name}", p.get("note", ""), **fields))
+        # the stock MatMulNBits subgraph (--no-fused-ffn); on ort-cpu the export's default is the fused row
+        out.append(ffsplit_recipe(f"preset {name}", "--no-fused-ffn: " + p.get("note", ""), **fields))
         if quick:
             continue
         # issue 12: the same compressed model, one ffsplit::FusedFFNNBits node per FFN, then light
         # neurons skipped at calibrated thresholds (the preset's calibration batches)
-        out.append(ffsplit_recipe(f"preset {name} fused", "--fused-ffn", **fields, fused_ffn=True))
+        out.append(
+            ffsplit_recipe(f"preset {name} fused", "the ort-cpu default (--fused-ffn)", **fields, fused_ffn=True)
+        )
         if name == "balanced":
             out += [
                 ffsplit_recipe(
@@ -592,6 +595,15 @@ def whisper_recipes(quick: bool) -> list[Recipe]:
     out += [r for r in lm if r.kind == "ffsplit"]
     if quick:
         return out
+    out += [  # the presets as the ort-cpu export writes them by default (one fused FFN node per FFN)
+        ffsplit_recipe(
+            f"preset {name} fused",
+            "the ort-cpu default (--fused-ffn)",
+            **{k: v for k, v in p.items() if k != "note"},
+            fused_ffn=True,
+        )
+        for name, p in PRESETS.items()
+    ]
     acc = {k: v for k, v in PRESETS["accurate"].items() if k != "note"}
     bal = {k: v for k, v in PRESETS["balanced"].items() if k != "note"}
     fast = {k: v for k, v in PRESETS["fast"].items() if k != "note"}
@@ -744,7 +756,7 @@ def run_whisper(name: str, args, work: Path) -> dict:
     dense = build_dense_speech(m, work / "dense")
     variants: list[tuple[Recipe, Path]] = []
     for rec in whisper_recipes(args.quick):
-        if args.only and rec.kind != "dense" and not any(s in rec.name for s in args.only):
+        if not _selected(rec, args):
             continue
         slug = "".join(c if c.isalnum() else "-" for c in rec.name)[:80]
         t0 = time.time()
@@ -1011,7 +1023,7 @@ def run_model(name: str, args, work: Path) -> dict:
     variants: list[tuple[Recipe, Path]] = []
     dense = build_dense(m, work / "dense")
     for rec in recipes(args.quick):
-        if args.only and rec.kind != "dense" and not any(s in rec.name for s in args.only):
+        if not _selected(rec, args):
             continue
         slug = "".join(c if c.isalnum() else "-" for c in rec.name)[:80]
         t0 = time.time()
@@ -1113,6 +1125,15 @@ def run_model(name: str, args, work: Path) -> dict:
     return {"rows": rows, "load_start": load0, "load_end": loadavg()}
 
 
+def _selected(rec, args) -> bool:
+    """``--only`` / ``--exclude`` (substrings of recipe names); the dense model always runs."""
+    if rec.kind == "dense":
+        return True
+    if args.only and not any(s in rec.name for s in args.only):
+        return False
+    return not (args.exclude and any(s in rec.name for s in args.exclude))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -1146,6 +1167,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--only", default=None, help="comma-separated substrings of recipe names to keep (dense always runs)"
     )
+    ap.add_argument("--exclude", default=None, help="comma-separated substrings of recipe names to drop")
     ap.add_argument("--bandwidth-gib", type=float, default=None)
     args = ap.parse_args(argv)
     q = args.quick
@@ -1155,6 +1177,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.max_chars = args.max_chars or (600 if q else 8000)
     args.num_samples = args.num_samples or (8 if q else 128)
     args.only = [s for s in args.only.split(",")] if args.only else None
+    args.exclude = [s for s in args.exclude.split(",")] if args.exclude else None
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else out / "work"

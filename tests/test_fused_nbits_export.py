@@ -474,6 +474,7 @@ def _expected_ffns(fname: str, specs) -> int:
         ("tiny-whisper", "balanced", {"fused_ffn": True, "nbits_accuracy_level": 0}),
         ("tiny-t5", "fast", {"fused_ffn": True}),
         ("tiny-t5-gated", "accurate", {"fused_ffn": True}),
+        ("tiny-opt", "balanced", {}),  # no option: ort-cpu's default at the presets' level 4
     ],
 )
 def test_export_graph_has_one_node_per_ffn(name, preset, opts, tmp_path, monkeypatch):
@@ -492,7 +493,9 @@ def test_export_graph_has_one_node_per_ffn(name, preset, opts, tmp_path, monkeyp
     specs = find_ffns(build_tiny(name)[0])
     rec = man["fused_ffn"]
     assert rec["op"] == NBITS_OP and rec["fused"] == len(specs) and not rec["kept_subgraph"]
-    assert man["options"]["fused_ffn"] == bool(opts.get("fused_ffn", False))
+    assert man["options"]["fused_ffn"] is True
+    # the default fusion says so in the manifest; an explicit or implied --fused-ffn does not
+    assert ("default" in rec) == (not opts)
     level = opts.get("nbits_accuracy_level", preset_accuracy_level(preset))
     scopes = ["/" + "/".join(p.split(".")[-2:]) + "/" for s in specs for p in s.projections]
     thresholds = {np.float32(t) for t in rec.get("thresholds", {}).values()}
@@ -550,6 +553,57 @@ def test_export_request_accepts_the_presets_and_names_the_rest(tmp_path):
         check_export_request(
             CompressionConfig.from_preset("balanced", light_format="lowrank"), opts, tmp_path / "x"
         )
+
+
+def test_default_fusion_rule():
+    """Without --fused-ffn / --no-fused-ffn the FusedFFNNBits node is written for ort-cpu with the
+    presets' parts at level 4 only; a non-bool choice is refused by name."""
+    from ffsplit_export.errors import ConfigError
+    from ffsplit_export.export.core import ExportOptions, default_fused_ffn
+
+    assert default_fused_ffn("ort-cpu", "int4", "int8", 4) and default_fused_ffn("ort-cpu", "int8", "fp32", 4)
+    for args in (
+        ("ort-cpu", "int4", "int8", 0),  # the exact path keeps the stock subgraph
+        ("ort-cpu", "sparse-int8", "fp32", 4),  # FusedFFN: opt-in
+        ("ort-cpu", "int4", "fp16", 4),
+        ("portable", "int4", "int8", 4),
+        ("tensorrt", "int4", "int8", 4),
+    ):
+        assert not default_fused_ffn(*args), args
+    assert ExportOptions().fused_ffn is None
+    with pytest.raises(ConfigError, match="fused_ffn='yes'"):
+        ExportOptions(fused_ffn="yes")
+
+
+def test_cli_fused_ffn_flags():
+    """--fused-ffn / --no-fused-ffn / neither reach ExportOptions as True / False / None."""
+    import argparse
+
+    from ffsplit_export.cli.options import add_export_arguments, export_options_from_args
+
+    p = argparse.ArgumentParser()
+    add_export_arguments(p)
+    got = [
+        export_options_from_args(p.parse_args(["tiny-llama", "out", *a])).fused_ffn
+        for a in ([], ["--fused-ffn"], ["--no-fused-ffn"])
+    ]
+    assert got == [None, True, False]
+
+
+def test_default_fusion_keeps_other_ops_subgraph():
+    """The default fusion (allowed = FusedFFNNBits) leaves an FFN whose parts are FusedFFN's (fp32 +
+    sparse-int8, e.g. picked by the planner) as its subgraph, with the reason; --fused-ffn fuses it."""
+    from ffsplit_export.fused import NBITS_OP, SPARSE_OP, fuse_ffns_
+    from ffsplit_export.models.tiny import build_tiny
+    from ffsplit_export.pipeline import compress
+
+    model, pre, _task = build_tiny("tiny-llama")
+    res = compress(model, pre, num_samples=4, progress=False)  # SplitConfig(): fp32 + sparse-int8
+    auto = fuse_ffns_(copy.deepcopy(res.model), allowed=(NBITS_OP,))
+    assert auto["fused"] == 0 and auto["kept_subgraph"]
+    assert all(SPARSE_OP in why and "--fused-ffn" in why for why in auto["kept_subgraph"].values())
+    explicit = fuse_ffns_(copy.deepcopy(res.model))
+    assert explicit["ops"] == {SPARSE_OP: len(auto["kept_subgraph"])} and not explicit["kept_subgraph"]
 
 
 # ------------------------------------------------------------------ ONNX Runtime end to end

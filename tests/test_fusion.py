@@ -216,13 +216,14 @@ BALANCED = dict(heavy_format="int8", light_format="int4", other_linear="int4", n
 
 @pytest.fixture(scope="module")
 def balanced(tmp_path_factory):
-    """tiny-llama with the balanced preset (its FFN formats pinned), fused and unfused."""
+    """tiny-llama with the balanced preset (its FFN formats pinned), fused and unfused; the FFNs as the
+    stock MatMulNBits subgraph (--no-fused-ffn), whose parts the graph fusion packs."""
     from ffsplit_export.export.api import export
 
     base = tmp_path_factory.mktemp("fusion-balanced")
     out = {}
     for name, fuse in (("fused", True), ("plain", False)):
-        options = ExportOptions(target="ort-cpu", overwrite=True, fuse_attention=fuse)
+        options = ExportOptions(target="ort-cpu", overwrite=True, fuse_attention=fuse, fused_ffn=False)
         out[name] = (
             export("tiny-llama", base / name, options=options, preset="balanced", **BALANCED),
             base / name,

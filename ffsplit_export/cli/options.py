@@ -535,10 +535,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--fused-ffn",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="ort-cpu: one node per split FFN: ffsplit::FusedFFNNBits (the presets: heavy fp32 / int8, light "
         "int8 / int4) or ffsplit::FusedFFN (heavy fp32, light sparse-int8); tensorrt: FusedFFNNBits only "
-        "(pass --light-format int4 / int8, --heavy-format fp32 / int8), written as its two plugin nodes",
+        "(pass --light-format int4 / int8, --heavy-format fp32 / int8), written as its two plugin nodes "
+        "(default: on for ort-cpu with the presets' parts at --nbits-accuracy-level 4, else off; "
+        "--no-fused-ffn keeps the MatMulNBits subgraph)",
     )
     p.add_argument(
         "--activation-sparsity",
@@ -592,7 +595,7 @@ def export_options_from_args(args):
         opset=args.opset,
         nbits_accuracy_level=level,
         trt_dense_24=args.trt_dense_24,
-        fused_ffn=getattr(args, "fused_ffn", False),
+        fused_ffn=getattr(args, "fused_ffn", None),
         activation_sparsity=getattr(args, "activation_sparsity", "0"),
         skip_criterion=getattr(args, "skip_criterion", None),
         input_sparsity=getattr(args, "input_sparsity", "0"),

@@ -14,7 +14,7 @@ from ..manifest import Manifest
 from ..models.loading import load_model
 from ..pipeline import compress
 from ..split import SplitConfig
-from .core import FUSED_TRT_FORMATS, ExportOptions, check_target_format, export_split_model
+from .core import FUSED_TRT_FORMATS, ExportOptions, check_target_format, default_fused_ffn, export_split_model
 from .lock import output_lock
 
 
@@ -65,6 +65,14 @@ def export(
         opts = dataclasses.replace(
             opts, nbits_accuracy_level=preset_accuracy_level(config.preset, str(opts.target))
         )
+    auto_fused = opts.fused_ffn is None
+    if auto_fused:
+        opts = dataclasses.replace(
+            opts,
+            fused_ffn=default_fused_ffn(
+                opts.target, config.light_format, config.heavy_format, opts.nbits_accuracy_level
+            ),
+        )
     check_target_format(
         Target.parse(opts.target, "--target"),
         LightFormat.parse(config.light_format, "--light-format"),
@@ -104,7 +112,7 @@ def export(
             **(extra or {}),
         )
         if opts.fused_ffn or opts.skip_mode:
-            manifest["fused_ffn"] = _fuse(res.model, opts, res.batches, progress)
+            manifest["fused_ffn"] = _fuse(res.model, opts, res.batches, progress, auto=auto_fused)
         if (
             str(opts.target) == "portable"
             and get_format(LightFormat.parse(config.light_format, "--light-format")).pruned
@@ -192,11 +200,14 @@ def check_task(model, task: str) -> None:
         return  # a model type optimum does not know: its export reports it
 
 
-def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> dict:
+def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False, auto: bool = False) -> dict:
     """One fused FFN node (FusedFFN / FusedFFNNBits) per split FFN on ort-cpu, FusedFFNNBits for every
     FFN on tensorrt (thresholds calibrated on ``batches`` for ``--activation-sparsity F``); portable
-    keeps standard ops."""
+    keeps standard ops. ``auto``: the default fusion (:func:`default_fused_ffn`), FusedFFNNBits only
+    (an FFN the planner gave other parts keeps its subgraph)."""
     from ..fused import NBITS_OP, fuse_ffns_
+
+    auto = auto and not opts.skip_mode
 
     if opts.target in (Target.ORT_CPU, Target.TENSORRT):
         record = fuse_ffns_(
@@ -206,7 +217,10 @@ def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False) -> d
             progress=progress,
             criterion=opts.skip_criterion,
             input_sparsity=getattr(opts, "input_fraction", 0.0),
+            allowed=(NBITS_OP,) if auto else None,
         )
+        if auto:
+            record["default"] = "ort-cpu with the presets' parts at accuracy level 4 (--no-fused-ffn: the subgraph)"
         other = {op: n for op, n in record["ops"].items() if op != NBITS_OP}
         if opts.target is Target.TENSORRT and (record["kept_subgraph"] or other):
             # an FFN left as a subgraph would carry int8 / int4 parts TensorRT has no form for

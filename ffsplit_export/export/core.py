@@ -27,7 +27,7 @@ from .validate import all_nodes
 logger = logging.getLogger(__name__)
 
 
-#: the parts FusedFFNNBits carries on --target tensorrt (its plugin nodes read them directly)
+#: the parts FusedFFNNBits carries (its ort-cpu kernels; on --target tensorrt its plugin nodes read them)
 FUSED_TRT_FORMATS = {"light": ("int8", "int4"), "heavy": ("fp32", "int8")}
 
 
@@ -42,7 +42,9 @@ class ExportOptions:
     trt_dense_24: bool = False  # tensorrt + 2:4: dense 2:4 weights for TensorRT's sparse tensor cores
     reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
     extra_manifest: dict = field(default_factory=dict)
-    fused_ffn: bool = False  # one fused FFN node per split FFN (ort-cpu): FusedFFN or FusedFFNNBits
+    # one fused FFN node per split FFN: FusedFFN or FusedFFNNBits (ort-cpu), FusedFFNNBits (tensorrt);
+    # None: on where default_fused_ffn() says so (ort-cpu, the presets' parts at level 4), else off
+    fused_ffn: bool | None = None
     activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
     skip_criterion: str | None = None  # with a fraction: mixed / gate / product (None: the op's best)
     # a fraction 0 < F < 1 of the input channels of ungated FFNs skipped (TEAL; implies fused_ffn)
@@ -53,6 +55,10 @@ class ExportOptions:
 
     def __post_init__(self):
         self.target = Target.parse(self.target, "--target")
+        if self.fused_ffn is not None and not isinstance(self.fused_ffn, bool):
+            raise ConfigError(
+                f"fused_ffn={self.fused_ffn!r}; use True, False or None (on for ort-cpu with the presets' parts)"
+            )
         from ..fused import parse_activation_sparsity
 
         self.sparsity = parse_activation_sparsity(self.activation_sparsity)
@@ -129,6 +135,23 @@ class ExportOptions:
         return self.target is Target.TENSORRT and bool(
             self.fused_ffn or self.skip_mode or self.input_fraction > 0
         )
+
+
+def default_fused_ffn(target: Target | str, light: LightFormat | str, heavy: str, accuracy_level: int | None) -> bool:
+    """Whether an export without ``--fused-ffn`` / ``--no-fused-ffn`` writes one FusedFFNNBits node per FFN.
+
+    On for ``--target ort-cpu`` when the FFN parts are the presets' (light int8 / int4, heavy fp32 /
+    int8) at ``accuracy_level`` 4, where the op's int8 kernels were measured against the stock
+    MatMulNBits subgraph on real weights (README, "The speed/accuracy front"); off elsewhere: portable
+    keeps standard ops, tensorrt's fused plugin path is opt-in, sparse-int8 (FusedFFN) and level 0
+    keep the subgraph unless ``--fused-ffn`` asks for the op.
+    """
+    return (
+        Target.parse(target, "--target") is Target.ORT_CPU
+        and str(light) in FUSED_TRT_FORMATS["light"]
+        and str(heavy) in FUSED_TRT_FORMATS["heavy"]
+        and accuracy_level == 4
+    )
 
 
 def check_target_format(
