@@ -591,19 +591,17 @@ def whisper_recipes(quick: bool) -> list[Recipe]:
         )
     if not quick:
         out.append(_r("ORT int8 b128 DEFAULT L4", "ort-quant", bits=8, block=128, algo="DEFAULT", level=4))
-    lm = recipes(True)
-    out += [r for r in lm if r.kind == "ffsplit"]
+    for r in recipes(True):
+        if r.kind != "ffsplit":
+            continue
+        out.append(r)
+        name = r.name.removeprefix("preset ")
+        if not quick and name in PRESETS:  # each preset with one fused FFN node per FFN, right after
+            # it (the compressed model is reused)
+            fields = {k: v for k, v in PRESETS[name].items() if k != "note"}
+            out.append(ffsplit_recipe(f"{r.name} fused", "--fused-ffn", **fields, fused_ffn=True))
     if quick:
         return out
-    out += [  # the presets as the ort-cpu export writes them by default (one fused FFN node per FFN)
-        ffsplit_recipe(
-            f"preset {name} fused",
-            "the ort-cpu default (--fused-ffn)",
-            **{k: v for k, v in p.items() if k != "note"},
-            fused_ffn=True,
-        )
-        for name, p in PRESETS.items()
-    ]
     acc = {k: v for k, v in PRESETS["accurate"].items() if k != "note"}
     bal = {k: v for k, v in PRESETS["balanced"].items() if k != "note"}
     fast = {k: v for k, v in PRESETS["fast"].items() if k != "note"}

@@ -474,7 +474,7 @@ def _expected_ffns(fname: str, specs) -> int:
         ("tiny-whisper", "balanced", {"fused_ffn": True, "nbits_accuracy_level": 0}),
         ("tiny-t5", "fast", {"fused_ffn": True}),
         ("tiny-t5-gated", "accurate", {"fused_ffn": True}),
-        ("tiny-opt", "balanced", {}),  # no option: ort-cpu's default at the presets' level 4
+        ("tiny-opt", "balanced", {}),  # no option: ort-cpu's default (decoder-only, balanced)
     ],
 )
 def test_export_graph_has_one_node_per_ffn(name, preset, opts, tmp_path, monkeypatch):
@@ -556,13 +556,17 @@ def test_export_request_accepts_the_presets_and_names_the_rest(tmp_path):
 
 
 def test_default_fusion_rule():
-    """Without --fused-ffn / --no-fused-ffn the FusedFFNNBits node is written for ort-cpu with the
-    presets' parts at level 4 only; a non-bool choice is refused by name."""
+    """Without --fused-ffn / --no-fused-ffn the FusedFFNNBits node is written for ort-cpu decoder-only
+    models with light int4 + heavy int8 (balanced, fast) at level 4 only; a non-bool choice is
+    refused by name."""
     from ffsplit_export.errors import ConfigError
     from ffsplit_export.export.core import ExportOptions, default_fused_ffn
 
-    assert default_fused_ffn("ort-cpu", "int4", "int8", 4) and default_fused_ffn("ort-cpu", "int8", "fp32", 4)
+    assert default_fused_ffn("ort-cpu", "int4", "int8", 4)
+    assert not default_fused_ffn("ort-cpu", "int4", "int8", 4, decoder_only=False)  # Whisper, T5, BERT
     for args in (
+        ("ort-cpu", "int8", "fp32", 4),  # accurate's parts: no faster at decode, slower prefill
+        ("ort-cpu", "int4", "fp32", 4),
         ("ort-cpu", "int4", "int8", 0),  # the exact path keeps the stock subgraph
         ("ort-cpu", "sparse-int8", "fp32", 4),  # FusedFFN: opt-in
         ("ort-cpu", "int4", "fp16", 4),
@@ -588,6 +592,23 @@ def test_cli_fused_ffn_flags():
         for a in ([], ["--fused-ffn"], ["--no-fused-ffn"])
     ]
     assert got == [None, True, False]
+
+
+def test_default_fusion_is_for_decoder_only_models(tmp_path, monkeypatch):
+    """The default applies to decoder-only text-generation models; an encoder-decoder export
+    (balanced, no fused option) keeps the MatMulNBits subgraph and writes no fused record."""
+    import onnx
+
+    from ffsplit_export.export.api import is_decoder_only
+    from ffsplit_export.models.tiny import TINY, build_tiny
+
+    got = {name: is_decoder_only(*build_tiny(name)[::2]) for name in TINY}
+    assert got == {n: n in ("tiny-llama", "tiny-mpt", "tiny-gpt2", "tiny-opt") for n in TINY}
+    out = tmp_path / "t5"
+    man = _export("tiny-t5", out, "balanced", monkeypatch)
+    assert man["options"]["fused_ffn"] is False and "fused_ffn" not in man
+    ops = {n.op_type for f in out.glob("*.onnx") for n in onnx.load(str(f), load_external_data=False).graph.node}
+    assert "MatMulNBits" in ops and "FusedFFNNBits" not in ops
 
 
 def test_default_fusion_keeps_other_ops_subgraph():

@@ -65,14 +65,7 @@ def export(
         opts = dataclasses.replace(
             opts, nbits_accuracy_level=preset_accuracy_level(config.preset, str(opts.target))
         )
-    auto_fused = opts.fused_ffn is None
-    if auto_fused:
-        opts = dataclasses.replace(
-            opts,
-            fused_ffn=default_fused_ffn(
-                opts.target, config.light_format, config.heavy_format, opts.nbits_accuracy_level
-            ),
-        )
+    auto_fused = opts.fused_ffn is None  # resolved once the model is loaded (default_fused_ffn)
     check_target_format(
         Target.parse(opts.target, "--target"),
         LightFormat.parse(config.light_format, "--light-format"),
@@ -98,6 +91,18 @@ def export(
     with output_lock(output):  # one export per OUTPUT; a killed export's leftovers are removed
         model, pre, task = load_model(model_name_or_path, task)
         check_task(model, task)
+        if auto_fused:
+            opts = dataclasses.replace(
+                opts,
+                fused_ffn=bool(opts.skip_mode)  # --activation-sparsity implies the fused op
+                or default_fused_ffn(
+                    opts.target,
+                    config.light_format,
+                    config.heavy_format,
+                    opts.nbits_accuracy_level,
+                    decoder_only=is_decoder_only(model, task),
+                ),
+            )
         if getattr(opts, "input_fraction", 0.0) > 0:
             check_input_sparsity(model, opts.input_fraction)
         res = compress(model, pre, **config.compress_kwargs(), progress=progress)
@@ -124,6 +129,12 @@ def export(
         manifest = export_split_model(res.model, pre, output, task, opts, manifest)
     manifest["seconds"] = round(time.time() - t0, 1)
     return manifest
+
+
+def is_decoder_only(model, task: str) -> bool:
+    """A text-generation model without an encoder (Llama, MPT, GPT-2, OPT): its FFNs run one token
+    per step at decode, where the default fused FFN op is measured faster."""
+    return task.startswith("text-generation") and not getattr(model.config, "is_encoder_decoder", False)
 
 
 def check_input_sparsity(model, fraction: float) -> None:
@@ -220,7 +231,9 @@ def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False, auto
             allowed=(NBITS_OP,) if auto else None,
         )
         if auto:
-            record["default"] = "ort-cpu with the presets' parts at accuracy level 4 (--no-fused-ffn: the subgraph)"
+            record["default"] = (
+                "ort-cpu, decoder-only model, light int4 + heavy int8 at accuracy level 4 (--no-fused-ffn: the subgraph)"
+            )
         other = {op: n for op, n in record["ops"].items() if op != NBITS_OP}
         if opts.target is Target.TENSORRT and (record["kept_subgraph"] or other):
             # an FFN left as a subgraph would carry int8 / int4 parts TensorRT has no form for

@@ -43,7 +43,8 @@ class ExportOptions:
     reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
     extra_manifest: dict = field(default_factory=dict)
     # one fused FFN node per split FFN: FusedFFN or FusedFFNNBits (ort-cpu), FusedFFNNBits (tensorrt);
-    # None: on where default_fused_ffn() says so (ort-cpu, the presets' parts at level 4), else off
+    # None: on where default_fused_ffn() says so (ort-cpu, decoder-only, balanced's / fast's parts at
+    # level 4), else off
     fused_ffn: bool | None = None
     activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
     skip_criterion: str | None = None  # with a fraction: mixed / gate / product (None: the op's best)
@@ -57,7 +58,8 @@ class ExportOptions:
         self.target = Target.parse(self.target, "--target")
         if self.fused_ffn is not None and not isinstance(self.fused_ffn, bool):
             raise ConfigError(
-                f"fused_ffn={self.fused_ffn!r}; use True, False or None (on for ort-cpu with the presets' parts)"
+                f"fused_ffn={self.fused_ffn!r}; use True, False or None (the default: on for ort-cpu "
+                "decoder-only models with light int4 + heavy int8 at accuracy level 4)"
             )
         from ..fused import parse_activation_sparsity
 
@@ -137,19 +139,33 @@ class ExportOptions:
         )
 
 
-def default_fused_ffn(target: Target | str, light: LightFormat | str, heavy: str, accuracy_level: int | None) -> bool:
+#: the FFN parts written as one FusedFFNNBits node by default on ort-cpu (light, heavy): balanced's and
+#: fast's (H = 0), where the fused op decodes faster than the stock subgraph and prefills within ~10 %
+DEFAULT_FUSED_PARTS = (("int4", "int8"),)
+
+
+def default_fused_ffn(
+    target: Target | str,
+    light: LightFormat | str,
+    heavy: str,
+    accuracy_level: int | None,
+    decoder_only: bool = True,
+) -> bool:
     """Whether an export without ``--fused-ffn`` / ``--no-fused-ffn`` writes one FusedFFNNBits node per FFN.
 
-    On for ``--target ort-cpu`` when the FFN parts are the presets' (light int8 / int4, heavy fp32 /
-    int8) at ``accuracy_level`` 4, where the op's int8 kernels were measured against the stock
-    MatMulNBits subgraph on real weights (README, "The speed/accuracy front"); off elsewhere: portable
-    keeps standard ops, tensorrt's fused plugin path is opt-in, sparse-int8 (FusedFFN) and level 0
-    keep the subgraph unless ``--fused-ffn`` asks for the op.
+    On for ``--target ort-cpu`` exports of decoder-only text-generation models with light int4 and
+    heavy int8 (the ``balanced`` and ``fast`` presets' parts) at ``accuracy_level`` 4, where the op
+    was measured against the stock MatMulNBits subgraph on real weights (README, "Which FFN graph by
+    default"). Off elsewhere, unless ``--fused-ffn`` asks for the op: portable keeps standard ops,
+    tensorrt's fused plugin path is opt-in; encoder-decoder models and encoders (Whisper, T5,
+    BERT) run their encoder FFNs over whole inputs, where the stock subgraph is faster (Whisper
+    tiny.en transcribes 1.07-1.16x slower fused); ``accurate``'s parts (light int8, heavy fp32: no
+    faster at decode, prefill 1.5x slower), sparse-int8 (FusedFFN) and level 0 keep the subgraph.
     """
     return (
         Target.parse(target, "--target") is Target.ORT_CPU
-        and str(light) in FUSED_TRT_FORMATS["light"]
-        and str(heavy) in FUSED_TRT_FORMATS["heavy"]
+        and decoder_only
+        and (str(light), str(heavy)) in DEFAULT_FUSED_PARTS
         and accuracy_level == 4
     )
 
