@@ -419,6 +419,11 @@ def _export_into(model, preprocessor, out: Path, task: str, options: ExportOptio
         finally:
             model.config._name_or_path = source
     fusion: dict = {"enabled": bool(options.fuse_attention)}
+    from .subgraphs import hoist_file  # merged decoders: the fused FFN's weights once, not per branch
+
+    shared = {p.name: st for p in sorted(out.glob("*.onnx")) if (st := hoist_file(p)) and st["constants"]}
+    if shared:
+        fusion["shared_constants"] = shared
     unfused: dict = {}
     with tempfile.TemporaryDirectory(prefix=".unfused-", dir=out) as keep:
         if options.fuse_attention:
