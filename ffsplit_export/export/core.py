@@ -494,11 +494,11 @@ def _split_for_tensorrt(out: Path, keep: Path, presplit: dict) -> dict:
     import shutil
 
     from ..trt.fused_nodes import split_fused_ffn
+    from .subgraphs import external_locations, save_rewritten
 
     counts = {}
     for path in sorted(out.glob("*.onnx")):
-        bare = onnx.load(str(path), load_external_data=False)
-        locations = {e.value for t in bare.graph.initializer for e in t.external_data if e.key == "location"}
+        locations = external_locations(path)
         m = onnx.load(str(path), load_external_data=True)
         counts[path.name] = split_fused_ffn(m)
         if not counts[path.name]:
@@ -506,12 +506,7 @@ def _split_for_tensorrt(out: Path, keep: Path, presplit: dict) -> dict:
         for name in [path.name, *locations]:
             shutil.copy2(path.parent / name, keep / name)
         presplit[path.name] = keep / path.name
-        for name in locations:  # rewritten whole (onnx would append to an existing data file)
-            (path.parent / name).unlink()
-        if locations:
-            onnx.save_model(m, str(path), save_as_external_data=True, location=path.name + "_data")
-        else:
-            onnx.save_model(m, str(path))
+        save_rewritten(m, path, locations)
     return counts
 
 

@@ -106,17 +106,28 @@ def hoist_branch_constants(model: onnx.ModelProto, min_bytes: int = MIN_BYTES) -
 def hoist_file(path: Path) -> dict | None:
     """:func:`hoist_branch_constants` on one ONNX file, rewritten in place when anything moved
     (external data kept external). None for a file without a main-graph ``If``."""
-    bare = onnx.load(str(path), load_external_data=False)
-    if not any(n.op_type == "If" for n in bare.graph.node):
+    if not any(n.op_type == "If" for n in onnx.load(str(path), load_external_data=False).graph.node):
         return None
-    locations = {e.value for t in bare.graph.initializer for e in t.external_data if e.key == "location"}
+    locations = external_locations(path)
     model = onnx.load(str(path), load_external_data=True)
     stats = hoist_branch_constants(model)
     if stats["constants"]:
-        for name in locations:  # rewritten whole (onnx would append to an existing data file)
-            (path.parent / name).unlink()
-        if locations:
-            onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + "_data")
-        else:
-            onnx.save_model(model, str(path))
+        save_rewritten(model, path, locations)
     return stats
+
+
+def external_locations(path: Path) -> set[str]:
+    """The external data files that the initializers of the ONNX file ``path`` point to."""
+    bare = onnx.load(str(path), load_external_data=False)
+    return {e.value for t in bare.graph.initializer for e in t.external_data if e.key == "location"}
+
+
+def save_rewritten(model: onnx.ModelProto, path: Path, locations: set[str]) -> None:
+    """Write ``model`` over ``path``, whose weights were in the external files ``locations`` (deleted
+    first: onnx would append to an existing data file), external again if they were."""
+    for name in locations:
+        (path.parent / name).unlink()
+    if locations:
+        onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + "_data")
+    else:
+        onnx.save_model(model, str(path))
