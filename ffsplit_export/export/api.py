@@ -134,7 +134,8 @@ def export(
 def is_decoder_only(model, task: str) -> bool:
     """A text-generation model without an encoder (Llama, MPT, GPT-2, OPT): its FFNs run one token
     per step at decode, where the default fused FFN op is measured faster."""
-    return task.startswith("text-generation") and not getattr(model.config, "is_encoder_decoder", False)
+    config = getattr(model, "config", None)
+    return task.startswith("text-generation") and not getattr(config, "is_encoder_decoder", False)
 
 
 def check_input_sparsity(model, fraction: float) -> None:
