@@ -106,9 +106,10 @@ def hoist_branch_constants(model: onnx.ModelProto, min_bytes: int = MIN_BYTES) -
 def hoist_file(path: Path) -> dict | None:
     """:func:`hoist_branch_constants` on one ONNX file, rewritten in place when anything moved
     (external data kept external). None for a file without a main-graph ``If``."""
-    if not any(n.op_type == "If" for n in onnx.load(str(path), load_external_data=False).graph.node):
+    bare = onnx.load(str(path), load_external_data=False)
+    if not any(n.op_type == "If" for n in bare.graph.node):
         return None
-    locations = external_locations(path)
+    locations = _locations(bare)
     model = onnx.load(str(path), load_external_data=True)
     stats = hoist_branch_constants(model)
     if stats["constants"]:
@@ -116,10 +117,13 @@ def hoist_file(path: Path) -> dict | None:
     return stats
 
 
+def _locations(bare: onnx.ModelProto) -> set[str]:
+    return {e.value for t in bare.graph.initializer for e in t.external_data if e.key == "location"}
+
+
 def external_locations(path: Path) -> set[str]:
     """The external data files that the initializers of the ONNX file ``path`` point to."""
-    bare = onnx.load(str(path), load_external_data=False)
-    return {e.value for t in bare.graph.initializer for e in t.external_data if e.key == "location"}
+    return _locations(onnx.load(str(path), load_external_data=False))
 
 
 def save_rewritten(model: onnx.ModelProto, path: Path, locations: set[str]) -> None:
