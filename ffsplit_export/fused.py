@@ -581,7 +581,10 @@ def fuse_ffns_(
     for spec in specs:
         op, reason = fused_op_for(model, spec)
         if op is not None and allowed is not None and op not in allowed:
-            op, reason = None, f"its parts are {op}'s, not {' / '.join(allowed)}'s (pass --fused-ffn to fuse them)"
+            op, reason = (
+                None,
+                f"its parts are {op}'s, not {' / '.join(allowed)}'s (pass --fused-ffn to fuse them)",
+            )
         if op is None:
             kept[spec.name] = reason
             continue

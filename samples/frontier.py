@@ -138,7 +138,9 @@ def recipes(quick: bool) -> list[Recipe]:
         # issue 12: the same compressed model, one ffsplit::FusedFFNNBits node per FFN, then light
         # neurons skipped at calibrated thresholds (the preset's calibration batches)
         out.append(
-            ffsplit_recipe(f"preset {name} fused", "the ort-cpu default (--fused-ffn)", **fields, fused_ffn=True)
+            ffsplit_recipe(
+                f"preset {name} fused", "the ort-cpu default (--fused-ffn)", **fields, fused_ffn=True
+            )
         )
         if name == "balanced":
             out += [

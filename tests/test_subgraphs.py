@@ -85,7 +85,9 @@ def test_shared_constant_stored_once_same_outputs():
     branches = [a.g for n in m.graph.node if n.op_type == "If" for a in n.attribute]
     left = [n.output[0] for g in branches for n in g.node if n.op_type == "Constant"]
     assert left == ["one"]  # the small constant stays in its branch
-    shared = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.startswith("ffsplit_shared/")}
+    shared = {
+        t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.name.startswith("ffsplit_shared/")
+    }
     assert sorted(v.shape for v in shared.values()) == [(64, 16), (64, 32)]
 
 

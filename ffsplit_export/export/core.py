@@ -159,8 +159,9 @@ def default_fused_ffn(
     default"). Off elsewhere, unless ``--fused-ffn`` asks for the op: portable keeps standard ops,
     tensorrt's fused plugin path is opt-in; encoder-decoder models and encoders (Whisper, T5,
     BERT) run their encoder FFNs over whole inputs, where the stock subgraph is faster (Whisper
-    tiny.en transcribes 1.07-1.30x slower fused over two runs, base 1.18-1.22x); ``accurate``'s parts (light int8, heavy fp32: no
-    faster at decode, prefill 1.5x slower), sparse-int8 (FusedFFN) and level 0 keep the subgraph.
+    tiny.en transcribes 1.07-1.30x slower fused over two runs, base 1.18-1.22x); ``accurate``'s
+    parts (light int8, heavy fp32: no faster at decode, prefill 1.5x slower), sparse-int8
+    (FusedFFN) and level 0 keep the subgraph.
     """
     return (
         Target.parse(target, "--target") is Target.ORT_CPU
