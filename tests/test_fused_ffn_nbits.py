@@ -380,14 +380,15 @@ def test_vnni_bit_identical_to_avx2(kind, gated, skip, d, rows, monkeypatch):
     integer block sums are exact in both, the float steps after them the same), decode and prefill;
     with skipping the light up rows of live neurons (gated) or the kept channels' input-major rows
     (ungated) and the neuron-major down of kept neurons (4 neurons' codes per int32 lane, 256 / 128 /
-    64 rows per step; D = 571 with chunks of 192 rows: the 64-row step and the rows past the last 8)."""
+    64 rows per step; D = 571 with chunks of 192 rows: the 64-row step and the rows past the last 8);
+    prefill (M >= 16) by 32-neuron panels, the last one partial (H = 37)."""
     rng = np.random.default_rng(23)
     f = 300
     if rows:
         monkeypatch.setenv("FFSPLIT_NBITS_DOWN_ROWS", rows)
     ins = _inputs(rng, kind, gated, h=37, d=d, f=f)
     act = "silu" if gated else "gelu"
-    x = rng.standard_normal((5, d)).astype(np.float32)
+    x = rng.standard_normal((41, d)).astype(np.float32)
     thr = float(np.quantile(_silence(x, ins, _attrs(kind, act, gated)), 0.4)) if skip else 0.0
     attrs = _attrs(kind, act, gated, skip=skip, threshold=thr, level=4)
     if skip:  # the neuron-major light down every call (no layout timing), and ungated the input-major up
@@ -396,7 +397,8 @@ def test_vnni_bit_identical_to_avx2(kind, gated, skip, d, rows, monkeypatch):
             attrs["input_threshold"] = _input_threshold(x, 0.5)
     vnni = _isa_session(fused_ffn_nbits_model(ins, **attrs), "avx512vnni", monkeypatch)
     avx2 = _isa_session(fused_ffn_nbits_model(ins, **attrs), "avx2", monkeypatch)
-    for xs in (x[:1], x[3:4], x):
+    # decode, the row loops (M < 16) and the panel GEMM (M >= 16: 6 rows per step, then 5 / 4 left)
+    for xs in (x[:1], x[3:4], x[:5], x[:16], x[:40], x):
         y, r = vnni.run(None, {"X": xs})[0], avx2.run(None, {"X": xs})[0]
         np.testing.assert_array_equal(y, r)
     # and both near the float64 reference (int8 activations)
@@ -415,6 +417,27 @@ def test_prefill_rows_and_empty():
     sess = _session(fused_ffn_nbits_model(ins, **attrs))
     _close(sess.run(None, {"X": x})[0], _ref(x, ins, attrs))
     assert sess.run(None, {"X": x[:0]})[0].shape == (0, D)
+
+
+@needs_plugin
+@pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
+@pytest.mark.parametrize("gated", [0, 1])
+def test_prefill_row_blocks(isa, gated, monkeypatch):
+    """M >= 256: the kernel runs the rows in blocks of 128, one task each (here 128 + 128 + 44); every
+    row is computed as in a smaller call (bit-identical to the same rows in calls of 100 rows, which
+    take the neuron-parallel path), and the outputs stay near the float64 reference."""
+    rng = np.random.default_rng(31)
+    kind = (8, 4, True, 128, 64)
+    ins = _inputs(rng, kind, gated, h=37, d=256, f=300)
+    act = "silu" if gated else "gelu"
+    x = rng.standard_normal((300, 256)).astype(np.float32)
+    thr = float(np.quantile(_silence(x, ins, _attrs(kind, act, gated)), 0.4))
+    attrs = _attrs(kind, act, gated, skip=1, threshold=thr, level=4)
+    sess = _isa_session(fused_ffn_nbits_model(ins, **attrs), isa, monkeypatch)
+    y = sess.run(None, {"X": x})[0]
+    parts = np.concatenate([sess.run(None, {"X": x[i : i + 100]})[0] for i in range(0, 300, 100)])
+    np.testing.assert_array_equal(y, parts)
+    assert _rel_l2(y, _ref(x, ins, attrs)) <= 4e-2
 
 
 def _bad(ins, attrs, match):

@@ -25,6 +25,9 @@
 //    layer against 1.27-1.30 ms for zeroing and reading the tiled part whole.
 // Each phase (up and gate products; live light up rows; down) is one ParallelFor over about 16
 // pieces of equal bytes (heavy and light parts together); X and a are quantized once per phase.
+// Prefill with M >= 256 rows: the rows in blocks of 128, one task each, all phases of a block on its
+// thread (see Run); at level 4 with VNNI the tiled parts' products of M >= 64 rows are a panel GEMM
+// (ffn_nbits_vnni.cc Panels).
 // accuracy_level 0: float32 compute ((u - z) * x summed per block, times the block scale).
 // accuracy_level 4: the activations of each integer product (X for up / gate, a for down) are
 // quantized to int8 per block of K (scale max|.| / 127), integer dot products with the codes, the
@@ -262,6 +265,20 @@ struct NbPar final : Parallel {
 template <class F>
 void ParFor(const Parallel& par, size_t n, F& f) {
   par.For(n, [](void* d, size_t i) { (*static_cast<F*>(d))(i); }, &f);
+}
+
+// the tasks one after another on the calling thread (inside a task of ORT's pool)
+struct SerialPar final : Parallel {
+  void For(size_t total, void (*fn)(void*, size_t), void* data) const override {
+    for (size_t i = 0; i < total; ++i) fn(data, i);
+  }
+};
+
+// true when some value of v[0..n) is NaN or infinite (one vectorizable pass)
+bool AnyBad(const float* v, int64_t n) {
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) any |= !(std::fabs(v[i]) <= std::numeric_limits<float>::max());
+  return any;
 }
 
 const char* const kNames[] = {"X",
@@ -678,12 +695,14 @@ class NbKernel {
     } else {
       nk_->dot_f(p, xp, ldx, m, w.out, w.ldo, w.list, w.i0, w.i1);
     }
-    for (int64_t r = 0; r < m; ++r)
+    for (int64_t r = 0; r < m; ++r) {
+      if (!w.list && !AnyBad(w.out + r * w.ldo + w.i0, w.i1 - w.i0)) continue;
       for (int64_t i = w.i0; i < w.i1; ++i) {
         const int64_t n = w.list ? w.list[i] : i;
         float& o = w.out[r * w.ldo + n];
         if (Bad(o)) o = ExactRow(p, xp + r * ldx, n);
       }
+    }
   }
 
   // bytes a pass over one neuron of p reads
@@ -712,7 +731,21 @@ class NbKernel {
     ParFor(par, pieces.size(), task);
   }
 
+  // Prefill (m >= kSplitRows): the rows in blocks of kRowBlock, one task each, every phase of a block
+  // on its thread (quantization, products, activation, down). The products' neuron pieces of one block
+  // are then too small to share out, and the row-wise work outside the products (serial per phase)
+  // would bound the speed-up with threads. Each row's computation is the same either way.
+  static constexpr int64_t kRowBlock = 128, kSplitRows = 2 * kRowBlock;
   void Run(const float* x, float* y, int64_t m, const Parallel& par) const {
+    if (m >= kSplitRows) {
+      const SerialPar serial;
+      auto block = [&](size_t t) {
+        const int64_t r0 = static_cast<int64_t>(t) * kRowBlock;
+        Run(x + r0 * d_, y + r0 * d_, std::min(kRowBlock, m - r0), serial);
+      };
+      ParFor(par, static_cast<size_t>((m + kRowBlock - 1) / kRowBlock), block);
+      return;
+    }
     // X padded to the widest block grid of the up / gate parts
     int64_t ldx = d_;
     for (const NbPart* p : {&up_h_, &up_l_, &gate_h_, &gate_l_}) ldx = std::max(ldx, p->kpad());

@@ -32,6 +32,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "ffn_nbits.h"
@@ -385,8 +386,186 @@ void TilesB16(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, 
   }
 }
 
+// out[L] = (a.L, b.L, c.L, d.L): the 128-bit lanes of four vectors transposed
+inline void Transpose4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i* out) {
+  const __m512i t0 = _mm512_shuffle_i32x4(a, b, 0x44), t1 = _mm512_shuffle_i32x4(a, b, 0xEE);
+  const __m512i t2 = _mm512_shuffle_i32x4(c, d, 0x44), t3 = _mm512_shuffle_i32x4(c, d, 0xEE);
+  out[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+  out[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
+  out[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+  out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
+}
+
+// Prefill (M >= kPanelMinRows, tiled parts): the row loops above read a tile's codes once per 2-4
+// activation rows and reload the activations for every neuron, so at large M (Whisper's encoder: 1500
+// frames) they lose to a GEMM. Here the part's neurons are taken 32 at a time (a panel): the panel's
+// codes are unpacked once into a thread-local buffer in "4 inputs x 32 neurons" order (per 4
+// consecutive inputs of a block, each neuron's 4 codes as the bytes of one int32 lane: 4 bits the
+// unsigned nibbles, 8 bits c xor 0x80), then every activation row is multiplied against it, MR = 6 rows
+// x 32 neurons of int32 block sums in registers, the row's 4 int8 activations broadcast (vpdpbusd).
+// The integer block sums are the tile kernels' and the float steps per block the same lane-wise
+// (AccumulateSums: sum - z * sum(q), times scale * xs, added in block order): bit-identical.
+constexpr int64_t kPanelMinRows = 64;
+constexpr int kPanelRows = 6;
+
+struct Panel {
+  int64_t nb = 0, q4 = 0;     // blocks, groups of 4 inputs per block
+  std::vector<int32_t> codes; // [nb][q4][32]
+  std::vector<float> sc;      // [nb][32]
+  std::vector<int32_t> z;     // [nb][32] zero points (+ 128 for 8 bits), 0 past N
+};
+
+// The codes of neuron n for the panel's groups [g0, g0 + 16) (groups of 4 inputs, block after block;
+// `groups` in all) as 16 int32 lanes: 4 bits the 4 nibbles as bytes (inputs in order), 8 bits c xor
+// 0x80; zero past the last group.
+inline __m512i GroupWords(const NbPart& p, int64_t n, int64_t g0, int64_t groups, int64_t q4) {
+  const int64_t gb = p.bits == 4 ? 2 : 4;  // code bytes per group
+  const int64_t cnt = std::min<int64_t>(16, groups - g0);
+  const __mmask16 km = static_cast<__mmask16>((1u << cnt) - 1);
+  alignas(64) uint8_t buf[64];
+  const uint8_t* src;
+  if (g0 % q4 + cnt <= q4) {  // within one block
+    src = p.Blk(n, g0 / q4) + (g0 % q4) * gb;
+  } else {  // blocks of fewer than 16 groups (block 16 / 32): gathered block by block
+    for (int64_t g = g0; g < g0 + cnt;) {
+      const int64_t take = std::min(q4 - g % q4, g0 + cnt - g);
+      std::memcpy(buf + (g - g0) * gb, p.Blk(n, g / q4) + (g % q4) * gb, static_cast<size_t>(take * gb));
+      g += take;
+    }
+    src = buf;
+  }
+  if (p.bits == 8) return _mm512_xor_si512(_mm512_maskz_loadu_epi32(km, src), _mm512_set1_epi8(static_cast<char>(0x80)));
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km, src));
+  const __m512i m4 = _mm512_set1_epi32(0xF);
+  return _mm512_or_si512(
+      _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 4), m4), 8)),
+      _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(v, 8), m4), 16),
+                      _mm512_slli_epi32(_mm512_srli_epi32(v, 12), 24)));
+}
+
+// unpacks neurons [n0, n0 + 32) of the tiled part p (those past the last tile: zero codes and scales):
+// per 16 neurons and 16 groups, each neuron's 16 group words in a register, then a 16 x 16 transpose
+// (32-bit and 64-bit unpacks, then Transpose4 of the 128-bit lanes) so that each group's 16 neurons
+// are stored as one vector
+void FillPanel(const NbPart& p, int64_t n0, Panel& pn) {
+  pn.nb = p.nb;
+  pn.q4 = p.bs / 4;
+  const int64_t groups = p.nb * pn.q4;
+  pn.codes.resize(static_cast<size_t>(groups * 32));
+  pn.sc.assign(static_cast<size_t>(p.nb * 32), 0.0f);
+  pn.z.assign(static_cast<size_t>(p.nb * 32), 0);
+  const int64_t tiles = (p.n + 7) / 8;
+  for (int64_t u = 0; u < 32 && (n0 + u) / 8 < tiles; ++u)
+    for (int64_t b = 0; b < p.nb; ++b) {
+      const int64_t i = p.Index(n0 + u, b);
+      pn.sc[static_cast<size_t>(b * 32 + u)] = p.sc[static_cast<size_t>(i)];
+      pn.z[static_cast<size_t>(b * 32 + u)] = p.z[static_cast<size_t>(i)] + (p.bits == 8 ? 128 : 0);
+    }
+  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, groups - g0);
+    for (int h = 0; h < 2; ++h) {
+      __m512i r[16];
+      for (int u = 0; u < 16; ++u) {
+        const int64_t n = n0 + 16 * h + u;
+        r[u] = n / 8 < tiles ? GroupWords(p, n, g0, groups, pn.q4) : _mm512_setzero_si512();
+      }
+      __m512i t[16], s[16];
+      for (int i = 0; i < 8; ++i) {  // t[2i] lane L: rows 2i, 2i + 1 of columns 4L, 4L + 1; t[2i + 1]: 4L + 2, 4L + 3
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+      }
+      for (int j = 0; j < 4; ++j) {  // s[4 c + j] lane L: rows 4j..4j+3 of column 4L + c
+        s[0 + j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
+        s[4 + j] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
+        s[8 + j] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
+        s[12 + j] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
+      }
+      for (int c = 0; c < 4; ++c) {
+        __m512i out[4];  // out[L]: column 4L + c, rows 0..15
+        Transpose4(s[4 * c], s[4 * c + 1], s[4 * c + 2], s[4 * c + 3], out);
+        for (int L = 0; L < 4; ++L)
+          if (4 * L + c < cnt) _mm512_storeu_si512(pn.codes.data() + (g0 + 4 * L + c) * 32 + 16 * h, out[L]);
+      }
+    }
+  }
+}
+
+// rows [r0, r0 + MR) times the panel: out[r * ldy + n] for the panel's neurons n in [0, cnt)
+template <int MR>
+void PanelRows(const Panel& pn, const int8_t* q, int64_t kpad, const float* xs, const int32_t* xsum, int64_t nb,
+               float* out, int64_t ldy, int64_t cnt) {
+  __m512 facc[MR][2];
+  for (int r = 0; r < MR; ++r) facc[r][0] = facc[r][1] = _mm512_setzero_ps();
+  const int64_t bs = pn.q4 * 4;
+  for (int64_t b = 0; b < pn.nb; ++b) {
+    __m512i s[MR][2];
+    for (int r = 0; r < MR; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
+    const int32_t* cp = pn.codes.data() + b * pn.q4 * 32;
+    const int8_t* qb = q + b * bs;
+    for (int64_t j = 0; j < pn.q4; ++j, cp += 32) {
+      const __m512i w0 = _mm512_loadu_si512(cp), w1 = _mm512_loadu_si512(cp + 16);
+      for (int r = 0; r < MR; ++r) {
+        int32_t a4;
+        std::memcpy(&a4, qb + r * kpad + 4 * j, 4);
+        const __m512i a = _mm512_set1_epi32(a4);
+        s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, a);
+        s[r][1] = _mm512_dpbusd_epi32(s[r][1], w1, a);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m512i zv = _mm512_loadu_si512(pn.z.data() + b * 32 + 16 * h);
+      const __m512 scv = _mm512_loadu_ps(pn.sc.data() + b * 32 + 16 * h);
+      for (int r = 0; r < MR; ++r) {
+        const __m512i t = _mm512_sub_epi32(s[r][h], _mm512_mullo_epi32(zv, _mm512_set1_epi32(xsum[r * nb + b])));
+        facc[r][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(scv, _mm512_set1_ps(xs[r * nb + b])), facc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    if (cnt >= 32) {
+      _mm512_storeu_ps(out + r * ldy, facc[r][0]);
+      _mm512_storeu_ps(out + r * ldy + 16, facc[r][1]);
+    } else {
+      const __mmask16 k0 = static_cast<__mmask16>(cnt >= 16 ? 0xFFFF : (1u << cnt) - 1);
+      const __mmask16 k1 = static_cast<__mmask16>(cnt <= 16 ? 0 : (1u << (cnt - 16)) - 1);
+      _mm512_mask_storeu_ps(out + r * ldy, k0, facc[r][0]);
+      _mm512_mask_storeu_ps(out + r * ldy + 16, k1, facc[r][1]);
+    }
+  }
+}
+
+// neurons [i0, i1) (i0 a multiple of 8) of a tiled part for m rows, panel by panel
+void Panels(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, int64_t i0, int64_t i1) {
+  thread_local Panel pn;
+  const int64_t kpad = p.nb * p.bs;
+  for (int64_t n0 = i0; n0 < i1; n0 += 32) {
+    FillPanel(p, n0, pn);
+    const int64_t cnt = std::min<int64_t>(32, i1 - n0);
+    int64_t r = 0;
+    for (; r + kPanelRows <= m; r += kPanelRows)
+      PanelRows<kPanelRows>(pn, qx.q + r * kpad, kpad, qx.s + r * p.nb, qx.sum + r * p.nb, p.nb, y + r * ldy + n0, ldy, cnt);
+    const float* xs = qx.s + r * p.nb;
+    const int32_t* xsum = qx.sum + r * p.nb;
+    float* out = y + r * ldy + n0;
+    const int8_t* q = qx.q + r * kpad;
+    switch (m - r) {
+      case 5: PanelRows<5>(pn, q, kpad, xs, xsum, p.nb, out, ldy, cnt); break;
+      case 4: PanelRows<4>(pn, q, kpad, xs, xsum, p.nb, out, ldy, cnt); break;
+      case 3: PanelRows<3>(pn, q, kpad, xs, xsum, p.nb, out, ldy, cnt); break;
+      case 2: PanelRows<2>(pn, q, kpad, xs, xsum, p.nb, out, ldy, cnt); break;
+      case 1: PanelRows<1>(pn, q, kpad, xs, xsum, p.nb, out, ldy, cnt); break;
+      default: break;
+    }
+  }
+}
+
 void DotQ(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, const int32_t* list, int64_t i0,
           int64_t i1) {
+  if (p.tiled && !list && m >= kPanelMinRows && (p.bits == 4 || p.bits == 8) && p.bs % 4 == 0 &&
+      p.blob * (8 / p.bits) == p.bs) {
+    Panels(p, qx, m, y, ldy, i0, i1);
+    return;
+  }
   if (p.bits == 4 && p.blob == 16 && p.tiled && !qx.eo) {
     TilesB16(p, qx, m, y, ldy, i0, i1);
     return;
@@ -504,16 +683,6 @@ void Im4(const uint8_t* const* rows, const int8_t* qs, int np, int64_t n0, int64
 const NbPairs& Pairs512() {
   static const NbPairs k{Im4, NbPairsAvx2().im8, Down4, NbPairsAvx2().down8};
   return k;
-}
-
-// out[L] = (a.L, b.L, c.L, d.L): the 128-bit lanes of four vectors transposed
-inline void Transpose4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i* out) {
-  const __m512i t0 = _mm512_shuffle_i32x4(a, b, 0x44), t1 = _mm512_shuffle_i32x4(a, b, 0xEE);
-  const __m512i t2 = _mm512_shuffle_i32x4(c, d, 0x44), t3 = _mm512_shuffle_i32x4(c, d, 0xEE);
-  out[0] = _mm512_shuffle_i32x4(t0, t2, 0x88);
-  out[1] = _mm512_shuffle_i32x4(t0, t2, 0xDD);
-  out[2] = _mm512_shuffle_i32x4(t1, t3, 0x88);
-  out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
 }
 
 // The neuron-major light down, 4 bits, with the sums in registers: 4 kept neurons per step, their
