@@ -422,12 +422,16 @@ def test_prefill_rows_and_empty():
 @needs_plugin
 @pytest.mark.parametrize("isa", ["avx2", "avx512vnni"])
 @pytest.mark.parametrize("gated", [0, 1])
-def test_prefill_row_blocks(isa, gated, monkeypatch):
-    """M >= 256: the kernel runs the rows in blocks of 128, one task each (here 128 + 128 + 44); every
-    row is computed as in a smaller call (bit-identical to the same rows in calls of 100 rows, which
-    take the neuron-parallel path), and the outputs stay near the float64 reference."""
+@pytest.mark.parametrize(
+    "kind", [(8, 4, True, 128, 64), (32, 8, False, None, 128)], ids=["balanced", "accurate"]
+)
+def test_prefill_row_blocks(isa, gated, kind, monkeypatch):
+    """M >= 256: the kernel runs the rows in blocks of equal size, one task each (here 3 x 100); every
+    row is computed as in a smaller call of >= 64 rows (bit-identical to the same rows in calls of 100
+    rows, which take the neuron-parallel path), and the outputs stay near the float64 reference. The presets' parts:
+    int8 heavy / int4 light (balanced) and dense fp32 heavy (4 rows per weight row) / int8 light
+    (accurate)."""
     rng = np.random.default_rng(31)
-    kind = (8, 4, True, 128, 64)
     ins = _inputs(rng, kind, gated, h=37, d=256, f=300)
     act = "silu" if gated else "gelu"
     x = rng.standard_normal((300, 256)).astype(np.float32)
@@ -438,6 +442,12 @@ def test_prefill_row_blocks(isa, gated, monkeypatch):
     parts = np.concatenate([sess.run(None, {"X": x[i : i + 100]})[0] for i in range(0, 300, 100)])
     np.testing.assert_array_equal(y, parts)
     assert _rel_l2(y, _ref(x, ins, attrs)) <= 4e-2
+    if isa == "avx512vnni":  # against the AVX2 kernels: bit-identical, or float32 rounding (dense: 6 x 32 panels)
+        y2 = _isa_session(fused_ffn_nbits_model(ins, **attrs), "avx2", monkeypatch).run(None, {"X": x})[0]
+        if kind[0] == 32:
+            _close(y, y2)
+        else:
+            np.testing.assert_array_equal(y, y2)
 
 
 def _bad(ins, attrs, match):

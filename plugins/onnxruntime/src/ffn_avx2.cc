@@ -33,26 +33,39 @@ float Hsum(__m256 a) {
   return _mm_cvtss_f32(h);
 }
 
+// y[r, n] for R rows of x against one weight row wr (its loads shared by the rows); each row's sum in
+// the order of the one-row loop (4 accumulators over steps of 32, then 8, then the scalar tail), so a
+// row's result does not depend on how many rows are computed with it
+template <int R>
+inline void DenseRows(const float* wr, int64_t k, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  __m256 a[R][4];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32)
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = _mm256_loadu_ps(wr + i + 8 * j);
+      for (int r = 0; r < R; ++r) a[r][j] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i + 8 * j), a[r][j]);
+    }
+  for (; i + 8 <= k; i += 8) {
+    const __m256 wv = _mm256_loadu_ps(wr + i);
+    for (int r = 0; r < R; ++r) a[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i), a[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* xr = x + r * ldx;
+    float s = Hsum(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]), _mm256_add_ps(a[r][2], a[r][3])));
+    for (int64_t t = i; t < k; ++t) s += wr[t] * xr[t];
+    y[r * ldy] = s;
+  }
+}
+
 void Dense(const float* w, int64_t k, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t n0,
            int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const float* wr = w + n * k;
     if (n + 1 < n1) _mm_prefetch(reinterpret_cast<const char*>(wr + k), _MM_HINT_T0);
-    for (int64_t r = 0; r < m; ++r) {
-      const float* xr = x + r * ldx;
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t i = 0;
-      for (; i + 32 <= k; i += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(xr + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 8), _mm256_loadu_ps(xr + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 16), _mm256_loadu_ps(xr + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i + 24), _mm256_loadu_ps(xr + i + 24), a3);
-      }
-      for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + i), _mm256_loadu_ps(xr + i), a0);
-      float s = Hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-      for (; i < k; ++i) s += wr[i] * xr[i];
-      y[r * ldy + n] = s;
-    }
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) DenseRows<4>(wr, k, x + r * ldx, ldx, y + r * ldy + n, ldy);
+    for (; r < m; ++r) DenseRows<1>(wr, k, x + r * ldx, ldx, y + r * ldy + n, ldy);
   }
 }
 

@@ -685,7 +685,7 @@ class NbKernel {
     if (p.bits == 32) {
       if (w.list) {
         for (int64_t i = w.i0; i < w.i1; ++i) fk_->dense(p.dense.data(), p.k, xp, ldx, m, w.out, w.ldo, w.list[i], w.list[i] + 1);
-      } else {
+      } else if (!(nk_->dense_rows && nk_->dense_rows(p, xp, ldx, m, w.out, w.ldo, w.i0, w.i1))) {
         fk_->dense(p.dense.data(), p.k, xp, ldx, m, w.out, w.ldo, w.i0, w.i1);
       }
     } else if (w.q) {
@@ -731,19 +731,20 @@ class NbKernel {
     ParFor(par, pieces.size(), task);
   }
 
-  // Prefill (m >= kSplitRows): the rows in blocks of kRowBlock, one task each, every phase of a block
-  // on its thread (quantization, products, activation, down). The products' neuron pieces of one block
-  // are then too small to share out, and the row-wise work outside the products (serial per phase)
-  // would bound the speed-up with threads. Each row's computation is the same either way.
+  // Prefill (m >= kSplitRows): the rows in ceil(m / kRowBlock) blocks of equal size (86..128 rows),
+  // one task each, every phase of a block on its thread (quantization, products, activation, down).
+  // Otherwise the row-wise work outside the products (serial per phase) bounds the speed-up with
+  // threads. A row's result is the same as in any call of >= 64 rows (the kernels' prefill paths).
   static constexpr int64_t kRowBlock = 128, kSplitRows = 2 * kRowBlock;
   void Run(const float* x, float* y, int64_t m, const Parallel& par) const {
     if (m >= kSplitRows) {
       const SerialPar serial;
+      const int64_t blocks = (m + kRowBlock - 1) / kRowBlock, rows = (m + blocks - 1) / blocks;
       auto block = [&](size_t t) {
-        const int64_t r0 = static_cast<int64_t>(t) * kRowBlock;
-        Run(x + r0 * d_, y + r0 * d_, std::min(kRowBlock, m - r0), serial);
+        const int64_t r0 = static_cast<int64_t>(t) * rows;
+        if (r0 < m) Run(x + r0 * d_, y + r0 * d_, std::min(rows, m - r0), serial);
       };
-      ParFor(par, static_cast<size_t>((m + kRowBlock - 1) / kRowBlock), block);
+      ParFor(par, static_cast<size_t>(blocks), block);
       return;
     }
     // X padded to the widest block grid of the up / gate parts

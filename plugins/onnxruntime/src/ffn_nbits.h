@@ -147,6 +147,10 @@ struct NbKernels {
                float* y);
   void (*im_q)(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
                int64_t n0, int64_t n1, int32_t* acc, float* y);
+  // Dense float32 part (bits 32), neurons [i0, i1) for m rows (prefill); false: not taken (m too small),
+  // the FusedFFN dense kernel runs instead. Null: none (scalar and AVX2).
+  bool (*dense_rows)(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t i0,
+                     int64_t i1) = nullptr;
 };
 // The pair kernels under the AVX2 down_q / im_q (ffn_nbits_avx2.cc): acc += the int8 activations
 // of pairs of neurons (down: listed light neurons js, their neuron-major codes of output rows

@@ -396,6 +396,27 @@ inline void Transpose4(__m512i a, __m512i b, __m512i c, __m512i d, __m512i* out)
   out[3] = _mm512_shuffle_i32x4(t1, t3, 0xDD);
 }
 
+// out[c] lane n = r[n] lane c: a 16 x 16 transpose of 32-bit lanes (32-bit and 64-bit unpacks, then
+// Transpose4 of the 128-bit lanes)
+inline void Transpose16(const __m512i* r, __m512i* out) {
+  __m512i t[16], s[16];
+  for (int i = 0; i < 8; ++i) {  // t[2i] lane L: rows 2i, 2i + 1 of columns 4L, 4L + 1; t[2i + 1]: 4L + 2, 4L + 3
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {  // s[4 c + j] lane L: rows 4j..4j+3 of column 4L + c
+    s[0 + j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
+    s[4 + j] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
+    s[8 + j] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
+    s[12 + j] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    __m512i o[4];  // o[L]: column 4L + c
+    Transpose4(s[4 * c], s[4 * c + 1], s[4 * c + 2], s[4 * c + 3], o);
+    for (int L = 0; L < 4; ++L) out[4 * L + c] = o[L];
+  }
+}
+
 // Prefill (M >= kPanelMinRows, tiled parts): the row loops above read a tile's codes once per 2-4
 // activation rows and reload the activations for every neuron, so at large M (Whisper's encoder: 1500
 // frames) they lose to a GEMM. Here the part's neurons are taken 32 at a time (a panel): the panel's
@@ -444,9 +465,8 @@ inline __m512i GroupWords(const NbPart& p, int64_t n, int64_t g0, int64_t groups
 }
 
 // unpacks neurons [n0, n0 + 32) of the tiled part p (those past the last tile: zero codes and scales):
-// per 16 neurons and 16 groups, each neuron's 16 group words in a register, then a 16 x 16 transpose
-// (32-bit and 64-bit unpacks, then Transpose4 of the 128-bit lanes) so that each group's 16 neurons
-// are stored as one vector
+// per 16 neurons and 16 groups, each neuron's 16 group words in a register, then Transpose16 so that
+// each group's 16 neurons are stored as one vector
 void FillPanel(const NbPart& p, int64_t n0, Panel& pn) {
   pn.nb = p.nb;
   pn.q4 = p.bs / 4;
@@ -469,23 +489,9 @@ void FillPanel(const NbPart& p, int64_t n0, Panel& pn) {
         const int64_t n = n0 + 16 * h + u;
         r[u] = n / 8 < tiles ? GroupWords(p, n, g0, groups, pn.q4) : _mm512_setzero_si512();
       }
-      __m512i t[16], s[16];
-      for (int i = 0; i < 8; ++i) {  // t[2i] lane L: rows 2i, 2i + 1 of columns 4L, 4L + 1; t[2i + 1]: 4L + 2, 4L + 3
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-      }
-      for (int j = 0; j < 4; ++j) {  // s[4 c + j] lane L: rows 4j..4j+3 of column 4L + c
-        s[0 + j] = _mm512_unpacklo_epi64(t[4 * j], t[4 * j + 2]);
-        s[4 + j] = _mm512_unpackhi_epi64(t[4 * j], t[4 * j + 2]);
-        s[8 + j] = _mm512_unpacklo_epi64(t[4 * j + 1], t[4 * j + 3]);
-        s[12 + j] = _mm512_unpackhi_epi64(t[4 * j + 1], t[4 * j + 3]);
-      }
-      for (int c = 0; c < 4; ++c) {
-        __m512i out[4];  // out[L]: column 4L + c, rows 0..15
-        Transpose4(s[4 * c], s[4 * c + 1], s[4 * c + 2], s[4 * c + 3], out);
-        for (int L = 0; L < 4; ++L)
-          if (4 * L + c < cnt) _mm512_storeu_si512(pn.codes.data() + (g0 + 4 * L + c) * 32 + 16 * h, out[L]);
-      }
+      __m512i out[16];  // out[c]: group g0 + c of the 16 neurons
+      Transpose16(r, out);
+      for (int c = 0; c < cnt; ++c) _mm512_storeu_si512(pn.codes.data() + (g0 + c) * 32 + 16 * h, out[c]);
     }
   }
 }
@@ -557,6 +563,75 @@ void Panels(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, in
       default: break;
     }
   }
+}
+
+// Dense float32 parts (bits 32, accurate's heavy part) at M >= kPanelMinRows: the same panel scheme
+// in float32: 32 neurons' rows transposed (Transpose16) into [K][32], then 6 rows x 32 neurons of
+// sums in registers, x[r][k] broadcast, one FMA per input in input order (the one-row kernel sums in
+// 4 x 8 lanes instead: the results differ by float32 rounding, not by more; heavy neurons are never
+// skipped, so no skip decision depends on it).
+void FillDense(const NbPart& p, int64_t n0, std::vector<float>& w) {
+  const int64_t k = p.k, kp = (k + 15) / 16 * 16;
+  w.resize(static_cast<size_t>(kp * 32));
+  for (int h = 0; h < 2; ++h)
+    for (int64_t k0 = 0; k0 < kp; k0 += 16) {
+      const int64_t cnt = std::min<int64_t>(16, k - k0);
+      const __mmask16 km = static_cast<__mmask16>(cnt > 0 ? (1u << cnt) - 1 : 0);
+      __m512i r[16], out[16];
+      for (int u = 0; u < 16; ++u) {
+        const int64_t n = n0 + 16 * h + u;
+        r[u] = n < p.n ? _mm512_maskz_loadu_epi32(km, p.dense.data() + n * k + k0) : _mm512_setzero_si512();
+      }
+      Transpose16(r, out);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(w.data() + (k0 + c) * 32 + 16 * h, out[c]);
+    }
+}
+
+template <int MR>
+void DenseRows(const float* w, int64_t k, const float* x, int64_t ldx, float* out, int64_t ldy, int64_t cnt) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; ++i, w += 32) {
+    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + i]);
+      acc[r][0] = _mm512_fmadd_ps(w0, a, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, a, acc[r][1]);
+    }
+  }
+  const __mmask16 k0 = static_cast<__mmask16>(cnt >= 16 ? 0xFFFF : (1u << cnt) - 1);
+  const __mmask16 k1 = static_cast<__mmask16>(cnt >= 32 ? 0xFFFF : cnt <= 16 ? 0 : (1u << (cnt - 16)) - 1);
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(out + r * ldy, k0, acc[r][0]);
+    _mm512_mask_storeu_ps(out + r * ldy + 16, k1, acc[r][1]);
+  }
+}
+
+void DenseQ(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t i0, int64_t i1) {
+  thread_local std::vector<float> w;
+  for (int64_t n0 = i0; n0 < i1; n0 += 32) {
+    FillDense(p, n0, w);
+    const int64_t cnt = std::min<int64_t>(32, i1 - n0);
+    int64_t r = 0;
+    for (; r + kPanelRows <= m; r += kPanelRows) DenseRows<kPanelRows>(w.data(), p.k, x + r * ldx, ldx, y + r * ldy + n0, ldy, cnt);
+    const float* xr = x + r * ldx;
+    float* out = y + r * ldy + n0;
+    switch (m - r) {
+      case 5: DenseRows<5>(w.data(), p.k, xr, ldx, out, ldy, cnt); break;
+      case 4: DenseRows<4>(w.data(), p.k, xr, ldx, out, ldy, cnt); break;
+      case 3: DenseRows<3>(w.data(), p.k, xr, ldx, out, ldy, cnt); break;
+      case 2: DenseRows<2>(w.data(), p.k, xr, ldx, out, ldy, cnt); break;
+      case 1: DenseRows<1>(w.data(), p.k, xr, ldx, out, ldy, cnt); break;
+      default: break;
+    }
+  }
+}
+
+// NbKernels::dense_rows: neurons [i0, i1) of a dense part for m rows, or false (the caller's kernel)
+bool DenseRowsQ(const NbPart& p, const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t i0, int64_t i1) {
+  if (m < kPanelMinRows) return false;
+  DenseQ(p, x, ldx, m, y, ldy, i0, i1);
+  return true;
 }
 
 void DotQ(const NbPart& p, const NbQ& qx, int64_t m, float* y, int64_t ldy, const int32_t* list, int64_t i0,
@@ -870,6 +945,7 @@ const NbKernels& NbKernelsAvx512Vnni() {
     v.dot_q = DotQ;
     v.down_q = DownQ;
     v.im_q = ImQ;
+    v.dense_rows = DenseRowsQ;
     return v;
   }();
   return k;
