@@ -515,72 +515,36 @@ void Quant(const float* x, int64_t ldx, int64_t m, int64_t k, int64_t bs, int64_
   }
 }
 
-// e^x for x in [-87.3, 88.7] (callers clamp): 2^n * p(r), r = x - n ln 2 in [-ln2 / 2, ln2 / 2],
-// p the degree-6 Taylor polynomial (relative error < 2e-7)
-inline __m256 Exp(__m256 x) {
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln 2 in two parts
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+namespace v8 {  // the 8-lane vector functions of act_math.inc
+using V = __m256;
+inline V Set1(float a) { return _mm256_set1_ps(a); }
+inline V Add(V a, V b) { return _mm256_add_ps(a, b); }
+inline V Sub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V Div(V a, V b) { return _mm256_div_ps(a, b); }
+inline V Fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V Fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+inline V Min(V a, V b) { return _mm256_min_ps(a, b); }
+inline V Max(V a, V b) { return _mm256_max_ps(a, b); }
+inline V Round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V Abs(V a) { return _mm256_and_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF))); }
+inline V SignBlend(V a, V b, V m) { return _mm256_blendv_ps(a, b, m); }
+inline V Pow2(V n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
-
-inline __m256 ClampExpArg(__m256 x) {
-  return _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.0f), x));
-}
-
-// v / (1 + e^-w)
-inline __m256 TimesSigmoid(__m256 v, __m256 w) {
-  const __m256 e = Exp(ClampExpArg(_mm256_sub_ps(_mm256_setzero_ps(), w)));
-  return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-}
-
-// 0.5 v erfc(-v / sqrt 2), erfc by the Chebyshev fit of Numerical Recipes' erfcc (fractional error
-// < 1.2e-7): t = 1 / (1 + z / 2), erfc(z) = t exp(-z^2 + P(t)) for z >= 0, 2 - that for z < 0
-inline __m256 Gelu(__m256 v) {
-  const __m256 x = _mm256_mul_ps(v, _mm256_set1_ps(-0.70710678118654752f));
-  const __m256 z = _mm256_and_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
-  const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.5f), _mm256_set1_ps(1.0f)));
-  __m256 p = _mm256_set1_ps(0.17087277f);
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.82215223f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.48851587f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.13520398f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.27886807f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.18628806f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.09678418f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.37409196f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.00002368f));
-  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.26551223f));
-  const __m256 arg = _mm256_fnmadd_ps(z, z, p);
-  const __m256 ans = _mm256_mul_ps(t, Exp(ClampExpArg(arg)));
-  const __m256 erfc = _mm256_blendv_ps(ans, _mm256_sub_ps(_mm256_set1_ps(2.0f), ans), x);  // x < 0: 2 - ans
-  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), erfc);
-}
+#include "act_math.inc"
+}  // namespace v8
 
 int64_t ActF(int kind, float thr, const float* v, float* s, int64_t n, int32_t* redo) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 lim = _mm256_set1_ps(80.0f), vthr = _mm256_set1_ps(thr), tol = _mm256_set1_ps(1e-5f * thr);
-  const __m256 zero = _mm256_setzero_ps();
   int64_t count = 0;
   auto one = [&](__m256 x) {
     switch (kind) {
-      case 0: return _mm256_max_ps(x, zero);
-      case 1: return Gelu(x);
-      case 2: {  // v / (1 + e^(-2 y)), y = sqrt(2 / pi) (v + 0.044715 v^3)
-        const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-        const __m256 y = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
-                                       _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), x3, x));
-        return TimesSigmoid(x, _mm256_add_ps(y, y));
-      }
-      default: return TimesSigmoid(x, x);
+      case 0: return v8::Act<0>(x);
+      case 1: return v8::Act<1>(x);
+      case 2: return v8::Act<2>(x);
+      default: return v8::Act<3>(x);
     }
   };
   int64_t i = 0;

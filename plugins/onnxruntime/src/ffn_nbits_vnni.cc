@@ -932,6 +932,64 @@ void DownQ(const NbDown& w, const int8_t* qa, const float* sa, const int32_t* li
   }
 }
 
+namespace v16 {  // the 16-lane vector functions of act_math.inc
+using V = __m512;
+inline V Set1(float a) { return _mm512_set1_ps(a); }
+inline V Add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V Sub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V Div(V a, V b) { return _mm512_div_ps(a, b); }
+inline V Fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V Fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+inline V Min(V a, V b) { return _mm512_min_ps(a, b); }
+inline V Max(V a, V b) { return _mm512_max_ps(a, b); }
+inline V Round(V a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V Abs(V a) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(0x7FFFFFFF))); }
+inline V SignBlend(V a, V b, V m) { return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(m)), a, b); }
+inline V Pow2(V n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+#include "act_math.inc"
+}  // namespace v16
+
+// NbKernels::act with 16 lanes (the AVX2 kernel's formulas and redo rules, bit-identical values; at
+// prefill the activation is a large share of the op's time)
+template <int KIND>
+int64_t Act16(float thr, const float* v, float* s, int64_t n, int32_t* redo) {
+  const __m512 lim = _mm512_set1_ps(80.0f), vthr = _mm512_set1_ps(thr), tol = _mm512_set1_ps(1e-5f * thr);
+  int64_t count = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_loadu_ps(v + i);
+    const __m512 a = v16::Act<KIND>(x);
+    _mm512_storeu_ps(s + i, a);
+    __mmask16 bad = _mm512_cmp_ps_mask(v16::Abs(x), lim, _CMP_NLT_UQ);  // |v| >= 80 or NaN
+    if (KIND != 0)  // (near) zero: the reference's exact zeros are skipped
+      bad |= _mm512_cmp_ps_mask(v16::Abs(a), _mm512_set1_ps(1e-30f), _CMP_LT_OQ);
+    if (thr > 0.0f) bad |= _mm512_cmp_ps_mask(v16::Abs(_mm512_sub_ps(v16::Abs(a), vthr)), tol, _CMP_LE_OQ);
+    unsigned bits = bad;
+    while (bits) {
+      redo[count++] = static_cast<int32_t>(i + __builtin_ctz(bits));
+      bits &= bits - 1;
+    }
+  }
+  if (i < n) {  // the last 8..15 values: the AVX2 kernel (its own tail by the reference)
+    const int64_t c = NbKernelsAvx2().act(KIND, thr, v + i, s + i, n - i, redo + count);
+    for (int64_t j = 0; j < c; ++j) redo[count + j] += static_cast<int32_t>(i);
+    count += c;
+  }
+  return count;
+}
+
+int64_t ActQ(int kind, float thr, const float* v, float* s, int64_t n, int32_t* redo) {
+  switch (kind) {
+    case 0: return Act16<0>(thr, v, s, n, redo);
+    case 1: return Act16<1>(thr, v, s, n, redo);
+    case 2: return Act16<2>(thr, v, s, n, redo);
+    default: return Act16<3>(thr, v, s, n, redo);
+  }
+}
+
 void ImQ(const NbIm& w, const int8_t* q, const float* xs, const int32_t* xsum, const int32_t* ks, int64_t cnt,
          int64_t n0, int64_t n1, int32_t* acc, float* y) {
   NbImQWith(Pairs512(), w, q, xs, xsum, ks, cnt, n0, n1, acc, y);
@@ -946,6 +1004,7 @@ const NbKernels& NbKernelsAvx512Vnni() {
     v.down_q = DownQ;
     v.im_q = ImQ;
     v.dense_rows = DenseRowsQ;
+    v.act = ActQ;
     return v;
   }();
   return k;
