@@ -587,16 +587,27 @@ void FillDense(const NbPart& p, int64_t n0, std::vector<float>& w) {
     }
 }
 
+constexpr int64_t kDenseChunk = 16;  // inputs per partial sum (blocked summation)
+
 template <int MR>
 void DenseRows(const float* w, int64_t k, const float* x, int64_t ldx, float* out, int64_t ldy, int64_t cnt) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; ++i, w += 32) {
-    const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+  for (int64_t i0 = 0; i0 < k; i0 += kDenseChunk) {  // per chunk a fresh partial sum, then added
+    __m512 part[MR][2];
+    for (int r = 0; r < MR; ++r) part[r][0] = part[r][1] = _mm512_setzero_ps();
+    const int64_t i1 = std::min(k, i0 + kDenseChunk);
+    for (int64_t i = i0; i < i1; ++i, w += 32) {
+      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 a = _mm512_set1_ps(x[r * ldx + i]);
+        part[r][0] = _mm512_fmadd_ps(w0, a, part[r][0]);
+        part[r][1] = _mm512_fmadd_ps(w1, a, part[r][1]);
+      }
+    }
     for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * ldx + i]);
-      acc[r][0] = _mm512_fmadd_ps(w0, a, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(w1, a, acc[r][1]);
+      acc[r][0] = _mm512_add_ps(acc[r][0], part[r][0]);
+      acc[r][1] = _mm512_add_ps(acc[r][1], part[r][1]);
     }
   }
   const __mmask16 k0 = static_cast<__mmask16>(cnt >= 16 ? 0xFFFF : (1u << cnt) - 1);
