@@ -559,14 +559,14 @@ def test_export_request_accepts_the_presets_and_names_the_rest(tmp_path):
 
 
 def test_default_fusion_rule():
-    """Without --fused-ffn / --no-fused-ffn the FusedFFNNBits node is written for ort-cpu decoder-only
-    models with light int4 + heavy int8 (balanced, fast) at level 4 only; a non-bool choice is
-    refused by name."""
+    """Without --fused-ffn / --no-fused-ffn the FusedFFNNBits node is written for ort-cpu exports of
+    the measured kinds of model (decoder-only LMs, Whisper) with light int4 + heavy int8 (balanced,
+    fast) at level 4 only; a non-bool choice is refused by name."""
     from ffsplit_export.errors import ConfigError
     from ffsplit_export.export.core import ExportOptions, default_fused_ffn
 
     assert default_fused_ffn("ort-cpu", "int4", "int8", 4)
-    assert not default_fused_ffn("ort-cpu", "int4", "int8", 4, decoder_only=False)  # Whisper, T5, BERT
+    assert not default_fused_ffn("ort-cpu", "int4", "int8", 4, measured_model=False)  # T5, BERT
     for args in (
         ("ort-cpu", "int8", "fp32", 4),  # accurate's parts: no faster at decode, slower prefill
         ("ort-cpu", "int4", "fp32", 4),
@@ -597,21 +597,31 @@ def test_cli_fused_ffn_flags():
     assert got == [None, True, False]
 
 
-def test_default_fusion_is_for_decoder_only_models(tmp_path, monkeypatch):
-    """The default applies to decoder-only text-generation models; an encoder-decoder export
-    (balanced, no fused option) keeps the MatMulNBits subgraph and writes no fused record."""
+def test_default_fusion_is_for_measured_models(tmp_path, monkeypatch):
+    """The default applies to decoder-only text-generation models and Whisper (measured on real
+    weights); a T5 export (balanced, no fused option) keeps the MatMulNBits subgraph and writes no
+    fused record, a tiny-whisper one writes one fused node per FFN in its encoder and decoders."""
     import onnx
 
-    from ffsplit_export.export.api import is_decoder_only
+    from ffsplit_export.export.api import fused_default_model
     from ffsplit_export.models.tiny import TINY, build_tiny
 
-    got = {name: is_decoder_only(*build_tiny(name)[::2]) for name in TINY}
-    assert got == {n: n in ("tiny-llama", "tiny-mpt", "tiny-gpt2", "tiny-opt") for n in TINY}
+    got = {name: fused_default_model(*build_tiny(name)[::2]) for name in TINY}
+    assert got == {n: n in ("tiny-llama", "tiny-mpt", "tiny-gpt2", "tiny-opt", "tiny-whisper") for n in TINY}
     out = tmp_path / "t5"
     man = _export("tiny-t5", out, "balanced", monkeypatch)
     assert man["options"]["fused_ffn"] is False and "fused_ffn" not in man
     ops = {n.op_type for f in out.glob("*.onnx") for n in onnx.load(str(f), load_external_data=False).graph.node}
     assert "MatMulNBits" in ops and "FusedFFNNBits" not in ops
+    out = tmp_path / "whisper"
+    man = _export("tiny-whisper", out, "balanced", monkeypatch)
+    assert man["options"]["fused_ffn"] is True and "default" in man["fused_ffn"]
+    from ffsplit_export.adapters import find_ffns
+
+    specs = find_ffns(build_tiny("tiny-whisper")[0])
+    for fname in ("encoder_model.onnx", "decoder_model.onnx"):
+        graph = onnx.load(str(out / fname), load_external_data=False).graph
+        assert sum(n.op_type == "FusedFFNNBits" for n in graph.node) == _expected_ffns(fname, specs) > 0
 
 
 def test_default_fusion_keeps_other_ops_subgraph():

@@ -100,7 +100,7 @@ def export(
                     config.light_format,
                     config.heavy_format,
                     opts.nbits_accuracy_level,
-                    decoder_only=is_decoder_only(model, task),
+                    measured_model=fused_default_model(model, task),
                 ),
             )
         if getattr(opts, "input_fraction", 0.0) > 0:
@@ -131,10 +131,14 @@ def export(
     return manifest
 
 
-def is_decoder_only(model, task: str) -> bool:
-    """A text-generation model without an encoder (Llama, MPT, GPT-2, OPT): its FFNs run one token
-    per step at decode, where the default fused FFN op is measured faster."""
+def fused_default_model(model, task: str) -> bool:
+    """A model of a kind the default fused FFN op was measured on: a text-generation model without an
+    encoder (Llama, MPT, GPT-2, OPT: SmolLM2-135M) or Whisper speech recognition (tiny.en, base),
+    where the op decodes faster than the stock subgraph and its prefill panels keep up with
+    MatMulNBits over Whisper's 1500-frame encoder windows. T5 and encoder-only models are not (yet)."""
     config = getattr(model, "config", None)
+    if task.startswith("automatic-speech-recognition"):
+        return getattr(config, "model_type", None) == "whisper"
     return task.startswith("text-generation") and not getattr(config, "is_encoder_decoder", False)
 
 

@@ -140,7 +140,7 @@ class ExportOptions:
 
 
 #: the FFN parts written as one FusedFFNNBits node by default on ort-cpu (light, heavy): balanced's and
-#: fast's (H = 0), where the fused op decodes faster than the stock subgraph and prefills within ~10 %
+#: fast's (H = 0), where the fused op decodes faster than the stock subgraph and prefills as fast
 DEFAULT_FUSED_PARTS = (("int4", "int8"),)
 
 
@@ -149,23 +149,23 @@ def default_fused_ffn(
     light: LightFormat | str,
     heavy: str,
     accuracy_level: int | None,
-    decoder_only: bool = True,
+    measured_model: bool = True,
 ) -> bool:
     """Whether an export without ``--fused-ffn`` / ``--no-fused-ffn`` writes one FusedFFNNBits node per FFN.
 
-    On for ``--target ort-cpu`` exports of decoder-only text-generation models with light int4 and
-    heavy int8 (the ``balanced`` and ``fast`` presets' parts) at ``accuracy_level`` 4, where the op
-    was measured against the stock MatMulNBits subgraph on real weights (README, "Which FFN graph by
-    default"). Off elsewhere, unless ``--fused-ffn`` asks for the op: portable keeps standard ops,
-    tensorrt's fused plugin path is opt-in; encoder-decoder models and encoders (Whisper, T5,
-    BERT) run their encoder FFNs over whole inputs, where the stock subgraph is faster (Whisper
-    tiny.en transcribes 1.07-1.30x slower fused over two runs, base 1.18-1.22x); ``accurate``'s
-    parts (light int8, heavy fp32: no faster at decode, prefill 1.5x slower), sparse-int8
+    On for ``--target ort-cpu`` exports with light int4 and heavy int8 (the ``balanced`` and ``fast``
+    presets' parts) at ``accuracy_level`` 4, of the kinds of model where the op was measured against
+    the stock MatMulNBits subgraph on real weights (``measured_model``, see
+    :func:`ffsplit_export.export.api.fused_default_model`: decoder-only text generation, SmolLM2;
+    Whisper speech recognition, tiny.en and base) (README, "Which FFN graph by default"). Off
+    elsewhere, unless ``--fused-ffn`` asks for the op: portable keeps standard ops, tensorrt's fused
+    plugin path is opt-in; T5 and encoders (BERT) were not measured on real weights; ``accurate``'s
+    parts (light int8, heavy fp32: decode a tie, 32-token prefill 1.36x slower), sparse-int8
     (FusedFFN) and level 0 keep the subgraph.
     """
     return (
         Target.parse(target, "--target") is Target.ORT_CPU
-        and decoder_only
+        and measured_model
         and (str(light), str(heavy)) in DEFAULT_FUSED_PARTS
         and accuracy_level == 4
     )
