@@ -540,7 +540,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         help="ort-cpu: one node per split FFN: ffsplit::FusedFFNNBits (the presets: heavy fp32 / int8, light "
         "int8 / int4) or ffsplit::FusedFFN (heavy fp32, light sparse-int8); tensorrt: FusedFFNNBits only "
         "(pass --light-format int4 / int8, --heavy-format fp32 / int8), written as its two plugin nodes "
-        "(default: on for ort-cpu exports of decoder-only models with light int4 + heavy int8 at "
+        "(default: on for ort-cpu exports of decoder-only models and Whisper with light int4 + heavy int8 at "
         "--nbits-accuracy-level 4, i.e. presets balanced and fast, else off; --no-fused-ffn keeps the "
         "MatMulNBits subgraph)",
     )

@@ -237,7 +237,8 @@ def _fuse(model, opts: ExportOptions, batches=None, progress: bool = False, auto
         )
         if auto:
             record["default"] = (
-                "ort-cpu, decoder-only model, light int4 + heavy int8 at accuracy level 4 (--no-fused-ffn: the subgraph)"
+                "ort-cpu, decoder-only LM or Whisper, light int4 + heavy int8 at accuracy level 4 (--no-fused-ffn: the "
+                "subgraph)"
             )
         other = {op: n for op, n in record["ops"].items() if op != NBITS_OP}
         if opts.target is Target.TENSORRT and (record["kept_subgraph"] or other):

@@ -43,8 +43,8 @@ class ExportOptions:
     reference_check: bool = True  # also run ort-cpu graphs in onnx's NumPy ReferenceEvaluator
     extra_manifest: dict = field(default_factory=dict)
     # one fused FFN node per split FFN: FusedFFN or FusedFFNNBits (ort-cpu), FusedFFNNBits (tensorrt);
-    # None: on where default_fused_ffn() says so (ort-cpu, decoder-only, balanced's / fast's parts at
-    # level 4), else off
+    # None: on where default_fused_ffn() says so (ort-cpu, decoder-only LMs and Whisper, balanced's /
+    # fast's parts at level 4), else off
     fused_ffn: bool | None = None
     activation_sparsity: str | float = 0  # 0, "exact" or a fraction 0 < F < 1 (both imply fused_ffn)
     skip_criterion: str | None = None  # with a fraction: mixed / gate / product (None: the op's best)
@@ -59,7 +59,7 @@ class ExportOptions:
         if self.fused_ffn is not None and not isinstance(self.fused_ffn, bool):
             raise ConfigError(
                 f"fused_ffn={self.fused_ffn!r}; use True, False or None (the default: on for ort-cpu "
-                "decoder-only models with light int4 + heavy int8 at accuracy level 4)"
+                "decoder-only models and Whisper with light int4 + heavy int8 at accuracy level 4)"
             )
         from ..fused import parse_activation_sparsity
 
