@@ -25,9 +25,10 @@
 //    layer against 1.27-1.30 ms for zeroing and reading the tiled part whole.
 // Each phase (up and gate products; live light up rows; down) is one ParallelFor over about 16
 // pieces of equal bytes (heavy and light parts together); X and a are quantized once per phase.
-// Prefill with M >= 256 rows: the rows in blocks of 128, one task each, all phases of a block on its
-// thread (see Run); at level 4 with VNNI the tiled parts' products of M >= 64 rows are a panel GEMM
-// (ffn_nbits_vnni.cc Panels).
+// Prefill with M >= 256 rows: the rows in equal blocks of 86-128, one task each, all phases of a block
+// on its thread (see Run); at level 4 with VNNI the products of M >= 64 rows are panel GEMMs (tiled
+// int8 / int4 parts: ffn_nbits_vnni.cc Panels; dense float32 parts: DenseQ) and the activation runs in
+// 16 lanes (Act16).
 // accuracy_level 0: float32 compute ((u - z) * x summed per block, times the block scale).
 // accuracy_level 4: the activations of each integer product (X for up / gate, a for down) are
 // quantized to int8 per block of K (scale max|.| / 127), integer dot products with the codes, the
